@@ -1,0 +1,259 @@
+"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects at mapper configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import ColumnProperty, DeclarativeBase, Mapper, configure_mappers, registry
+from sqlalchemy.orm.attributes import QueryableAttribute
+
+from .declaration import CounterSpec, spec_of
+from .errors import CounterDeclarationError, UnknownCounterError
+
+# Counters fed by each child mapper (mappers have no ``info`` dict of their own).
+_by_child: dict[Mapper[Any], list[Counter]] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class Counter:
+    """One resolved counter: a parent column kept equal to a COUNT or SUM over a child table.
+
+    ``key`` is ``"<parent table>.<column>"``. ``where`` is a SQL boolean over the
+    child table (or ``None``); ``summed`` the child column added up (``None``
+    counts rows).
+    """
+
+    key: str
+    parent_mapper: Mapper[Any]
+    parent_table: sa.Table
+    parent_pk: sa.Column[Any]
+    column: sa.Column[Any]
+    attr_key: str
+    child_mapper: Mapper[Any]
+    child_table: sa.Table
+    fk: sa.Column[Any]
+    where: sa.ColumnElement[bool] | None
+    summed: sa.Column[Any] | None
+
+    @property
+    def name(self) -> str:
+        """The counter column's name."""
+        return self.column.name
+
+    def __repr__(self) -> str:
+        return f"<Counter {self.key}>"
+
+
+def _fail(parent: Mapper[Any], column: sa.Column[Any], problem: str, fix: str) -> None:
+    raise CounterDeclarationError(
+        f"{parent.class_.__name__}.{column.key}: {problem}; {fix}"
+    )
+
+
+def _find_class(parent: Mapper[Any], name: str) -> Mapper[Any] | None:
+    """Look a class name up in the parent's declarative registry, like ``relationship()`` does."""
+    reg: registry = parent.registry
+    for mapper in reg.mappers:
+        cls = mapper.class_
+        if name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+            return mapper
+    return None
+
+
+def _column_of(mapper: Mapper[Any], attr_key: str) -> sa.Column[Any] | None:
+    prop = mapper.get_property(attr_key, _configure_mappers=False) if mapper.has_property(
+        attr_key
+    ) else None
+    if isinstance(prop, ColumnProperty) and len(prop.columns) == 1:
+        col = prop.columns[0]
+        if isinstance(col, sa.Column):
+            return col
+    return None
+
+
+def _attribute(value: Any) -> tuple[Mapper[Any], str] | None:
+    if isinstance(value, QueryableAttribute):
+        return value.parent.mapper, value.key
+    return None
+
+
+def _resolve_target(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]) -> tuple[
+    Mapper[Any], sa.Column[Any]
+]:
+    target = spec.target
+    if isinstance(target, str):
+        cls_name, _, attr = target.rpartition(".")
+        if not cls_name or not attr:
+            _fail(parent, column, f"counter_cache({target!r}) is not 'Child.fk_attribute'",
+                  "write it as counter_cache(\"Follow.followed_id\")")
+        child = _find_class(parent, cls_name)
+        if child is None:
+            _fail(parent, column, f"counter_cache({target!r}) names unknown class {cls_name!r}",
+                  "use the name of a class mapped on the same declarative base")
+        assert child is not None
+    else:
+        found = _attribute(_call(target, parent, column, "the target callable"))
+        if found is None:
+            _fail(parent, column, "the target callable did not return a mapped attribute",
+                  "return the child's FK attribute, e.g. lambda: Follow.followed_id")
+        assert found is not None
+        child, attr = found
+    fk = _column_of(child, attr)
+    if fk is None:
+        _fail(parent, column,
+              f"{child.class_.__name__} has no column attribute {attr!r}",
+              f"name a mapped column of {child.class_.__name__} holding the parent's id")
+    assert fk is not None
+    return child, fk
+
+
+def _call(fn: Callable[[], Any], parent: Mapper[Any], column: sa.Column[Any], what: str) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # user code: report it against the declaration
+        _fail(parent, column, f"{what} raised {type(exc).__name__}: {exc}",
+              "make it a zero-argument lambda over the child's mapped attributes")
+
+
+def _resolve_sum(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any],
+                 child: Mapper[Any]) -> sa.Column[Any] | None:
+    if spec.sum is None:
+        return None
+    if isinstance(spec.sum, str):
+        summed = _column_of(child, spec.sum)
+        label = spec.sum
+    else:
+        found = _attribute(_call(spec.sum, parent, column, "sum="))
+        summed = _column_of(*found) if found else None
+        label = found[1] if found else repr(spec.sum)
+    if summed is None:
+        _fail(parent, column, f"sum={label!r} is not a column of {child.class_.__name__}",
+              f"name a numeric column attribute of {child.class_.__name__}")
+    assert summed is not None
+    if not isinstance(summed.type, sa.Integer | sa.Numeric):
+        _fail(parent, column, f"sum={label!r} is not numeric ({summed.type})",
+              "sum an Integer or Numeric column, or count rows with where=")
+    return summed
+
+
+def _resolve_where(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]) -> Any:
+    if spec.where is None:
+        return None
+    expr = _call(spec.where, parent, column, "where=")
+    if hasattr(expr, "__clause_element__"):
+        expr = expr.__clause_element__()
+    if not isinstance(expr, sa.ColumnElement):
+        _fail(parent, column, f"where= returned {type(expr).__name__}, not a SQL expression",
+              "return a boolean expression, e.g. where=lambda: Post.published.is_(True)")
+    return expr
+
+
+def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> Counter:
+    """Resolve one declaration on ``parent``; raise :class:`CounterDeclarationError` on mistakes."""
+    pks = parent.primary_key
+    if len(pks) != 1:
+        _fail(parent, column, "composite primary keys on the parent are not supported yet",
+              "give the parent a single-column primary key (a surrogate id)")
+    parent_pk = pks[0]
+    child, fk = _resolve_target(spec, parent, column)
+    if not any(fk_ref.column is parent_pk for fk_ref in fk.foreign_keys):
+        _fail(parent, column,
+              f"{child.class_.__name__}.{fk.key} has no ForeignKey to {parent_pk.table.name}."
+              f"{parent_pk.name}",
+              f"declare it as mapped_column(ForeignKey(\"{parent_pk.table.name}."
+              f"{parent_pk.name}\"))")
+    summed = _resolve_sum(spec, parent, column, child)
+    where = _resolve_where(spec, parent, column)
+    table = parent.local_table
+    assert isinstance(table, sa.Table)
+    child_table = child.local_table
+    assert isinstance(child_table, sa.Table)
+    return Counter(
+        key=f"{table.name}.{column.name}",
+        parent_mapper=parent,
+        parent_table=table,
+        parent_pk=parent_pk,
+        column=column,
+        attr_key=parent.get_property_by_column(column).key,
+        child_mapper=child,
+        child_table=child_table,
+        fk=fk,
+        where=where,
+        summed=summed,
+    )
+
+
+def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
+    """Counters fed by rows of ``mapper`` (or of a mapper it inherits from)."""
+    found: list[Counter] = []
+    for m in mapper.iterate_to_root():
+        found.extend(_by_child.get(m, ()))
+    return found
+
+
+@event.listens_for(Mapper, "mapper_configured")
+def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    table = mapper.local_table
+    if not isinstance(table, sa.Table):
+        return
+    for column in table.columns:
+        spec = spec_of(column)
+        if spec is None or spec.resolved is not None:
+            continue
+        counter = resolve(mapper, column, spec)
+        spec.resolved = counter
+        _by_child.setdefault(counter.child_mapper, []).append(counter)
+        # Imported here: listeners need counters, counters must not import listeners at top.
+        from . import listeners
+
+        listeners.install(counter.child_mapper)
+
+
+def _metadata_of(target: Any) -> sa.MetaData:
+    if isinstance(target, sa.MetaData):
+        return target
+    if isinstance(target, registry):
+        return target.metadata
+    if isinstance(target, type) and issubclass(target, DeclarativeBase):
+        return target.metadata
+    md = getattr(target, "metadata", None)
+    if isinstance(md, sa.MetaData):
+        return md
+    raise TypeError(f"expected a declarative base, registry or MetaData, got {target!r}")
+
+
+def counters_of(target: Any) -> list[Counter]:
+    """Every counter declared in ``target`` (declarative base, registry or MetaData), by key."""
+    metadata = _metadata_of(target)
+    configure_mappers()
+    found: list[Counter] = []
+    for table in metadata.sorted_tables:
+        for column in table.columns:
+            spec = spec_of(column)
+            if spec is None:
+                continue
+            if spec.resolved is None:
+                raise CounterDeclarationError(
+                    f"{table.name}.{column.name}: counter_cache() column is not mapped; "
+                    "declare it on a mapped class and import the models before use"
+                )
+            found.append(spec.resolved)
+    return sorted(found, key=lambda c: c.key)
+
+
+def select_counters(counters: Iterable[Counter], keys: Iterable[str]) -> list[Counter]:
+    """Pick counters by key, raising :class:`UnknownCounterError` naming any unknown key."""
+    by_key = {c.key: c for c in counters}
+    chosen: list[Counter] = []
+    for key in keys:
+        if key not in by_key:
+            known = ", ".join(sorted(by_key)) or "none declared"
+            raise UnknownCounterError(
+                f"unknown counter {key!r}; declared counters: {known}"
+            )
+        chosen.append(by_key[key])
+    return chosen

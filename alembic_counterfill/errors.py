@@ -1,0 +1,31 @@
+"""The library's exceptions: one root, each message saying how to fix the problem."""
+
+from __future__ import annotations
+
+
+class CounterfillError(Exception):
+    """Root of every error raised by alembic_counterfill.
+
+    The CLI turns any of these into a one-line message and a non-zero exit
+    status; library callers can catch this one class.
+    """
+
+
+class CounterDeclarationError(CounterfillError):
+    """A ``counter_cache()`` declaration cannot be resolved against the models."""
+
+
+class ConfigurationError(CounterfillError):
+    """The ``[counterfill]`` configuration (or the alembic config) is unusable."""
+
+
+class UnknownCounterError(CounterfillError):
+    """A counter key given on the command line or to an API is not declared."""
+
+
+class BrokerError(CounterfillError):
+    """The Dramatiq broker cannot be reached or configured."""
+
+
+class DatabaseError(CounterfillError):
+    """The database cannot be reached or lacks what the library needs."""

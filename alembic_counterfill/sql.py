@@ -1,0 +1,209 @@
+"""SQL builders: the only place that writes counting SQL (live deltas, recounts, truth).
+
+Everything here is built from SQLAlchemy constructs with bound parameters, so
+identifiers never reach SQL as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
+
+from .counters import Counter
+
+
+def contribution(counter: Counter) -> sa.ColumnElement[Any]:
+    """What one child row adds to its parent's counter (1/0 for counts, the value for sums)."""
+    value: sa.ColumnElement[Any] = (
+        sa.func.coalesce(counter.summed, 0) if counter.summed is not None else sa.literal(1)
+    )
+    if counter.where is not None:
+        value = sa.case((counter.where, value), else_=0)
+    return value
+
+
+def pk_filter(columns: Sequence[sa.Column[Any]], keys: Iterable[tuple[Any, ...]]) -> Any:
+    """``pk IN (...)`` for single or composite primary keys, with an expanding parameter."""
+    keys = list(keys)
+    if len(columns) == 1:
+        return columns[0].in_([k[0] for k in keys])
+    return sa.tuple_(*columns).in_(keys)
+
+
+def child_state(
+    counters: Sequence[Counter],
+    pk_columns: Sequence[sa.Column[Any]],
+    keys: Iterable[tuple[Any, ...]],
+    *,
+    lock: bool,
+) -> sa.Select[Any]:
+    """Select, per child row, the parent key and contribution for each counter (``k<i>``, ``v<i>``).
+
+    With ``lock`` the rows are read ``FOR UPDATE`` in key order, so the old
+    state is the committed one and concurrent writers of the same rows queue
+    behind us without deadlocking.
+    """
+    cols: list[Any] = []
+    for i, counter in enumerate(counters):
+        cols.append(counter.fk.label(f"k{i}"))
+        cols.append(contribution(counter).label(f"v{i}"))
+    stmt = sa.select(*cols).where(pk_filter(pk_columns, keys)).order_by(*pk_columns)
+    return stmt.with_for_update() if lock else stmt
+
+
+def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[bool]:
+    cond: sa.ColumnElement[bool] = sa.true()
+    if lo is not None:
+        cond = sa.and_(cond, column >= lo)
+    if hi is not None:
+        cond = sa.and_(cond, column < hi)
+    return cond
+
+
+def lock_parents(table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any) -> sa.Select[Any]:
+    """Lock the parent rows of ``[lo, hi)`` in key order (``FOR NO KEY UPDATE`` on PostgreSQL)."""
+    inner = (
+        sa.select(pk)
+        .where(_range(pk, lo, hi))
+        .order_by(pk)
+        .with_for_update(key_share=True)
+        .subquery("locked")
+    )
+    return sa.select(sa.func.count()).select_from(inner)
+
+
+def truth_columns(
+    counters: Sequence[Counter], parent: sa.FromClause, pk: sa.ColumnElement[Any],
+    lo: Any, hi: Any,
+) -> tuple[sa.FromClause, list[sa.ColumnElement[Any]]]:
+    """Join ``parent`` to grouped child aggregates and return the true value of each counter.
+
+    Counters that share a child table and FK share one grouped scan of the
+    child's FK index range.
+    """
+    groups: dict[tuple[sa.Table, sa.Column[Any]], list[int]] = {}
+    for i, counter in enumerate(counters):
+        groups.setdefault((counter.child_table, counter.fk), []).append(i)
+    truths: list[sa.ColumnElement[Any] | None] = [None] * len(counters)
+    joined: sa.FromClause = parent
+    for g, ((_, fk), members) in enumerate(groups.items()):
+        aggs = []
+        for i in members:
+            c = counters[i]
+            plain = c.summed is None and c.where is None
+            agg = sa.func.count() if plain else sa.func.sum(contribution(c))
+            aggs.append(agg.label(f"n{i}"))
+        sub = (
+            sa.select(fk.label("k"), *aggs)
+            .where(fk.is_not(None), _range(fk, lo, hi))
+            .group_by(fk)
+            .subquery(f"g{g}")
+        )
+        joined = joined.outerjoin(sub, sub.c.k == pk)
+        for i in members:
+            truths[i] = sa.func.coalesce(sub.c[f"n{i}"], 0)
+    return joined, [t for t in truths if t is not None]
+
+
+def recount_range(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Update:
+    """One UPDATE setting every counter of one parent table to its truth over ``[lo, hi)``.
+
+    Only rows whose value differs are written (one row version per changed
+    parent, none for parents already right); the rowcount is rows changed.
+    """
+    table, pk = counters[0].parent_table, counters[0].parent_pk
+    p = table.alias("p")
+    p_pk = p.c[pk.key]
+    joined, truths = truth_columns(counters, p, p_pk, lo, hi)
+    truth = (
+        sa.select(p_pk.label("pk"), *[t.label(f"t{i}") for i, t in enumerate(truths)])
+        .select_from(joined)
+        .where(_range(p_pk, lo, hi))
+        .subquery("truth")
+    )
+    differs = sa.or_(
+        *[c.column.is_distinct_from(truth.c[f"t{i}"]) for i, c in enumerate(counters)]
+    )
+    return (
+        sa.update(table)
+        .values({c.column.name: truth.c[f"t{i}"] for i, c in enumerate(counters)})
+        .where(pk == truth.c.pk, differs)
+    )
+
+
+def drift_rows(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Select[Any]:
+    """Select ``pk, cached<i>, actual<i>`` for parents of ``[lo, hi)`` where any counter is wrong."""
+    table, pk = counters[0].parent_table, counters[0].parent_pk
+    joined, truths = truth_columns(counters, table, pk, lo, hi)
+    cols: list[Any] = [pk.label("pk")]
+    for i, (c, t) in enumerate(zip(counters, truths, strict=True)):
+        cols += [c.column.label(f"cached{i}"), t.label(f"actual{i}")]
+    differs = sa.or_(*[c.column.is_distinct_from(t) for c, t in zip(counters, truths, strict=True)])
+    return sa.select(*cols).select_from(joined).where(_range(pk, lo, hi), differs).order_by(pk)
+
+
+def live_value(counter: Counter, parent_id: Any) -> sa.Select[Any]:
+    """The true COUNT/SUM of ``counter`` for one parent, computed from the child table."""
+    c = counter
+    agg = (
+        sa.func.count()
+        if c.summed is None and c.where is None
+        else sa.func.coalesce(sa.func.sum(contribution(c)), 0)
+    )
+    return sa.select(agg).where(c.fk == parent_id)
+
+
+def apply_deltas(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+) -> None:
+    """Add ``deltas[parent_id][column]`` to each parent's counters atomically (``c = c + d``).
+
+    Parents are locked in primary-key order so concurrent writers never
+    deadlock on them. PostgreSQL gets one ``UPDATE … FROM unnest(…)`` for the
+    whole table; SQLite (one writer at a time) an executemany.
+    """
+    if not deltas:
+        return
+    ids = sorted(deltas)
+    columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
+    if connection.dialect.name == "postgresql":
+        if len(ids) > 1:
+            locked = (
+                sa.select(pk).where(pk == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(
+                    pk.type)))).order_by(pk).with_for_update(key_share=True).subquery("locked")
+            )
+            connection.execute(sa.select(sa.func.count()).select_from(locked), {"ids": ids})
+        params: dict[str, Any] = {"ids": ids}
+        arrays = [sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))]
+        for i, col in enumerate(columns):
+            params[f"d{i}"] = [deltas[x].get(col, 0) for x in ids]
+            arrays.append(sa.bindparam(f"d{i}", type_=postgresql.ARRAY(col.type)))
+        v = (
+            sa.func.unnest(*arrays)
+            .table_valued("pk", *[f"d{i}" for i in range(len(columns))])
+            .render_derived(name="v")
+        )
+        stmt = (
+            sa.update(table)
+            .values({col.name: col + v.c[f"d{i}"] for i, col in enumerate(columns)})
+            .where(pk == v.c.pk)
+        )
+        connection.execute(stmt, params)
+        return
+    stmt = (
+        sa.update(table)
+        .values({col.name: col + sa.bindparam(f"d{i}") for i, col in enumerate(columns)})
+        .where(pk == sa.bindparam("pk_"))
+    )
+    rows = [
+        {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}}
+        for x in ids
+    ]
+    connection.execute(stmt, rows)

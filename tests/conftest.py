@@ -1,0 +1,97 @@
+"""Shared fixtures: real PostgreSQL, Redis and SQLite, each test isolated in its own schema/db.
+
+A test that needs a service fails (never skips) when the service is down and
+``CI=true``; outside CI it skips with the reason, so a laptop without Redis can
+still run the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+PG_ADMIN_URL = os.environ.get("COUNTERFILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_BASE = os.environ.get("COUNTERFILL_TEST_REDIS", "redis://127.0.0.1:6379")
+AMQP_URL = os.environ.get("COUNTERFILL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    """Fail in CI, skip elsewhere: a missing service must never pass silently in CI."""
+    msg = f"{what} unreachable: {exc}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[sa.Engine]:
+    """An engine on the shared test database, used to create and drop per-test schemas."""
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        unavailable("PostgreSQL", exc)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema of this test's own."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with pg_admin.connect() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    with pg_admin.connect() as conn:
+        conn.execute(sa.schema.DropSchema(schema, cascade=True))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A file-backed SQLite database of this test's own."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str:
+    """Run the test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on ``db_url``, disposed after the test."""
+    eng = sa.create_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+_redis_db = iter(range(1, 16))
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis URL on a database number of this test's own, flushed before and after."""
+    import redis
+
+    try:
+        db = next(_redis_db)
+    except StopIteration:  # more than 15 redis tests: recycle, flushing keeps them apart
+        globals()["_redis_db"] = iter(range(1, 16))
+        db = next(_redis_db)
+    url = f"{REDIS_BASE}/{db}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except Exception as exc:  # pragma: no cover
+        unavailable("Redis", exc)
+    yield url
+    client.flushdb()
+    client.close()
