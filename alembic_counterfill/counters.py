@@ -1,4 +1,4 @@
-"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects at mapper configuration."""
+"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects at mapper setup."""
 
 from __future__ import annotations
 
@@ -49,9 +49,7 @@ class Counter:
 
 
 def _fail(parent: Mapper[Any], column: sa.Column[Any], problem: str, fix: str) -> None:
-    raise CounterDeclarationError(
-        f"{parent.class_.__name__}.{column.key}: {problem}; {fix}"
-    )
+    raise CounterDeclarationError(f"{parent.class_.__name__}.{column.key}: {problem}; {fix}")
 
 
 def _find_class(parent: Mapper[Any], name: str) -> Mapper[Any] | None:
@@ -65,9 +63,11 @@ def _find_class(parent: Mapper[Any], name: str) -> Mapper[Any] | None:
 
 
 def _column_of(mapper: Mapper[Any], attr_key: str) -> sa.Column[Any] | None:
-    prop = mapper.get_property(attr_key, _configure_mappers=False) if mapper.has_property(
-        attr_key
-    ) else None
+    prop = (
+        mapper.get_property(attr_key, _configure_mappers=False)
+        if mapper.has_property(attr_key)
+        else None
+    )
     if isinstance(prop, ColumnProperty) and len(prop.columns) == 1:
         col = prop.columns[0]
         if isinstance(col, sa.Column):
@@ -81,32 +81,47 @@ def _attribute(value: Any) -> tuple[Mapper[Any], str] | None:
     return None
 
 
-def _resolve_target(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]) -> tuple[
-    Mapper[Any], sa.Column[Any]
-]:
+def _resolve_target(
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]
+) -> tuple[Mapper[Any], sa.Column[Any]]:
     target = spec.target
     if isinstance(target, str):
         cls_name, _, attr = target.rpartition(".")
         if not cls_name or not attr:
-            _fail(parent, column, f"counter_cache({target!r}) is not 'Child.fk_attribute'",
-                  "write it as counter_cache(\"Follow.followed_id\")")
+            _fail(
+                parent,
+                column,
+                f"counter_cache({target!r}) is not 'Child.fk_attribute'",
+                'write it as counter_cache("Follow.followed_id")',
+            )
         child = _find_class(parent, cls_name)
         if child is None:
-            _fail(parent, column, f"counter_cache({target!r}) names unknown class {cls_name!r}",
-                  "use the name of a class mapped on the same declarative base")
+            _fail(
+                parent,
+                column,
+                f"counter_cache({target!r}) names unknown class {cls_name!r}",
+                "use the name of a class mapped on the same declarative base",
+            )
         assert child is not None
     else:
         found = _attribute(_call(target, parent, column, "the target callable"))
         if found is None:
-            _fail(parent, column, "the target callable did not return a mapped attribute",
-                  "return the child's FK attribute, e.g. lambda: Follow.followed_id")
+            _fail(
+                parent,
+                column,
+                "the target callable did not return a mapped attribute",
+                "return the child's FK attribute, e.g. lambda: Follow.followed_id",
+            )
         assert found is not None
         child, attr = found
     fk = _column_of(child, attr)
     if fk is None:
-        _fail(parent, column,
-              f"{child.class_.__name__} has no column attribute {attr!r}",
-              f"name a mapped column of {child.class_.__name__} holding the parent's id")
+        _fail(
+            parent,
+            column,
+            f"{child.class_.__name__} has no column attribute {attr!r}",
+            f"name a mapped column of {child.class_.__name__} holding the parent's id",
+        )
     assert fk is not None
     return child, fk
 
@@ -115,12 +130,17 @@ def _call(fn: Callable[[], Any], parent: Mapper[Any], column: sa.Column[Any], wh
     try:
         return fn()
     except Exception as exc:  # user code: report it against the declaration
-        _fail(parent, column, f"{what} raised {type(exc).__name__}: {exc}",
-              "make it a zero-argument lambda over the child's mapped attributes")
+        _fail(
+            parent,
+            column,
+            f"{what} raised {type(exc).__name__}: {exc}",
+            "make it a zero-argument lambda over the child's mapped attributes",
+        )
 
 
-def _resolve_sum(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any],
-                 child: Mapper[Any]) -> sa.Column[Any] | None:
+def _resolve_sum(
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: Mapper[Any]
+) -> sa.Column[Any] | None:
     if spec.sum is None:
         return None
     if isinstance(spec.sum, str):
@@ -131,12 +151,20 @@ def _resolve_sum(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any],
         summed = _column_of(*found) if found else None
         label = found[1] if found else repr(spec.sum)
     if summed is None:
-        _fail(parent, column, f"sum={label!r} is not a column of {child.class_.__name__}",
-              f"name a numeric column attribute of {child.class_.__name__}")
+        _fail(
+            parent,
+            column,
+            f"sum={label!r} is not a column of {child.class_.__name__}",
+            f"name a numeric column attribute of {child.class_.__name__}",
+        )
     assert summed is not None
     if not isinstance(summed.type, sa.Integer | sa.Numeric):
-        _fail(parent, column, f"sum={label!r} is not numeric ({summed.type})",
-              "sum an Integer or Numeric column, or count rows with where=")
+        _fail(
+            parent,
+            column,
+            f"sum={label!r} is not numeric ({summed.type})",
+            "sum an Integer or Numeric column, or count rows with where=",
+        )
     return summed
 
 
@@ -147,8 +175,12 @@ def _resolve_where(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any
     if hasattr(expr, "__clause_element__"):
         expr = expr.__clause_element__()
     if not isinstance(expr, sa.ColumnElement):
-        _fail(parent, column, f"where= returned {type(expr).__name__}, not a SQL expression",
-              "return a boolean expression, e.g. where=lambda: Post.published.is_(True)")
+        _fail(
+            parent,
+            column,
+            f"where= returned {type(expr).__name__}, not a SQL expression",
+            "return a boolean expression, e.g. where=lambda: Post.published.is_(True)",
+        )
     return expr
 
 
@@ -156,16 +188,23 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
     """Resolve one declaration on ``parent``; raise :class:`CounterDeclarationError` on mistakes."""
     pks = parent.primary_key
     if len(pks) != 1:
-        _fail(parent, column, "composite primary keys on the parent are not supported yet",
-              "give the parent a single-column primary key (a surrogate id)")
+        _fail(
+            parent,
+            column,
+            "composite primary keys on the parent are not supported yet",
+            "give the parent a single-column primary key (a surrogate id)",
+        )
     parent_pk = pks[0]
+    assert isinstance(parent_pk, sa.Column)
     child, fk = _resolve_target(spec, parent, column)
     if not any(fk_ref.column is parent_pk for fk_ref in fk.foreign_keys):
-        _fail(parent, column,
-              f"{child.class_.__name__}.{fk.key} has no ForeignKey to {parent_pk.table.name}."
-              f"{parent_pk.name}",
-              f"declare it as mapped_column(ForeignKey(\"{parent_pk.table.name}."
-              f"{parent_pk.name}\"))")
+        _fail(
+            parent,
+            column,
+            f"{child.class_.__name__}.{fk.key} has no ForeignKey to {parent_pk.table.name}."
+            f"{parent_pk.name}",
+            f'declare it as mapped_column(ForeignKey("{parent_pk.table.name}.{parent_pk.name}"))',
+        )
     summed = _resolve_sum(spec, parent, column, child)
     where = _resolve_where(spec, parent, column)
     table = parent.local_table
@@ -252,8 +291,6 @@ def select_counters(counters: Iterable[Counter], keys: Iterable[str]) -> list[Co
     for key in keys:
         if key not in by_key:
             known = ", ".join(sorted(by_key)) or "none declared"
-            raise UnknownCounterError(
-                f"unknown counter {key!r}; declared counters: {known}"
-            )
+            raise UnknownCounterError(f"unknown counter {key!r}; declared counters: {known}")
         chosen.append(by_key[key])
     return chosen

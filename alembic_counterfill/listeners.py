@@ -52,7 +52,9 @@ class _Plan:
 _plans: dict[Mapper[Any], _Plan | None] = {}
 
 
-def _watched(mapper: Mapper[Any], table: sa.Table, counters: list[Counter]) -> frozenset[str] | None:
+def _watched(
+    mapper: Mapper[Any], table: sa.Table, counters: list[Counter]
+) -> frozenset[str] | None:
     columns: set[sa.Column[Any]] = set()
     for c in counters:
         columns.add(c.fk)
@@ -82,7 +84,7 @@ def plan_for(mapper: Mapper[Any]) -> _Plan | None:
     if counters:
         table = counters[0].child_table
         counters = [c for c in counters if c.child_table is table]
-        pk_columns = list(mapper.primary_key)
+        pk_columns = [c for c in mapper.primary_key if isinstance(c, sa.Column)]
         plan = _Plan(mapper, table, counters, pk_columns, _watched(mapper, table, counters))
     _plans[mapper] = plan
     return plan
@@ -169,7 +171,7 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
     stash = session.info.pop(_STASH, None)
     if stash is None:
         return
-    deltas: dict[Any, dict[Any, dict[sa.Column[Any], Any]]] = defaultdict(
+    deltas: dict[Any, dict[Any, dict[Counter, Any]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(int))
     )
     plans = set(stash.captured) | set(stash.touched)

@@ -1,4 +1,4 @@
-"""Progress store: the bookkeeping tables that record requests, runs and batches in the app's database.
+"""Progress store: bookkeeping tables recording requests, runs and batches in the app's database.
 
 Completion and recovery live here, not in the broker: a batch is done when its
 row says so, and ``enqueue`` re-sends whatever is not.
@@ -52,8 +52,9 @@ batches_table = sa.Table(
     "counterfill_batches",
     bookkeeping,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("counterfill_runs.id"), nullable=False,
-              index=True),
+    sa.Column(
+        "run_id", sa.Integer, sa.ForeignKey("counterfill_runs.id"), nullable=False, index=True
+    ),
     sa.Column("seq", sa.Integer, nullable=False),
     sa.Column("lo", sa.Text, nullable=True),  # JSON-encoded key bound, inclusive; NULL = open
     sa.Column("hi", sa.Text, nullable=True),  # JSON-encoded key bound, exclusive; NULL = open
@@ -86,12 +87,17 @@ def has_tables(connection: Connection) -> bool:
 
 
 def request_statements(key: str, table: str, column: str, schema: str | None) -> list[Any]:
-    """Statements recording ``key`` as pending (delete + insert: portable and offline-renderable)."""
+    """Statements recording ``key`` as pending (delete + insert: portable, renders offline)."""
     return [
         sa.delete(counters_table).where(counters_table.c.key == key),
         sa.insert(counters_table).values(
-            key=key, table_name=table, column_name=column, schema_name=schema,
-            state=PENDING, requested_at=now(), updated_at=now(),
+            key=key,
+            table_name=table,
+            column_name=column,
+            schema_name=schema,
+            state=PENDING,
+            requested_at=now(),
+            updated_at=now(),
         ),
     ]
 

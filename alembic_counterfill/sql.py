@@ -77,8 +77,11 @@ def lock_parents(table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any) -> sa.Se
 
 
 def truth_columns(
-    counters: Sequence[Counter], parent: sa.FromClause, pk: sa.ColumnElement[Any],
-    lo: Any, hi: Any,
+    counters: Sequence[Counter],
+    parent: sa.FromClause,
+    pk: sa.ColumnElement[Any],
+    lo: Any,
+    hi: Any,
 ) -> tuple[sa.FromClause, list[sa.ColumnElement[Any]]]:
     """Join ``parent`` to grouped child aggregates and return the true value of each counter.
 
@@ -125,9 +128,7 @@ def recount_range(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Update:
         .where(_range(p_pk, lo, hi))
         .subquery("truth")
     )
-    differs = sa.or_(
-        *[c.column.is_distinct_from(truth.c[f"t{i}"]) for i, c in enumerate(counters)]
-    )
+    differs = sa.or_(*[c.column.is_distinct_from(truth.c[f"t{i}"]) for i, c in enumerate(counters)])
     return (
         sa.update(table)
         .values({c.column.name: truth.c[f"t{i}"] for i, c in enumerate(counters)})
@@ -136,7 +137,7 @@ def recount_range(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Update:
 
 
 def drift_rows(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Select[Any]:
-    """Select ``pk, cached<i>, actual<i>`` for parents of ``[lo, hi)`` where any counter is wrong."""
+    """Select ``pk, cached<i>, actual<i>`` for parents in ``[lo, hi)`` whose counters are wrong."""
     table, pk = counters[0].parent_table, counters[0].parent_pk
     joined, truths = truth_columns(counters, table, pk, lo, hi)
     cols: list[Any] = [pk.label("pk")]
@@ -176,8 +177,11 @@ def apply_deltas(
     if connection.dialect.name == "postgresql":
         if len(ids) > 1:
             locked = (
-                sa.select(pk).where(pk == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(
-                    pk.type)))).order_by(pk).with_for_update(key_share=True).subquery("locked")
+                sa.select(pk)
+                .where(pk == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))))
+                .order_by(pk)
+                .with_for_update(key_share=True)
+                .subquery("locked")
             )
             connection.execute(sa.select(sa.func.count()).select_from(locked), {"ids": ids})
         params: dict[str, Any] = {"ids": ids}
@@ -203,7 +207,6 @@ def apply_deltas(
         .where(pk == sa.bindparam("pk_"))
     )
     rows = [
-        {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}}
-        for x in ids
+        {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}} for x in ids
     ]
     connection.execute(stmt, rows)
