@@ -1,0 +1,273 @@
+"""Settings: the ``[counterfill]`` configuration read from alembic.ini or pyproject.toml.
+
+The CLI builds :class:`Settings` from the alembic :class:`~alembic.config.Config`
+it runs under (so ``-c``, ``-n`` and ``-x`` apply); workers call :func:`load`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from .errors import ConfigurationError, DatabaseError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+    from .counters import Counter
+
+#: Name of the ini section and of the ``[tool.alembic.<name>]`` table in pyproject.toml.
+SECTION = "counterfill"
+#: Environment variable that overrides ``broker_url``.
+BROKER_ENV = "COUNTERFILL_BROKER_URL"
+KEYS = frozenset({"metadata", "broker_url", "database_url", "batch_size", "queue"})
+
+
+@dataclass
+class Settings:
+    """Everything the CLI and the workers need to find the models, the database and the broker.
+
+    :param metadata_path: ``"package.module:Base"``; a declarative base, registry or MetaData.
+    :param database_url: ``[counterfill] database_url``, else alembic's ``sqlalchemy.url``.
+    :param broker_url: Dramatiq broker URL; ``None`` runs batches in-process (embedded).
+    :param batch_size: parent rows per backfill batch.
+    :param queue: Dramatiq queue the batch messages go to.
+    :param raiseerr: show full tracebacks instead of one-line errors (alembic's ``--raiseerr``).
+    :param config_file: the file the settings came from (named in error messages).
+    """
+
+    metadata_path: str
+    database_url: str
+    broker_url: str | None
+    batch_size: int = 10_000
+    queue: str = "counterfill"
+    raiseerr: bool = False
+    config_file: str | None = None
+    _engine: sa.Engine | None = field(default=None, init=False, repr=False, compare=False)
+
+    def target(self) -> Any:
+        """Import and return the object named by ``metadata`` (``"package.module:attribute"``)."""
+        where = f"[{SECTION}] metadata in {self.config_file or 'the configuration'}"
+        module_name, sep, attr = self.metadata_path.partition(":")
+        if not sep or not module_name or not attr:
+            raise ConfigurationError(
+                f"{where} is {self.metadata_path!r}, not 'package.module:Base'; "
+                "write the import path of your declarative base, e.g. myapp.models:Base"
+            )
+        for entry in self._search_path():
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                raise ConfigurationError(
+                    f"{where}: cannot import module {module_name!r} ({exc}); fix the import "
+                    "path or run from the project directory"
+                ) from exc
+            raise ConfigurationError(
+                f"{where}: importing {module_name!r} failed: {exc}; install the missing package"
+            ) from exc
+        except Exception as exc:  # user code failing at import: name it, don't dump it
+            raise ConfigurationError(
+                f"{where}: importing {module_name!r} raised {type(exc).__name__}: {exc}; "
+                "fix the models module"
+            ) from exc
+        target = module
+        for part in attr.split("."):
+            try:
+                target = getattr(target, part)
+            except AttributeError:
+                raise ConfigurationError(
+                    f"{where}: module {module_name!r} has no attribute {attr!r}; "
+                    "name your declarative base, registry or MetaData"
+                ) from None
+        if not _is_metadata_holder(target):
+            raise ConfigurationError(
+                f"{where}: {self.metadata_path!r} is a {type(target).__name__}, not a "
+                "declarative base, registry or MetaData; name your declarative base"
+            )
+        return target
+
+    def counters(self) -> list[Counter]:
+        """Every counter declared in the configured models, sorted by key."""
+        from .counters import counters_of
+
+        return counters_of(self.target())
+
+    def engine(self) -> sa.Engine:
+        """The engine on ``database_url``, created on first use and then reused."""
+        if self._engine is None:
+            self._engine = _create_engine(self.database_url, self.config_file)
+        return self._engine
+
+    def _search_path(self) -> list[str]:
+        # Like alembic's prepend_sys_path = ".": models usually sit next to the config file.
+        entries = [os.getcwd()]
+        if self.config_file:
+            entries.insert(0, str(Path(self.config_file).resolve().parent))
+        return entries
+
+
+def _is_metadata_holder(target: Any) -> bool:
+    from sqlalchemy.orm import registry
+
+    return isinstance(target, sa.MetaData | registry) or isinstance(
+        getattr(target, "metadata", None), sa.MetaData
+    )
+
+
+def _create_engine(url: str, config_file: str | None) -> sa.Engine:
+    where = config_file or "the configuration"
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigurationError(
+            f"database URL in {where} is not a SQLAlchemy URL; set sqlalchemy.url "
+            f"(or [{SECTION}] database_url) to e.g. postgresql+psycopg://user@host/db"
+        ) from None
+    database = parsed.database
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database
+        and database != ":memory:"
+        and not database.startswith("file:")
+        and not Path(database).exists()
+    ):
+        # sqlite would silently create an empty file: a typo must not look like "no counters".
+        raise DatabaseError(
+            f"SQLite database {database!r} does not exist; fix sqlalchemy.url (or "
+            f"[{SECTION}] database_url) in {where}, or run alembic upgrade head first"
+        )
+    try:
+        return sa.create_engine(parsed)
+    except (ImportError, sa.exc.ArgumentError) as exc:
+        raise ConfigurationError(
+            f"cannot use database URL {parsed.render_as_string(hide_password=True)!r}: {exc}; "
+            "install the driver or fix the URL"
+        ) from None
+
+
+def from_alembic_config(cfg: Config) -> Settings:
+    """Build :class:`Settings` from an alembic ``Config`` (the one ``alembic`` itself built)."""
+    opts = cfg.cmd_opts
+    for given in getattr(opts, "config", None) or ():
+        # A file named with -c (or $ALEMBIC_CONFIG) must exist; alembic would not insist.
+        if not Path(given).exists():
+            raise ConfigurationError(
+                f"config file {given!r} not found; pass -c with the path of your alembic.ini"
+            )
+    ini = cfg.config_file_name
+    ini_exists = ini is not None and Path(ini).exists()
+    # One source, never a merge: the ini section wins over [tool.alembic.counterfill].
+    values: dict[str, Any] = {}
+    source = None
+    if ini_exists:
+        try:
+            has_section = cfg.file_config.has_section(SECTION)
+        except Exception as exc:  # configparser errors: bad syntax, bad interpolation
+            raise ConfigurationError(f"cannot read {ini!r}: {exc}; fix the ini syntax") from None
+        if has_section:
+            defaults = cfg.file_config.defaults()
+            section = cfg.get_section(SECTION, {})
+            values = {k: v for k, v in section.items() if k not in defaults}
+            source = ini
+    toml = cfg.toml_file_name
+    if source is None and toml and Path(toml).exists():
+        try:
+            table = cfg.toml_alembic_config.get(SECTION)
+        except Exception as exc:  # tomllib.TOMLDecodeError, alembic's CommandError
+            raise ConfigurationError(f"cannot read {toml!r}: {exc}; fix the TOML syntax") from None
+        if isinstance(table, dict):
+            values = dict(table)
+            source = toml
+    if source is None:
+        if not ini_exists and not (toml and Path(toml).exists()):
+            raise ConfigurationError(
+                f"config file {ini or 'alembic.ini'!r} not found; run from the directory "
+                "holding alembic.ini or pass -c path/to/alembic.ini"
+            )
+        where = ini if ini_exists else toml
+        raise ConfigurationError(
+            f"no [{SECTION}] section in {where}; add one with "
+            "metadata = yourapp.models:Base (see docs/cli.md)"
+        )
+    unknown = sorted(set(values) - KEYS)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown key {unknown[0]!r} in [{SECTION}] of {source}; "
+            f"known keys: {', '.join(sorted(KEYS))}"
+        )
+    metadata = str(values.get("metadata") or "").strip()
+    if not metadata:
+        raise ConfigurationError(
+            f"no metadata key in [{SECTION}] of {source}; add metadata = yourapp.models:Base"
+        )
+    database_url = str(values.get("database_url") or "").strip()
+    if not database_url and ini_exists:
+        try:
+            database_url = (cfg.get_main_option("sqlalchemy.url") or "").strip()
+        except Exception as exc:  # configparser interpolation errors ("%" not doubled)
+            raise ConfigurationError(
+                f"cannot read sqlalchemy.url in {ini}: {exc}; write % as %% in ini files"
+            ) from None
+    if not database_url:
+        raise ConfigurationError(
+            f"no database URL: set sqlalchemy.url in [{cfg.config_ini_section}] or "
+            f"database_url in [{SECTION}] of {source}"
+        )
+    broker_url = os.environ.get(BROKER_ENV) or str(values.get("broker_url") or "").strip() or None
+    return Settings(
+        metadata_path=metadata,
+        database_url=database_url,
+        broker_url=broker_url,
+        batch_size=_positive_int(values.get("batch_size", 10_000), "batch_size", source),
+        queue=str(values.get("queue") or "counterfill").strip(),
+        raiseerr=bool(getattr(opts, "raiseerr", False)),
+        config_file=source,
+    )
+
+
+def _positive_int(value: Any, key: str, source: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ConfigurationError(
+            f"[{SECTION}] {key} in {source} is {value!r}; give a positive integer, e.g. 10000"
+        )
+    return number
+
+
+def load(config_file: str | None = None, name: str = "alembic") -> Settings:
+    """Settings for a worker: ``config_file``, else ``$ALEMBIC_CONFIG``, else ./alembic.ini.
+
+    A pyproject.toml (given as ``config_file`` or ``$ALEMBIC_CONFIG``, or found
+    in the current directory) supplies ``[tool.alembic.counterfill]``.
+    """
+    from argparse import Namespace
+
+    from alembic.config import Config
+
+    chosen = config_file or os.environ.get("ALEMBIC_CONFIG")
+    ini: str | None = "alembic.ini"
+    toml = "pyproject.toml"
+    if chosen and Path(chosen).name == "pyproject.toml":
+        toml = chosen
+        ini = None if config_file else "alembic.ini"
+    elif chosen:
+        ini = chosen
+    cfg = Config(
+        file_=ini,
+        toml_file=toml,
+        ini_section=name,
+        cmd_opts=Namespace(config=[chosen] if chosen else None, raiseerr=False),
+    )
+    return from_alembic_config(cfg)
