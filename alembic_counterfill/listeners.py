@@ -159,12 +159,23 @@ def _before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) 
         stash.capture(connection, plan, {tuple(st.key[1])})
 
 
-def _after_write(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
+def _after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     st: InstanceState[Any] = sa.inspect(target)
     stash = _stash(st.session) if st.session is not None else None
     plan = plan_for(st.mapper)
     if stash is not None and plan is not None:
         stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+
+
+def _after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
+    # Only rows whose old state was read can have moved a contribution; the
+    # ORM calls this hook for every dirty object, even with no net change.
+    found = _old_key(target)
+    if found:
+        stash, plan, st = found
+        assert st.key is not None
+        if tuple(st.key[1]) in stash.captured[plan]:
+            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
 
 
 def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
@@ -250,5 +261,5 @@ def install(child_mapper: Mapper[Any]) -> None:
     _installed.add(child_mapper)
     event.listen(child_mapper, "before_update", _before_update, propagate=True)
     event.listen(child_mapper, "before_delete", _before_delete, propagate=True)
-    event.listen(child_mapper, "after_insert", _after_write, propagate=True)
-    event.listen(child_mapper, "after_update", _after_write, propagate=True)
+    event.listen(child_mapper, "after_insert", _after_insert, propagate=True)
+    event.listen(child_mapper, "after_update", _after_update, propagate=True)
