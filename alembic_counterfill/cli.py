@@ -1,0 +1,332 @@
+"""The ``counterfill`` click group: ``alembic counterfill ...`` and ``alembic-counterfill ...``.
+
+Subcommands receive the :class:`~.config.Settings` as ``ctx.obj``; they are
+built only when a subcommand actually runs, so ``--help`` needs no config
+file. This module is also the one error boundary: library errors and
+database errors become ``Error: <one line>`` and exit status 1 (click's usage
+errors exit 2), with a traceback only under ``--raiseerr``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from argparse import Namespace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import sqlalchemy as sa
+
+from . import cli_backfill, progress
+from .config import Settings, from_alembic_config
+from .counters import Counter, select_counters
+from .errors import CounterfillError
+
+_META_KEY = "alembic_counterfill.launch"
+_DONE = (progress.ACTIVE, progress.FAILED)
+
+
+@dataclass
+class Launch:
+    """How the command was started: alembic's ``Config`` and/or the group's own options."""
+
+    alembic_config: Any = None  # alembic.config.Config when run as ``alembic counterfill``
+    config: tuple[str, ...] = ()
+    name: str | None = None
+    x: tuple[str, ...] = ()
+    raiseerr: bool = False
+    _settings: Settings | None = field(default=None, repr=False)
+
+    def settings(self) -> Settings:
+        """Build (once) the settings from the alembic config this command runs under."""
+        if self._settings is None:
+            settings = from_alembic_config(self._resolve_alembic_config())
+            settings.raiseerr = self.raiseerr
+            self._settings = settings
+        return self._settings
+
+    def _resolve_alembic_config(self) -> Any:
+        if self.alembic_config is not None and not self.config and self.name is None:
+            return self.alembic_config
+        from alembic.config import Config
+
+        inherited = getattr(self.alembic_config, "cmd_opts", None)
+        toml, ini = _config_files(self.config or tuple(getattr(inherited, "config", None) or ()))
+        options = Namespace(
+            config=list(self.config) or getattr(inherited, "config", None),
+            name=self.name or "alembic",
+            x=list(self.x) or getattr(inherited, "x", None),
+            raiseerr=self.raiseerr,
+        )
+        return Config(file_=ini, toml_file=toml, ini_section=options.name, cmd_opts=options)
+
+
+def _config_files(given: Sequence[str]) -> tuple[str, str]:
+    """(pyproject.toml, ini) the way alembic's own command line chooses them."""
+    env = os.environ.get("ALEMBIC_CONFIG")
+    toml, ini = "pyproject.toml", "alembic.ini"
+    if env and Path(env).name == "pyproject.toml":
+        toml = env
+    elif env:
+        ini = env
+    for name in given:
+        if Path(name).name == "pyproject.toml":
+            toml = name
+        else:
+            ini = name
+    return toml, ini
+
+
+def _launch(ctx: click.Context) -> Launch:
+    launch = ctx.meta.get(_META_KEY)
+    if launch is None:
+        launch = ctx.meta[_META_KEY] = Launch()
+    return launch
+
+
+def _with_settings(callback: Callable[..., Any]) -> Callable[..., Any]:
+    # Runs after click parsed the subcommand's arguments (so after --help
+    # exited): only real runs read the configuration.
+    @functools.wraps(callback)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        ctx.obj = _launch(ctx).settings()
+        return callback(*args, **kwargs)
+
+    return wrapper
+
+
+class CounterfillGroup(click.Group):
+    """A click group that gives subcommands their Settings and turns errors into one line."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Register ``cmd``, arranging for ``ctx.obj`` to be the Settings when it runs."""
+        if cmd.callback is not None:
+            cmd.callback = _with_settings(cmd.callback)
+        super().add_command(cmd, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; translate library and database errors at this one boundary."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except CounterfillError as exc:
+            _fail(ctx, exc, str(exc))
+        except sa.exc.DBAPIError as exc:
+            _fail(ctx, exc, _database_message(ctx, exc))
+
+
+def _fail(ctx: click.Context, exc: BaseException, message: str) -> NoReturn:
+    if _launch(ctx).raiseerr:
+        raise exc
+    raise click.ClickException(" ".join(message.split())) from None
+
+
+def _database_message(ctx: click.Context, exc: sa.exc.DBAPIError) -> str:
+    settings = _launch(ctx)._settings
+    url = "the database"
+    if settings is not None:
+        url = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
+    detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    return (
+        f"cannot use database {url}: {detail}; check sqlalchemy.url (or [counterfill] "
+        "database_url), that the server is running and that alembic upgrade head has run"
+    )
+
+
+@click.group(cls=CounterfillGroup)
+@click.option(
+    "-c",
+    "--config",
+    multiple=True,
+    metavar="FILE",
+    help="Alembic config file (alembic.ini and/or pyproject.toml); default: $ALEMBIC_CONFIG "
+    "or ./alembic.ini.",
+)
+@click.option("-n", "--name", default=None, help="Section of the ini file with alembic's config.")
+@click.option("-x", "x", multiple=True, help="Extra arguments, as for alembic -x.")
+@click.option("--raiseerr", is_flag=True, help="Show a full traceback on error.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config: tuple[str, ...],
+    name: str | None,
+    x: tuple[str, ...],
+    raiseerr: bool,
+) -> None:
+    """Keep counter caches exact: see which counters need a backfill, run and verify backfills."""
+    alembic_config = ctx.obj
+    inherited = getattr(alembic_config, "cmd_opts", None)
+    ctx.meta[_META_KEY] = Launch(
+        alembic_config=alembic_config,
+        config=config,
+        name=name,
+        x=x,
+        raiseerr=raiseerr or bool(getattr(inherited, "raiseerr", False)),
+    )
+    ctx.obj = None  # the Settings, once a subcommand runs
+
+
+def _chosen(settings: Settings, names: Sequence[str]) -> list[Counter]:
+    declared = settings.counters()
+    return select_counters(declared, names) if names else declared
+
+
+def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.CounterStatus]:
+    with settings.engine().connect() as connection:
+        return progress.statuses(connection, keys)
+
+
+def describe(counter: Counter) -> str:
+    """What a counter counts, e.g. ``COUNT(follows) BY follows.followed_id``."""
+    child = counter.child_table.name
+    what = (
+        f"SUM({child}.{counter.summed.name})" if counter.summed is not None else f"COUNT({child})"
+    )
+    text = f"{what} BY {child}.{counter.fk.name}"
+    if counter.where is not None:
+        try:
+            where = counter.where.compile(compile_kwargs={"literal_binds": True})
+        except Exception:  # a type without a literal form: show the parameterised SQL
+            where = counter.where.compile()
+        text += f" WHERE {where}"
+    return text
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip()
+        for line in lines
+    )
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.pass_obj
+def list_(settings: Settings, as_json: bool) -> None:
+    """List the declared counters, what each one counts, and its state."""
+    counters = settings.counters()
+    states = {s.counter: s.state for s in _read_statuses(settings, [c.key for c in counters])}
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "counter": c.key,
+                        "state": states[c.key],
+                        "table": c.parent_table.name,
+                        "column": c.name,
+                        "child_table": c.child_table.name,
+                        "foreign_key": c.fk.name,
+                        "sum": c.summed.name if c.summed is not None else None,
+                        "where": c.where is not None,
+                    }
+                    for c in counters
+                ]
+            )
+        )
+        return
+    if not counters:
+        click.echo(f"no counters declared in {settings.metadata_path}")
+        return
+    click.echo(
+        _table(
+            ("COUNTER", "STATE", "COUNTS"), [(c.key, states[c.key], describe(c)) for c in counters]
+        )
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
+    """The human ``status`` table (with a last-error line under failed counters)."""
+    rows = [
+        (
+            s.counter,
+            s.state,
+            f"{s.batches_done}/{s.batches_total}" if s.batches_total else "-",
+            str(s.batches_failed) if s.batches_total else "-",
+            f"{s.rows_changed:,}" if s.batches_total else "-",
+            f"{s.rate:.1f}/s" if s.rate else "-",
+            _duration(s.eta_seconds) if s.state == progress.BACKFILLING else "-",
+        )
+        for s in statuses
+    ]
+    text = _table(("COUNTER", "STATE", "BATCHES", "FAILED", "ROWS CHANGED", "RATE", "ETA"), rows)
+    errors = [f"{s.counter}: {s.last_error}" for s in statuses if s.last_error]
+    if errors:
+        text += "\n\nlast errors:\n" + "\n".join("  " + " ".join(e.split())[:200] for e in errors)
+    return text
+
+
+@cli.command("status")
+@click.argument("counters", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per counter.")
+@click.option(
+    "--watch", is_flag=True, help="Refresh until every counter is active or failed (or Ctrl-C)."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+@click.pass_obj
+def status(
+    settings: Settings, counters: tuple[str, ...], as_json: bool, watch: bool, interval: float
+) -> None:
+    """Show each counter's state (pending, backfilling, active, failed) and backfill progress.
+
+    COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
+    With --json --watch, each refresh prints one JSON array on its own line.
+    """
+    keys = [c.key for c in _chosen(settings, counters)]
+    clear = watch and not as_json and sys.stdout.isatty()
+    try:
+        while True:
+            current = _read_statuses(settings, keys)
+            if clear:
+                click.clear()
+            if as_json:
+                click.echo(json.dumps([s.as_json() for s in current]))
+            else:
+                click.echo(render_statuses(current))
+            if not watch or all(s.state in _DONE for s in current):
+                return
+            if not clear:
+                click.echo("")
+            time.sleep(interval)
+    except KeyboardInterrupt:  # Ctrl-C is how a watch normally ends
+        return
+
+
+cli_backfill.register(cli)
+
+
+def run_from_alembic(alembic_config: Any, args: list[str]) -> None:
+    """Entry point for ``alembic counterfill ARGS``, with the ``Config`` alembic built."""
+    cli.main(args=args, prog_name="alembic counterfill", obj=alembic_config)
+
+
+def main() -> None:
+    """Console script ``alembic-counterfill``."""
+    cli.main(prog_name="alembic-counterfill")
