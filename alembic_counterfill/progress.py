@@ -19,6 +19,12 @@ bookkeeping = sa.MetaData()
 #: Counter states, in lifecycle order.
 PENDING, BACKFILLING, ACTIVE, FAILED = "pending", "backfilling", "active", "failed"
 
+#: Run states: batches outstanding, all done, or all finished with some failed.
+RUNNING, DONE = "running", "done"
+
+#: Batch states: planned, handed to the broker, applied, out of retries.
+BATCH_PENDING, SENT = "pending", "sent"
+
 counters_table = sa.Table(
     "counterfill_counters",
     bookkeeping,
@@ -30,6 +36,11 @@ counters_table = sa.Table(
     sa.Column("run_id", sa.Integer, nullable=True),
     sa.Column("requested_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True),
+    # When the counter first became exact (NULL until a backfill completes, or
+    # when recorded for an implicitly active counter). A recount of a counter
+    # that was active keeps it set, so the read helper can keep trusting the
+    # live-maintained cache while the recount runs.
+    sa.Column("activated_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 runs_table = sa.Table(

@@ -64,11 +64,29 @@ def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[
     return cond
 
 
-def lock_parents(table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any) -> sa.Select[Any]:
-    """Lock the parent rows of ``[lo, hi)`` in key order (``FOR NO KEY UPDATE`` on PostgreSQL)."""
+def _scope(
+    column: sa.ColumnElement[Any], lo: Any, hi: Any, ids: Sequence[Any] | None
+) -> sa.ColumnElement[bool]:
+    """``[lo, hi)``, narrowed to ``ids`` when given (verify re-checks single candidates)."""
+    cond = _range(column, lo, hi)
+    if ids is not None:
+        cond = sa.and_(cond, column.in_(list(ids)))
+    return cond
+
+
+def lock_parents(
+    table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+) -> sa.Select[Any]:
+    """Lock the parent rows of ``[lo, hi)`` (or of ``ids``) in key order.
+
+    ``FOR NO KEY UPDATE`` on PostgreSQL: it waits for writers that already
+    applied a delta to these parents, yet does not block child inserts whose
+    foreign-key checks take ``KEY SHARE`` locks. The statement returns the
+    number of rows locked.
+    """
     inner = (
         sa.select(pk)
-        .where(_range(pk, lo, hi))
+        .where(_scope(pk, lo, hi, ids))
         .order_by(pk)
         .with_for_update(key_share=True)
         .subquery("locked")
@@ -82,11 +100,13 @@ def truth_columns(
     pk: sa.ColumnElement[Any],
     lo: Any,
     hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
 ) -> tuple[sa.FromClause, list[sa.ColumnElement[Any]]]:
     """Join ``parent`` to grouped child aggregates and return the true value of each counter.
 
     Counters that share a child table and FK share one grouped scan of the
-    child's FK index range.
+    child's FK index range (``[lo, hi)``, narrowed to ``ids`` when given).
     """
     groups: dict[tuple[sa.Table, sa.Column[Any]], list[int]] = {}
     for i, counter in enumerate(counters):
@@ -102,7 +122,7 @@ def truth_columns(
             aggs.append(agg.label(f"n{i}"))
         sub = (
             sa.select(fk.label("k"), *aggs)
-            .where(fk.is_not(None), _range(fk, lo, hi))
+            .where(fk.is_not(None), _scope(fk, lo, hi, ids))
             .group_by(fk)
             .subquery(f"g{g}")
         )
@@ -112,20 +132,24 @@ def truth_columns(
     return joined, [t for t in truths if t is not None]
 
 
-def recount_range(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Update:
+def recount_range(
+    counters: Sequence[Counter], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+) -> sa.Update:
     """One UPDATE setting every counter of one parent table to its truth over ``[lo, hi)``.
 
-    Only rows whose value differs are written (one row version per changed
-    parent, none for parents already right); the rowcount is rows changed.
+    All counters of the table are written in one pass (one row version per
+    parent, not one per counter), and only rows whose value differs are
+    written; the rowcount is rows changed. ``ids`` narrows the range to
+    those parents (verify's repairs).
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
     p = table.alias("p")
     p_pk = p.c[pk.key]
-    joined, truths = truth_columns(counters, p, p_pk, lo, hi)
+    joined, truths = truth_columns(counters, p, p_pk, lo, hi, ids=ids)
     truth = (
         sa.select(p_pk.label("pk"), *[t.label(f"t{i}") for i, t in enumerate(truths)])
         .select_from(joined)
-        .where(_range(p_pk, lo, hi))
+        .where(_scope(p_pk, lo, hi, ids))
         .subquery("truth")
     )
     differs = sa.or_(*[c.column.is_distinct_from(truth.c[f"t{i}"]) for i, c in enumerate(counters)])
@@ -136,15 +160,20 @@ def recount_range(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Update:
     )
 
 
-def drift_rows(counters: Sequence[Counter], lo: Any, hi: Any) -> sa.Select[Any]:
-    """Select ``pk, cached<i>, actual<i>`` for parents in ``[lo, hi)`` whose counters are wrong."""
+def drift_rows(
+    counters: Sequence[Counter], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+) -> sa.Select[Any]:
+    """Select ``pk, cached<i>, actual<i>`` for parents in ``[lo, hi)`` whose counters are wrong.
+
+    ``ids`` narrows the range to those parents (verify's re-check).
+    """
     table, pk = counters[0].parent_table, counters[0].parent_pk
-    joined, truths = truth_columns(counters, table, pk, lo, hi)
+    joined, truths = truth_columns(counters, table, pk, lo, hi, ids=ids)
     cols: list[Any] = [pk.label("pk")]
     for i, (c, t) in enumerate(zip(counters, truths, strict=True)):
         cols += [c.column.label(f"cached{i}"), t.label(f"actual{i}")]
     differs = sa.or_(*[c.column.is_distinct_from(t) for c, t in zip(counters, truths, strict=True)])
-    return sa.select(*cols).select_from(joined).where(_range(pk, lo, hi), differs).order_by(pk)
+    return sa.select(*cols).select_from(joined).where(_scope(pk, lo, hi, ids), differs).order_by(pk)
 
 
 def live_value(counter: Counter, parent_id: Any) -> sa.Select[Any]:

@@ -1,0 +1,241 @@
+"""Plan backfills: choose counters, cut each parent table into key ranges, record runs and batches.
+
+Planning happens in one transaction that is committed before any message is
+sent, so a batch id in a message always names a recorded batch, and a crash
+at any point leaves either nothing or a complete plan that ``enqueue`` resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import progress as p
+from .counters import Counter, select_counters
+from .errors import CounterfillError
+
+# Serialises concurrent planners (two `enqueue` at once must not both plan the
+# same counter); an arbitrary constant private to this library.
+_PLANNING_LOCK = 0x636F756E74657266
+
+
+def encode_key(value: Any) -> str | None:
+    """Store a primary-key bound as JSON text (``None`` = open end)."""
+    if value is None:
+        return None
+    if isinstance(value, bool | int | float | str):
+        return json.dumps(value)
+    return json.dumps(str(value))  # UUID, Decimal, dates: their text form round-trips
+
+
+def decode_key(column: sa.Column[Any], text: str | None) -> Any:
+    """Turn a stored bound back into a value of ``column``'s Python type."""
+    if text is None:
+        return None
+    value = json.loads(text)
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return value
+    if isinstance(value, kind):
+        return value
+    if kind is uuid.UUID:
+        return uuid.UUID(value)
+    return kind(value)
+
+
+def next_boundary(
+    connection: Connection, pk: sa.Column[Any], current: Any, batch_size: int
+) -> Any | None:
+    """The key ``batch_size`` entries past ``current`` in the primary-key index (None: the end).
+
+    ``current=None`` starts at the table's first key.
+    """
+    stmt = sa.select(pk).order_by(pk).offset(batch_size).limit(1)
+    if current is not None:
+        stmt = stmt.where(pk >= current)
+    return connection.execute(stmt).scalar()
+
+
+def boundaries(connection: Connection, pk: sa.Column[Any], batch_size: int) -> Iterator[Any]:
+    """Yield the first key of every batch but the first, walking the primary-key index.
+
+    Each step reads ``batch_size`` index entries past the previous boundary:
+    short statements, whole table covered once, and no more than one key in
+    memory, whatever the key type (integers, UUIDs, strings).
+    """
+    current = None
+    while True:
+        current = next_boundary(connection, pk, current, batch_size)
+        if current is None:
+            return
+        yield current
+
+
+@dataclass
+class Plan:
+    """What planning recorded: the runs to drive and the batches still to run."""
+
+    run_ids: list[int] = field(default_factory=list)
+    new_run_ids: list[int] = field(default_factory=list)
+    resumed_run_ids: list[int] = field(default_factory=list)
+    batch_ids: list[int] = field(default_factory=list)  # not done, to (re)send
+    counter_keys: list[str] = field(default_factory=list)
+
+
+def choose(
+    connection: Connection, counters: Sequence[Counter], names: Sequence[str], everything: bool
+) -> list[Counter]:
+    """The counters ``enqueue`` should fill: those named, all (``--all``), or all not active.
+
+    Raises :class:`~.errors.UnknownCounterError` naming an unknown counter.
+    """
+    if names and everything:
+        raise CounterfillError("give counter names or --all, not both")
+    if names:
+        return select_counters(counters, names)
+    if everything:
+        return list(counters)
+    recorded = p.counter_rows(connection)
+    return [c for c in counters if c.key in recorded and recorded[c.key]["state"] != p.ACTIVE]
+
+
+def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> Plan:
+    """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
+
+    A counter whose recorded run is not done resumes that run (failed batches
+    are reset, done batches stay done); the others get one new run per parent
+    table covering all of them, so a table is recounted in one pass.
+    """
+    if batch_size < 1:
+        raise CounterfillError(f"batch size must be at least 1, got {batch_size}")
+    p.ensure_tables(connection)
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
+    recorded = p.counter_rows(connection)
+    run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
+    runs = {
+        r["id"]: r
+        for r in connection.execute(
+            sa.select(p.runs_table).where(p.runs_table.c.id.in_(run_ids))
+        ).mappings()
+    }
+    result = Plan(counter_keys=sorted(c.key for c in chosen))
+    fresh: dict[sa.Table, list[Counter]] = {}
+    for counter in chosen:
+        row = recorded.get(counter.key)
+        run = runs.get(row["run_id"]) if row is not None else None
+        if (
+            run is not None
+            and run["state"] != p.DONE
+            and counter.key in run["counter_keys"].split(",")
+        ):
+            if run["id"] not in result.resumed_run_ids:
+                result.resumed_run_ids.append(run["id"])
+        else:
+            fresh.setdefault(counter.parent_table, []).append(counter)
+    for run_id in result.resumed_run_ids:
+        _resume(connection, run_id)
+    for group in fresh.values():
+        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded))
+    result.run_ids = result.resumed_run_ids + result.new_run_ids
+    b = p.batches_table
+    result.batch_ids = list(
+        connection.execute(
+            sa.select(b.c.id)
+            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.DONE)
+            .order_by(b.c.run_id, b.c.seq)
+        ).scalars()
+    )
+    return result
+
+
+def _resume(connection: Connection, run_id: int) -> None:
+    b, r, c = p.batches_table, p.runs_table, p.counters_table
+    reset = connection.execute(
+        sa.update(b)
+        .where(b.c.run_id == run_id, b.c.state == p.FAILED)
+        .values(state=p.BATCH_PENDING, finished_at=None)
+    ).rowcount
+    connection.execute(
+        sa.update(r)
+        .where(r.c.id == run_id)
+        .values(state=p.RUNNING, finished_at=None, batches_failed=r.c.batches_failed - reset)
+    )
+    connection.execute(
+        sa.update(c)
+        .where(c.c.run_id == run_id, c.c.state.in_([p.FAILED, p.PENDING]))
+        .values(state=p.BACKFILLING, updated_at=p.now())
+    )
+
+
+def _new_run(
+    connection: Connection, group: list[Counter], batch_size: int, recorded: dict[str, Any]
+) -> int:
+    group = sorted(group, key=lambda c: c.key)
+    table, pk = group[0].parent_table, group[0].parent_pk
+    now = p.now()
+    run_id = connection.execute(
+        sa.insert(p.runs_table)
+        .values(
+            table_name=table.name,
+            counter_keys=",".join(c.key for c in group),
+            batch_size=batch_size,
+            state=p.RUNNING,
+            created_at=now,
+        )
+        .returning(p.runs_table.c.id)
+    ).scalar_one()
+    bounds = [None, *boundaries(connection, pk, batch_size), None]
+    rows = [
+        {
+            "run_id": run_id,
+            "seq": i,
+            "lo": encode_key(lo),
+            "hi": encode_key(hi),
+            "state": p.BATCH_PENDING,
+        }
+        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))
+    ]
+    connection.execute(sa.insert(p.batches_table), rows)
+    connection.execute(
+        sa.update(p.runs_table).where(p.runs_table.c.id == run_id).values(batches_total=len(rows))
+    )
+    c = p.counters_table
+    for counter in group:
+        values = {"state": p.BACKFILLING, "run_id": run_id, "updated_at": now}
+        if counter.key in recorded:
+            connection.execute(sa.update(c).where(c.c.key == counter.key).values(values))
+        else:
+            # No row means the counter was created with its table and is
+            # exact already: remember it as active for the read helper.
+            connection.execute(
+                sa.insert(c).values(
+                    key=counter.key,
+                    table_name=table.name,
+                    column_name=counter.name,
+                    schema_name=table.schema,
+                    activated_at=now,
+                    **values,
+                )
+            )
+    return run_id
+
+
+def mark_sent(connection: Connection, batch_ids: Sequence[int]) -> None:
+    """Record that these batches were handed to the broker (done ones are left alone)."""
+    b = p.batches_table
+    now = p.now()
+    for start in range(0, len(batch_ids), 5000):
+        chunk = list(batch_ids[start : start + 5000])
+        connection.execute(
+            sa.update(b)
+            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.SENT]))
+            .values(state=p.SENT, sent_at=now)
+        )

@@ -1,0 +1,310 @@
+"""Helpers for backfill tests: seed drifted data, independent truth, a project dir, real workers.
+
+The truth is computed here with hand-written SQL (COUNT/SUM over the child
+tables), never with the library's builders, so tests judge the library
+against something it did not produce.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import backfill_models as m
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+
+from alembic_counterfill import progress
+from alembic_counterfill.cli import cli
+
+TESTS_DIR = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+USER_COUNTERS = [
+    "users.followers_count",
+    "users.following_count",
+    "users.likes_total",
+    "users.posts_count",
+]
+
+#: Independent truth: one row per user, cached and actual side by side.
+TRUTH_SQL = sa.text(
+    """
+    SELECT u.id,
+           u.followers_count, (SELECT count(*) FROM follows f WHERE f.followed_id = u.id),
+           u.following_count, (SELECT count(*) FROM follows f WHERE f.follower_id = u.id),
+           u.posts_count,
+           (SELECT count(*) FROM posts p WHERE p.author_id = u.id AND p.published),
+           u.likes_total, (SELECT coalesce(sum(p.likes), 0) FROM posts p WHERE p.author_id = u.id)
+    FROM users u ORDER BY u.id
+    """
+)
+ORG_TRUTH_SQL = sa.text(
+    "SELECT o.id, o.members_count, (SELECT count(*) FROM members x WHERE x.org_id = o.id) "
+    "FROM orgs o"
+)
+COLUMNS = ["followers_count", "following_count", "posts_count", "likes_total"]
+
+
+def drift(engine: sa.Engine) -> list[tuple[Any, str, int, int]]:
+    """Every (id, column, cached, actual) where a users/orgs counter differs from the truth."""
+    out = []
+    with engine.connect() as conn:
+        for row in conn.execute(TRUTH_SQL):
+            for i, column in enumerate(COLUMNS):
+                cached, actual = row[1 + 2 * i], row[2 + 2 * i]
+                if cached != actual:
+                    out.append((row[0], column, cached, int(actual)))
+        if sa.inspect(conn).has_table("orgs"):
+            for oid, cached, actual in conn.execute(ORG_TRUTH_SQL):
+                if cached != actual:
+                    out.append((oid, "members_count", cached, actual))
+    return out
+
+
+def seed(
+    engine: sa.Engine,
+    users: int = 300,
+    follows: int = 5,
+    posts: int = 3,
+    orgs: int = 0,
+    members: int = 4,
+    rng_seed: int = 7,
+) -> None:
+    """Create the tables and fill them behind the listeners' back, with wrong counters.
+
+    Rows go in through Core on a Connection (invisible to live maintenance),
+    counters are scrambled, and every counter is recorded as pending, as a
+    migration adding them would leave it.
+    """
+    rng = random.Random(rng_seed)
+    m.Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(m.User),
+            [
+                {"id": i, "name": f"u{i}", **{c: rng.randrange(3) for c in COLUMNS}}
+                for i in range(1, users + 1)
+            ],
+        )
+        rows = [
+            {"follower_id": i, "followed_id": rng.randrange(1, users + 1)}
+            for i in range(1, users + 1)
+            for _ in range(rng.randrange(follows * 2 + 1))
+        ]
+        if rows:
+            conn.execute(sa.insert(m.Follow), rows)
+        rows = [
+            {
+                "author_id": rng.randrange(1, users + 1),
+                "published": rng.random() < 0.6,
+                "likes": rng.randrange(10),
+            }
+            for _ in range(users * posts)
+        ]
+        if rows:
+            conn.execute(sa.insert(m.Post), rows)
+        org_ids = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(orgs)]
+        if org_ids:
+            conn.execute(
+                sa.insert(m.Org), [{"id": o, "members_count": rng.randrange(3)} for o in org_ids]
+            )
+            conn.execute(
+                sa.insert(m.Member),
+                [{"org_id": rng.choice(org_ids)} for _ in range(orgs * members)],
+            )
+        progress.ensure_tables(conn)
+        keys = USER_COUNTERS + (["orgs.members_count"] if orgs else [])
+        for key in keys:
+            table, column = key.split(".")
+            for stmt in progress.request_statements(key, table, column, None):
+                conn.execute(stmt)
+
+
+def counters_by_key() -> dict[str, Any]:
+    """The test models' counters, by key."""
+    from alembic_counterfill import counters_of
+
+    return {c.key: c for c in counters_of(m.Base)}
+
+
+def states(engine: sa.Engine) -> dict[str, str]:
+    """Recorded state of each counter, by key."""
+    with engine.connect() as conn:
+        return {k: r["state"] for k, r in progress.counter_rows(conn).items()}
+
+
+def batch_rows(engine: sa.Engine) -> list[Any]:
+    """Every batch row."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(progress.batches_table)).mappings())
+
+
+def run_rows(engine: sa.Engine) -> list[Any]:
+    """Every run row."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(progress.runs_table).order_by("id")).mappings())
+
+
+@dataclass
+class Project:
+    """A directory with an alembic.ini whose ``[counterfill]`` section points at the test models."""
+
+    path: Path
+    database_url: str
+    broker_url: str | None = None
+    queue: str = field(default_factory=lambda: f"cf_{uuid.uuid4().hex[:10]}")
+    batch_size: int = 50
+
+    def __post_init__(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "[alembic]",
+            "script_location = migrations",
+            f"sqlalchemy.url = {self.database_url.replace('%', '%%')}",
+            "",
+            "[counterfill]",
+            "metadata = backfill_models:Base",
+            f"queue = {self.queue}",
+            f"batch_size = {self.batch_size}",
+        ]
+        if self.broker_url:
+            lines.append(f"broker_url = {self.broker_url}")
+        (self.path / "alembic.ini").write_text("\n".join(lines) + "\n")
+
+    @property
+    def ini(self) -> str:
+        """Path of the project's alembic.ini."""
+        return str(self.path / "alembic.ini")
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses: tests/ importable, no stray overrides."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("COUNTERFILL_BROKER_URL", "BATCH_SIZE", "WAIT", "VERIFY")
+        }
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
+        env["ALEMBIC_CONFIG"] = self.ini
+        return env
+
+    def cli(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
+        """Run ``alembic-counterfill -c <ini> ARGS`` in this process (click's test runner)."""
+        base: dict[str, str | None] = {
+            "COUNTERFILL_BROKER_URL": None,
+            "BATCH_SIZE": None,
+            "WAIT": None,
+            "VERIFY": None,
+        }
+        base.update(env or {})
+        return CliRunner().invoke(cli, ["-c", self.ini, *args], env=base)
+
+    def worker(self, processes: int = 1, threads: int = 2) -> Worker:
+        """Start a real ``dramatiq alembic_counterfill.worker`` on this project."""
+        return Worker(self, processes, threads).start()
+
+
+class Worker:
+    """A ``dramatiq alembic_counterfill.worker`` subprocess in its own process group."""
+
+    def __init__(self, project: Project, processes: int, threads: int) -> None:
+        self.project = project
+        self.args = [
+            str(BIN / "dramatiq"),
+            "alembic_counterfill.worker",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+        ]
+        self.log_path = project.path / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Worker:
+        """Start and wait until every worker process says it is ready."""
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.args,
+                cwd=self.project.path,
+                env=self.project.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        processes = int(self.args[3])
+        while self.log.count("Worker process is ready for action.") < processes:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"worker did not start:\n{self.log}")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def log(self) -> str:
+        """Everything the worker logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (master and worker processes) at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM), killing after a while."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def lock_users(engine: sa.Engine, ids: Sequence[int]) -> sa.Connection:
+    """Hold ``FOR UPDATE`` locks on some users in an open transaction (caller rolls back)."""
+    conn = engine.connect()
+    conn.execute(
+        sa.text("SELECT id FROM users WHERE id = ANY(:ids) FOR UPDATE"), {"ids": list(ids)}
+    )
+    return conn
+
+
+def blocked_backends(engine: sa.Engine) -> list[int]:
+    """PIDs of worker connections waiting on a lock."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'counterfill-worker'"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ).scalars()
+        )
