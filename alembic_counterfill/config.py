@@ -90,7 +90,7 @@ class Settings:
                 ) from None
         if not _is_metadata_holder(target):
             raise ConfigurationError(
-                f"{where}: {self.metadata_path!r} is a {type(target).__name__}, not a "
+                f"{where}: {self.metadata_path!r} ({type(target).__name__}) is not a "
                 "declarative base, registry or MetaData; name your declarative base"
             )
         return target
