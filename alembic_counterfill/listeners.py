@@ -254,6 +254,7 @@ def install(child_mapper: Mapper[Any]) -> None:
         event.listen(Session, "after_flush", _after_flush)
         event.listen(Session, "after_flush_postexec", _after_flush_postexec)
         event.listen(Session, "after_soft_rollback", _discard)
+        from . import bulk  # noqa: F401  - importing it registers the bulk-statement hook
         _session_listeners = True
     _plans.clear()  # a new counter may change any cached read plan
     if child_mapper in _installed:

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import util as sql_util
 
 from .counters import Counter
 
@@ -239,3 +240,115 @@ def apply_deltas(
         {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}} for x in ids
     ]
     connection.execute(stmt, rows)
+
+
+# --- Bulk statements (alembic_counterfill.bulk) ---------------------------------------------
+
+
+def row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]]) -> list[Any]:
+    """What one child row counts as: its key ``p<j>``, then parent key ``k<i>`` and value ``v<i>``.
+
+    Used as a SELECT list and as RETURNING columns; read the rows by label,
+    since RETURNING may render the columns in any order.
+    """
+    cols: list[Any] = [col.label(f"p{j}") for j, col in enumerate(pk_columns)]
+    for i, counter in enumerate(counters):
+        cols.append(counter.fk.label(f"k{i}"))
+        cols.append(contribution(counter).label(f"v{i}"))
+    return cols
+
+
+def old_row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]]) -> list[Any]:
+    """RETURNING columns ``ok<i>``/``ov<i>``: what each updated row counted as before the statement.
+
+    Scalar subqueries over an alias of the child table, matched on the primary
+    key. On PostgreSQL they read the statement's snapshot, so an UPDATE returns
+    each row's old state next to its new one. The statement must not change
+    the primary key.
+    """
+    table = pk_columns[0].table
+    old = table.alias("counterfill_old")
+    adapt = sql_util.ClauseAdapter(old).traverse
+    same_row = sa.and_(*[old.c[col.key] == col for col in pk_columns])
+    cols: list[Any] = []
+    for i, counter in enumerate(counters):
+        fk = sa.select(adapt(counter.fk)).where(same_row).scalar_subquery()
+        value = sa.select(adapt(contribution(counter))).where(same_row).scalar_subquery()
+        cols += [fk.label(f"ok{i}"), value.label(f"ov{i}")]
+    return cols
+
+
+def matching_state(
+    counters: Sequence[Counter],
+    pk_columns: Sequence[sa.Column[Any]],
+    where: sa.ColumnElement[bool] | None,
+    *,
+    entity: Any = None,
+    lock: bool,
+) -> sa.Select[Any]:
+    """Select :func:`row_state` of the child rows matching ``where``, in primary-key order.
+
+    With ``lock`` the rows are read ``FOR UPDATE`` (of the child table only), so
+    concurrent writers of the same rows queue in key order instead of
+    deadlocking. ``entity`` (the statement's mapped class) lets the ORM add its
+    own criteria, such as single-table inheritance discriminators.
+    """
+    stmt = sa.select(*row_state(counters, pk_columns))
+    if entity is not None:
+        stmt = stmt.select_from(entity)
+    if where is not None:
+        stmt = stmt.where(where)
+    stmt = stmt.order_by(*pk_columns)
+    return stmt.with_for_update(of=pk_columns[0].table) if lock else stmt
+
+
+def lock_ids(table: sa.Table, pk: sa.Column[Any], ids: Sequence[Any]) -> sa.Select[Any]:
+    """Lock the given parents in key order (``FOR NO KEY UPDATE`` on PostgreSQL)."""
+    inner = (
+        sa.select(pk)
+        .where(pk.in_(ids))
+        .order_by(pk)
+        .with_for_update(key_share=True)
+        .subquery("locked")
+    )
+    return sa.select(sa.func.count()).select_from(inner)
+
+
+def recount_ids(counters: Sequence[Counter], ids: Sequence[Any]) -> sa.Update:
+    """One UPDATE setting every counter of one parent table to its truth for the given parents.
+
+    The counters must share a parent table. Child rows are aggregated only for
+    these parents (through the FK index); parents already right are not
+    written. Run it after :func:`lock_ids`, in a new statement.
+    """
+    table, pk = counters[0].parent_table, counters[0].parent_pk
+    p = table.alias("p")
+    p_pk = p.c[pk.key]
+    groups: dict[sa.Column[Any], list[int]] = {}
+    for i, counter in enumerate(counters):
+        groups.setdefault(counter.fk, []).append(i)
+    truths: dict[int, sa.ColumnElement[Any]] = {}
+    joined: sa.FromClause = p
+    for g, (fk, members) in enumerate(groups.items()):
+        aggs = []
+        for i in members:
+            c = counters[i]
+            plain = c.summed is None and c.where is None
+            agg = sa.func.count() if plain else sa.func.sum(contribution(c))
+            aggs.append(agg.label(f"n{i}"))
+        sub = sa.select(fk.label("k"), *aggs).where(fk.in_(ids)).group_by(fk).subquery(f"g{g}")
+        joined = joined.outerjoin(sub, sub.c.k == p_pk)
+        for i in members:
+            truths[i] = sa.func.coalesce(sub.c[f"n{i}"], 0)
+    truth = (
+        sa.select(p_pk.label("pk"), *[truths[i].label(f"t{i}") for i in range(len(counters))])
+        .select_from(joined)
+        .where(p_pk.in_(ids))
+        .subquery("truth")
+    )
+    differs = sa.or_(*[c.column.is_distinct_from(truth.c[f"t{i}"]) for i, c in enumerate(counters)])
+    return (
+        sa.update(table)
+        .values({c.column.name: truth.c[f"t{i}"] for i, c in enumerate(counters)})
+        .where(pk == truth.c.pk, differs)
+    )

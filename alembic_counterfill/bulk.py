@@ -1,0 +1,171 @@
+"""Keep counters exact for ORM bulk statements run through ``Session.execute``.
+
+A ``do_orm_execute`` hook sees ``insert(Child)`` with rows, ``update(Child)``
+and ``delete(Child)`` with a WHERE, and bulk UPDATE by primary key. UPDATE and
+DELETE lock the matching child rows in key order, run the caller's statement
+and take the deltas from what the rows held before and after (RETURNING where
+it leaves the caller's result alone); INSERT is handled in :mod:`.bulk_insert`.
+Deltas go through :func:`.listeners.apply`, like a flush's. Core
+``Connection.execute`` and raw SQL never reach a session hook: ``verify``
+repairs what they change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+
+from . import counters as _counters
+from . import listeners, sql
+from .counters import Counter
+from .pause import is_paused
+
+log = logging.getLogger(__name__)
+
+#: ``{parent_mapper: {parent_id: {counter: delta}}}``, the shape :func:`.listeners.apply` takes.
+Deltas = dict[Mapper[Any], dict[Any, dict[Counter, Any]]]
+#: Parents whose counters are set to their exact truth: ``{counter: {parent_id, ...}}``.
+Recounts = dict[Counter, set[Any]]
+
+#: Keys per ``IN (...)``: well under SQLite's 32,766 bound parameters per statement.
+CHUNK = 5000
+
+
+def install() -> None:
+    """Register the bulk-statement hook on every :class:`~sqlalchemy.orm.Session` (idempotent)."""
+    if not event.contains(Session, "do_orm_execute", _on_execute):
+        event.listen(Session, "do_orm_execute", _on_execute)
+
+
+def new_deltas() -> Deltas:
+    """An empty, auto-vivifying delta map."""
+    return defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+
+
+def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most :data:`CHUNK` items."""
+    for i in range(0, len(items), CHUNK):
+        yield items[i : i + CHUNK]
+
+
+def add_rows(deltas: Deltas, plan: Any, rows: Iterable[Any], sign: int, prefix: str = "") -> None:
+    """Add ``sign`` times each row's ``<prefix>k<i>``/``<prefix>v<i>`` (:func:`.sql.row_state`)."""
+    for row in rows:
+        m = row._mapping
+        for i, counter in enumerate(plan.counters):
+            parent_id, value = m[f"{prefix}k{i}"], m[f"{prefix}v{i}"]
+            if parent_id is not None and value:
+                deltas[counter.parent_mapper][parent_id][counter] += sign * value
+
+
+def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -> None:
+    """Apply deltas and exact recounts parent table by parent table, then expire loaded parents.
+
+    Tables go in name order and parents in key order, the order every flush
+    locks them in, so bulk statements and flushes never deadlock on parents.
+    """
+    wanted: dict[Mapper[Any], dict[Counter, set[Any]]] = defaultdict(dict)
+    for counter, ids in (recounts or {}).items():
+        ids = {x for x in ids if x is not None}
+        if ids:
+            wanted[counter.parent_mapper][counter] = ids
+    expire: dict[tuple[Mapper[Any], Any], set[str]] = defaultdict(set)
+    for mapper in sorted(set(deltas) | set(wanted), key=_table_name):
+        if deltas.get(mapper):
+            listeners.apply(session, {mapper: deltas[mapper]})
+        if mapper in wanted:
+            _recount(session, mapper, wanted[mapper], expire)
+    _expire_now(session, expire)
+
+
+def _table_name(mapper: Mapper[Any]) -> str:
+    # The order listeners.apply() visits parent tables in.
+    return str(getattr(mapper.local_table, "name", ""))
+
+
+def _recount(
+    session: Session,
+    mapper: Mapper[Any],
+    wanted: dict[Counter, set[Any]],
+    expire: dict[tuple[Mapper[Any], Any], set[str]],
+) -> None:
+    # The batch protocol: lock the parents in key order first, then recount
+    # in new statements, whose snapshot includes every writer we waited for.
+    counters = sorted(wanted, key=lambda c: c.key)
+    ids = sorted(set().union(*wanted.values()))
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    table, pk = counters[0].parent_table, counters[0].parent_pk
+    if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
+        for part in chunks(ids):
+            conn.execute(sql.lock_ids(table, pk, part))
+    for part in chunks(ids):
+        conn.execute(sql.recount_ids(counters, part))
+    for pid in ids:
+        expire[(mapper, pid)].update(c.attr_key for c in counters)
+
+
+def _expire_now(session: Session, extra: dict[tuple[Mapper[Any], Any], set[str]]) -> None:
+    # listeners.apply() schedules expiry for the end of a flush; a bulk
+    # statement has no flush, so loaded parents are expired right away.
+    if session._flushing:  # inside a flush: its own after_flush_postexec expires them
+        return
+    todo = dict(extra)
+    for key, attrs in (session.info.pop(listeners._EXPIRE, None) or {}).items():
+        todo.setdefault(key, set()).update(attrs)
+    for (mapper, pid), attrs in todo.items():
+        obj = session.identity_map.get(mapper.identity_key_from_primary_key((pid,)))
+        if obj is not None:
+            session.expire(obj, list(attrs))
+
+
+def _plan_of(dml: Any) -> Any:
+    desc = dml.entity_description
+    entity = desc.get("entity")
+    if entity is not None:
+        return listeners.plan_for(sa.inspect(entity).mapper)
+    # Core statement on a Table, still run through the Session: find its mapper.
+    for mapper in list(_counters._by_child):
+        if mapper.local_table is desc.get("table"):
+            return listeners.plan_for(mapper)
+    return None
+
+
+def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
+    stmt = state.statement
+    if not stmt.is_dml or is_paused():
+        return None
+    wrapped = bool(getattr(stmt, "is_from_statement", False))
+    dml: Any = stmt.element if wrapped else stmt  # type: ignore[attr-defined]
+    if not isinstance(dml, sa.Insert | sa.Update | sa.Delete):
+        return None
+    plan = _plan_of(dml)
+    if plan is None:
+        return None
+    desc_table = dml.entity_description.get("table")
+    if desc_table is not None and desc_table is not plan.table:
+        log.warning(
+            "counterfill: %s on %s (joined inheritance) is not tracked; run verify",
+            type(dml).__name__,
+            desc_table,
+        )
+        return None
+    if isinstance(dml, sa.Insert):
+        from . import bulk_insert
+
+        return bulk_insert.run(state, plan, dml)
+    from . import bulk_modify
+
+    if isinstance(dml, sa.Update) and not bulk_modify.may_change(state, plan, dml):
+        return None
+    return bulk_modify.run(state, plan, dml, wrapped)
+
+
+# Registered on import: listeners.install() imports this module once a counter exists.
+install()

@@ -1,0 +1,450 @@
+"""ORM bulk statements through ``Session.execute`` keep counters exact (SQLite and PostgreSQL).
+
+Every test checks the counters against the independent GROUP BY truth of
+``social.assert_exact`` and, where it names a value, the value itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from social import Base, Follow, Post, User, assert_exact, cached, truth
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from alembic_counterfill import paused
+
+
+@pytest.fixture
+def db(engine: sa.Engine) -> Iterator[sa.Engine]:
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=i, name=f"u{i}") for i in range(1, 7)])
+        s.commit()
+    yield engine
+
+
+def row(engine: sa.Engine, uid: int) -> tuple[int, ...]:
+    """``(followers, following, published posts, likes, referrals)`` as cached for one user."""
+    with engine.connect() as conn:
+        return cached(conn)[uid]
+
+
+def seed_posts(engine: sa.Engine) -> None:
+    """Posts 1-9: author 1 + id % 3, published when id is even, likes = id."""
+    with Session(engine) as s:
+        s.execute(
+            sa.insert(Post),
+            [
+                {"id": i, "author_id": 1 + i % 3, "published": i % 2 == 0, "likes": i}
+                for i in range(1, 10)
+            ],
+        )
+        s.commit()
+
+
+# --- INSERT ------------------------------------------------------------------------------------
+
+
+def test_bulk_insert_list_of_rows_counts_and_sums(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(sa.insert(Follow), [{"follower_id": 1, "followed_id": j} for j in (2, 3, 4)])
+        s.execute(
+            sa.insert(Post),
+            [
+                {"author_id": 2, "published": True, "likes": 3},
+                {"author_id": 2, "published": False, "likes": 4},
+                {"author_id": None, "likes": 9},
+            ],
+        )
+        s.commit()
+    assert row(db, 1)[1] == 3
+    assert row(db, 2) == (1, 0, 1, 7, 0)
+    assert_exact(db)
+
+
+def test_bulk_insert_uses_column_defaults(db: sa.Engine) -> None:
+    # published defaults to True and likes to 0 (Python-side scalar defaults).
+    with Session(db) as s:
+        s.execute(sa.insert(Post), [{"author_id": 3}, {"author_id": 3, "likes": 2}])
+        s.commit()
+    assert row(db, 3)[2:4] == (2, 2)
+    assert_exact(db)
+
+
+def test_single_row_and_values_forms(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(sa.insert(Post), {"author_id": 4, "likes": 1})
+        s.execute(sa.insert(Post).values(author_id=4, likes=2, published=False))
+        s.execute(sa.insert(Post).values({Post.author_id: 4, "likes": 3}))
+        s.commit()
+    assert row(db, 4)[2:4] == (2, 6)
+    assert_exact(db)
+
+
+def test_multi_values_insert(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(
+            sa.insert(Post).values(
+                [{"author_id": 5, "likes": 1}, {"author_id": 6, "likes": 2, "published": False}]
+            )
+        )
+        s.commit()
+    assert row(db, 5)[2:4] == (1, 1)
+    assert row(db, 6)[2:4] == (0, 2)
+    assert_exact(db)
+
+
+def test_insert_with_sql_expression_values_recounts(db: sa.Engine) -> None:
+    likes = sa.select(sa.func.count()).select_from(User).scalar_subquery()  # 6 users
+    with Session(db) as s:
+        s.execute(sa.insert(Post).values(author_id=2, likes=likes))
+        s.commit()
+    assert row(db, 2)[3] == 6
+    assert_exact(db)
+
+
+def test_insert_from_select_recounts_selected_parents(db: sa.Engine) -> None:
+    seed_posts(db)
+    src = sa.select(Post.id + 100, Post.author_id, Post.likes).where(Post.likes > 5)
+    with Session(db) as s:
+        s.execute(sa.insert(Post).from_select(["id", "author_id", "likes"], src))
+        s.commit()
+    assert_exact(db)
+    with db.connect() as conn:
+        assert truth(conn)[1][3] == 2 * (3 + 6 + 9) - 3  # 6 and 9 copied, 3 not
+
+
+def test_core_table_insert_through_session(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(
+            sa.insert(Follow.__table__), [{"follower_id": 2, "followed_id": j} for j in (1, 3)]
+        )
+        s.commit()
+    assert row(db, 2)[1] == 2
+    assert_exact(db)
+
+
+def test_self_referential_bulk_insert(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(sa.insert(User), [{"id": 10 + i, "referrer_id": 1} for i in range(3)])
+        s.commit()
+    assert row(db, 1)[4] == 3
+    assert_exact(db)
+
+
+def test_caller_result_of_insert_with_returning_is_unchanged(db: sa.Engine) -> None:
+    with Session(db) as s:
+        got = s.scalars(
+            sa.insert(Post).returning(Post.id, sort_by_parameter_order=True),
+            [{"id": 40, "author_id": 1}, {"id": 41, "author_id": 2}],
+        ).all()
+        s.commit()
+    assert got == [40, 41]
+    assert_exact(db)
+
+
+def upsert_module(engine: sa.Engine):  # noqa: ANN201 - dialect insert() of the engine's backend
+    return postgresql if engine.dialect.name == "postgresql" else sqlite
+
+
+def test_upsert_do_nothing_counts_only_new_rows(db: sa.Engine) -> None:
+    seed_posts(db)
+    stmt = upsert_module(db).insert(Post).on_conflict_do_nothing(index_elements=["id"])
+    with Session(db) as s:
+        s.execute(
+            stmt, [{"id": 1, "author_id": 5, "likes": 50}, {"id": 50, "author_id": 5, "likes": 7}]
+        )
+        s.commit()
+    assert row(db, 5)[3] == 7
+    assert_exact(db)
+
+
+def test_upsert_do_update_moving_existing_rows_recounts_both_parents(db: sa.Engine) -> None:
+    seed_posts(db)  # post 1 belongs to user 2, post 2 to user 3
+    ins = upsert_module(db).insert(Post)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["id"],
+        set_={"author_id": ins.excluded.author_id, "likes": ins.excluded.likes},
+    )
+    with Session(db) as s:
+        s.execute(
+            stmt, [{"id": 1, "author_id": 6, "likes": 100}, {"id": 60, "author_id": 6, "likes": 1}]
+        )
+        s.commit()
+    assert row(db, 6)[3] == 101
+    assert row(db, 2)[3] == 4 + 7  # post 1 left user 2
+    assert_exact(db)
+
+
+# --- DELETE ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", ["auto", "fetch", "evaluate", False])
+def test_bulk_delete_where(db: sa.Engine, sync: object) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.scalars(sa.select(Post)).all()  # loaded children, for the synchronize strategies
+        result = s.execute(
+            sa.delete(Post).where(Post.likes >= 5), execution_options={"synchronize_session": sync}
+        )
+        assert result.rowcount == 5
+        s.commit()
+    assert row(db, 1)[2:4] == (0, 3)
+    assert_exact(db)
+
+
+def test_bulk_delete_with_callers_returning(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        got = s.scalars(sa.delete(Post).where(Post.author_id == 2).returning(Post.id)).all()
+        s.commit()
+    assert sorted(got) == [1, 4, 7]
+    assert row(db, 2)[2:4] == (0, 0)
+    assert_exact(db)
+
+
+def test_bulk_delete_returning_entities(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        got = s.scalars(
+            sa.delete(Post).where(Post.published.is_(True)).returning(Post),
+            execution_options={"synchronize_session": "fetch"},
+        ).all()
+        ids = sorted(p.id for p in got)
+        s.commit()
+    assert ids == [2, 4, 6, 8]
+    assert_exact(db)
+
+
+def test_bulk_delete_rowcount_without_returning_is_the_callers(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        result = s.execute(sa.delete(Post).where(Post.id > 100))
+        assert result.rowcount == 0
+        result = s.execute(sa.delete(Post).where(Post.id < 3))
+        assert result.rowcount == 2
+        s.commit()
+    assert_exact(db)
+
+
+def test_bulk_delete_with_other_table_in_where(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.execute(
+            sa.delete(Post).where(
+                Post.author_id.in_(sa.select(User.id).where(User.name.in_(["u1", "u2"])))
+            )
+        )
+        s.commit()
+    assert row(db, 1)[3] == 0 and row(db, 2)[3] == 0
+    assert_exact(db)
+
+
+def test_bulk_delete_of_follows_by_composite_key(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(
+            sa.insert(Follow),
+            [
+                {"follower_id": a, "followed_id": b}
+                for a in range(1, 7)
+                for b in range(1, 7)
+                if a != b
+            ],
+        )
+        s.commit()
+        s.execute(sa.delete(Follow).where(Follow.followed_id.in_([1, 2])))
+        s.commit()
+    assert row(db, 1)[:2] == (0, 4)
+    assert_exact(db)
+
+
+def test_loaded_parent_sees_fresh_counter_after_bulk_delete(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        user = s.get(User, 1)
+        assert user is not None and user.likes_total == 3 + 6 + 9
+        s.execute(sa.delete(Post).where(Post.id == 3))
+        assert user.likes_total == 15
+        s.rollback()
+    assert_exact(db)
+
+
+# --- UPDATE ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", ["auto", "fetch", "evaluate", False])
+def test_bulk_update_moves_children_between_parents(db: sa.Engine, sync: object) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.scalars(sa.select(Post)).all()
+        result = s.execute(
+            sa.update(Post).where(Post.author_id == 2).values(author_id=5),
+            execution_options={"synchronize_session": sync},
+        )
+        assert result.rowcount == 3
+        s.commit()
+    assert row(db, 2)[2:4] == (0, 0)
+    assert row(db, 5)[2:4] == (1, 1 + 4 + 7)
+    assert_exact(db)
+
+
+def test_bulk_update_flips_where_and_changes_sum(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.execute(
+            sa.update(Post)
+            .where(Post.id <= 4)
+            .values(published=~Post.published, likes=Post.likes * 10)
+        )
+        s.commit()
+    assert_exact(db)
+    assert row(db, 2)[2:4] == (1 + 0, 10 + 40 + 7)  # post 1 now published, 4 not, 7 not
+
+
+def test_bulk_update_to_and_from_null(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.execute(sa.update(Post).where(Post.author_id == 1).values(author_id=None))
+        s.execute(sa.update(Post).where(Post.id == 3).values(author_id=4))
+        s.commit()
+    assert row(db, 1)[3] == 0 and row(db, 4)[3] == 3
+    assert_exact(db)
+
+
+def test_bulk_update_of_other_columns_skips_the_counters(db: sa.Engine, caplog) -> None:  # noqa: ANN001
+    seed_posts(db)
+    statements: list[str] = []
+    sa.event.listen(db, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with Session(db) as s:
+        s.execute(sa.update(Post).where(Post.id < 5).values(title="x"))
+        s.commit()
+    assert not any("users" in q for q in statements)
+    assert_exact(db)
+
+
+def test_bulk_update_with_callers_returning(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        got = (
+            s.execute(
+                sa.update(Post).where(Post.author_id == 3).values(author_id=1).returning(Post.id)
+            )
+            .scalars()
+            .all()
+        )
+        s.commit()
+    assert sorted(got) == [2, 5, 8]
+    assert_exact(db)
+
+
+def test_bulk_update_moves_follow_primary_key(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(sa.insert(Follow), [{"follower_id": 1, "followed_id": b} for b in (2, 3)])
+        s.commit()
+        s.execute(sa.update(Follow).where(Follow.followed_id == 2).values(followed_id=6))
+        s.commit()
+    assert row(db, 2)[0] == 0 and row(db, 6)[0] == 1
+    assert_exact(db)
+
+
+def test_bulk_update_by_primary_key(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.execute(
+            sa.update(Post),
+            [
+                {"id": 1, "author_id": 6},
+                {"id": 2, "published": False},
+                {"id": 3, "likes": 30},
+                {"id": 4, "title": "only the title"},
+            ],
+        )
+        s.commit()
+    assert row(db, 6)[2:4] == (0, 1)
+    assert row(db, 1)[3] == 30 + 6 + 9
+    assert_exact(db)
+
+
+def test_bulk_update_by_primary_key_core_table(db: sa.Engine) -> None:
+    seed_posts(db)
+    t = Post.__table__
+    with Session(db) as s:
+        s.execute(
+            sa.update(t).where(t.c.id == sa.bindparam("pid")).values(author_id=sa.bindparam("a")),
+            [{"pid": 1, "a": 5}, {"pid": 2, "a": 5}],
+        )
+        s.commit()
+    assert row(db, 5)[3] == 3
+    assert_exact(db)
+
+
+# --- pause, rollback, what the hook cannot see ---------------------------------------------------
+
+
+def test_paused_bulk_statements_are_left_to_verify(db: sa.Engine) -> None:
+    with Session(db) as s, paused():
+        s.execute(sa.insert(Post), [{"author_id": 1, "likes": 5}])
+        s.commit()
+    assert row(db, 1)[3] == 0  # drifted on purpose: a backfill or verify --fix repairs it
+
+
+def test_rollback_discards_bulk_deltas(db: sa.Engine) -> None:
+    with Session(db) as s:
+        s.execute(sa.insert(Post), [{"author_id": 1, "likes": 5}])
+        s.rollback()
+    assert row(db, 1)[3] == 0
+    assert_exact(db)
+
+
+def test_core_connection_execute_is_not_seen(db: sa.Engine) -> None:
+    with db.begin() as conn:
+        conn.execute(sa.insert(Post), [{"author_id": 1, "likes": 5}])
+    assert row(db, 1)[3] == 0  # documented: Connection.execute bypasses the Session
+    with pytest.raises(AssertionError):
+        assert_exact(db)
+
+
+def test_untrackable_insert_logs_a_warning(db: sa.Engine, caplog) -> None:  # noqa: ANN001
+    fk = sa.select(sa.func.min(User.id)).scalar_subquery()
+    with caplog.at_level(logging.WARNING, logger="alembic_counterfill"), Session(db) as s:
+        s.execute(sa.insert(Post).values(author_id=fk, likes=1))
+        s.commit()
+    assert "verify --fix" in caplog.text
+
+
+def outcome(result: sa.Result) -> tuple[object, ...]:
+    """What a caller can observe of a DML result: rowcount, returns_rows, and all() or its error."""
+    try:
+        rows: object = result.all()
+    except sa.exc.ResourceClosedError:
+        rows = "ResourceClosedError"
+    return (getattr(result, "rowcount", None), result.returns_rows, rows)
+
+
+@pytest.mark.parametrize("sync", ["auto", "fetch", "evaluate", False])
+@pytest.mark.parametrize("verb", ["update", "delete"])
+def test_caller_sees_the_same_result_as_without_counters(
+    db: sa.Engine, verb: str, sync: object
+) -> None:
+    seed_posts(db)
+
+    def run(s: Session) -> tuple[object, ...]:
+        stmt = (
+            sa.update(Post).where(Post.id < 5).values(author_id=6)
+            if verb == "update"
+            else sa.delete(Post).where(Post.id < 5)
+        )
+        got = outcome(s.execute(stmt, execution_options={"synchronize_session": sync}))
+        s.rollback()
+        return got
+
+    with Session(db) as s:
+        with paused():
+            plain = run(s)
+        tracked = run(s)
+    assert tracked == plain
+    assert plain[0] == 4
