@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from . import cli_backfill, progress
 from .config import Settings, from_alembic_config
 from .counters import Counter, select_counters
-from .errors import CounterfillError
+from .errors import CounterfillError, UnknownCounterError
 
 _META_KEY = "alembic_counterfill.launch"
 _DONE = (progress.ACTIVE, progress.FAILED)
@@ -175,8 +175,12 @@ def cli(
 
 
 def _chosen(settings: Settings, names: Sequence[str]) -> list[Counter]:
+    """The named counters (all declared ones if none is named); an unknown name is a usage error."""
     declared = settings.counters()
-    return select_counters(declared, names) if names else declared
+    try:
+        return select_counters(declared, names) if names else declared
+    except UnknownCounterError as exc:  # exit 2 like enqueue and verify: the argument is wrong
+        raise click.BadParameter(str(exc), param_hint="COUNTER") from None
 
 
 def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.CounterStatus]:
