@@ -56,7 +56,8 @@ class _AfterImport(MetaPathFinder):
             return None
         sys.meta_path.remove(self)
         for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target)
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
             if spec is not None:
                 break
         else:
@@ -68,11 +69,14 @@ class _AfterImport(MetaPathFinder):
         callback = self.callback
 
         def exec_then_hook(module: ModuleType) -> None:
+            if module.__name__ != fullname:  # a loader shared by several modules (zipimport)
+                exec_module(module)
+                return
+            del loader.exec_module  # back to the loader's own method, for good
             exec_module(module)
             callback(module)
 
-        # Patch this loader instance only (it serves this one module) so that the
-        # module keeps its real loader object.
+        # Patch this loader instance only, so that the module keeps its real loader object.
         loader.exec_module = exec_then_hook
         return spec
 

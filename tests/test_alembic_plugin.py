@@ -91,7 +91,10 @@ def test_hook_runs_once_after_the_target_module_is_imported(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            import cf_probe_module  # noqa: F401
+            import cf_probe_module
+
+        # The loader got its own exec_module back: nothing of the hook is left.
+        assert "exec_module" not in vars(cf_probe_module.__loader__)
     finally:
         sys.modules.pop("cf_probe_module", None)
         if finder in sys.meta_path:
