@@ -78,6 +78,11 @@ def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -
             wanted[counter.parent_mapper][counter] = ids
     expire: dict[tuple[Mapper[Any], Any], set[str]] = defaultdict(set)
     for mapper in sorted(set(deltas) | set(wanted), key=_table_name):
+        if mapper in wanted:
+            # Deltas and recounts lock in two statements: lock the union first,
+            # in one key-ordered pass, or two passes could interleave out of order.
+            ids = set(deltas.get(mapper, ())).union(*wanted[mapper].values())
+            _lock(session, mapper, next(iter(wanted[mapper])), sorted(ids))
         if deltas.get(mapper):
             listeners.apply(session, {mapper: deltas[mapper]})
         if mapper in wanted:
@@ -90,21 +95,24 @@ def _table_name(mapper: Mapper[Any]) -> str:
     return str(getattr(mapper.local_table, "name", ""))
 
 
+def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
+        for part in chunks(ids):
+            conn.execute(sql.lock_ids(counter.parent_table, counter.parent_pk, part))
+
+
 def _recount(
     session: Session,
     mapper: Mapper[Any],
     wanted: dict[Counter, set[Any]],
     expire: dict[tuple[Mapper[Any], Any], set[str]],
 ) -> None:
-    # The batch protocol: lock the parents in key order first, then recount
+    # The batch protocol: the parents are already locked (settle()); recount
     # in new statements, whose snapshot includes every writer we waited for.
     counters = sorted(wanted, key=lambda c: c.key)
     ids = sorted(set().union(*wanted.values()))
     conn = session.connection(bind_arguments={"mapper": mapper})
-    table, pk = counters[0].parent_table, counters[0].parent_pk
-    if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
-        for part in chunks(ids):
-            conn.execute(sql.lock_ids(table, pk, part))
     for part in chunks(ids):
         conn.execute(sql.recount_ids(counters, part))
     for pid in ids:

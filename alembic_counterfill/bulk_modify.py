@@ -1,15 +1,15 @@
 """Bulk UPDATE and DELETE through ``Session.execute``: deltas from what the rows really held.
 
-Every form first locks the child rows it will touch, in primary-key order (the
-order flushes lock them in, so no deadlocks), reading what they count as. Then
-the caller's statement runs, and the new state is taken from:
-
-- RETURNING, added with ``return_defaults()`` when the caller's statement has
-  no RETURNING of its own (rowcount and returned rows stay the caller's). A
-  DELETE's RETURNING lists the rows actually deleted, including any that a
-  concurrent transaction committed after our lock; on PostgreSQL an UPDATE's
-  RETURNING also reads each row's old state from the statement's snapshot;
-- otherwise a re-read of the locked rows by key.
+Every form first locks the child rows it matches, in primary-key order (the
+order flushes lock them in), reading what each counts as. Then the caller's
+statement runs, restricted on PostgreSQL to the rows just locked: a row that
+another transaction commits in between is neither touched unseen nor waited
+for out of key order, so bulk statements and flushes cannot deadlock on child
+rows. The restriction makes ``synchronize_session='evaluate'`` impossible, so
+``'auto'``/``'evaluate'`` run as ``'fetch'`` (same session outcome). What the
+rows count as afterwards comes from RETURNING when the caller's statement has
+none of its own (the caller still sees its usual result), else from a re-read
+by key. SQLite has a single writer and needs neither lock nor restriction.
 
 Bulk UPDATE by primary key (``update(Child)`` with a list of rows) locks and
 re-reads exactly the keys in the parameters.
@@ -116,9 +116,13 @@ def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> b
 def _state_by_keys(session: Any, plan: Any, keys: list[Key], lock: bool) -> list[Any]:
     rows: list[Any] = []
     conn = session.connection(bind_arguments={"mapper": plan.mapper})
-    for part in chunks(sorted(keys)):
-        stmt = sql.child_state(plan.counters, plan.pk_columns, part, lock=lock)
-        rows.extend(conn.execute(stmt).all())
+    name = conn.dialect.name
+    keys = sorted(keys)
+    for part in [keys] if name == "postgresql" else chunks(keys):
+        where = sql.key_restriction(plan.pk_columns, part, name)
+        rows.extend(
+            conn.execute(sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock))
+        )
     return rows
 
 
@@ -184,48 +188,42 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
             settle(session, deltas)
             return result
 
-    returning = _can_return(state, plan, dml, wrapped)
+    old = _lock_matching(state, plan, dml, lock=not one_writer)
+    keys = [tuple(row[:n_pk]) for row in old]
+    add_rows(deltas, plan, old, -1)
+    stmt, options = dml, {}
+    restricted = not one_writer and not wrapped
+    if restricted:
+        stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
+        if state.update_delete_options._synchronize_session in ("auto", "evaluate"):
+            options = {"synchronize_session": "fetch"}
     moves_key = not is_delete and bool(_written(state, plan, dml) & set(_key_names(plan)))
-    old_inline = returning and not is_delete and dialect.name == "postgresql" and not moves_key
-    # A RETURNING DELETE on SQLite needs no pre-read: nothing can change in between.
-    old = (
-        []
-        if (returning and is_delete and one_writer)
-        else _lock_matching(state, plan, dml, lock=not one_writer)
-    )
 
-    if returning:
-        cols = sql.row_state(plan.counters, plan.pk_columns)
-        if old_inline:
-            cols += sql.old_row_state(plan.counters, plan.pk_columns)
+    if _can_return(state, plan, dml, wrapped):
         if is_delete:
-            result = state.invoke_statement(statement=dml.return_defaults(*cols))
+            stmt = stmt.return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
         else:
             # UPDATE returns only table columns through return_defaults(); SQL
-            # expressions need supplemental_cols, whose rows the result then
-            # replays: drain them so the caller sees what 'fetch' would give.
-            stmt = dml.return_defaults(*plan.pk_columns, supplemental_cols=cols)
-            result = state.invoke_statement(statement=stmt)
-            result.all()
-        returned = list(getattr(result, "returned_defaults_rows", None) or ())
+            # expressions need supplemental_cols, whose rows the result replays.
+            cols = sql.row_state(plan.counters, plan.pk_columns)
+            stmt = stmt.return_defaults(*plan.pk_columns, supplemental_cols=cols)
+        result = state.invoke_statement(statement=stmt, execution_options=options)
+        if not is_delete:
+            result.all()  # drain the replayed rows: the caller's statement returned none
+        new = list(getattr(result, "returned_defaults_rows", None) or ())
         if state.update_delete_options._synchronize_session != "fetch":
             _rowless(result)
-        if is_delete:
-            add_rows(deltas, plan, returned, -1)
-        elif old_inline:
-            add_rows(deltas, plan, returned, +1)
-            add_rows(deltas, plan, returned, -1, prefix="o")
+        if is_delete:  # RETURNING lists the rows deleted; re-add the locked rows it left
+            gone = {tuple(r._mapping[f"p{j}"] for j in range(n_pk)) for r in new}
+            add_rows(deltas, plan, [r for r in old if tuple(r[:n_pk]) not in gone], +1)
         else:
-            add_rows(deltas, plan, returned, +1)
-            add_rows(deltas, plan, old, -1)
-            if not one_writer and len(returned) > len(old):
-                _warn_unseen(plan, dml, len(returned) - len(old))
+            add_rows(deltas, plan, new, +1)
+            if not restricted and not one_writer and len(new) > len(old):
+                _warn_unseen(plan, dml, len(new) - len(old))
         settle(session, deltas)
         return result
 
-    result = state.invoke_statement()
-    keys = [tuple(row[:n_pk]) for row in old]
-    add_rows(deltas, plan, old, -1)
+    result = state.invoke_statement(statement=stmt, execution_options=options)
     if moves_key:
         log.warning(
             "counterfill: UPDATE of %s primary key without RETURNING cannot be followed; "
@@ -236,7 +234,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     still = _state_by_keys(session, plan, keys, lock=False)
     add_rows(deltas, plan, still, +1)
     rowcount = getattr(result, "rowcount", None)
-    if not one_writer and isinstance(rowcount, int) and rowcount >= 0:
+    if not restricted and not one_writer and isinstance(rowcount, int) and rowcount >= 0:
         seen = len(keys) - len(still) if is_delete else len(keys)
         if rowcount > seen:
             _warn_unseen(plan, dml, rowcount - seen)

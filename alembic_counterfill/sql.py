@@ -12,7 +12,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql import util as sql_util
 
 from .counters import Counter
 
@@ -258,24 +257,24 @@ def row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]])
     return cols
 
 
-def old_row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]]) -> list[Any]:
-    """RETURNING columns ``ok<i>``/``ov<i>``: what each updated row counted as before the statement.
+def key_restriction(
+    pk_columns: Sequence[sa.Column[Any]], keys: Sequence[tuple[Any, ...]], dialect_name: str
+) -> sa.ColumnElement[bool]:
+    """``pk`` is one of ``keys``: an array parameter per key column on PostgreSQL, else ``IN``.
 
-    Scalar subqueries over an alias of the child table, matched on the primary
-    key. On PostgreSQL they read the statement's snapshot, so an UPDATE returns
-    each row's old state next to its new one. The statement must not change
-    the primary key.
+    Arrays keep a statement over 100,000 keys within the driver's 65,535
+    bound-parameter limit; the anonymous parameters never collide with the
+    caller's own.
     """
-    table = pk_columns[0].table
-    old = table.alias("counterfill_old")
-    adapt = sql_util.ClauseAdapter(old).traverse
-    same_row = sa.and_(*[old.c[col.key] == col for col in pk_columns])
-    cols: list[Any] = []
-    for i, counter in enumerate(counters):
-        fk = sa.select(adapt(counter.fk)).where(same_row).scalar_subquery()
-        value = sa.select(adapt(contribution(counter))).where(same_row).scalar_subquery()
-        cols += [fk.label(f"ok{i}"), value.label(f"ov{i}")]
-    return cols
+    if dialect_name != "postgresql":
+        return pk_filter(pk_columns, keys)
+    arrays = [
+        sa.bindparam(None, [k[j] for k in keys], type_=postgresql.ARRAY(col.type))
+        for j, col in enumerate(pk_columns)
+    ]
+    if len(pk_columns) == 1:
+        return pk_columns[0] == sa.any_(arrays[0])
+    return sa.tuple_(*pk_columns).in_(sa.select(*[sa.func.unnest(a) for a in arrays]))
 
 
 def matching_state(
