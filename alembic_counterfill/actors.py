@@ -254,7 +254,9 @@ def declare_actors(
     )(counterfill_batch)
     lifecycle = _BatchLifecycle(source, BATCH_ACTOR)
     if any(isinstance(m, Retries) for m in broker.middleware):
-        broker.add_middleware(lifecycle, after=Retries)  # sees message.failed set by Retries
+        # "after" hooks run in reverse list order: placed before Retries, ours
+        # runs after it and sees the message.failed it sets.
+        broker.add_middleware(lifecycle, before=Retries)
     else:
         broker.add_middleware(lifecycle)
     return BackfillActors(broker, actor, source)

@@ -127,7 +127,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
         .where(b.c.id == batch_id)
         .values(state=p.DONE, finished_at=now, rows_changed=n, error=None)
     )
-    done, total = conn.execute(
+    done, failed, total = conn.execute(
         sa.update(r)
         .where(r.c.id == run_id)
         .values(
@@ -135,25 +135,47 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
             batches_failed=r.c.batches_failed - (1 if was_failed else 0),
             rows_changed=r.c.rows_changed + n,
         )
-        .returning(r.c.batches_done, r.c.batches_total)
+        .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
     ).one()
-    if done < total:
-        return False
-    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
+    if done >= total:
+        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
+        conn.execute(
+            sa.update(c)
+            .where(c.c.run_id == run_id)
+            .values(
+                state=p.ACTIVE,
+                updated_at=now,
+                activated_at=sa.func.coalesce(c.c.activated_at, now),
+            )
+        )
+        return True
+    if done + failed >= total:
+        _fail_run(conn, run_id, now)
+    return False
+
+
+def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
+    """Every batch has finished and some failed: the run and its counters are ``failed``."""
+    r, c = p.runs_table, p.counters_table
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.FAILED, finished_at=now))
     conn.execute(
         sa.update(c)
-        .where(c.c.run_id == run_id)
-        .values(
-            state=p.ACTIVE, updated_at=now, activated_at=sa.func.coalesce(c.c.activated_at, now)
-        )
+        .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
+        .values(state=p.FAILED, updated_at=now)
     )
-    return True
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line description of an error for the batch row and the logs."""
-    text = " ".join(str(exc).split()) or repr(exc)
-    return f"{type(exc).__name__}: {text}"[:2000]
+    """A one-line description of an error for the batch row and the logs.
+
+    Database errors are described by the driver's error (its first line), not
+    SQLAlchemy's wrapper, which would repeat the whole statement.
+    """
+    orig = getattr(exc, "orig", None) if isinstance(exc, sa.exc.DBAPIError) else None
+    cause = orig if isinstance(orig, BaseException) else exc
+    lines = str(cause).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else repr(cause)
+    return f"{type(cause).__name__}: {text}"[:1000]
 
 
 def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
@@ -163,7 +185,7 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
     every batch of the run has finished and some failed, the run and its
     counters become ``failed``; a later ``enqueue`` retries the failed batches.
     """
-    b, r, c = p.batches_table, p.runs_table, p.counters_table
+    b, r = p.batches_table, p.runs_table
     now = p.now()
     with engine.connect() as conn:
         row = conn.execute(
@@ -187,14 +209,7 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
                 .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
             ).one()
             if done + failed >= total:
-                conn.execute(
-                    sa.update(r).where(r.c.id == row.run_id).values(state=p.FAILED, finished_at=now)
-                )
-                conn.execute(
-                    sa.update(c)
-                    .where(c.c.run_id == row.run_id, c.c.state == p.BACKFILLING)
-                    .values(state=p.FAILED, updated_at=now)
-                )
+                _fail_run(conn, row.run_id, now)
         conn.commit()
     log.error("batch %d failed: %s", batch_id, error)
     return newly

@@ -9,15 +9,44 @@ Importing this module is what configures the worker process: it reads the
 ``COUNTERFILL_BROKER_URL``), makes it Dramatiq's global broker and declares
 the batch actor on it. The database engine is created lazily in each worker
 process and disposed when the worker shuts down.
+
+Retries and the time limit can be tuned with ``COUNTERFILL_MAX_RETRIES``,
+``COUNTERFILL_MIN_BACKOFF``, ``COUNTERFILL_MAX_BACKOFF`` and
+``COUNTERFILL_TIME_LIMIT`` (milliseconds).
 """
 
 from __future__ import annotations
 
+import os
+
 import dramatiq
 
+from . import actors as _actors
 from .actors import BackfillActors, broker_from_url, declare_actors
 from .config import BROKER_ENV, load
 from .errors import ConfigurationError, CounterfillError
+
+#: Environment variables tuning the batch actor (milliseconds for times).
+TUNING = {
+    "COUNTERFILL_MAX_RETRIES": ("max_retries", _actors.MAX_RETRIES),
+    "COUNTERFILL_MIN_BACKOFF": ("min_backoff", _actors.MIN_BACKOFF_MS),
+    "COUNTERFILL_MAX_BACKOFF": ("max_backoff", _actors.MAX_BACKOFF_MS),
+    "COUNTERFILL_TIME_LIMIT": ("time_limit", _actors.TIME_LIMIT_MS),
+}
+
+
+def _tuning() -> dict[str, int]:
+    options = {}
+    for env, (option, default) in TUNING.items():
+        raw = os.environ.get(env, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            value = -1
+        if value < 0 or (value == 0 and option == "time_limit"):
+            raise ConfigurationError(f"{env}={raw!r} is not a valid number; give e.g. {default}")
+        options[option] = value
+    return options
 
 
 def _configure() -> BackfillActors:
@@ -30,7 +59,7 @@ def _configure() -> BackfillActors:
         )
     broker = broker_from_url(settings.broker_url)
     dramatiq.set_broker(broker)
-    return declare_actors(broker, settings)
+    return declare_actors(broker, settings, **_tuning())
 
 
 try:

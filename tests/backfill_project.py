@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import backfill_models as m
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from sqlalchemy.orm import Session
 
 from alembic_counterfill import progress
 from alembic_counterfill.cli import cli
@@ -88,13 +90,14 @@ def seed(
     rng = random.Random(rng_seed)
     m.Base.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(
-            sa.insert(m.User),
-            [
-                {"id": i, "name": f"u{i}", **{c: rng.randrange(3) for c in COLUMNS}}
-                for i in range(1, users + 1)
-            ],
-        )
+        if users:
+            conn.execute(
+                sa.insert(m.User),
+                [
+                    {"id": i, "name": f"u{i}", **{c: rng.randrange(3) for c in COLUMNS}}
+                    for i in range(1, users + 1)
+                ],
+            )
         rows = [
             {"follower_id": i, "followed_id": rng.randrange(1, users + 1)}
             for i in range(1, users + 1)
@@ -207,16 +210,19 @@ class Project:
         base.update(env or {})
         return CliRunner().invoke(cli, ["-c", self.ini, *args], env=base)
 
-    def worker(self, processes: int = 1, threads: int = 2) -> Worker:
-        """Start a real ``dramatiq alembic_counterfill.worker`` on this project."""
-        return Worker(self, processes, threads).start()
+    def worker(self, processes: int = 1, threads: int = 2, **env: str) -> Worker:
+        """Start a real ``dramatiq alembic_counterfill.worker`` on this project (extra env)."""
+        return Worker(self, processes, threads, env).start()
 
 
 class Worker:
     """A ``dramatiq alembic_counterfill.worker`` subprocess in its own process group."""
 
-    def __init__(self, project: Project, processes: int, threads: int) -> None:
+    def __init__(
+        self, project: Project, processes: int, threads: int, env: dict[str, str] | None = None
+    ) -> None:
         self.project = project
+        self.extra_env = env or {}
         self.args = [
             str(BIN / "dramatiq"),
             "alembic_counterfill.worker",
@@ -234,7 +240,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 self.args,
                 cwd=self.project.path,
-                env=self.project.env(),
+                env={**self.project.env(), **self.extra_env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -260,10 +266,10 @@ class Worker:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """Stop gracefully (SIGTERM), killing after a while."""
+        """Stop gracefully (SIGTERM to the master, which stops its workers), kill if stuck."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        os.kill(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -308,3 +314,77 @@ def blocked_backends(engine: sa.Engine) -> list[int]:
                 )
             ).scalars()
         )
+
+
+class Writers:
+    """Six threads of ORM writes: follow/unfollow, create/move posts, flip published, likes."""
+
+    def __init__(self, engine: sa.Engine, users: int, threads: int = 6) -> None:
+        self.engine = engine
+        self.users = users
+        self.stop = threading.Event()
+        self.counting = threading.Event()
+        self.writes_while_counting = 0
+        self.writes = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._loop, args=(i, threads)) for i in range(threads)
+        ]
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def _loop(self, index: int, count: int) -> None:
+        rng = random.Random(index)
+        while not self.stop.is_set():
+            try:
+                with Session(self.engine) as session:
+                    self._one(session, rng, index, count)
+                    session.commit()
+                with self.lock:
+                    self.writes += 1
+                    if self.counting.is_set():
+                        self.writes_while_counting += 1
+            except Exception as exc:  # every error fails the test, deadlocks included
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _one(self, session: Session, rng: random.Random, index: int, count: int) -> None:
+        user = rng.randrange(1, self.users + 1)
+        other = rng.randrange(1, self.users + 1)
+        op = rng.randrange(6)
+        # Each thread edits only its own children (id % count == index), so threads
+        # never fight over a child row; they all hit the same parents.
+        mine_f = (m.Follow.id % count) == index
+        mine_p = (m.Post.id % count) == index
+        if op == 0:
+            session.add(m.Follow(follower_id=user, followed_id=other))
+        elif op == 1:
+            follow = session.scalars(
+                sa.select(m.Follow).where(mine_f, m.Follow.followed_id >= other).limit(1)
+            ).first()
+            if follow is not None:
+                session.delete(follow)
+        elif op == 2:
+            session.add(
+                m.Post(author_id=user, published=rng.random() < 0.5, likes=rng.randrange(9))
+            )
+        else:
+            post = session.scalars(
+                sa.select(m.Post).where(mine_p, m.Post.author_id >= other).limit(1)
+            ).first()
+            if post is None:
+                return
+            if op == 3:
+                post.author_id = user
+            elif op == 4:
+                post.published = not post.published
+            else:
+                post.likes = rng.randrange(20)

@@ -1,0 +1,171 @@
+"""The batch protocol on PostgreSQL: duplicates applied once, exactly-once completion, bounds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from backfill_project import (
+    USER_COUNTERS,
+    batch_rows,
+    counters_by_key,
+    drift,
+    lock_users,
+    run_rows,
+    seed,
+    wait_for,
+)
+
+from alembic_counterfill import planning, progress
+from alembic_counterfill.batch import BatchNotFound, BatchOutcome, mark_failed, run_batch
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_url, pool_size=20)
+    yield engine
+    engine.dispose()
+
+
+def _plan(engine: sa.Engine, batch_size: int = 50) -> planning.Plan:
+    counters = counters_by_key()
+    with engine.begin() as conn:
+        return planning.plan(conn, [counters[k] for k in USER_COUNTERS], batch_size)
+
+
+def _all_at_once(calls: list[tuple[int]], engine: sa.Engine) -> list[BatchOutcome]:
+    """Run ``run_batch`` for each batch id in its own thread, released together."""
+    counters = counters_by_key()
+    barrier = threading.Barrier(len(calls))
+    outcomes: list[BatchOutcome] = []
+    errors: list[BaseException] = []
+
+    def one(batch_id: int) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(run_batch(engine, counters, batch_id))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    return outcomes
+
+
+def test_same_batch_delivered_twice_in_a_row_is_applied_once(pg: sa.Engine) -> None:
+    seed(pg, users=100)
+    plan = _plan(pg)
+    counters = counters_by_key()
+    first = run_batch(pg, counters, plan.batch_ids[0])
+    second = run_batch(pg, counters, plan.batch_ids[0])
+    assert first.applied and first.rows_changed > 0
+    assert not second.applied and second.rows_changed == 0
+    (run,) = run_rows(pg)
+    assert run["batches_done"] == 1 and run["rows_changed"] == first.rows_changed
+
+
+def test_same_batch_delivered_concurrently_is_applied_once(pg: sa.Engine) -> None:
+    seed(pg, users=100)
+    plan = _plan(pg)
+    outcomes = _all_at_once([(plan.batch_ids[0],)] * 8, pg)
+    assert sum(o.applied for o in outcomes) == 1
+    (run,) = run_rows(pg)
+    assert run["batches_done"] == 1
+    (applied,) = [o for o in outcomes if o.applied]
+    assert run["rows_changed"] == applied.rows_changed
+
+
+def test_last_batches_committing_together_complete_the_run_exactly_once(pg: sa.Engine) -> None:
+    seed(pg, users=200)
+    for _ in range(5):
+        with pg.begin() as conn:  # a fresh recount run each round
+            conn.execute(sa.update(progress.counters_table).values(state=progress.ACTIVE))
+        plan = _plan(pg)
+        outcomes = _all_at_once([(b,) for b in plan.batch_ids], pg)
+        assert all(o.applied for o in outcomes)
+        assert sum(o.run_finished for o in outcomes) == 1
+        run = run_rows(pg)[-1]
+        assert run["state"] == progress.DONE
+        assert run["batches_done"] == run["batches_total"] == len(plan.batch_ids)
+    with pg.connect() as conn:
+        assert {r["state"] for r in progress.counter_rows(conn).values()} == {progress.ACTIVE}
+    assert drift(pg) == []
+
+
+def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
+    """Step 2 of the protocol: the range lock queues behind a writer's uncommitted delta."""
+    seed(pg, users=100)
+    plan = _plan(pg)
+    counters = counters_by_key()
+    writer = pg.connect()
+    # A writer that has inserted a follow and applied its delta, not yet committed.
+    writer.execute(sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (3, 7)"))
+    writer.execute(sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = 7"))
+    result: list[BatchOutcome] = []
+    thread = threading.Thread(
+        target=lambda: result.append(run_batch(pg, counters, plan.batch_ids[0]))
+    )
+    thread.start()
+    wait_for(
+        lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
+    )
+    assert thread.is_alive() and not result
+    writer.commit()
+    writer.close()
+    thread.join(timeout=30)
+    assert result and result[0].applied
+    assert [d for d in drift(pg) if d[0] < 51] == []  # the batch saw the committed follow
+
+
+def _waiting_on_locks(engine: sa.Engine, text: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE :q"
+            ),
+            {"q": f"%{text}%"},
+        ).scalar_one()
+
+
+def test_statement_timeout_bounds_a_batch_and_failure_is_recorded(pg: sa.Engine) -> None:
+    seed(pg, users=100)
+    plan = _plan(pg)
+    holder = lock_users(pg, [10])
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+            run_batch(pg, counters_by_key(), plan.batch_ids[0], statement_timeout_ms=300)
+    finally:
+        holder.rollback()
+        holder.close()
+    (first,) = [b for b in batch_rows(pg) if b["id"] == plan.batch_ids[0]]
+    assert first["state"] == progress.BATCH_PENDING  # rolled back: nothing half-written
+    assert mark_failed(pg, plan.batch_ids[0], "QueryCanceled: statement timeout")
+    (run,) = run_rows(pg)
+    assert run["batches_failed"] == 1 and run["state"] == progress.RUNNING
+    outcome = run_batch(pg, counters_by_key(), plan.batch_ids[0])  # a later delivery succeeds
+    assert outcome.applied
+    (run,) = run_rows(pg)
+    assert run["batches_failed"] == 0 and run["batches_done"] == 1
+
+
+def test_unknown_batch_id_is_reported(pg: sa.Engine) -> None:
+    seed(pg, users=5)
+    _plan(pg)
+    with pytest.raises(BatchNotFound, match="batch 999"):
+        run_batch(pg, counters_by_key(), 999)
+
+
+def test_a_done_batch_is_never_marked_failed(pg: sa.Engine) -> None:
+    seed(pg, users=60)
+    plan = _plan(pg)
+    run_batch(pg, counters_by_key(), plan.batch_ids[0])
+    assert not mark_failed(pg, plan.batch_ids[0], "late failure of a duplicate")
+    (first,) = [b for b in batch_rows(pg) if b["id"] == plan.batch_ids[0]]
+    assert first["state"] == progress.DONE and first["error"] is None
