@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, configure_mappers
 
 from . import counters as _counters
 from . import listeners, sql
@@ -134,6 +134,9 @@ def _expire_now(session: Session, extra: dict[tuple[Mapper[Any], Any], set[str]]
 
 
 def _plan_of(dml: Any) -> Any:
+    # A bulk statement can be a program's first use of the models, and the ORM
+    # does not configure mappers for it: counters resolve at configuration.
+    configure_mappers()
     desc = dml.entity_description
     entity = desc.get("entity")
     if entity is not None:

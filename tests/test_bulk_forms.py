@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 from social import Base, Follow, Post, User, assert_exact, cached, truth
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from alembic_counterfill import paused
+from alembic_counterfill import counter_cache, paused
 
 
 @pytest.fixture
@@ -448,3 +448,28 @@ def test_caller_sees_the_same_result_as_without_counters(
         tracked = run(s)
     assert tracked == plain
     assert plain[0] == 4
+
+
+def test_bulk_statement_as_first_use_of_fresh_models(tmp_path) -> None:  # noqa: ANN001
+    # Brand-new mapped classes, never configured: the first thing they see is a bulk INSERT.
+    class Fresh(DeclarativeBase):
+        pass
+
+    class Board(Fresh):
+        __tablename__ = "boards"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        pins_count: Mapped[int] = counter_cache("Pin.board_id")
+
+    class Pin(Fresh):
+        __tablename__ = "pins"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        board_id: Mapped[int] = mapped_column(sa.ForeignKey("boards.id"))
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    Fresh.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.execute(sa.insert(Board), [{"id": 1}])
+        s.execute(sa.insert(Pin), [{"board_id": 1}, {"board_id": 1}])
+        s.commit()
+        assert s.scalar(sa.select(Board.pins_count)) == 2
+    engine.dispose()
