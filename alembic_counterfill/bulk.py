@@ -57,12 +57,19 @@ def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
 
 def add_rows(deltas: Deltas, plan: Any, rows: Iterable[Any], sign: int, prefix: str = "") -> None:
     """Add ``sign`` times each row's ``<prefix>k<i>``/``<prefix>v<i>`` (:func:`.sql.row_state`)."""
-    for row in rows:
-        m = row._mapping
-        for i, counter in enumerate(plan.counters):
-            parent_id, value = m[f"{prefix}k{i}"], m[f"{prefix}v{i}"]
-            if parent_id is not None and value:
-                deltas[counter.parent_mapper][parent_id][counter] += sign * value
+    rows = rows if isinstance(rows, list) else list(rows)
+    if not rows:
+        return
+    fields = rows[0]._fields  # by label: RETURNING may order the columns its own way
+    for i, counter in enumerate(plan.counters):
+        k, v = fields.index(f"{prefix}k{i}"), fields.index(f"{prefix}v{i}")
+        per_parent: dict[Any, Any] = defaultdict(int)
+        for row in rows:
+            if row[k] is not None and row[v]:
+                per_parent[row[k]] += row[v]
+        target = deltas[counter.parent_mapper]
+        for parent_id, total in per_parent.items():
+            target[parent_id][counter] += sign * total
 
 
 def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -> None:

@@ -135,8 +135,10 @@ def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> l
     if entity is not None and dml._with_options:
         stmt = stmt.options(*dml._with_options)  # with_loader_criteria() and friends
     params = state.parameters
+    if not isinstance(params, list):  # one parameter set: rows come unique and in key order
+        return list(state.session.execute(stmt, params or None).all())
     seen: dict[Key, Any] = {}
-    for p in params if isinstance(params, list) else [params]:
+    for p in params:
         for row in state.session.execute(stmt, p or None).all():
             seen.setdefault(tuple(row[: len(plan.pk_columns)]), row)
     return [seen[k] for k in sorted(seen)]
@@ -169,6 +171,36 @@ def _rowless(result: Any) -> None:
         result.cursor_strategy = no_rows
 
 
+def _fetch_instead_of_evaluate(state: ORMExecuteState) -> dict[str, Any]:
+    # Our key restriction cannot be evaluated in Python; 'fetch' gives the
+    # session the same outcome ('auto' may pick it anyway).
+    if state.update_delete_options._synchronize_session in ("auto", "evaluate"):
+        return {"synchronize_session": "fetch"}
+    return {}
+
+
+def _delete_in_one_statement(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
+    """PostgreSQL DELETE: lock in key order and return what was deleted, in the statement itself.
+
+    The locking subquery shares the DELETE's snapshot, so no row escapes it;
+    RETURNING reports each deleted row's last version. Nothing is read first.
+    """
+    entity = dml.entity_description.get("entity")
+    stmt = dml.where(
+        sql.locked_among(plan.pk_columns, dml.whereclause, entity=entity, options=dml._with_options)
+    ).return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
+    result = state.invoke_statement(
+        statement=stmt, execution_options=_fetch_instead_of_evaluate(state)
+    )
+    deleted = list(getattr(result, "returned_defaults_rows", None) or ())
+    if state.update_delete_options._synchronize_session != "fetch":
+        _rowless(result)
+    deltas = new_deltas()
+    add_rows(deltas, plan, deleted, -1)
+    settle(state.session, deltas)
+    return result
+
+
 def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[Any]:
     """Run the caller's UPDATE/DELETE and apply the counter deltas it caused."""
     session = state.session
@@ -188,6 +220,9 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
             settle(session, deltas)
             return result
 
+    if is_delete and dialect.name == "postgresql" and _can_return(state, plan, dml, wrapped):
+        return _delete_in_one_statement(state, plan, dml)
+
     old = _lock_matching(state, plan, dml, lock=not one_writer)
     keys = [tuple(row[:n_pk]) for row in old]
     add_rows(deltas, plan, old, -1)
@@ -195,8 +230,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     restricted = not one_writer and not wrapped
     if restricted:
         stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
-        if state.update_delete_options._synchronize_session in ("auto", "evaluate"):
-            options = {"synchronize_session": "fetch"}
+        options = _fetch_instead_of_evaluate(state)
     moves_key = not is_delete and bool(_written(state, plan, dml) & set(_key_names(plan)))
 
     if _can_return(state, plan, dml, wrapped):

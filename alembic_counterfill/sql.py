@@ -301,6 +301,31 @@ def matching_state(
     return stmt.with_for_update(of=pk_columns[0].table) if lock else stmt
 
 
+def locked_among(
+    pk_columns: Sequence[sa.Column[Any]],
+    where: sa.ColumnElement[bool] | None,
+    *,
+    entity: Any = None,
+    options: Sequence[Any] = (),
+) -> sa.ColumnElement[bool]:
+    """``pk IN (SELECT pk … WHERE where ORDER BY pk FOR UPDATE)``, to add to an UPDATE or DELETE.
+
+    The subquery runs in the statement's own snapshot and, having FOR UPDATE,
+    as a separate subplan that locks every matching row in primary-key order
+    before the statement changes any: no row is touched unseen or locked out
+    of order. ``entity`` and ``options`` let the ORM add its criteria.
+    """
+    sub = sa.select(*pk_columns)
+    if entity is not None:
+        sub = sub.select_from(entity).options(*options)
+    if where is not None:
+        sub = sub.where(where)
+    sub = sub.order_by(*pk_columns).with_for_update(of=pk_columns[0].table)
+    if len(pk_columns) == 1:
+        return pk_columns[0].in_(sub)
+    return sa.tuple_(*pk_columns).in_(sub)
+
+
 def lock_ids(table: sa.Table, pk: sa.Column[Any], ids: Sequence[Any]) -> sa.Select[Any]:
     """Lock the given parents in key order (``FOR NO KEY UPDATE`` on PostgreSQL)."""
     inner = (

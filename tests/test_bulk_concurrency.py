@@ -19,6 +19,7 @@ from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 
 HOT = [1, 2, 3, 4, 5]
 OPS = 60
+DELETED: list[int] = []  # rowcounts of the bulk deletes, as their callers saw them
 
 
 def orm_writer(engine: sa.Engine, rnd: random.Random) -> None:
@@ -45,12 +46,14 @@ def bulk_writer(engine: sa.Engine, rnd: random.Random) -> None:
     """One bulk statement per transaction, mostly deletes, over the same hot parents."""
     with Session(engine) as s:
         op = rnd.random()
-        if op < 0.35:
-            s.execute(sa.delete(Post).where(Post.author_id.in_(rnd.sample(HOT, 2))))
-        elif op < 0.5:
-            s.execute(sa.delete(Post).where(Post.likes >= rnd.randint(3, 9)))
-        elif op < 0.6:
-            s.execute(sa.delete(Follow).where(Follow.followed_id == rnd.choice(HOT)))
+        if op < 0.6:
+            if op < 0.35:
+                stmt = sa.delete(Post).where(Post.author_id.in_(rnd.sample(HOT, 2)))
+            elif op < 0.5:
+                stmt = sa.delete(Post).where(Post.likes >= rnd.randint(3, 9))
+            else:
+                stmt = sa.delete(Follow).where(Follow.followed_id == rnd.choice(HOT))
+            DELETED.append(s.execute(stmt).rowcount)
         elif op < 0.75:
             a, b = rnd.sample(HOT, 2)
             s.execute(sa.update(Post).where(Post.author_id == a).values(author_id=b))
@@ -109,8 +112,6 @@ def test_bulk_statements_racing_orm_inserts_keep_counters_exact(pg_url: str, cap
     assert not errors, errors[:3]
     assert deadlocks == []
     assert "verify" not in caplog.text
-    with engine.connect() as conn:
-        n_posts = conn.scalar(sa.text("SELECT count(*) FROM posts"))
-        assert conn.scalar(sa.text("SELECT max(id) FROM posts")) > n_posts  # deletes happened
+    assert sum(DELETED) > 0  # the bulk deletes really removed rows under the racing inserts
     assert_exact(engine)
     engine.dispose()
