@@ -13,8 +13,10 @@ repairs what they change.
 from __future__ import annotations
 
 import logging
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -62,11 +64,17 @@ def add_rows(deltas: Deltas, plan: Any, rows: Iterable[Any], sign: int, prefix: 
         return
     fields = rows[0]._fields  # by label: RETURNING may order the columns its own way
     for i, counter in enumerate(plan.counters):
-        k, v = fields.index(f"{prefix}k{i}"), fields.index(f"{prefix}v{i}")
-        per_parent: dict[Any, Any] = defaultdict(int)
-        for row in rows:
-            if row[k] is not None and row[v]:
-                per_parent[row[k]] += row[v]
+        pids = map(itemgetter(fields.index(f"{prefix}k{i}")), rows)
+        values = map(itemgetter(fields.index(f"{prefix}v{i}")), rows)
+        per_parent: dict[Any, Any]
+        if counter.summed is None:  # values are 0/1: let Counter tally them in C
+            per_parent = Tally(pid for pid, value in zip(pids, values, strict=True) if value)
+        else:
+            per_parent = defaultdict(int)
+            for pid, value in zip(pids, values, strict=True):
+                if value:
+                    per_parent[pid] += value
+        per_parent.pop(None, None)
         target = deltas[counter.parent_mapper]
         for parent_id, total in per_parent.items():
             target[parent_id][counter] += sign * total

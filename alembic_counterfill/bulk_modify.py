@@ -171,12 +171,18 @@ def _rowless(result: Any) -> None:
         result.cursor_strategy = no_rows
 
 
-def _fetch_instead_of_evaluate(state: ORMExecuteState) -> dict[str, Any]:
-    # Our key restriction cannot be evaluated in Python; 'fetch' gives the
-    # session the same outcome ('auto' may pick it anyway).
-    if state.update_delete_options._synchronize_session in ("auto", "evaluate"):
-        return {"synchronize_session": "fetch"}
-    return {}
+def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: Any) -> dict[str, Any]:
+    """Execution options for a statement carrying our key restriction.
+
+    The restriction cannot be evaluated in Python, so ``'auto'``/``'evaluate'``
+    become ``'fetch'``, which leaves the session in the same state; when the
+    session holds no object of the child class there is nothing to
+    synchronize, and ``False`` skips fetch's per-row work.
+    """
+    if state.update_delete_options._synchronize_session not in ("auto", "evaluate"):
+        return {}
+    loaded = any(s.mapper.isa(plan.mapper) for s in state.session.identity_map.all_states())
+    return {"synchronize_session": "fetch" if loaded else False}
 
 
 def _delete_in_one_statement(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
@@ -190,7 +196,7 @@ def _delete_in_one_statement(state: ORMExecuteState, plan: Any, dml: Any) -> Res
         sql.locked_among(plan.pk_columns, dml.whereclause, entity=entity, options=dml._with_options)
     ).return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
     result = state.invoke_statement(
-        statement=stmt, execution_options=_fetch_instead_of_evaluate(state)
+        statement=stmt, execution_options=_fetch_instead_of_evaluate(state, plan)
     )
     deleted = list(getattr(result, "returned_defaults_rows", None) or ())
     if state.update_delete_options._synchronize_session != "fetch":
@@ -230,7 +236,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     restricted = not one_writer and not wrapped
     if restricted:
         stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
-        options = _fetch_instead_of_evaluate(state)
+        options = _fetch_instead_of_evaluate(state, plan)
     moves_key = not is_delete and bool(_written(state, plan, dml) & set(_key_names(plan)))
 
     if _can_return(state, plan, dml, wrapped):
