@@ -148,6 +148,52 @@ def _expire_now(session: Session, extra: dict[tuple[Mapper[Any], Any], set[str]]
             session.expire(obj, list(attrs))
 
 
+def _names(plan: Any, keys: Sequence[Any]) -> set[str]:
+    """Attribute and column names written by a statement's SET clause or parameters."""
+    out: set[str] = set()
+    for key in keys:
+        if isinstance(key, str):
+            out.add(key)
+        elif isinstance(getattr(key, "key", None), str):
+            out.add(key.key)
+            if isinstance(getattr(key, "name", None), str):
+                out.add(key.name)
+        else:
+            out.add("?")  # unrecognised target: assume it may matter
+    return out
+
+
+def written(state: ORMExecuteState, plan: Any, dml: Any) -> set[str]:
+    """Names an UPDATE writes, from its ``values()`` and its parameters."""
+    keys: list[Any] = list(getattr(dml, "_values", None) or ())
+    params = state.parameters
+    for row in params if isinstance(params, list) else [params or {}]:
+        keys.extend(row)
+    return _names(plan, keys)
+
+
+def _relevant(plan: Any) -> set[str] | None:
+    """Names whose change can move a contribution; ``None`` when any write may."""
+    if plan.watched is None:
+        return None
+    out = set(plan.watched)
+    for key in plan.watched:
+        for col in plan.mapper.attrs[key].columns:
+            out |= {col.key, col.name}
+    return out
+
+
+def may_change(state: ORMExecuteState, plan: Any, dml: Any) -> bool:
+    """Whether an UPDATE can change what any row counts as (FK, ``where`` columns, summed value)."""
+    relevant = _relevant(plan)
+    if relevant is None:
+        return True
+    known = {p.key for p in plan.mapper.column_attrs} | {c.key for c in plan.table.columns}
+    names = written(state, plan, dml)
+    # Unknown names (bind parameters of the WHERE, hybrids) are treated as relevant.
+    return bool(names & relevant) or bool(names - known)
+
+
 def _plan_of(dml: Any) -> Any:
     # A bulk statement can be a program's first use of the models, and the ORM
     # does not configure mappers for it: counters resolve at configuration.
@@ -186,10 +232,10 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         from . import bulk_insert
 
         return bulk_insert.run(state, plan, dml)
+    if isinstance(dml, sa.Update) and not may_change(state, plan, dml):
+        return None
     from . import bulk_modify
 
-    if isinstance(dml, sa.Update) and not bulk_modify.may_change(state, plan, dml):
-        return None
     return bulk_modify.run(state, plan, dml, wrapped)
 
 

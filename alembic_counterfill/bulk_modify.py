@@ -1,24 +1,27 @@
 """Bulk UPDATE and DELETE through ``Session.execute``: deltas from what the rows really held.
 
-Every form first locks the child rows it matches, in primary-key order (the
-order flushes lock them in), reading what each counts as. Then the caller's
-statement runs, restricted on PostgreSQL to the rows just locked: a row that
-another transaction commits in between is neither touched unseen nor waited
-for out of key order, so bulk statements and flushes cannot deadlock on child
-rows. The restriction makes ``synchronize_session='evaluate'`` impossible, so
-``'auto'``/``'evaluate'`` run as ``'fetch'`` (same session outcome). What the
-rows count as afterwards comes from RETURNING when the caller's statement has
-none of its own (the caller still sees its usual result), else from a re-read
-by key. SQLite has a single writer and needs neither lock nor restriction.
+A DELETE whose caller asked for no RETURNING of its own runs as one statement
+that also returns what each deleted row counted as; outside SQLite it carries
+a subquery locking the matching rows in primary-key order, in the DELETE's
+own snapshot, so no row is deleted unseen and writers queue instead of
+deadlocking.
 
-Bulk UPDATE by primary key (``update(Child)`` with a list of rows) locks and
-re-reads exactly the keys in the parameters.
+Every other form (UPDATE, or a DELETE with the caller's own RETURNING) first
+locks the matching rows in key order, reading what each counts as, then runs
+restricted to exactly those rows outside SQLite; the new state comes from
+RETURNING, else from a re-read by key. Bulk UPDATE by primary key
+(``update(Child)`` with a list of rows) locks and re-reads the keys in its
+parameters.
+
+Our additions cannot be evaluated in Python, so ``synchronize_session``
+``'auto'``/``'evaluate'`` run as ``'fetch'`` (same session outcome); the
+caller's result keeps its rowcount and returned rows. SQLite has a single
+writer and needs neither lock nor restriction.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,56 +30,11 @@ from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
 from . import sql
-from .bulk import add_rows, chunks, new_deltas, settle
+from .bulk import add_rows, chunks, new_deltas, settle, written
 
 log = logging.getLogger(__name__)
 
 Key = tuple[Any, ...]
-
-
-def _names(plan: Any, keys: Sequence[Any]) -> set[str]:
-    """Attribute and column names written by a statement's SET clause or parameters."""
-    out: set[str] = set()
-    for key in keys:
-        if isinstance(key, str):
-            out.add(key)
-        elif isinstance(getattr(key, "key", None), str):
-            out.add(key.key)
-            if isinstance(getattr(key, "name", None), str):
-                out.add(key.name)
-        else:
-            out.add("?")  # unrecognised target: assume it may matter
-    return out
-
-
-def _written(state: ORMExecuteState, plan: Any, dml: Any) -> set[str]:
-    keys: list[Any] = list(getattr(dml, "_values", None) or ())
-    params = state.parameters
-    for row in params if isinstance(params, list) else [params or {}]:
-        keys.extend(row)
-    return _names(plan, keys)
-
-
-def _relevant(plan: Any) -> set[str] | None:
-    """Names whose change can move a contribution; ``None`` when any write may."""
-    if plan.watched is None:
-        return None
-    out = set(plan.watched)
-    for key in plan.watched:
-        for col in plan.mapper.attrs[key].columns:
-            out |= {col.key, col.name}
-    return out
-
-
-def may_change(state: ORMExecuteState, plan: Any, dml: Any) -> bool:
-    """Whether an UPDATE can change what any row counts as (FK, ``where`` columns, summed value)."""
-    relevant = _relevant(plan)
-    if relevant is None:
-        return True
-    known = {p.key for p in plan.mapper.column_attrs} | {c.key for c in plan.table.columns}
-    written = _written(state, plan, dml)
-    # Unknown names (bind parameters of the WHERE, hybrids) are treated as relevant.
-    return bool(written & relevant) or bool(written - known)
 
 
 def _key_names(plan: Any) -> list[str]:
@@ -185,24 +143,39 @@ def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: Any) -> dict[str, A
     return {"synchronize_session": "fetch" if loaded else False}
 
 
-def _delete_in_one_statement(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
-    """PostgreSQL DELETE: lock in key order and return what was deleted, in the statement itself.
+def _delete_returning(state: ORMExecuteState, plan: Any, dml: Any, one_writer: bool) -> Result[Any]:
+    """DELETE that reports what it deleted through RETURNING; nothing is read first.
 
-    The locking subquery shares the DELETE's snapshot, so no row escapes it;
-    RETURNING reports each deleted row's last version. Nothing is read first.
+    Elsewhere than SQLite a locking subquery, which shares the DELETE's
+    snapshot, locks the matching rows in key order before any is deleted, so
+    no row escapes it and concurrent writers queue instead of deadlocking.
+    RETURNING gives each deleted row's last version.
     """
-    entity = dml.entity_description.get("entity")
-    stmt = dml.where(
-        sql.locked_among(plan.pk_columns, dml.whereclause, entity=entity, options=dml._with_options)
-    ).return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
-    result = state.invoke_statement(
-        statement=stmt, execution_options=_fetch_instead_of_evaluate(state, plan)
-    )
+    stmt, options = dml, {}
+    if not one_writer:
+        entity = dml.entity_description.get("entity")
+        where = dml.whereclause
+        stmt = stmt.where(
+            sql.locked_among(plan.pk_columns, where, entity=entity, options=dml._with_options)
+        )
+        options = _fetch_instead_of_evaluate(state, plan)
+    stmt = stmt.return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
+    result = state.invoke_statement(statement=stmt, execution_options=options)
     deleted = list(getattr(result, "returned_defaults_rows", None) or ())
     if state.update_delete_options._synchronize_session != "fetch":
         _rowless(result)
     deltas = new_deltas()
     add_rows(deltas, plan, deleted, -1)
+    settle(state.session, deltas)
+    return result
+
+
+def _by_primary_key(state: ORMExecuteState, plan: Any, keys: list[Key]) -> Result[Any]:
+    """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
+    deltas = new_deltas()
+    add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=True), -1)
+    result = state.invoke_statement()
+    add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=False), +1)
     settle(state.session, deltas)
     return result
 
@@ -213,58 +186,41 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     dialect = session.get_bind(mapper=plan.mapper).dialect
     one_writer = dialect.name == "sqlite"  # no concurrent writer can slip in between
     is_delete = isinstance(dml, sa.Delete)
-    deltas = new_deltas()
-    n_pk = len(plan.pk_columns)
-
+    returning = _can_return(state, plan, dml, wrapped)
     if not is_delete and state.is_executemany:
         keys = _param_keys(plan, state.parameters)
-        if keys is not None:  # bulk UPDATE by primary key: the keys are in the parameters
-            old = _state_by_keys(session, plan, keys, lock=True)
-            result = state.invoke_statement()
-            add_rows(deltas, plan, old, -1)
-            add_rows(deltas, plan, _state_by_keys(session, plan, keys, lock=False), +1)
-            settle(session, deltas)
-            return result
+        if keys is not None:
+            return _by_primary_key(state, plan, keys)
+    if is_delete and returning:
+        return _delete_returning(state, plan, dml, one_writer)
 
-    if is_delete and dialect.name == "postgresql" and _can_return(state, plan, dml, wrapped):
-        return _delete_in_one_statement(state, plan, dml)
-
+    # Lock and read the matching rows, then restrict the statement to them.
+    n_pk = len(plan.pk_columns)
     old = _lock_matching(state, plan, dml, lock=not one_writer)
     keys = [tuple(row[:n_pk]) for row in old]
+    deltas = new_deltas()
     add_rows(deltas, plan, old, -1)
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
     if restricted:
         stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
-    moves_key = not is_delete and bool(_written(state, plan, dml) & set(_key_names(plan)))
 
-    if _can_return(state, plan, dml, wrapped):
-        if is_delete:
-            stmt = stmt.return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
-        else:
-            # UPDATE returns only table columns through return_defaults(); SQL
-            # expressions need supplemental_cols, whose rows the result replays.
-            cols = sql.row_state(plan.counters, plan.pk_columns)
-            stmt = stmt.return_defaults(*plan.pk_columns, supplemental_cols=cols)
+    if returning:  # an UPDATE: its RETURNING gives the new state, even of moved keys
+        # return_defaults() returns only table columns for an UPDATE; SQL
+        # expressions need supplemental_cols, whose rows the result replays.
+        cols = sql.row_state(plan.counters, plan.pk_columns)
+        stmt = stmt.return_defaults(*plan.pk_columns, supplemental_cols=cols)
         result = state.invoke_statement(statement=stmt, execution_options=options)
-        if not is_delete:
-            result.all()  # drain the replayed rows: the caller's statement returned none
-        new = list(getattr(result, "returned_defaults_rows", None) or ())
+        result.all()  # drain the replayed rows: the caller's statement returned none
+        add_rows(deltas, plan, list(getattr(result, "returned_defaults_rows", None) or ()), +1)
         if state.update_delete_options._synchronize_session != "fetch":
             _rowless(result)
-        if is_delete:  # RETURNING lists the rows deleted; re-add the locked rows it left
-            gone = {tuple(r._mapping[f"p{j}"] for j in range(n_pk)) for r in new}
-            add_rows(deltas, plan, [r for r in old if tuple(r[:n_pk]) not in gone], +1)
-        else:
-            add_rows(deltas, plan, new, +1)
-            if not restricted and not one_writer and len(new) > len(old):
-                _warn_unseen(plan, dml, len(new) - len(old))
         settle(session, deltas)
         return result
 
     result = state.invoke_statement(statement=stmt, execution_options=options)
-    if moves_key:
+    if not is_delete and bool(written(state, plan, dml) & set(_key_names(plan))):
         log.warning(
             "counterfill: UPDATE of %s primary key without RETURNING cannot be followed; "
             "run `alembic counterfill verify --fix`",
@@ -276,7 +232,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     rowcount = getattr(result, "rowcount", None)
     if not restricted and not one_writer and isinstance(rowcount, int) and rowcount >= 0:
         seen = len(keys) - len(still) if is_delete else len(keys)
-        if rowcount > seen:
+        if rowcount > seen:  # a wrapped statement ran unrestricted and met newer rows
             _warn_unseen(plan, dml, rowcount - seen)
     settle(session, deltas)
     return result
