@@ -20,6 +20,12 @@ from .testing import assert_counters_consistent
 _INDEX = st.integers(min_value=0, max_value=10_000)
 
 
+def _sqlite_foreign_keys(dbapi_connection: Any, record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
 class CounterStateMachine(RuleBasedStateMachine):
     """Random creates, moves, flips, deletes, flushes, commits and rollbacks over declared counters.
 
@@ -50,6 +56,10 @@ class CounterStateMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.engine = self.make_engine()
+        if self.engine.dialect.name == "sqlite":
+            # Enforce FKs as a server database would; otherwise deleting a parent
+            # leaves orphans that a reused rowid silently re-adopts.
+            sa.event.listen(self.engine, "connect", _sqlite_foreign_keys)
         self.metadata = getattr(self.base, "metadata", self.base)
         if self.manage_schema:
             self.metadata.drop_all(self.engine)
@@ -69,12 +79,14 @@ class CounterStateMachine(RuleBasedStateMachine):
 
     def _pick(self, session: Session, mapper: Any, index: int) -> Any | None:
         pk = mapper.primary_key
-        count = session.scalar(sa.select(sa.func.count()).select_from(mapper.local_table)) or 0
-        if not count:
-            return None
-        return session.scalars(
-            sa.select(mapper.class_).order_by(*pk).offset(index % count).limit(1)
-        ).first()
+        # Reads must not autoflush: a pending bad row should fail inside _guard, not here.
+        with session.no_autoflush:
+            count = session.scalar(sa.select(sa.func.count()).select_from(mapper.local_table))
+            if not count:
+                return None
+            return session.scalars(
+                sa.select(mapper.class_).order_by(*pk).offset(index % count).limit(1)
+            ).first()
 
     def _parent_id(self, counter: Counter, index: int, session: Session) -> Any:
         parent = self._pick(session, counter.parent_mapper, index)
@@ -103,6 +115,19 @@ class CounterStateMachine(RuleBasedStateMachine):
 
     def _attr(self, mapper: Any, column: sa.Column[Any]) -> str:
         return str(mapper.get_property_by_column(column).key)
+
+    def _session(self, stale: bool) -> Session:
+        """The session for a write: the stale one ends the main transaction first on SQLite.
+
+        SQLite has one writer at a time; an open transaction in the main session
+        would block the second session's commit, so the main "request" commits
+        first, as two sequential requests would.
+        """
+        if not stale:
+            return self.session
+        if self.engine.dialect.name == "sqlite":
+            self._commit(self.session)
+        return self.stale
 
     def _guard(self, session: Session, fn: Any) -> None:
         """Run one write; constraint violations (duplicate keys...) roll back like an app would."""
@@ -139,7 +164,7 @@ class CounterStateMachine(RuleBasedStateMachine):
     @rule(which=_INDEX, row=_INDEX, dest=_INDEX, stale=st.booleans())
     def move_child(self, which: int, row: int, dest: int, stale: bool) -> None:
         counter = self.counters[which % len(self.counters)]
-        session = self.stale if stale else self.session
+        session = self._session(stale)
         obj = self._pick(session, counter.child_mapper, row)
         pid = self._parent_id(counter, dest, session)
         if obj is None:
@@ -155,7 +180,7 @@ class CounterStateMachine(RuleBasedStateMachine):
     def flip_child(self, which: int, row: int, stale: bool, data: st.DataObject) -> None:
         counter = self.counters[which % len(self.counters)]
         cols = self._watched(counter)
-        session = self.stale if stale else self.session
+        session = self._session(stale)
         obj = self._pick(session, counter.child_mapper, row)
         if obj is None or not cols:
             return
@@ -169,7 +194,7 @@ class CounterStateMachine(RuleBasedStateMachine):
     @rule(which=_INDEX, row=_INDEX, stale=st.booleans())
     def delete_child(self, which: int, row: int, stale: bool) -> None:
         counter = self.counters[which % len(self.counters)]
-        session = self.stale if stale else self.session
+        session = self._session(stale)
         obj = self._pick(session, counter.child_mapper, row)
         if obj is None:
             return
@@ -180,6 +205,7 @@ class CounterStateMachine(RuleBasedStateMachine):
     @rule()
     def load_stale(self) -> None:
         """Load every child into the second session, so later stale writes use old copies."""
+        self._session(True)
         for mapper in self.children:
             self.stale.scalars(sa.select(mapper.class_).limit(50)).all()
         self.stale.commit()  # ends the transaction; objects stay in the identity map, expired

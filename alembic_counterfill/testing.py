@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.util import ClauseAdapter
 
 from .counters import Counter, counters_of
 
@@ -33,11 +34,15 @@ class Drift(tuple[str, Any, str, Any, Any]):
 
 def _truth(counter: Counter) -> sa.ScalarSelect[Any]:
     c = counter
-    cond: Any = c.fk == c.parent_pk
+    # Alias the child so self-referential counters (users.referrer_id -> users.id)
+    # correlate to the outer parent row instead of to themselves.
+    child = c.child_table.alias("child")
+    adapt = ClauseAdapter(child).traverse
+    cond: Any = adapt(c.fk) == c.parent_pk
     if c.where is not None:
-        cond = sa.and_(cond, c.where)
-    agg = sa.func.count() if c.summed is None else sa.func.coalesce(sa.func.sum(c.summed), 0)
-    return sa.select(agg).select_from(c.child_table).where(cond).scalar_subquery()
+        cond = sa.and_(cond, adapt(c.where))
+    agg = sa.func.count() if c.summed is None else sa.func.coalesce(sa.func.sum(adapt(c.summed)), 0)
+    return sa.select(agg).select_from(child).where(cond).scalar_subquery()
 
 
 def find_drift(bind: sa.Engine | sa.Connection | Session, target: Any) -> list[Drift]:

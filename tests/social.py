@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -51,7 +53,10 @@ class Post(Base):
 def truth(conn: sa.Connection) -> dict[int, tuple[int, int, int, int, int]]:
     """Independent per-user truth, computed with plain GROUP BY queries in the test's own SQL."""
     users = [r[0] for r in conn.execute(sa.text("SELECT id FROM users"))]
-    out = {u: [0, 0, 0, 0, 0] for u in users}
+    # defaultdict: SQLite does not enforce FKs, so children may point at deleted users
+    out: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    for u in users:
+        out[u] = [0, 0, 0, 0, 0]
     for uid, n in conn.execute(sa.text("SELECT followed_id, COUNT(*) FROM follows GROUP BY 1")):
         out[uid][0] = n
     for uid, n in conn.execute(sa.text("SELECT follower_id, COUNT(*) FROM follows GROUP BY 1")):
@@ -67,7 +72,7 @@ def truth(conn: sa.Connection) -> dict[int, tuple[int, int, int, int, int]]:
     q = "SELECT referrer_id, COUNT(*) FROM users WHERE referrer_id IS NOT NULL GROUP BY 1"
     for uid, n in conn.execute(sa.text(q)):
         out[uid][4] = n
-    return {k: tuple(v) for k, v in out.items()}  # type: ignore[misc]
+    return {k: tuple(v) for k, v in out.items() if k in set(users)}  # type: ignore[misc]
 
 
 def cached(conn: sa.Connection) -> dict[int, tuple[int, int, int, int, int]]:
