@@ -6,11 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from social import Base, Follow, Post, User, assert_exact, cached
 from sqlalchemy.orm import Session
 
 from alembic_counterfill import paused
-
-from social import Base, Follow, Post, User, assert_exact, cached
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Eight threads of ORM traffic on a handful of hot parents (PostgreSQL): zero drift, zero deadlocks."""
+"""Eight threads of ORM traffic on a few hot parents (PostgreSQL): zero drift, zero deadlocks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import threading
 
 import psycopg
 import sqlalchemy as sa
+from social import Base, Follow, Post, User, assert_exact
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
-
-from social import Base, Follow, Post, User, assert_exact
 
 HOT = [1, 2, 3, 4, 5]
 THREADS = 8

@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant, run_state_machine_as_test
+from social import Base, User, assert_exact
 
 from alembic_counterfill.testing import CounterStateMachine
-from social import Base, User, assert_exact
 
 
 class SocialMachine(CounterStateMachine):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from social import Base, Follow, Post, User
 from sqlalchemy.orm import Session
 
 from alembic_counterfill.testing import assert_counters_consistent, find_drift
-from social import Base, Follow, Post, User
 
 
 def test_assert_counters_consistent_lists_each_drift(engine: sa.Engine) -> None:
