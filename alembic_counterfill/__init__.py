@@ -1,27 +1,44 @@
-"""Exact counter caches for SQLAlchemy, backfilled through Alembic and Dramatiq."""
+"""Exact counter caches for SQLAlchemy, backfilled through Alembic and Dramatiq.
+
+Public names load on first use: this package is imported by every
+``import alembic`` (through its plugin entry point), which must stay cheap.
+"""
 
 from __future__ import annotations
 
-from .counters import Counter, counters_of
-from .declaration import counter_cache
-from .errors import (
-    BrokerError,
-    ConfigurationError,
-    CounterDeclarationError,
-    CounterfillError,
-    DatabaseError,
-    UnknownCounterError,
-)
-from .pause import paused
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .actors import declare_actors
+    from .counters import Counter, counters_of
+    from .declaration import counter_cache
+    from .errors import (
+        BrokerError,
+        ConfigurationError,
+        CounterDeclarationError,
+        CounterfillError,
+        DatabaseError,
+        UnknownCounterError,
+    )
+    from .pause import paused
+    from .read import counter_value
+    from .testing import assert_counters_consistent
 
 __all__ = [
-    # declaring
+    # declaring counters
     "counter_cache",
     "Counter",
     "counters_of",
     # live maintenance
     "paused",
-    # errors
+    # reading during rollout
+    "counter_value",
+    # backfill workers in an app's own Dramatiq setup
+    "declare_actors",
+    # testing
+    "assert_counters_consistent",
+    # errors (one root: CounterfillError)
     "CounterfillError",
     "CounterDeclarationError",
     "ConfigurationError",
@@ -29,3 +46,32 @@ __all__ = [
     "BrokerError",
     "DatabaseError",
 ]
+
+_HOME = {
+    "counter_cache": "declaration",
+    "Counter": "counters",
+    "counters_of": "counters",
+    "paused": "pause",
+    "counter_value": "read",
+    "declare_actors": "actors",
+    "assert_counters_consistent": "testing",
+    "CounterfillError": "errors",
+    "CounterDeclarationError": "errors",
+    "ConfigurationError": "errors",
+    "UnknownCounterError": "errors",
+    "BrokerError": "errors",
+    "DatabaseError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -65,6 +65,9 @@ def counter_cache(
         )
     if where is not None and not callable(where):
         raise TypeError("counter_cache(where=...) must be a zero-argument callable (a lambda)")
+    # Importing counters registers the mapper hook that resolves declarations.
+    from . import counters  # noqa: F401
+
     if type_ is None:
         type_ = sa.BigInteger() if sum is not None else sa.Integer()
     info = dict(column_kwargs.pop("info", None) or {})
