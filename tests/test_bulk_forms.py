@@ -455,6 +455,7 @@ def test_bulk_statement_on_unconfigured_models(tmp_path) -> None:  # noqa: ANN00
     # (counters resolve at mapper configuration, which the ORM skips for bulk statements).
     # Importing the module registers the hook, as the first configured counter would.
     import alembic_counterfill.bulk  # noqa: F401
+
     class Fresh(DeclarativeBase):
         pass
 
@@ -519,3 +520,67 @@ def test_bulk_statement_is_first_thing_a_fresh_process_does() -> None:
         [sys.executable, "-c", COLD_START], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "1"
+
+
+@pytest.mark.parametrize("sync", ["auto", "evaluate", "fetch"])
+def test_session_objects_are_synchronized_as_the_caller_asked(db: sa.Engine, sync: str) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        posts = {p.id: p for p in s.scalars(sa.select(Post))}
+        s.execute(
+            sa.update(Post).where(Post.author_id == 2).values(author_id=5),
+            execution_options={"synchronize_session": sync},
+        )
+        assert [posts[i].author_id for i in (1, 4, 7)] == [5, 5, 5]
+        s.execute(
+            sa.delete(Post).where(Post.id == 2), execution_options={"synchronize_session": sync}
+        )
+        assert posts[2] not in s
+        s.commit()
+    assert_exact(db)
+
+
+def test_bulk_update_with_other_table_in_where(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        s.execute(
+            sa.update(Post)
+            .where(Post.author_id == User.id, User.name.in_(["u1", "u3"]))
+            .values(published=True),
+            execution_options={"synchronize_session": False},
+        )
+        s.commit()
+    assert row(db, 1)[2] == 3 and row(db, 3)[2] == 3
+    assert_exact(db)
+
+
+def test_orm_returning_from_statement_delete(db: sa.Engine) -> None:
+    seed_posts(db)
+    with Session(db) as s:
+        stmt = sa.select(Post).from_statement(
+            sa.delete(Post).where(Post.author_id == 3).returning(Post)
+        )
+        ids = sorted(p.id for p in s.scalars(stmt))
+        s.commit()
+    assert ids == [2, 5, 8]
+    assert row(db, 3)[2:4] == (0, 0)
+    assert_exact(db)
+
+
+def test_upsert_by_constraint_name_recounts_old_parents(pg_url: str) -> None:
+    engine = sa.create_engine(pg_url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=i, name=f"u{i}") for i in (1, 2)])
+        s.execute(sa.insert(Post), [{"id": 1, "author_id": 1, "likes": 4}])
+        s.commit()
+        ins = postgresql.insert(Post)
+        pkey = Post.__table__.primary_key.name or "posts_pkey"
+        stmt = ins.on_conflict_do_update(
+            constraint=pkey, set_={"author_id": ins.excluded.author_id}
+        )
+        s.execute(stmt, [{"id": 1, "author_id": 2, "likes": 0}])
+        s.commit()
+    assert row(engine, 1)[2:4] == (0, 0) and row(engine, 2)[2:4] == (1, 4)
+    assert_exact(engine)
+    engine.dispose()
