@@ -227,10 +227,14 @@ class Demo:
             env.pop("COUNTERFILL_BROKER_URL", None)
         return env
 
+    @staticmethod
+    def typed(argv: list[str]) -> str:
+        """A command the way the user would type it (paths relative to the current directory)."""
+        return shlex.join([_shown(a) if os.path.isabs(a) else a for a in argv])
+
     def show(self, argv: list[str]) -> None:
-        """Echo a command the way the user would type it."""
-        shown = [_shown(a) if os.path.isabs(a) else a for a in argv]
-        self.say(f"$ {shlex.join(shown)}")
+        """Echo a command before running it."""
+        self.say(f"$ {self.typed(argv)}")
 
     def run(self) -> int:
         """Run every step; raise :class:`ExampleError` naming the step that failed."""
@@ -268,7 +272,10 @@ class Demo:
         started = time.perf_counter()
         code = subprocess.call(argv, env=self.env())
         if code != 0:
-            raise ExampleError(f"{what} failed: `{shlex.join(argv)}` exited with status {code}")
+            raise ExampleError(
+                f"{what} failed: `{self.typed(argv)}` exited with status {code}; "
+                "its message is above"
+            )
         self.say(f"   ({time.perf_counter() - started:.1f} s)")
 
     def alembic(self, *args: str) -> None:
@@ -363,11 +370,10 @@ class Demo:
                 proc.wait()
             raise
         if proc.returncode != 0:
-            if self._workers:
-                self._worker_logs()
+            logs = f"; worker logs: {_shown(self.workdir.resolve())}/" if self._workers else ""
             raise ExampleError(
-                f"the backfill or its verification failed: `{shlex.join(argv)}` exited with "
-                f"status {proc.returncode} (1 means drift: see `counterfill verify`)"
+                f"the backfill failed: `{self.typed(argv)}` exited with status "
+                f"{proc.returncode}; its message is above{logs}"
             )
         self.say(f"   ({time.perf_counter() - started:.1f} s)")
 

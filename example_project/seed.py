@@ -160,15 +160,26 @@ class _Writer:
 
 def _after_load(connection: Connection) -> None:
     """Bring the database up to date with what was loaded behind its back."""
-    if connection.dialect.name == "postgresql":
-        # COPY with explicit ids leaves the sequences behind; the ORM's next
-        # insert would collide with a seeded id.
-        for table in (users_t, posts_t):
-            seq = sa.func.pg_get_serial_sequence(table.name, "id")
-            top = sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0) + 1).scalar_subquery()
-            connection.execute(sa.select(sa.func.setval(seq, top, False)))
-    # Fresh statistics, so the COUNT(*) profile query gets its best plan.
-    connection.execute(sa.text("ANALYZE"))
+    if connection.dialect.name != "postgresql":
+        # Fresh statistics, so the COUNT(*) profile query gets its best plan
+        # (the SQLite file holds only the app's tables).
+        connection.execute(sa.text("ANALYZE"))
+        return
+    # COPY with explicit ids leaves the sequences behind; the ORM's next
+    # insert would collide with a seeded id.
+    for table in (users_t, posts_t):
+        seq = sa.func.pg_get_serial_sequence(table.name, "id")
+        top = sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0) + 1).scalar_subquery()
+        connection.execute(sa.select(sa.func.setval(seq, top, False)))
+    from psycopg import sql
+
+    # Only our tables: a bare ANALYZE would visit every table of the database.
+    names = sql.SQL(", ").join(sql.Identifier(t.name) for t in TABLES)
+    analyze = sql.SQL("ANALYZE {}").format(names)
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cursor:
+        cursor.execute(analyze)
 
 
 def seed(connection: Connection, users: int, seed: int = 42, progress: bool = True) -> SeedResult:

@@ -137,3 +137,22 @@ def test_demo_fails_in_one_line_when_a_step_fails(tmp_path: Path) -> None:
     assert last.startswith("error: "), proc.stderr
     assert "Stopped 2 workers" in proc.stdout
     assert "verify found no drift" not in proc.stdout
+
+
+def test_profile_fails_in_one_line_when_counters_are_stale(sqlite_url: str) -> None:
+    from example_project.models import Base
+    from example_project.seed import seed
+
+    engine = sa.create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        seed(conn, 50, 1, progress=False)  # bypasses the ORM: counters stay 0
+    engine.dispose()
+    proc = subprocess.run(
+        [sys.executable, "-m", "example_project", "profile", "--database-url", sqlite_url],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "differ from COUNT(*)" in proc.stderr and "verify --fix" in proc.stderr
