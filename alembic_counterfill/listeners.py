@@ -41,6 +41,25 @@ class _Plan:
     pk_columns: list[sa.Column[Any]]
     # Attribute keys whose change can move a contribution; None means "any change may".
     watched: frozenset[str] | None
+    # Per counter (fk attribute, summed attribute or None) when every counter's
+    # contribution can be read off an inserted object; None when a where= needs SQL.
+    direct: list[tuple[str, str | None, type]] | None
+
+    def inserted_row(self, state: InstanceState[Any]) -> tuple[Any, ...] | None:
+        """The (k0, v0, k1, v1 ...) row of a just-inserted object, or None to re-read it."""
+        if self.direct is None:
+            return None
+        row: list[Any] = []
+        values = state.dict
+        for fk_attr, sum_attr, fk_type in self.direct:
+            if fk_attr not in values or (sum_attr is not None and sum_attr not in values):
+                return None  # server-side default: only the database knows the value
+            parent = values[fk_attr]
+            if parent is not None and not isinstance(parent, fk_type):
+                return None  # the database will coerce it; let it tell us the result
+            row.append(parent)
+            row.append(1 if sum_attr is None else (values[sum_attr] or 0))
+        return tuple(row)
 
     def may_change(self, state: InstanceState[Any]) -> bool:
         if self.watched is None:
@@ -75,6 +94,23 @@ def _watched(
     return frozenset(keys)
 
 
+def _direct(
+    mapper: Mapper[Any], counters: list[Counter]
+) -> list[tuple[str, str | None, type]] | None:
+    out: list[tuple[str, str | None, type]] = []
+    for c in counters:
+        if c.where is not None:
+            return None
+        try:
+            fk_type = c.fk.type.python_type
+            fk_attr = mapper.get_property_by_column(c.fk).key
+            sum_attr = None if c.summed is None else mapper.get_property_by_column(c.summed).key
+        except Exception:  # no python_type, or an unmapped column: re-read from the database
+            return None
+        out.append((fk_attr, sum_attr, fk_type))
+    return out
+
+
 def plan_for(mapper: Mapper[Any]) -> _Plan | None:
     """The read plan for rows of ``mapper``, or ``None`` when it feeds no counter."""
     if mapper in _plans:
@@ -85,7 +121,14 @@ def plan_for(mapper: Mapper[Any]) -> _Plan | None:
         table = counters[0].child_table
         counters = [c for c in counters if c.child_table is table]
         pk_columns = [c for c in mapper.primary_key if isinstance(c, sa.Column)]
-        plan = _Plan(mapper, table, counters, pk_columns, _watched(mapper, table, counters))
+        plan = _Plan(
+            mapper,
+            table,
+            counters,
+            pk_columns,
+            _watched(mapper, table, counters),
+            _direct(mapper, counters),
+        )
     _plans[mapper] = plan
     return plan
 
@@ -97,13 +140,15 @@ class _FlushState:
     old: dict[_Plan, list[Any]] = field(default_factory=lambda: defaultdict(list))
     captured: dict[_Plan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     touched: dict[_Plan, set[Key]] = field(default_factory=lambda: defaultdict(set))
+    inserted: dict[_Plan, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
     def capture(self, connection: sa.Connection, plan: _Plan, keys: set[Key]) -> None:
         keys = keys - self.captured[plan]
         if not keys:
             return
         self.captured[plan] |= keys
-        stmt = sql.child_state(plan.counters, plan.pk_columns, keys, lock=True)
+        dialect = connection.dialect.name
+        stmt = sql.child_state(plan.counters, plan.pk_columns, keys, lock=True, dialect=dialect)
         self.old[plan].extend(connection.execute(stmt).all())
 
 
@@ -164,7 +209,11 @@ def _after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
     stash = _stash(st.session) if st.session is not None else None
     plan = plan_for(st.mapper)
     if stash is not None and plan is not None:
-        stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+        row = plan.inserted_row(st)
+        if row is not None:
+            stash.inserted[plan].append(row)
+        else:
+            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
 
 
 def _after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
@@ -185,13 +234,17 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
     deltas: dict[Any, dict[Any, dict[Counter, Any]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(int))
     )
-    plans = set(stash.captured) | set(stash.touched)
+    plans = set(stash.captured) | set(stash.touched) | set(stash.inserted)
     for plan in plans:
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         _add(deltas, plan, stash.old.get(plan, ()), -1)
+        _add(deltas, plan, stash.inserted.get(plan, ()), +1)
         keys = stash.captured.get(plan, set()) | stash.touched.get(plan, set())
         if keys:
-            stmt = sql.child_state(plan.counters, plan.pk_columns, keys, lock=False)
+            dialect = connection.dialect.name
+            stmt = sql.child_state(
+                plan.counters, plan.pk_columns, keys, lock=False, dialect=dialect
+            )
             _add(deltas, plan, connection.execute(stmt).all(), +1)
     apply(session, deltas)
 
@@ -255,6 +308,7 @@ def install(child_mapper: Mapper[Any]) -> None:
         event.listen(Session, "after_flush_postexec", _after_flush_postexec)
         event.listen(Session, "after_soft_rollback", _discard)
         from . import bulk  # noqa: F401  - importing it registers the bulk-statement hook
+
         _session_listeners = True
     _plans.clear()  # a new counter may change any cached read plan
     if child_mapper in _installed:

@@ -117,16 +117,16 @@ class CounterStateMachine(RuleBasedStateMachine):
         return str(mapper.get_property_by_column(column).key)
 
     def _session(self, stale: bool) -> Session:
-        """The session for a write: the stale one ends the main transaction first on SQLite.
+        """The session for a write; the stale one first ends the main session's transaction.
 
-        SQLite has one writer at a time; an open transaction in the main session
-        would block the second session's commit, so the main "request" commits
-        first, as two sequential requests would.
+        Both sessions run in this one thread: if the main session held row locks
+        (or, on SQLite, the write lock) the stale one would wait on it forever.
+        Two real requests would not share a thread, so the main "request"
+        commits first, as sequential requests would.
         """
         if not stale:
             return self.session
-        if self.engine.dialect.name == "sqlite":
-            self._commit(self.session)
+        self._commit(self.session)
         return self.stale
 
     def _guard(self, session: Session, fn: Any) -> None:
