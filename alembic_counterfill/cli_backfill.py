@@ -77,6 +77,7 @@ def enqueue(
     declared, named = _counters(settings, counters)
     engine = settings.engine()
     in_process = inline or not settings.broker_url
+    planning_started = time.monotonic()
     broker = None
     if not in_process:
         assert settings.broker_url is not None
@@ -101,7 +102,8 @@ def enqueue(
         with engine.begin() as conn:
             planning.mark_sent(conn, plan.batch_ids)
         click.echo(
-            f"sent {sent} batches to queue {settings.queue!r} on {redact(settings.broker_url)}"
+            f"sent {sent} batches to queue {settings.queue!r} on {redact(settings.broker_url)} "
+            f"(planned and sent in {time.monotonic() - planning_started:.2f}s)"
         )
         if not (wait or check):
             click.echo("follow with: alembic counterfill status --watch")

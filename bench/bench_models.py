@@ -1,0 +1,42 @@
+"""Seed-shaped models for bench/backfill.py: users with three counters, follows, posts.
+
+Imported by the benchmark and, through ``[counterfill] metadata``, by the
+``dramatiq alembic_counterfill.worker`` processes it starts (bench/ is put on
+PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from alembic_counterfill import counter_cache
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(40))
+    followers_count: Mapped[int] = counter_cache("Follow.followed_id")
+    following_count: Mapped[int] = counter_cache("Follow.follower_id")
+    posts_count: Mapped[int] = counter_cache(
+        "Post.author_id", where=lambda: Post.published.is_(True)
+    )
+
+
+class Follow(Base):
+    __tablename__ = "follows"
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    follower_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    followed_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+
+
+class Post(Base):
+    __tablename__ = "posts"
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    author_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    published: Mapped[bool] = mapped_column(default=True)
