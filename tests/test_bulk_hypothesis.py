@@ -168,8 +168,8 @@ def test_random_bulk_and_orm_traffic_keeps_counters_exact(backend: str, request)
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=20,
-            stateful_step_count=40,
+            max_examples=15,
+            stateful_step_count=30,
             deadline=None,
             suppress_health_check=list(HealthCheck),
         ),
