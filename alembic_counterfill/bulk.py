@@ -1,13 +1,13 @@
 """Keep counters exact for ORM bulk statements run through ``Session.execute``.
 
-A ``do_orm_execute`` hook sees ``insert(Child)`` with rows, ``update(Child)``
-and ``delete(Child)`` with a WHERE, and bulk UPDATE by primary key. UPDATE and
-DELETE lock the matching child rows in key order, run the caller's statement
-and take the deltas from what the rows held before and after (RETURNING where
-it leaves the caller's result alone); INSERT is handled in :mod:`.bulk_insert`.
-Deltas go through :func:`.listeners.apply`, like a flush's. Core
-``Connection.execute`` and raw SQL never reach a session hook: ``verify``
-repairs what they change.
+A ``do_orm_execute`` hook sees ``insert(Child)`` with rows (and upserts),
+``update(Child)``/``delete(Child)`` with a WHERE, and bulk UPDATE by primary
+key, unless :func:`.pause.paused` is in effect. :mod:`.bulk_insert` and
+:mod:`.bulk_modify` run the caller's statement and work out the deltas; this
+module applies them through :func:`.listeners.apply`, like a flush's, plus
+exact recounts where deltas cannot be derived, locking parents in the order
+flushes do. Core ``Connection.execute`` and raw SQL never reach a session
+hook: ``alembic counterfill verify --fix`` repairs what they change.
 """
 
 from __future__ import annotations
@@ -210,6 +210,7 @@ def _plan_of(dml: Any) -> Any:
 
 
 def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
+    """Run a bulk statement that feeds counters and keep them exact; ``None`` passes others on."""
     stmt = state.statement
     if not stmt.is_dml or is_paused():
         return None

@@ -85,7 +85,11 @@ def _default(column: sa.Column[Any]) -> Any:
 
 
 def _column_values(plan: Any, rows: list[dict[Any, Any]], column: sa.Column[Any]) -> list[Any]:
-    names = list(dict.fromkeys([plan.mapper.get_property_by_column(column).key, column.key]))
+    try:
+        attr = plan.mapper.get_property_by_column(column).key
+    except sa.orm.exc.UnmappedColumnError:  # a column only Core statements can set
+        attr = column.key
+    names = list(dict.fromkeys([attr, column.key]))
     missing = _default(column)
     out: list[Any] = []
     for row in rows:
@@ -153,7 +157,8 @@ def _selected_parents(state: ORMExecuteState, plan: Any, dml: Any) -> dict[Count
             )
             continue
         col = list(sub.c)[names.index(counter.fk.key)]
-        out[counter] = {r[0] for r in state.session.execute(sa.select(col).distinct())}
+        params = state.parameters if isinstance(state.parameters, dict) else None
+        out[counter] = {r[0] for r in state.session.execute(sa.select(col).distinct(), params)}
     return out
 
 
