@@ -65,8 +65,12 @@ def counter_cache(
         )
     if where is not None and not callable(where):
         raise TypeError("counter_cache(where=...) must be a zero-argument callable (a lambda)")
-    # Importing counters registers the mapper hook that resolves declarations.
+    # Importing counters registers the mapper hook that resolves declarations;
+    # the Session hooks go in now so a first statement that is a bulk one is seen.
     from . import counters  # noqa: F401
+    from .listeners import install_session_hooks
+
+    install_session_hooks()
 
     if type_ is None:
         type_ = sa.BigInteger() if sum is not None else sa.Integer()

@@ -299,17 +299,28 @@ _installed: set[Mapper[Any]] = set()
 _session_listeners = False
 
 
+def install_session_hooks() -> None:
+    """Register the Session-level hooks once (flush and bulk statements; idempotent).
+
+    Called when the first counter is declared, so that even a process whose
+    first ORM statement is a bulk one (before any mapper is configured) is seen.
+    """
+    global _session_listeners
+    if _session_listeners:
+        return
+    event.listen(Session, "before_flush", _before_flush)
+    event.listen(Session, "after_flush", _after_flush)
+    event.listen(Session, "after_flush_postexec", _after_flush_postexec)
+    event.listen(Session, "after_soft_rollback", _discard)
+    from . import bulk
+
+    bulk.install()
+    _session_listeners = True
+
+
 def install(child_mapper: Mapper[Any]) -> None:
     """Attach the flush listeners for a child mapper (idempotent)."""
-    global _session_listeners
-    if not _session_listeners:
-        event.listen(Session, "before_flush", _before_flush)
-        event.listen(Session, "after_flush", _after_flush)
-        event.listen(Session, "after_flush_postexec", _after_flush_postexec)
-        event.listen(Session, "after_soft_rollback", _discard)
-        from . import bulk  # noqa: F401  - importing it registers the bulk-statement hook
-
-        _session_listeners = True
+    install_session_hooks()
     _plans.clear()  # a new counter may change any cached read plan
     if child_mapper in _installed:
         return

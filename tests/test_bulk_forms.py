@@ -506,12 +506,6 @@ with Session(engine) as s:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hook registers when listeners install (mapper configuration); a fresh process "
-    "whose first statement is a bulk one needs `from . import bulk` in alembic_counterfill/"
-    "__init__.py (owned by the lead)",
-)
 def test_bulk_statement_is_first_thing_a_fresh_process_does() -> None:
     import subprocess
     import sys
