@@ -238,7 +238,3 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
     from . import bulk_modify
 
     return bulk_modify.run(state, plan, dml, wrapped)
-
-
-# Registered on import: listeners.install() imports this module once a counter exists.
-install()

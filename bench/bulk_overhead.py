@@ -100,9 +100,6 @@ def main() -> None:
     parser.add_argument("--follows", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    # An app's first query configures its mappers, which installs the counter
-    # listeners; this script's first statement is a bulk one, so do it here.
-    sa.orm.configure_mappers()
 
     schema = None
     url = args.url

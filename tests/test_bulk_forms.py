@@ -453,8 +453,6 @@ def test_caller_sees_the_same_result_as_without_counters(
 def test_bulk_statement_on_unconfigured_models(tmp_path) -> None:  # noqa: ANN001
     # Brand-new mapped classes, never configured: the first thing they see is a bulk INSERT
     # (counters resolve at mapper configuration, which the ORM skips for bulk statements).
-    # Importing the module registers the hook, as the first configured counter would.
-    import alembic_counterfill.bulk  # noqa: F401
 
     class Fresh(DeclarativeBase):
         pass
