@@ -131,7 +131,9 @@ def profile(config: str | None, database_url: str | None, user_id: int | None, r
 
 @main.command()
 @click.option("--users", type=int, default=100_000, show_default=True, help="Users to generate.")
-@click.option("--seed", "seed_value", type=int, default=42, show_default=True)
+@click.option(
+    "--seed", "seed_value", type=int, default=42, show_default=True, help="Generator's random seed."
+)
 @click.option("--database-url", help="Database to use (default: SQLite file demo/demo.db).")
 @click.option("--broker-url", help="Broker for real workers (default: embedded, in-process).")
 @click.option(

@@ -20,7 +20,7 @@ from .errors import ExampleError
 from .models import Follow, Post, User
 
 
-def count_query() -> sa.Select[Any]:
+def count_query() -> sa.Select:
     """The profile read before counter caches: three ``COUNT(*)`` subqueries per page view."""
     followers = sa.select(sa.func.count()).where(Follow.followed_id == User.id)
     following = sa.select(sa.func.count()).where(Follow.follower_id == User.id)
@@ -34,7 +34,7 @@ def count_query() -> sa.Select[Any]:
     ).where(User.id == sa.bindparam("user_id"))
 
 
-def counter_query() -> sa.Select[Any]:
+def counter_query() -> sa.Select:
     """The profile read with counter caches: one row, no child table touched."""
     return sa.select(
         User.id,
@@ -106,7 +106,7 @@ def most_followed(connection: Connection) -> int:
     return int(row[0])
 
 
-def _time(connection: Connection, query: sa.Select[Any], user_id: int, repeat: int) -> Timing:
+def _time(connection: Connection, query: Any, user_id: int, repeat: int) -> Timing:
     # The first run fills SQLAlchemy's compiled cache and the database's page
     # cache; the timed runs then measure the database, not Python compilation.
     row = connection.execute(query, {"user_id": user_id}).one()
