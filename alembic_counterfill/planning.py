@@ -166,7 +166,12 @@ def _resume(connection: Connection, run_id: int) -> None:
     connection.execute(
         sa.update(r)
         .where(r.c.id == run_id)
-        .values(state=p.RUNNING, finished_at=None, batches_failed=r.c.batches_failed - reset)
+        .values(
+            state=p.RUNNING,
+            finished_at=None,
+            resumed_at=p.now(),
+            batches_failed=r.c.batches_failed - reset,
+        )
     )
     connection.execute(
         sa.update(c)

@@ -57,6 +57,8 @@ runs_table = sa.Table(
     sa.Column("rows_changed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    # Set when `enqueue` resumes the run: rate and ETA count from there.
+    sa.Column("resumed_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 batches_table = sa.Table(
@@ -145,6 +147,21 @@ def counter_rows(connection: Connection) -> dict[str, Any]:
     return {r["key"]: r for r in rows}
 
 
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
+
+
+def _rate(run: Any, since_resume: int) -> float | None:
+    """Batches per second since the run started, or since it was last resumed."""
+    end = _aware(run["finished_at"] or now())
+    start, done = _aware(run["created_at"]), run["batches_done"]
+    if run["resumed_at"] is not None:
+        start, done = _aware(run["resumed_at"]), since_resume
+    elapsed = (end - start).total_seconds()
+    return done / elapsed if done and elapsed > 0 else None
+
+
 def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
     """Status of each declared counter key, in the given order.
 
@@ -155,11 +172,12 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
     run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
     runs: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    since_resume: dict[int, int] = {}
     if run_ids:
-        for r in connection.execute(
+        for run_row in connection.execute(
             sa.select(runs_table).where(runs_table.c.id.in_(run_ids))
         ).mappings():
-            runs[r["id"]] = r
+            runs[run_row["id"]] = run_row
         failed = connection.execute(
             sa.select(batches_table.c.run_id, batches_table.c.error)
             .where(batches_table.c.run_id.in_(run_ids), batches_table.c.state == "failed")
@@ -167,6 +185,21 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
         )
         for run_id, error in failed:
             errors[run_id] = error
+        # A resumed run's rate counts only batches since the resume: the pause
+        # before it must not make the backfill look slow.
+        b, rt = batches_table, runs_table
+        for run_id, count in connection.execute(
+            sa.select(b.c.run_id, sa.func.count())
+            .join(rt, rt.c.id == b.c.run_id)
+            .where(
+                b.c.run_id.in_(run_ids),
+                b.c.state == "done",
+                rt.c.resumed_at.is_not(None),
+                b.c.finished_at >= rt.c.resumed_at,
+            )
+            .group_by(b.c.run_id)
+        ):
+            since_resume[run_id] = count
     out = []
     for key in keys:
         row = recorded.get(key)
@@ -181,16 +214,9 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
             st.batches_failed = run["batches_failed"]
             st.rows_changed = run["rows_changed"]
             st.last_error = errors.get(run["id"])
-            end = run["finished_at"] or now()
-            start = run["created_at"]
-            if start.tzinfo is None:  # SQLite returns naive datetimes
-                start = start.replace(tzinfo=dt.timezone.utc)
-            if end.tzinfo is None:
-                end = end.replace(tzinfo=dt.timezone.utc)
-            elapsed = (end - start).total_seconds()
-            if st.batches_done and elapsed > 0:
-                st.rate = st.batches_done / elapsed
-                remaining = st.batches_total - st.batches_done - st.batches_failed
+            st.rate = _rate(run, since_resume.get(run["id"], 0))
+            remaining = st.batches_total - st.batches_done - st.batches_failed
+            if st.rate:
                 st.eta_seconds = remaining / st.rate if remaining > 0 else 0.0
         out.append(st)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import uuid
 
@@ -197,3 +198,29 @@ def test_batch_size_must_be_positive(engine: sa.Engine) -> None:
     with pytest.raises(CounterfillError, match="at least 1"):
         _plan(engine, USER_COUNTERS, batch_size=0)
     assert run_rows(engine) == []
+
+
+def test_status_rate_of_a_resumed_run_counts_from_the_resume(engine: sa.Engine) -> None:
+    seed(engine, users=250)
+    counters = counters_by_key()
+    plan = _plan(engine, USER_COUNTERS)
+    run_inline(engine, counters, plan.batch_ids[:3])
+    again = _plan(engine, USER_COUNTERS)  # resumes the run
+    run_inline(engine, counters, again.batch_ids[:1])
+    now = progress.now()
+    b, r = progress.batches_table, progress.runs_table
+    with engine.begin() as conn:  # an old run, paused for an hour, resumed 10 s ago
+        conn.execute(
+            sa.update(r).values(
+                created_at=now - dt.timedelta(hours=2), resumed_at=now - dt.timedelta(seconds=10)
+            )
+        )
+        conn.execute(
+            sa.update(b)
+            .where(b.c.id.in_(plan.batch_ids[:3]))
+            .values(finished_at=now - dt.timedelta(hours=1))
+        )
+        (status,) = progress.statuses(conn, ["users.posts_count"])
+    assert status.batches_done == 4 and status.batches_total == 5
+    assert status.rate is not None and 0.05 < status.rate < 0.2  # 1 batch in ~10 s
+    assert status.eta_seconds is not None and 5 < status.eta_seconds < 20
