@@ -33,8 +33,8 @@ class ExampleMachine(CounterStateMachine):
         url = sa.make_url(self.url)
         if url.get_backend_name() != "postgresql":
             return sa.create_engine(url)
-        # A write waiting on a lock that this same thread's other session holds
-        # would hang the suite; with a lock timeout it fails and says where.
+        # Both sessions live in this one thread: a write waiting on a lock the
+        # other session holds would hang the suite; a lock timeout fails it instead.
         options = f"{url.query.get('options', '')} -c lock_timeout=1s".strip()
         return sa.create_engine(url, connect_args={"options": options})
 
@@ -63,18 +63,7 @@ def counter_mismatches_or_empty(engine: sa.Engine) -> list[tuple[Any, ...]]:
     return counter_mismatches(engine)
 
 
-# The machine's stale session writes while the main session still holds the row
-# locks of its flushed deltas; on PostgreSQL (one thread, two transactions) that
-# waits on itself. The machine ends the main transaction first on SQLite only;
-# doing the same on every backend makes this pass reliably (checked locally).
-SELF_DEADLOCK = pytest.mark.xfail(
-    reason="CounterStateMachine: stale-session write waits on the main session's locks "
-    "on PostgreSQL; commit the main session first on every backend",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=SELF_DEADLOCK)])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_random_orm_traffic_keeps_the_example_counters_exact(backend: str, request) -> None:  # noqa: ANN001
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
     machine = type("Machine", (ExampleMachine,), {"url": url})
