@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
+import sqlalchemy as sa
 
 from . import monitor, planning, runner
 from . import progress as p
@@ -82,33 +83,36 @@ def enqueue(
     if not in_process:
         assert settings.broker_url is not None
         broker = broker_from_url(settings.broker_url, sending=True)
-        ping(broker, settings.broker_url)  # before planning: an unreachable broker changes nothing
-    with engine.begin() as conn:
-        chosen = named if counters else planning.choose(conn, declared, (), everything)
-        if not chosen:
-            click.echo("nothing to backfill: every counter is active (use --all to recount)")
-            return
-        plan = planning.plan(conn, chosen, batch_size or settings.batch_size)
-    _describe_plan(engine, plan)
+    try:
+        if broker is not None and settings.broker_url:
+            ping(broker, settings.broker_url)  # before planning: a dead broker changes nothing
+        with engine.begin() as conn:
+            chosen = named if counters else planning.choose(conn, declared, (), everything)
+            if not chosen:
+                click.echo("nothing to backfill: every counter is active (use --all to recount)")
+                return
+            plan = planning.plan(conn, chosen, batch_size or settings.batch_size)
+        _describe_plan(engine, plan)
+        if broker is not None and settings.broker_url:
+            sent = send_batches(broker, settings.queue, plan.batch_ids)
+            with engine.begin() as conn:
+                planning.mark_sent(conn, plan.batch_ids)
+            click.echo(
+                f"sent {sent} batches to queue {settings.queue!r} on "
+                f"{redact(settings.broker_url)} "
+                f"(planned and sent in {time.monotonic() - planning_started:.2f}s)"
+            )
+    finally:
+        if broker is not None:
+            broker.close()
     started = time.monotonic()
     if in_process:
         _run_here(settings, plan, show=wait or check)
-    else:
-        assert broker is not None and settings.broker_url is not None
-        try:
-            sent = send_batches(broker, settings.queue, plan.batch_ids)
-        finally:
-            broker.close()
-        with engine.begin() as conn:
-            planning.mark_sent(conn, plan.batch_ids)
-        click.echo(
-            f"sent {sent} batches to queue {settings.queue!r} on {redact(settings.broker_url)} "
-            f"(planned and sent in {time.monotonic() - planning_started:.2f}s)"
-        )
-        if not (wait or check):
-            click.echo("follow with: alembic counterfill status --watch")
-            return
+    elif wait or check:
         monitor.wait(engine, plan.run_ids, stream=sys.stderr)
+    else:
+        click.echo("follow with: alembic counterfill status --watch")
+        return
     with engine.connect() as conn:
         lines = monitor.summary(conn, plan.run_ids, time.monotonic() - started)
         failed = monitor.read_progress(conn, plan.run_ids).batches_failed
@@ -125,8 +129,6 @@ def enqueue(
 
 
 def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
-    import sqlalchemy as sa
-
     r = p.runs_table
     with engine.connect() as conn:
         rows = conn.execute(sa.select(r.c.counter_keys).where(r.c.id.in_(run_ids))).scalars()
@@ -134,8 +136,6 @@ def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
 
 
 def _describe_plan(engine: Any, plan: planning.Plan) -> None:
-    import sqlalchemy as sa
-
     r = p.runs_table
     with engine.connect() as conn:
         runs = conn.execute(sa.select(r).where(r.c.id.in_(plan.run_ids)).order_by(r.c.id))
