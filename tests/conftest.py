@@ -97,3 +97,26 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def run_machine(request):  # noqa: ANN201 - returns the runner below
+    """Run a CounterStateMachine subclass (with a ``url`` attribute) on this param's database."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+    def run(machine: type, *, max_examples: int, steps: int = 30) -> None:
+        bound = type(machine.__name__, (machine,), {"url": url})
+        run_state_machine_as_test(
+            bound,
+            settings=settings(
+                max_examples=max_examples,
+                stateful_step_count=steps,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+
+    return run

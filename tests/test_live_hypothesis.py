@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, settings
-from hypothesis.stateful import invariant, run_state_machine_as_test
+from hypothesis.stateful import invariant
 from social import Base, User, assert_exact
 
 from alembic_counterfill.testing import CounterStateMachine
@@ -27,26 +26,13 @@ class SocialMachine(CounterStateMachine):
 
     @invariant()
     def independent_truth(self) -> None:
-        if self.engine.dialect.name == "sqlite" and (
-            self.session.in_transaction() or self.stale.in_transaction()
-        ):
+        if not self.committed_state_readable():
             return
         assert_exact(self.engine)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_random_orm_traffic_keeps_counters_exact(backend: str, request) -> None:  # noqa: ANN001
-    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
-    machine = type("Machine", (SocialMachine,), {"url": url})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=20,
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+def test_random_orm_traffic_keeps_counters_exact(run_machine) -> None:  # noqa: ANN001
+    run_machine(SocialMachine, max_examples=20)
 
 
 def test_machine_requires_make_engine() -> None:
