@@ -114,7 +114,9 @@ def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any
     conn = session.connection(bind_arguments={"mapper": mapper})
     if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
         for part in chunks(ids):
-            conn.execute(sql.lock_ids(counter.parent_table, counter.parent_pk, part))
+            conn.execute(
+                sql.lock_parents(counter.parent_table, counter.parent_pk, None, None, ids=part)
+            )
 
 
 def _recount(
@@ -129,7 +131,7 @@ def _recount(
     ids = sorted(set().union(*wanted.values()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
-        conn.execute(sql.recount_ids(counters, part))
+        conn.execute(sql.recount_range(counters, None, None, ids=part))
     for pid in ids:
         expire[(mapper, pid)].update(c.attr_key for c in counters)
 
