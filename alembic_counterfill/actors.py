@@ -41,6 +41,9 @@ MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 60_000
 TIME_LIMIT_MS = 300_000
 
+#: Longest pause between polls of an idle Redis queue by a worker.
+IDLE_POLL_MS = 100
+
 
 def redact(url: str) -> str:
     """``url`` with its password hidden, for messages."""
@@ -64,7 +67,15 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
 
         if sending:
             return RedisBroker(client=redis.Redis.from_url(url, socket_connect_timeout=5))
-        return RedisBroker(url=url)
+
+        class _Broker(RedisBroker):
+            def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+                # An idle Redis consumer backs off to the worker timeout (1 s)
+                # between polls, which a freshly enqueued backfill waits out;
+                # polling every IDLE_POLL_MS costs Redis next to nothing.
+                return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
+
+        return _Broker(url=url)
     if scheme in ("amqp", "amqps"):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 

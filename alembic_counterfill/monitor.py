@@ -127,7 +127,7 @@ def wait(
     run_ids: Sequence[int],
     *,
     stream: TextIO,
-    interval: float = 0.2,
+    interval: float = 0.1,
     hint_after: float = 20.0,
     label: str = "backfill",
 ) -> RunsProgress:
