@@ -25,31 +25,13 @@ from contextlib import nullcontext
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from bench_models import Base, Follow, User
+from sqlalchemy.orm import Session
 
-from alembic_counterfill import counter_cache, paused
+from alembic_counterfill import paused
 from alembic_counterfill.testing import find_drift
 
 PG_URL = os.environ.get("COUNTERFILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class User(Base):
-    __tablename__ = "users"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(40))
-    followers_count: Mapped[int] = counter_cache("Follow.followed_id")
-    following_count: Mapped[int] = counter_cache("Follow.follower_id")
-
-
-class Follow(Base):
-    __tablename__ = "follows"
-    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
-    follower_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
-    followed_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
 
 
 def reset(engine: sa.Engine, users: int) -> None:
