@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import sqlalchemy as sa
+from hypothesis.stateful import invariant
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from alembic_counterfill import counter_cache
+from alembic_counterfill.testing import CounterStateMachine
 
 
 class Base(DeclarativeBase):
@@ -90,3 +92,22 @@ def assert_exact(engine: sa.Engine) -> None:
         t, c = truth(conn), cached(conn)
     wrong = {u: (c[u], t[u]) for u in t if c[u] != t[u]}
     assert not wrong, f"drift (cached, truth): {wrong}"
+
+
+class SocialMachine(CounterStateMachine):
+    """The library's state machine on these models, plus this module's independent truth."""
+
+    base = Base
+    url = ""
+
+    def make_engine(self) -> sa.Engine:
+        return sa.create_engine(self.url)
+
+    def make_parent(self, cls: type) -> object:
+        return cls(name="h")
+
+    @invariant()
+    def independent_truth(self) -> None:
+        if not self.committed_state_readable():
+            return
+        assert_exact(self.engine)

@@ -7,28 +7,9 @@ adds a second, independent check with the test's own GROUP BY queries.
 from __future__ import annotations
 
 import pytest
-import sqlalchemy as sa
-from hypothesis.stateful import invariant
-from social import Base, User, assert_exact
+from social import Base, SocialMachine, User
 
 from alembic_counterfill.testing import CounterStateMachine
-
-
-class SocialMachine(CounterStateMachine):
-    base = Base
-    url = ""
-
-    def make_engine(self) -> sa.Engine:
-        return sa.create_engine(self.url)
-
-    def make_parent(self, cls: type) -> object:
-        return cls(name="h")
-
-    @invariant()
-    def independent_truth(self) -> None:
-        if not self.committed_state_readable():
-            return
-        assert_exact(self.engine)
 
 
 def test_random_orm_traffic_keeps_counters_exact(run_machine) -> None:  # noqa: ANN001
