@@ -31,6 +31,8 @@ def counter_key(table_name: str, column_name: str) -> str:
 class _CounterRequestOp(MigrateOperation):
     """Shared data of the request op and its reverse: which counter column."""
 
+    op_name = ""  # the op's name in migrations and diff tuples
+
     def __init__(self, table_name: str, column_name: str, *, schema: str | None = None) -> None:
         self.table_name = table_name
         self.column_name = column_name
@@ -44,10 +46,16 @@ class _CounterRequestOp(MigrateOperation):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key}>"
 
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        """How ``compare_metadata()`` and ``alembic check`` list this op."""
+        return (self.op_name, self.schema, self.table_name, self.column_name)
+
 
 @Operations.register_operation("request_counter_backfill")
 class RequestCounterBackfillOp(_CounterRequestOp):
     """Record a counter column as pending: ``alembic counterfill enqueue`` will backfill it."""
+
+    op_name = "request_counter_backfill"
 
     @classmethod
     def request_counter_backfill(
@@ -73,14 +81,12 @@ class RequestCounterBackfillOp(_CounterRequestOp):
         """The downgrade: forget the request."""
         return CancelCounterBackfillOp(self.table_name, self.column_name, schema=self.schema)
 
-    def to_diff_tuple(self) -> tuple[Any, ...]:
-        """How ``compare_metadata()`` and ``alembic check`` list this op."""
-        return ("request_counter_backfill", self.schema, self.table_name, self.column_name)
-
 
 @Operations.register_operation("cancel_counter_backfill")
 class CancelCounterBackfillOp(_CounterRequestOp):
     """Forget a counter's backfill request and state (the reverse of the request)."""
+
+    op_name = "cancel_counter_backfill"
 
     @classmethod
     def cancel_counter_backfill(
@@ -101,10 +107,6 @@ class CancelCounterBackfillOp(_CounterRequestOp):
     def reverse(self) -> RequestCounterBackfillOp:
         """The reverse of forgetting is asking again."""
         return RequestCounterBackfillOp(self.table_name, self.column_name, schema=self.schema)
-
-    def to_diff_tuple(self) -> tuple[Any, ...]:
-        """How ``compare_metadata()`` and ``alembic check`` list this op."""
-        return ("cancel_counter_backfill", self.schema, self.table_name, self.column_name)
 
 
 @Operations.implementation_for(RequestCounterBackfillOp)

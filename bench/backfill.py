@@ -56,28 +56,26 @@ SEED_SUBQUERY = {
     "posts_count": "SELECT count(*) FROM posts p WHERE p.author_id = users.id AND p.published",
 }
 
-MONOLITHIC = """
+# The true value of each counter, joined to every user (u): shared by (b) and the drift check.
+TRUTH_JOINS = """
+LEFT JOIN (SELECT followed_id AS k, count(*) AS n FROM follows GROUP BY followed_id) f1
+       ON f1.k = u.id
+LEFT JOIN (SELECT follower_id AS k, count(*) AS n FROM follows GROUP BY follower_id) f2
+       ON f2.k = u.id
+LEFT JOIN (SELECT author_id AS k, count(*) AS n FROM posts WHERE published GROUP BY author_id) p
+       ON p.k = u.id
+"""
+
+MONOLITHIC = f"""
 UPDATE users SET followers_count = coalesce(f1.n, 0), following_count = coalesce(f2.n, 0),
                  posts_count = coalesce(p.n, 0)
 FROM users u
-LEFT JOIN (SELECT followed_id AS k, count(*) AS n FROM follows GROUP BY followed_id) f1
-       ON f1.k = u.id
-LEFT JOIN (SELECT follower_id AS k, count(*) AS n FROM follows GROUP BY follower_id) f2
-       ON f2.k = u.id
-LEFT JOIN (SELECT author_id AS k, count(*) AS n FROM posts WHERE published GROUP BY author_id) p
-       ON p.k = u.id
-WHERE users.id = u.id
+{TRUTH_JOINS}WHERE users.id = u.id
 """
 
-DRIFT = """
+DRIFT = f"""
 SELECT count(*) FROM users u
-LEFT JOIN (SELECT followed_id AS k, count(*) AS n FROM follows GROUP BY followed_id) f1
-       ON f1.k = u.id
-LEFT JOIN (SELECT follower_id AS k, count(*) AS n FROM follows GROUP BY follower_id) f2
-       ON f2.k = u.id
-LEFT JOIN (SELECT author_id AS k, count(*) AS n FROM posts WHERE published GROUP BY author_id) p
-       ON p.k = u.id
-WHERE u.followers_count <> coalesce(f1.n, 0) OR u.following_count <> coalesce(f2.n, 0)
+{TRUTH_JOINS}WHERE u.followers_count <> coalesce(f1.n, 0) OR u.following_count <> coalesce(f2.n, 0)
    OR u.posts_count <> coalesce(p.n, 0)
 """
 
