@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import buffer
 from . import progress as p
 from . import sql
 from .counters import Counter
@@ -103,7 +104,7 @@ def run_batch(
         lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
         if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
-        changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
+        changed = buffer.recount(conn, chosen, lo, hi)
         finished = _finish(conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed)
         conn.commit()
     seconds = time.monotonic() - started

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, configure_mappers
 
 from . import counters as _counters
-from . import listeners, sql
+from . import buffer, listeners, sql
 from .counters import Counter
 from .pause import is_paused
 
@@ -131,7 +131,7 @@ def _recount(
     ids = sorted(set().union(*wanted.values()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
-        conn.execute(sql.recount_range(counters, None, None, ids=part))
+        buffer.recount(conn, counters, None, None, ids=part)
     for pid in ids:
         expire[(mapper, pid)].update(c.attr_key for c in counters)
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import visitors
 
-from . import sql
+from . import buffer, folding, sql
 from .counters import Counter, counters_of_child
 from .pause import is_paused
 
@@ -274,9 +274,17 @@ def apply(session: Session, deltas: dict[Any, dict[Any, dict[Counter, Any]]]) ->
             continue
         any_counter = next(iter(next(iter(deltas[parent_mapper].values()))))
         connection = session.connection(bind_arguments={"mapper": parent_mapper})
-        sql.apply_deltas(connection, any_counter.parent_table, any_counter.parent_pk, per_parent)
+        table = any_counter.parent_table
+        # Buffered (hot-parent) counters append to their deltas table instead.
+        per_parent, appended = buffer.split(table, per_parent)
+        if appended:
+            buffer.append(connection, table, appended)
+            folding.appended(session, table, appended)
+        sql.apply_deltas(connection, table, any_counter.parent_pk, per_parent)
         for pid, ds in deltas[parent_mapper].items():
-            expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
+            unbuffered = [c.attr_key for c in ds if not buffer.is_buffered(c)]
+            if unbuffered:
+                expire[(parent_mapper, pid)].update(unbuffered)
 
 
 def _after_flush_postexec(session: Session, flush_context: UOWTransaction) -> None:

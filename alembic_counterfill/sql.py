@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
+from . import buffer
 from .counters import Counter
 
 
@@ -182,10 +183,12 @@ def drift_rows(
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
     joined, truths = truth_columns(counters, table, pk, lo, hi, ids=ids)
+    # A buffered counter's cache is its column plus its pending deltas (same snapshot).
+    cached = [buffer.cached(c) for c in counters]
     cols: list[Any] = [pk.label("pk")]
-    for i, (c, t) in enumerate(zip(counters, truths, strict=True)):
-        cols += [c.column.label(f"cached{i}"), t.label(f"actual{i}")]
-    differs = sa.or_(*[c.column.is_distinct_from(t) for c, t in zip(counters, truths, strict=True)])
+    for i, (c, t) in enumerate(zip(cached, truths, strict=True)):
+        cols += [c.label(f"cached{i}"), t.label(f"actual{i}")]
+    differs = sa.or_(*[c.is_distinct_from(t) for c, t in zip(cached, truths, strict=True)])
     return sa.select(*cols).select_from(joined).where(_scope(pk, lo, hi, ids), differs).order_by(pk)
 
 

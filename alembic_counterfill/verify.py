@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import sql
+from . import buffer, sql
 from .counters import Counter
 from .planning import next_boundary
 
@@ -116,6 +116,6 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                         Drift(counter.key, table.name, row.pk, counter.name, cached, actual, fix)
                     )
         if fix and rows:
-            conn.execute(sql.recount_range(group, None, None, ids=[r.pk for r in rows]))
+            buffer.recount(conn, group, None, None, ids=[r.pk for r in rows])
         conn.commit()
     return out
