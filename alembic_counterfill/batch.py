@@ -16,9 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import buffer
+from . import buffer, sql
 from . import progress as p
-from . import sql
 from .counters import Counter
 from .errors import ConfigurationError, CounterfillError
 from .planning import decode_key

@@ -24,8 +24,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, configure_mappers
 
-from . import counters as _counters
 from . import buffer, listeners, sql
+from . import counters as _counters
 from .counters import Counter
 from .pause import is_paused
 

@@ -217,9 +217,7 @@ def pending(conn: Connection, parent: sa.Table) -> Pending:
     deltas = buffer.deltas_of(parent)
     if deltas is None or not sa.inspect(conn).has_table(deltas.name, schema=deltas.schema):
         return Pending(parent.name, 0, None)
-    count, oldest = conn.execute(
-        sa.select(sa.func.count(), sa.func.min(deltas.c.created_at))
-    ).one()
+    count, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(deltas.c.created_at))).one()
     age = None
     if oldest is not None:
         if oldest.tzinfo is None:

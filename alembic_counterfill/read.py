@@ -25,9 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ColumnProperty, Mapper, Session
 
-from . import buffer
+from . import buffer, sql
 from . import progress as p
-from . import sql
 from .counters import Counter
 from .declaration import spec_of
 from .errors import UnknownCounterError
