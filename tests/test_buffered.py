@@ -71,7 +71,14 @@ def assert_exact_then_fold(engine: sa.Engine) -> None:
 def test_deltas_table_is_created_with_the_models(db: sa.Engine) -> None:
     with db.connect() as conn:
         columns = {c["name"] for c in sa.inspect(conn).get_columns("counterfill_deltas_users")}
-    assert columns == {"id", "parent_id", "created_at", "followers_count", "posts_count", "likes_total"}
+    assert columns == {
+        "id",
+        "parent_id",
+        "created_at",
+        "followers_count",
+        "posts_count",
+        "likes_total",
+    }
 
 
 def test_flush_writes_append_deltas_and_reads_stay_exact(db: sa.Engine) -> None:
