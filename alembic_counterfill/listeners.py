@@ -275,16 +275,18 @@ def apply(session: Session, deltas: dict[Any, dict[Any, dict[Counter, Any]]]) ->
         any_counter = next(iter(next(iter(deltas[parent_mapper].values()))))
         connection = session.connection(bind_arguments={"mapper": parent_mapper})
         table = any_counter.parent_table
-        # Buffered (hot-parent) counters append to their deltas table instead.
-        per_parent, appended = buffer.split(table, per_parent)
-        if appended:
-            buffer.append(connection, table, appended)
-            folding.appended(session, table, appended)
+        buffered = buffer.deltas_of(table) is not None
+        if buffered:
+            # Buffered (hot-parent) counters append to their deltas table instead.
+            per_parent, appended = buffer.split(table, per_parent)
+            if appended:
+                buffer.append(connection, table, appended)
+                folding.appended(session, table, appended)
         sql.apply_deltas(connection, table, any_counter.parent_pk, per_parent)
         for pid, ds in deltas[parent_mapper].items():
-            unbuffered = [c.attr_key for c in ds if not buffer.is_buffered(c)]
-            if unbuffered:
-                expire[(parent_mapper, pid)].update(unbuffered)
+            if buffered:  # a buffered column did not change: nothing to reload
+                ds = {c: d for c, d in ds.items() if not buffer.is_buffered(c)}
+            expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
 
 
 def _after_flush_postexec(session: Session, flush_context: UOWTransaction) -> None:
