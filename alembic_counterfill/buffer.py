@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 
-from .errors import CounterDeclarationError
+from .errors import CounterDeclarationError, DatabaseError
 
 #: Prefix of every deltas table's name.
 PREFIX = "counterfill_deltas_"
@@ -129,12 +129,27 @@ def is_buffered(counter: Any) -> bool:
     return table is not None and counter.column.name in table.c
 
 
+#: Dialects whose SQL can fold and recount buffered counters exactly.
+SUPPORTED = frozenset({"postgresql", "sqlite"})
+
+
+def check_dialect(connection: Connection, parent: sa.Table) -> None:
+    """Refuse buffered counters on databases where folds and recounts cannot be exact."""
+    name = connection.dialect.name
+    if name not in SUPPORTED:
+        raise DatabaseError(
+            f"{parent.name}: buffered counters (counter_cache(..., buffered=True)) are not "
+            f"supported on {name}; declare them without buffered=True, or use PostgreSQL"
+        )
+
+
 def append(
     connection: Connection,
     parent: sa.Table,
     deltas: Mapping[Any, Mapping[sa.Column[Any], Any]],
 ) -> None:
     """Append one deltas row per parent (``deltas[parent_id][counter column] = d``): insert only."""
+    check_dialect(connection, parent)
     table = _tables[parent]
     rows = []
     names = sorted({col.name for d in deltas.values() for col in d})
@@ -217,6 +232,7 @@ def recount(
     stmt = sql.recount_range(counters, lo, hi, ids=ids)
     if not any(is_buffered(c) for c in counters):
         return int(connection.execute(stmt).rowcount)
+    check_dialect(connection, counters[0].parent_table)
     gone = discard(counters, lo, hi, ids)
     if connection.dialect.name == "postgresql":
         table = _tables[counters[0].parent_table]

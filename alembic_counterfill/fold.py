@@ -111,6 +111,7 @@ def fold_chunk(
     deltas = buffer.deltas_of(parent)
     if deltas is None:
         return FoldOutcome()
+    buffer.check_dialect(conn, parent)
     pk = next(iter(parent.primary_key.columns))
     pick = sa.select(deltas.c.parent_id).distinct().order_by(deltas.c.parent_id).limit(chunk)
     if ids is not None:

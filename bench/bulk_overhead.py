@@ -31,8 +31,8 @@ from contextlib import nullcontext
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from bench_models import Base, Follow, User
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from alembic_counterfill import paused
@@ -78,10 +78,7 @@ def recount(ids: list[int], dialect: str) -> Any:
     for fk in (f.c.followed_id, f.c.follower_id):
         cond = fk == among if among is not None else fk.in_(ids)
         groups.append(
-            sa.select(fk.label("k"), sa.func.count().label("n"))
-            .where(cond)
-            .group_by(fk)
-            .subquery()
+            sa.select(fk.label("k"), sa.func.count().label("n")).where(cond).group_by(fk).subquery()
         )
     u = User.__table__.alias("u")
     scope = u.c.id == among if among is not None else u.c.id.in_(ids)

@@ -211,7 +211,8 @@ def main() -> None:
         wrong = [c for c in checks if c[0] != c[1]]
         base = statistics.median(rates[UNCOUNTED])
         print(
-            f"{args.threads} threads, one parent each mode, {args.rounds} x {args.seconds:.0f}s per mode:"
+            f"{args.threads} threads, one parent per mode, "
+            f"{args.rounds} x {args.seconds:.0f}s per mode:"
         )
         for mode in order:
             rate = statistics.median(rates[mode])
@@ -224,7 +225,8 @@ def main() -> None:
         )
         print(f"counter_value() == COUNT(*) in {len(checks) - len(wrong)}/{len(checks)} snapshots")
         print(
-            f"after the final fold: column {column}, COUNT(*) {truth}; unbuffered {fans} vs {fans_truth}"
+            f"after the final fold: column {column}, COUNT(*) {truth}; "
+            f"unbuffered {fans} vs {fans_truth}"
         )
         ok = not wrong and column == truth and fans == fans_truth
         print("exact: yes" if ok else f"exact: NO {wrong[:5]}")

@@ -272,3 +272,12 @@ def test_reserved_counter_name_is_refused() -> None:
             __tablename__ = "parents"
             id: Mapped[int] = mapped_column(primary_key=True)
             created_at: Mapped[int] = counter_cache("Child.parent_id", buffered=True)
+
+
+def test_other_databases_are_refused_with_a_clear_error() -> None:
+    from alembic_counterfill.buffer import check_dialect
+    from alembic_counterfill.errors import DatabaseError
+
+    mock = sa.create_mock_engine("mysql://", lambda *a, **k: None)
+    with pytest.raises(DatabaseError, match="not supported on mysql; declare them without"):
+        check_dialect(mock, User.__table__)  # type: ignore[arg-type]
