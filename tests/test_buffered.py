@@ -281,3 +281,27 @@ def test_other_databases_are_refused_with_a_clear_error() -> None:
     mock = sa.create_mock_engine("mysql://", lambda *a, **k: None)
     with pytest.raises(DatabaseError, match="not supported on mysql; declare them without"):
         check_dialect(mock, User.__table__)  # type: ignore[arg-type]
+
+
+def test_autogenerate_creates_the_deltas_table(sqlite_url: str) -> None:
+    from alembic.autogenerate import produce_migrations
+    from alembic.operations import ops
+    from alembic.runtime.migration import MigrationContext
+
+    from alembic_counterfill import autogen
+
+    engine = sa.create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            # Only the parent and children exist: the app turned a counter buffered.
+            Base.metadata.create_all(
+                conn, tables=[User.__table__, Follow.__table__, Post.__table__]
+            )
+            migration = produce_migrations(MigrationContext.configure(conn), Base.metadata)
+        autogen.compare(None, migration.upgrade_ops, None)
+        created = [o for o in migration.upgrade_ops.ops if isinstance(o, ops.CreateTableOp)]
+        assert [o.table_name for o in created] == ["counterfill_deltas_users"]
+        names = [c.name for c in created[0].columns if isinstance(c, sa.Column)]
+        assert set(names) >= {"parent_id", "followers_count", "posts_count", "likes_total"}
+    finally:
+        engine.dispose()
