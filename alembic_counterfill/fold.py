@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from . import buffer
+from .arrays import array_param
 
 log = logging.getLogger("alembic_counterfill.fold")
 
@@ -140,7 +140,7 @@ def _fold_postgresql(
     names: list[str],
     chosen: list[Any],
 ) -> tuple[int, Any]:
-    ids = sa.bindparam("fold_ids", chosen, type_=postgresql.ARRAY(pk.type))
+    ids = array_param(chosen, pk.type)
     locked = (
         sa.select(pk).where(pk == sa.any_(ids)).order_by(pk).with_for_update(key_share=True)
     ).subquery("locked")

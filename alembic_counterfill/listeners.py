@@ -283,7 +283,13 @@ def apply(session: Session, deltas: dict[Any, dict[Any, dict[Counter, Any]]]) ->
                 buffer.append(connection, table, appended)
                 folding.appended(session, table, appended)
         sql.apply_deltas(connection, table, any_counter.parent_pk, per_parent)
+        # Only parents loaded in this session need expiring: skip the rest
+        # (a bulk statement may touch 10,000 parents and load none of them).
+        ident_cls = parent_mapper.identity_key_from_primary_key((None,))[0]
+        loaded = {k[1][0] for k in session.identity_map.keys() if k[0] is ident_cls}
         for pid, ds in deltas[parent_mapper].items():
+            if pid not in loaded:
+                continue
             if buffered:  # a buffered column did not change: nothing to reload
                 ds = {c: d for c, d in ds.items() if not buffer.is_buffered(c)}
             expire[(parent_mapper, pid)].update(c.attr_key for c in ds)

@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from . import buffer
+from .arrays import array_param
 from .counters import Counter
 
 
@@ -39,8 +39,7 @@ def pk_filter(
     if len(columns) == 1:
         values = [k[0] for k in keys]
         if dialect == "postgresql":
-            array = sa.bindparam("pk_keys", values, type_=postgresql.ARRAY(columns[0].type))
-            return columns[0] == sa.any_(array)
+            return columns[0] == sa.any_(array_param(values, columns[0].type, "pk_keys"))
         return columns[0].in_(values)
     return sa.tuple_(*columns).in_(keys)
 
@@ -223,17 +222,15 @@ def apply_deltas(
         if len(ids) > 1:
             locked = (
                 sa.select(pk)
-                .where(pk == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))))
+                .where(pk == sa.any_(array_param(ids, pk.type)))
                 .order_by(pk)
                 .with_for_update(key_share=True)
                 .subquery("locked")
             )
-            connection.execute(sa.select(sa.func.count()).select_from(locked), {"ids": ids})
-        params: dict[str, Any] = {"ids": ids}
-        arrays = [sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))]
-        for i, col in enumerate(columns):
-            params[f"d{i}"] = [deltas[x].get(col, 0) for x in ids]
-            arrays.append(sa.bindparam(f"d{i}", type_=postgresql.ARRAY(col.type)))
+            connection.execute(sa.select(sa.func.count()).select_from(locked))
+        arrays = [array_param(ids, pk.type)]
+        for col in columns:
+            arrays.append(array_param([deltas[x].get(col, 0) for x in ids], col.type))
         v = (
             sa.func.unnest(*arrays)
             .table_valued("pk", *[f"d{i}" for i in range(len(columns))])
@@ -244,7 +241,7 @@ def apply_deltas(
             .values({col.name: col + v.c[f"d{i}"] for i, col in enumerate(columns)})
             .where(pk == v.c.pk)
         )
-        connection.execute(stmt, params)
+        connection.execute(stmt)
         return
     stmt = (
         sa.update(table)
@@ -284,10 +281,7 @@ def key_restriction(
     """
     if dialect_name != "postgresql":
         return pk_filter(pk_columns, keys)
-    arrays = [
-        sa.bindparam(None, [k[j] for k in keys], type_=postgresql.ARRAY(col.type))
-        for j, col in enumerate(pk_columns)
-    ]
+    arrays = [array_param([k[j] for k in keys], col.type) for j, col in enumerate(pk_columns)]
     if len(pk_columns) == 1:
         return pk_columns[0] == sa.any_(arrays[0])
     return sa.tuple_(*pk_columns).in_(sa.select(*[sa.func.unnest(a) for a in arrays]))
