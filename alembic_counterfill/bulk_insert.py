@@ -70,7 +70,7 @@ def _rows(state: ORMExecuteState, dml: Any) -> list[dict[Any, Any]]:
         return rows
     params: Any = state.parameters
     if isinstance(params, list):
-        return [{**fixed, **p} for p in params] if fixed else params
+        return [{**fixed, **row} for row in params] if fixed else params
     return [{**fixed, **(params or {})}]
 
 

@@ -66,7 +66,7 @@ def may_change(state: ORMExecuteState, plan: WritePlan, dml: Any) -> bool:
     relevant = plan.watched_names
     if relevant is None:
         return True
-    known = {p.key for p in plan.mapper.column_attrs} | {c.key for c in plan.table.columns}
+    known = {prop.key for prop in plan.mapper.column_attrs} | {c.key for c in plan.table.columns}
     names = written(state, dml)
     # Unknown names (bind parameters of the WHERE, hybrids) are treated as relevant.
     return bool(names & relevant) or bool(names - known)
@@ -131,8 +131,8 @@ def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool
     if not isinstance(params, list):  # one parameter set: rows come unique and in key order
         return list(state.session.execute(stmt, params or None).all())
     seen: dict[Key, Any] = {}
-    for p in params:
-        for row in state.session.execute(stmt, p or None).all():
+    for one in params:
+        for row in state.session.execute(stmt, one or None).all():
             seen.setdefault(tuple(row[: len(plan.pk_columns)]), row)
     return [seen[k] for k in sorted(seen)]
 

@@ -125,9 +125,9 @@ def recount_range(
     those parents (verify's repairs).
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
-    p = table.alias("p")
-    p_pk = p.c[pk.key]
-    joined, truths = truth_columns(counters, p, p_pk, lo, hi, ids=ids)
+    parent = table.alias("p")
+    p_pk = parent.c[pk.key]
+    joined, truths = truth_columns(counters, parent, p_pk, lo, hi, ids=ids)
     truth = (
         sa.select(p_pk.label("pk"), *[t.label(f"t{i}") for i, t in enumerate(truths)])
         .select_from(joined)
