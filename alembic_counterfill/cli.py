@@ -188,7 +188,7 @@ def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.Counter
         return progress.statuses(connection, keys)
 
 
-def describe(counter: Counter) -> str:
+def describe_counter(counter: Counter) -> str:
     """What a counter counts, e.g. ``COUNT(follows) BY follows.followed_id``."""
     child = counter.child_table.name
     what = (
@@ -244,7 +244,8 @@ def list_(settings: Settings, as_json: bool) -> None:
         return
     click.echo(
         _table(
-            ("COUNTER", "STATE", "COUNTS"), [(c.key, states[c.key], describe(c)) for c in counters]
+            ("COUNTER", "STATE", "COUNTS"),
+            [(c.key, states[c.key], describe_counter(c)) for c in counters],
         )
     )
 
