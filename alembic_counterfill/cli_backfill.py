@@ -170,7 +170,7 @@ def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_
     """Run verify, print each drift, exit 1 on unrepaired drift."""
     shown = 0
 
-    def show(drift: verifying.Drift) -> None:
+    def show(drift: verifying.Finding) -> None:
         nonlocal shown
         if not as_json:
             if shown == 0:
