@@ -135,7 +135,7 @@ def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
         return [keys.split(",") for keys in rows]
 
 
-def _describe_plan(engine: Any, plan: planning.Plan) -> None:
+def _describe_plan(engine: Any, plan: planning.BackfillPlan) -> None:
     r = p.runs_table
     with engine.connect() as conn:
         runs = conn.execute(sa.select(r).where(r.c.id.in_(plan.run_ids)).order_by(r.c.id))
@@ -148,7 +148,7 @@ def _describe_plan(engine: Any, plan: planning.Plan) -> None:
             )
 
 
-def _run_here(settings: Settings, plan: planning.Plan, *, show: bool) -> None:
+def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) -> None:
     engine = settings.engine()
     counters = {c.key: c for c in settings.counters()}
     bar = monitor.Bar(sys.stderr, "backfill") if show else None

@@ -2,7 +2,7 @@
 
 Every write path (flush, bulk INSERT, bulk UPDATE/DELETE) asks :func:`plan_for`
 (or :func:`plan_for_statement`) first; ``None`` means the write touches no
-counter. Not to be confused with :class:`.planning.Plan`, a backfill's batches.
+counter. Not to be confused with :class:`.planning.BackfillPlan`, a backfill's batches.
 """
 
 from __future__ import annotations
