@@ -26,11 +26,16 @@ if TYPE_CHECKING:
     from .config import Settings
 
 
-def _counters(settings: Settings, names: Sequence[str]) -> tuple[list[Counter], list[Counter]]:
-    """(declared, named) counters; an unknown name is a usage error (exit 2) naming it."""
+def chosen_counters(
+    settings: Settings, names: Sequence[str]
+) -> tuple[list[Counter], list[Counter]]:
+    """(declared, named) counters, every declared one if none is named.
+
+    An unknown name is a usage error (exit 2) naming it.
+    """
     declared = settings.counters()
     try:
-        return declared, select_counters(declared, names)
+        return declared, (select_counters(declared, names) if names else declared)
     except UnknownCounterError as exc:
         raise click.BadParameter(str(exc), param_hint="COUNTER") from None
 
@@ -75,7 +80,7 @@ def enqueue(
     """
     if counters and everything:
         raise click.UsageError("give COUNTER names or --all, not both")
-    declared, named = _counters(settings, counters)
+    declared, named = chosen_counters(settings, counters)
     engine = settings.engine()
     in_process = inline or not settings.broker_url
     planning_started = time.monotonic()
@@ -204,7 +209,7 @@ def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bo
     Default: every active counter (pending ones are expected to be wrong until
     their backfill). Each drift prints as table, id, column, cached, actual.
     """
-    declared, named = _counters(settings, counters)
+    declared, named = chosen_counters(settings, counters)
     chosen = named
     if not counters:
         with settings.engine().connect() as conn:
