@@ -78,8 +78,10 @@ def enqueue(
     Re-running resumes: only batches that are not done are sent again. Without
     a broker_url (or with --inline) the batches run here, one after another.
     """
-    if counters and everything:
-        raise click.UsageError("give COUNTER names or --all, not both")
+    try:
+        planning.check_choice(counters, everything)
+    except CounterfillError as exc:  # exit 2: the arguments are wrong
+        raise click.UsageError(str(exc)) from None
     declared, named = chosen_counters(settings, counters)
     engine = settings.engine()
     in_process = inline or not settings.broker_url

@@ -89,6 +89,12 @@ class BackfillPlan:
     counter_keys: list[str] = field(default_factory=list)
 
 
+def check_choice(names: Sequence[str], everything: bool) -> None:
+    """Counter names or ``--all``, not both: raise :class:`~.errors.CounterfillError` otherwise."""
+    if names and everything:
+        raise CounterfillError("give counter names or --all, not both")
+
+
 def choose(
     connection: Connection, counters: Sequence[Counter], names: Sequence[str], everything: bool
 ) -> list[Counter]:
@@ -96,8 +102,7 @@ def choose(
 
     Raises :class:`~.errors.UnknownCounterError` naming an unknown counter.
     """
-    if names and everything:
-        raise CounterfillError("give counter names or --all, not both")
+    check_choice(names, everything)
     if names:
         return select_counters(counters, names)
     if everything:
