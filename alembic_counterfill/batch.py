@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import buffer, sql
 from . import progress as p
+from . import sql
 from .counters import Counter
 from .errors import ConfigurationError, CounterfillError
 from .planning import decode_key
@@ -103,7 +103,9 @@ def run_batch(
         lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
         if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
-        changed = buffer.recount(conn, chosen, lo, hi)
+        # Buffered counters: the recount also removes the range's pending deltas.
+        for stmt in sql.recount_statements(chosen, lo, hi, dialect=conn.dialect.name):
+            changed = conn.execute(stmt).rowcount
         finished = _finish(conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed)
         conn.commit()
     seconds = time.monotonic() - started
@@ -215,15 +217,3 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
         conn.commit()
     log.error("batch %d failed: %s", batch_id, error)
     return newly
-
-
-def batch_ids_of(conn: Connection, run_ids: list[int], states: list[str]) -> list[Any]:
-    """Ids of the batches of ``run_ids`` in any of ``states``, in run and key order."""
-    b = p.batches_table
-    return list(
-        conn.execute(
-            sa.select(b.c.id)
-            .where(b.c.run_id.in_(run_ids), b.c.state.in_(states))
-            .order_by(b.c.run_id, b.c.seq)
-        ).scalars()
-    )

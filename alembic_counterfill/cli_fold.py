@@ -13,8 +13,8 @@ import click
 
 from . import buffer
 from . import fold as folding
-from .counters import Counter, select_counters
-from .errors import UnknownCounterError
+from .cli_backfill import chosen_counters
+from .counters import Counter
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -39,11 +39,7 @@ def fold(settings: Settings, counters: tuple[str, ...], chunk: int, as_json: boo
     default: every buffered counter. Safe to run while writers, workers and
     backfills run; a fold interrupted at any point loses or repeats nothing.
     """
-    declared = settings.counters()
-    try:
-        chosen = select_counters(declared, counters) if counters else declared
-    except UnknownCounterError as exc:
-        raise click.BadParameter(str(exc), param_hint="COUNTER") from None
+    chosen = chosen_counters(settings, counters)[1]
     plain = [c.key for c in chosen if not buffer.is_buffered(c)]
     if counters and plain:
         raise click.BadParameter(

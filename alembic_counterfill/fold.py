@@ -5,12 +5,11 @@ One transaction per chunk of parents (DESIGN.md section 3, "Hot parents"):
 1. pick up to ``chunk`` parents with pending deltas, in key order;
 2. lock them (``FOR NO KEY UPDATE`` in key order on PostgreSQL, as writers of
    unbuffered counters and backfill batches do: no deadlock between them);
-3. in ONE statement, delete those parents' delta rows and add what the
-   statement deleted to the columns (``WITH moved AS (DELETE … RETURNING …)
-   UPDATE parent … FROM (SELECT sum(…) FROM moved GROUP BY parent_id)``).
-   Exactly the deleted rows are added: a delta committed meanwhile is either
-   deleted and added, or left for the next fold. SQLite (one writer) adds,
-   then deletes, in one transaction.
+3. in ONE statement (:func:`.sql.fold_moved`), delete those parents' delta
+   rows and add what the statement deleted to the columns. Exactly the
+   deleted rows are added: a delta committed meanwhile is either deleted and
+   added, or left for the next fold. SQLite (one writer) adds, then deletes,
+   in one transaction.
 
 A fold killed at any point rolls back as a whole: nothing is lost or counted
 twice. Two folds racing each other, writers, or a backfill stay exact.
@@ -28,8 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import buffer
-from .arrays import array_param
+from . import buffer, sql
 
 log = logging.getLogger("alembic_counterfill.fold")
 
@@ -112,96 +110,28 @@ def fold_chunk(
     if deltas is None:
         return FoldOutcome()
     buffer.check_dialect(conn, parent)
-    pk = next(iter(parent.primary_key.columns))
-    pick = sa.select(deltas.c.parent_id).distinct().order_by(deltas.c.parent_id).limit(chunk)
-    if ids is not None:
-        pick = pick.where(deltas.c.parent_id.in_(list(ids)))
-    chosen = list(conn.execute(pick).scalars())
+    chosen = list(conn.execute(sql.pending_parents(deltas, chunk, ids)).scalars())
     if not chosen:
         return FoldOutcome()
-    names = [c.name for c in deltas.columns if c.name not in buffer.RESERVED]
-    if conn.dialect.name == "postgresql":
-        count, oldest = _fold_postgresql(conn, parent, pk, deltas, names, chosen)
-    else:
-        count, oldest = _fold_serial(conn, parent, pk, deltas, names, chosen)
+    dialect = conn.dialect.name
+    if dialect != "sqlite":  # SQLite has one writer at a time already
+        pk = next(iter(parent.primary_key.columns))
+        conn.execute(sql.lock_parents(parent, pk, None, None, ids=chosen, dialect=dialect))
+    count, oldest = 0, None
+    for stmt in sql.fold_moved(parent, deltas, chosen, dialect):
+        result = conn.execute(stmt)
+        if result.returns_rows:
+            count, oldest = result.one()
     lags = []
     if oldest is not None:
-        if oldest.tzinfo is None:  # SQLite's CURRENT_TIMESTAMP is naive UTC
-            oldest = oldest.replace(tzinfo=dt.timezone.utc)
-        lags.append(max(0.0, (dt.datetime.now(dt.timezone.utc) - oldest).total_seconds()))
-    return FoldOutcome(parents=len(chosen), deltas=count, transactions=1, lags=lags)
+        lags.append(_age(oldest))
+    return FoldOutcome(parents=len(chosen), deltas=int(count), transactions=1, lags=lags)
 
 
-def _fold_postgresql(
-    conn: Connection,
-    parent: sa.Table,
-    pk: sa.Column[Any],
-    deltas: sa.Table,
-    names: list[str],
-    chosen: list[Any],
-) -> tuple[int, Any]:
-    ids = array_param(chosen, pk.type)
-    locked = (
-        sa.select(pk).where(pk == sa.any_(ids)).order_by(pk).with_for_update(key_share=True)
-    ).subquery("locked")
-    conn.execute(sa.select(sa.func.count()).select_from(locked))
-    moved = (
-        sa.delete(deltas)
-        .where(deltas.c.parent_id == sa.any_(ids))
-        .returning(deltas.c.parent_id, deltas.c.created_at, *[deltas.c[n] for n in names])
-        .cte("moved")
-    )
-    sums = (
-        sa.select(moved.c.parent_id, *[sa.func.sum(moved.c[n]).label(n) for n in names])
-        .group_by(moved.c.parent_id)
-        .subquery("sums")
-    )
-    added = (
-        sa.update(parent)
-        .values({n: parent.c[n] + sums.c[n] for n in names})
-        .where(pk == sums.c.parent_id)
-        .returning(pk)
-        .cte("added")
-    )
-    stmt = (
-        sa.select(sa.func.count(), sa.func.min(moved.c.created_at))
-        .select_from(moved)
-        .add_cte(added)
-    )
-    row = conn.execute(stmt).one()
-    return int(row[0]), row[1]
-
-
-def _fold_serial(
-    conn: Connection,
-    parent: sa.Table,
-    pk: sa.Column[Any],
-    deltas: sa.Table,
-    names: list[str],
-    chosen: list[Any],
-) -> tuple[int, Any]:
-    # One writer at a time: the UPDATE takes the write lock, so the DELETE
-    # removes exactly the rows it added.
-    d = deltas.alias("d")
-    conn.execute(
-        sa.update(parent)
-        .where(pk.in_(chosen))
-        .values(
-            {
-                n: parent.c[n]
-                + sa.select(sa.func.coalesce(sa.func.sum(d.c[n]), 0))
-                .where(d.c.parent_id == pk)
-                .scalar_subquery()
-                for n in names
-            }
-        )
-    )
-    where = deltas.c.parent_id.in_(chosen)
-    count, oldest = conn.execute(
-        sa.select(sa.func.count(), sa.func.min(deltas.c.created_at)).where(where)
-    ).one()
-    conn.execute(sa.delete(deltas).where(where))
-    return int(count), oldest
+def _age(created_at: dt.datetime) -> float:
+    if created_at.tzinfo is None:  # SQLite's CURRENT_TIMESTAMP is naive UTC
+        created_at = created_at.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (dt.datetime.now(dt.timezone.utc) - created_at).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -218,10 +148,5 @@ def pending(conn: Connection, parent: sa.Table) -> Pending:
     deltas = buffer.deltas_of(parent)
     if deltas is None or not sa.inspect(conn).has_table(deltas.name, schema=deltas.schema):
         return Pending(parent.name, 0, None)
-    count, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(deltas.c.created_at))).one()
-    age = None
-    if oldest is not None:
-        if oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=dt.timezone.utc)
-        age = max(0.0, (dt.datetime.now(dt.timezone.utc) - oldest).total_seconds())
-    return Pending(parent.name, int(count), age)
+    count, oldest = conn.execute(sql.pending_summary(deltas)).one()
+    return Pending(parent.name, int(count), None if oldest is None else _age(oldest))

@@ -16,8 +16,9 @@ import threading
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.orm import Session
+
+from .fold import fold_table
 
 log = logging.getLogger("alembic_counterfill.folding")
 
@@ -28,7 +29,6 @@ _INFO = "counterfill.appended"
 _settings = {"inline": True, "interval": INTERVAL}
 _scheduled: set[tuple[sa.Engine, sa.Table]] = set()
 _lock = threading.Lock()
-_hooked = False
 
 
 def configure_folding(*, inline: bool = True, interval: float = INTERVAL) -> None:
@@ -45,23 +45,20 @@ def configure_folding(*, inline: bool = True, interval: float = INTERVAL) -> Non
     _settings["interval"] = interval
 
 
-def appended(session: Session, parent: sa.Table, deltas: Any) -> None:
+def appended(session: Session, parent: sa.Table) -> None:
     """Note that ``session``'s transaction appended deltas for ``parent`` (fold after commit)."""
-    global _hooked
-    if not _hooked:
-        event.listen(Session, "after_commit", _after_commit)
-        event.listen(Session, "after_soft_rollback", _forget)
-        _hooked = True
     bind = session.get_bind(clause=parent)
     engine = bind if isinstance(bind, sa.Engine) else bind.engine
     session.info.setdefault(_INFO, set()).add((engine, parent))
 
 
-def _forget(session: Session, *args: Any) -> None:
+def forget(session: Session, *args: Any) -> None:
+    """``after_soft_rollback``: the appended deltas are gone with the transaction."""
     session.info.pop(_INFO, None)
 
 
-def _after_commit(session: Session) -> None:
+def after_commit(session: Session) -> None:
+    """``after_commit``: schedule a fold of each parent table the transaction appended to."""
     touched = session.info.pop(_INFO, None)
     if not touched or not _settings["inline"]:
         return
@@ -86,8 +83,6 @@ def schedule(engine: sa.Engine, parent: sa.Table, delay: float, attempt: int = 1
 
 
 def _run(engine: sa.Engine, parent: sa.Table, attempt: int) -> None:
-    from .fold import fold_table
-
     # Unschedule first: a commit landing during the fold schedules the next one.
     with _lock:
         _scheduled.discard((engine, parent))

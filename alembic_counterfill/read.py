@@ -102,6 +102,6 @@ def counter_value(session: Session, obj: Any, attr: str) -> Any:
     if is_trusted(session, counter):
         if buffer.is_buffered(counter):
             # Column + pending deltas in one statement: exact, whatever the fold lag.
-            return session.execute(buffer.exact_value(counter, ident)).scalar_one()
+            return session.execute(sql.exact_value(counter, ident)).scalar_one()
         return getattr(obj, attr)
     return session.execute(sql.live_value(counter, ident)).scalar_one()

@@ -1,20 +1,22 @@
 """SQL builders: the only place that writes counting SQL (live deltas, recounts, truth).
 
-Everything here is built from SQLAlchemy constructs with bound parameters, so
-identifiers never reach SQL as text.
+Statements are built here and executed by their callers: nothing in this
+module touches a connection. Everything is built from SQLAlchemy constructs
+with bound parameters, so identifiers never reach SQL as text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from . import buffer
-from .arrays import array_param
-from .counters import Counter
+from .arrays import array_bind, array_param, array_value
+
+if TYPE_CHECKING:
+    from .counters import Counter
 
 
 def contribution(counter: Counter) -> sa.ColumnElement[Any]:
@@ -27,45 +29,6 @@ def contribution(counter: Counter) -> sa.ColumnElement[Any]:
     return value
 
 
-def pk_filter(
-    columns: Sequence[sa.Column[Any]], keys: Iterable[tuple[Any, ...]], dialect: str = ""
-) -> Any:
-    """``pk IN (...)`` for single or composite primary keys.
-
-    On PostgreSQL a single-column key becomes ``pk = ANY(:array)``: one
-    parameter instead of one per row, which keeps a 1,000-row read cheap.
-    """
-    keys = list(keys)
-    if len(columns) == 1:
-        values = [k[0] for k in keys]
-        if dialect == "postgresql":
-            return columns[0] == sa.any_(array_param(values, columns[0].type, "pk_keys"))
-        return columns[0].in_(values)
-    return sa.tuple_(*columns).in_(keys)
-
-
-def child_state(
-    counters: Sequence[Counter],
-    pk_columns: Sequence[sa.Column[Any]],
-    keys: Iterable[tuple[Any, ...]],
-    *,
-    lock: bool,
-    dialect: str = "",
-) -> sa.Select[Any]:
-    """Select, per child row, the parent key and contribution for each counter (``k<i>``, ``v<i>``).
-
-    With ``lock`` the rows are read ``FOR UPDATE`` in key order, so the old
-    state is the committed one and concurrent writers of the same rows queue
-    behind us without deadlocking.
-    """
-    cols: list[Any] = []
-    for i, counter in enumerate(counters):
-        cols.append(counter.fk.label(f"k{i}"))
-        cols.append(contribution(counter).label(f"v{i}"))
-    stmt = sa.select(*cols).where(pk_filter(pk_columns, keys, dialect)).order_by(*pk_columns)
-    return stmt.with_for_update() if lock else stmt
-
-
 def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[bool]:
     cond: sa.ColumnElement[bool] = sa.true()
     if lo is not None:
@@ -76,28 +39,38 @@ def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[
 
 
 def _scope(
-    column: sa.ColumnElement[Any], lo: Any, hi: Any, ids: Sequence[Any] | None
+    column: sa.ColumnElement[Any], lo: Any, hi: Any, ids: Sequence[Any] | None, dialect: str = ""
 ) -> sa.ColumnElement[bool]:
     """``[lo, hi)``, narrowed to ``ids`` when given (verify re-checks single candidates)."""
     cond = _range(column, lo, hi)
     if ids is not None:
-        cond = sa.and_(cond, column.in_(list(ids)))
+        if dialect == "postgresql" and isinstance(column, sa.Column):
+            cond = sa.and_(cond, keys_in([column], [(x,) for x in ids], dialect))
+        else:
+            cond = sa.and_(cond, column.in_(list(ids)))
     return cond
 
 
 def lock_parents(
-    table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+    table: sa.Table,
+    pk: sa.Column[Any],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
+    dialect: str = "",
 ) -> sa.Select[Any]:
     """Lock the parent rows of ``[lo, hi)`` (or of ``ids``) in key order.
 
     ``FOR NO KEY UPDATE`` on PostgreSQL: it waits for writers that already
     applied a delta to these parents, yet does not block child inserts whose
     foreign-key checks take ``KEY SHARE`` locks. The statement returns the
-    number of rows locked.
+    number of rows locked. With ``dialect="postgresql"``, ``ids`` travel as one
+    array parameter (any number of parents in one statement).
     """
     inner = (
         sa.select(pk)
-        .where(_scope(pk, lo, hi, ids))
+        .where(_scope(pk, lo, hi, ids, dialect))
         .order_by(pk)
         .with_for_update(key_share=True)
         .subquery("locked")
@@ -154,9 +127,9 @@ def recount_range(
     those parents (verify's repairs).
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
-    p = table.alias("p")
-    p_pk = p.c[pk.key]
-    joined, truths = truth_columns(counters, p, p_pk, lo, hi, ids=ids)
+    parent = table.alias("p")
+    p_pk = parent.c[pk.key]
+    joined, truths = truth_columns(counters, parent, p_pk, lo, hi, ids=ids)
     truth = (
         sa.select(p_pk.label("pk"), *[t.label(f"t{i}") for i, t in enumerate(truths)])
         .select_from(joined)
@@ -183,7 +156,7 @@ def drift_rows(
     table, pk = counters[0].parent_table, counters[0].parent_pk
     joined, truths = truth_columns(counters, table, pk, lo, hi, ids=ids)
     # A buffered counter's cache is its column plus its pending deltas (same snapshot).
-    cached = [buffer.cached(c) for c in counters]
+    cached = [cached_value(c) for c in counters]
     cols: list[Any] = [pk.label("pk")]
     for i, (c, t) in enumerate(zip(cached, truths, strict=True)):
         cols += [c.label(f"cached{i}"), t.label(f"actual{i}")]
@@ -202,59 +175,56 @@ def live_value(counter: Counter, parent_id: Any) -> sa.Select[Any]:
     return sa.select(agg).where(c.fk == parent_id)
 
 
-def apply_deltas(
-    connection: Connection,
-    table: sa.Table,
-    pk: sa.Column[Any],
-    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
-) -> None:
-    """Add ``deltas[parent_id][column]`` to each parent's counters atomically (``c = c + d``).
+def add_deltas(
+    table: sa.Table, pk: sa.Column[Any], columns: Sequence[sa.Column[Any]], *, dialect: str
+) -> sa.Update:
+    """UPDATE adding per-parent deltas to ``columns`` atomically (``c = c + d``, never read first).
 
-    Parents are locked in primary-key order so concurrent writers never
-    deadlock on them. PostgreSQL gets one ``UPDATE … FROM unnest(…)`` for the
-    whole table; SQLite (one writer at a time) an executemany.
+    PostgreSQL gets one ``UPDATE … FROM unnest(…)`` for every parent of the
+    table; other databases an executemany. Parameters come from
+    :func:`delta_parameters`.
     """
-    if not deltas:
-        return
-    ids = sorted(deltas)
-    columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
-    if connection.dialect.name == "postgresql":
-        if len(ids) > 1:
-            locked = (
-                sa.select(pk)
-                .where(pk == sa.any_(array_param(ids, pk.type)))
-                .order_by(pk)
-                .with_for_update(key_share=True)
-                .subquery("locked")
-            )
-            connection.execute(sa.select(sa.func.count()).select_from(locked))
-        arrays = [array_param(ids, pk.type)]
-        for col in columns:
-            arrays.append(array_param([deltas[x].get(col, 0) for x in ids], col.type))
+    if dialect == "postgresql":
+        arrays = [array_bind("ids", pk.type)]
+        for i, col in enumerate(columns):
+            arrays.append(array_bind(f"d{i}", col.type))
         v = (
             sa.func.unnest(*arrays)
             .table_valued("pk", *[f"d{i}" for i in range(len(columns))])
             .render_derived(name="v")
         )
-        stmt = (
+        return (
             sa.update(table)
             .values({col.name: col + v.c[f"d{i}"] for i, col in enumerate(columns)})
             .where(pk == v.c.pk)
         )
-        connection.execute(stmt)
-        return
-    stmt = (
+    return (
         sa.update(table)
         .values({col.name: col + sa.bindparam(f"d{i}") for i, col in enumerate(columns)})
         .where(pk == sa.bindparam("pk_"))
     )
-    rows = [
+
+
+def delta_parameters(
+    pk: sa.Column[Any],
+    ids: Sequence[Any],
+    columns: Sequence[sa.Column[Any]],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+    *,
+    dialect: str,
+) -> Any:
+    """The parameters of :func:`add_deltas` for parents ``ids`` (arrays, or one row per parent)."""
+    if dialect == "postgresql":
+        params: dict[str, Any] = {"ids": array_value(ids, pk.type)}
+        for i, col in enumerate(columns):
+            params[f"d{i}"] = array_value([deltas[x].get(col, 0) for x in ids], col.type)
+        return params
+    return [
         {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}} for x in ids
     ]
-    connection.execute(stmt, rows)
 
 
-# --- Bulk statements (alembic_counterfill.bulk) ---------------------------------------------
+# --- What child rows count as (live maintenance) -------------------------------------------
 
 
 def row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]]) -> list[Any]:
@@ -270,17 +240,20 @@ def row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]])
     return cols
 
 
-def key_restriction(
-    pk_columns: Sequence[sa.Column[Any]], keys: Sequence[tuple[Any, ...]], dialect_name: str
+def keys_in(
+    pk_columns: Sequence[sa.Column[Any]], keys: Iterable[tuple[Any, ...]], dialect: str = ""
 ) -> sa.ColumnElement[bool]:
     """``pk`` is one of ``keys``: an array parameter per key column on PostgreSQL, else ``IN``.
 
     Arrays keep a statement over 100,000 keys within the driver's 65,535
-    bound-parameter limit; the anonymous parameters never collide with the
-    caller's own.
+    bound-parameter limit (and a 1,000-row read cheap); the anonymous
+    parameters never collide with the caller's own.
     """
-    if dialect_name != "postgresql":
-        return pk_filter(pk_columns, keys)
+    keys = list(keys)
+    if dialect != "postgresql":
+        if len(pk_columns) == 1:
+            return pk_columns[0].in_([k[0] for k in keys])
+        return sa.tuple_(*pk_columns).in_(keys)
     arrays = [array_param([k[j] for k in keys], col.type) for j, col in enumerate(pk_columns)]
     if len(pk_columns) == 1:
         return pk_columns[0] == sa.any_(arrays[0])
@@ -334,3 +307,152 @@ def locked_among(
     if len(pk_columns) == 1:
         return pk_columns[0].in_(sub)
     return sa.tuple_(*pk_columns).in_(sub)
+
+
+# --- Buffered (hot-parent) counters: the deltas tables of :mod:`.buffer` -------------------
+
+
+def pending_deltas(counter: Counter, parent_pk: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The sum of ``counter``'s pending deltas for the parent row ``parent_pk`` (correlated)."""
+    table = buffer.deltas_of(counter.parent_table)
+    assert table is not None
+    d = table.alias("pending")
+    total = sa.select(sa.func.coalesce(sa.func.sum(d.c[counter.column.name]), 0))
+    return total.where(d.c.parent_id == parent_pk).scalar_subquery()
+
+
+def cached_value(
+    counter: Counter, parent_pk: sa.ColumnElement[Any] | None = None
+) -> sa.ColumnElement[Any]:
+    """What the cache says ``counter`` is: its column, plus pending deltas when buffered."""
+    if not buffer.is_buffered(counter):
+        return counter.column
+    pk = counter.parent_pk if parent_pk is None else parent_pk
+    return counter.column + pending_deltas(counter, pk)
+
+
+def exact_value(counter: Counter, parent_id: Any) -> sa.Select[Any]:
+    """Select one parent's column plus its pending deltas, in one statement (one snapshot)."""
+    return sa.select(cached_value(counter)).where(counter.parent_pk == parent_id)
+
+
+def append_deltas(deltas_table: sa.Table) -> sa.Insert:
+    """INSERT of delta rows (``parent_id``, counter columns), executed with a row per parent."""
+    return sa.insert(deltas_table)
+
+
+def discard_deltas(
+    counters: Sequence[Counter], lo: Any, hi: Any, ids: Sequence[Any] | None, dialect: str = ""
+) -> sa.Delete | sa.Update:
+    """Remove the pending deltas of ``counters`` for parents in the range.
+
+    Rows are deleted when the counters are all of the table's buffered ones;
+    otherwise only their columns are zeroed (the other counters' deltas stay).
+    """
+    table = buffer.deltas_of(counters[0].parent_table)
+    assert table is not None
+    where = _scope(table.c.parent_id, lo, hi, ids, dialect)
+    names = {c.column.name for c in counters if buffer.is_buffered(c)}
+    if names >= set(buffer.counter_names(counters[0].parent_table)):
+        return sa.delete(table).where(where)
+    return sa.update(table).where(where).values({n: 0 for n in sorted(names)})
+
+
+def recount_statements(
+    counters: Sequence[Counter],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
+    dialect: str = "",
+) -> list[Any]:
+    """The statements setting ``counters`` to their truth over the range; the LAST one's rowcount
+    is the rows changed.
+
+    Buffered counters also lose their pending deltas for the range, and on
+    PostgreSQL both happen in ONE statement (a data-modifying ``WITH``): one
+    snapshot in which each writer's child row and delta row are either both
+    visible (counted, delta removed) or both invisible (not counted, delta
+    kept). Two statements would lose or double-count the writers committing
+    between them. SQLite has one writer at a time, so two statements in the
+    caller's transaction see the same data.
+    """
+    recount = recount_range(counters, lo, hi, ids=ids)
+    if not any(buffer.is_buffered(c) for c in counters):
+        return [recount]
+    gone = discard_deltas(counters, lo, hi, ids, dialect)
+    if dialect == "postgresql":
+        table = buffer.deltas_of(counters[0].parent_table)
+        assert table is not None
+        return [recount.add_cte(gone.returning(table.c.id).cte("discarded"))]
+    return [gone, recount]
+
+
+def pending_parents(
+    deltas_table: sa.Table, limit: int, ids: Sequence[Any] | None
+) -> sa.Select[Any]:
+    """Up to ``limit`` parents with pending deltas, in key order (narrowed to ``ids``)."""
+    stmt = sa.select(deltas_table.c.parent_id).distinct().order_by(deltas_table.c.parent_id)
+    if ids is not None:
+        stmt = stmt.where(deltas_table.c.parent_id.in_(list(ids)))
+    return stmt.limit(limit)
+
+
+def fold_moved(
+    parent: sa.Table, deltas_table: sa.Table, chosen: Sequence[Any], dialect: str
+) -> list[Any]:
+    """The statements folding the pending deltas of parents ``chosen`` (already locked).
+
+    Each returns, when it returns rows, ``(deltas moved, oldest created_at)``.
+    PostgreSQL: ONE statement that deletes the rows and adds exactly what it
+    deleted (``WITH moved AS (DELETE … RETURNING …) … UPDATE parent … FROM
+    (SELECT sum(…) FROM moved GROUP BY parent_id)``). Other databases (one
+    writer at a time): add, count, delete, in the caller's transaction.
+    """
+    pk = next(iter(parent.primary_key.columns))
+    names = buffer.counter_names(parent)
+    d = deltas_table
+    if dialect == "postgresql":
+        ids = array_param(chosen, pk.type)
+        moved = (
+            sa.delete(d)
+            .where(d.c.parent_id == sa.any_(ids))
+            .returning(d.c.parent_id, d.c.created_at, *[d.c[n] for n in names])
+            .cte("moved")
+        )
+        sums = (
+            sa.select(moved.c.parent_id, *[sa.func.sum(moved.c[n]).label(n) for n in names])
+            .group_by(moved.c.parent_id)
+            .subquery("sums")
+        )
+        added = (
+            sa.update(parent)
+            .values({n: parent.c[n] + sums.c[n] for n in names})
+            .where(pk == sums.c.parent_id)
+            .returning(pk)
+            .cte("added")
+        )
+        summary = sa.select(sa.func.count(), sa.func.min(moved.c.created_at)).select_from(moved)
+        return [summary.add_cte(added)]
+    alias = d.alias("d")
+    add = (
+        sa.update(parent)
+        .where(pk.in_(list(chosen)))
+        .values(
+            {
+                n: parent.c[n]
+                + sa.select(sa.func.coalesce(sa.func.sum(alias.c[n]), 0))
+                .where(alias.c.parent_id == pk)
+                .scalar_subquery()
+                for n in names
+            }
+        )
+    )
+    where = d.c.parent_id.in_(list(chosen))
+    count = sa.select(sa.func.count(), sa.func.min(d.c.created_at)).where(where)
+    return [add, count, sa.delete(d).where(where)]
+
+
+def pending_summary(deltas_table: sa.Table) -> sa.Select[int, Any]:
+    """Select how many deltas are pending and the oldest one's ``created_at``."""
+    return sa.select(sa.func.count(), sa.func.min(deltas_table.c.created_at))
