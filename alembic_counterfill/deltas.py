@@ -102,17 +102,22 @@ def apply(session: Session, deltas: Deltas) -> None:
                 folding.appended(session, table)
         if per_parent:
             _add_to_parents(connection, any_counter, per_parent)
-        # Only parents loaded in this session need expiring: skip the rest
-        # (a bulk statement may touch 10,000 parents and load none of them).
-        ident_cls = parent_mapper.identity_key_from_primary_key((None,))[0]
-        keys = session.identity_map.keys()
-        loaded = {k[1][0] for k in keys if k[0] is ident_cls}
+        # Outside a flush only parents loaded in this session need expiring (a
+        # bulk statement may touch 10,000 parents and load none). Inside one,
+        # parents the flush inserts join the identity map only after it.
+        loaded = None if session._flushing else _loaded_ids(session, parent_mapper)
         for pid, ds in deltas[parent_mapper].items():
-            if pid not in loaded:
+            if loaded is not None and pid not in loaded:
                 continue
             if buffered:  # a buffered column did not change: nothing to reload
                 ds = {c: d for c, d in ds.items() if not buffer.is_buffered(c)}
             expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
+
+
+def _loaded_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
+    ident_cls = mapper.identity_key_from_primary_key((None,))[0]
+    keys = session.identity_map.keys()
+    return {k[1][0] for k in keys if k[0] is ident_cls}
 
 
 def _append(connection: Connection, parent: Any, per_parent: dict[Any, Any]) -> None:
