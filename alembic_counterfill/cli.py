@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import sqlalchemy as sa
 
 from . import cli_backfill, progress
-from .config import Settings, from_alembic_config
+from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
 
@@ -57,7 +55,7 @@ class Launch:
         from alembic.config import Config
 
         inherited = getattr(self.alembic_config, "cmd_opts", None)
-        toml, ini = _config_files(self.config or tuple(getattr(inherited, "config", None) or ()))
+        toml, ini = config_files(self.config or tuple(getattr(inherited, "config", None) or ()))
         options = Namespace(
             config=list(self.config) or getattr(inherited, "config", None),
             name=self.name or "alembic",
@@ -65,22 +63,6 @@ class Launch:
             raiseerr=self.raiseerr,
         )
         return Config(file_=ini, toml_file=toml, ini_section=options.name, cmd_opts=options)
-
-
-def _config_files(given: Sequence[str]) -> tuple[str, str]:
-    """(pyproject.toml, ini) the way alembic's own command line chooses them."""
-    env = os.environ.get("ALEMBIC_CONFIG")
-    toml, ini = "pyproject.toml", "alembic.ini"
-    if env and Path(env).name == "pyproject.toml":
-        toml = env
-    elif env:
-        ini = env
-    for name in given:
-        if Path(name).name == "pyproject.toml":
-            toml = name
-        else:
-            ini = name
-    return toml, ini
 
 
 def _launch(ctx: click.Context) -> Launch:
