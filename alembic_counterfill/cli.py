@@ -37,7 +37,6 @@ class Launch:
     alembic_config: Any = None  # alembic.config.Config when run as ``alembic counterfill``
     config: tuple[str, ...] = ()
     name: str | None = None
-    x: tuple[str, ...] = ()
     raiseerr: bool = False
     _settings: Settings | None = field(default=None, repr=False)
 
@@ -59,7 +58,7 @@ class Launch:
         options = Namespace(
             config=list(self.config) or getattr(inherited, "config", None),
             name=self.name or "alembic",
-            x=list(self.x) or getattr(inherited, "x", None),
+            x=getattr(inherited, "x", None),
             raiseerr=self.raiseerr,
         )
         return Config(file_=ini, toml_file=toml, ini_section=options.name, cmd_opts=options)
@@ -140,7 +139,7 @@ def cli(
     ctx: click.Context,
     config: tuple[str, ...],
     name: str | None,
-    x: tuple[str, ...],
+    x: tuple[str, ...],  # accepted like alembic's -x; no command reads it
     raiseerr: bool,
 ) -> None:
     """Keep counter caches exact: see which counters need a backfill, run and verify backfills."""
@@ -150,7 +149,6 @@ def cli(
         alembic_config=alembic_config,
         config=config,
         name=name,
-        x=x,
         raiseerr=raiseerr or bool(getattr(inherited, "raiseerr", False)),
     )
     ctx.obj = None  # the Settings, once a subcommand runs
