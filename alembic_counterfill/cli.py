@@ -27,7 +27,7 @@ from .counters import Counter
 from .errors import CounterfillError
 
 _META_KEY = "alembic_counterfill.launch"
-_DONE = (progress.ACTIVE, progress.FAILED)
+_FINAL_STATES = (progress.ACTIVE, progress.FAILED)
 
 
 @dataclass
@@ -286,7 +286,7 @@ def status(
                 click.echo(json.dumps([s.as_json() for s in current]))
             else:
                 click.echo(render_statuses(current))
-            if not watch or all(s.state in _DONE for s in current):
+            if not watch or all(s.state in _FINAL_STATES for s in current):
                 return
             if not clear:
                 click.echo("")
