@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 SECTION = "counterfill"
 #: Environment variable that overrides ``broker_url``.
 BROKER_ENV = "COUNTERFILL_BROKER_URL"
+#: The package extra that installs the driver of each database backend.
+DRIVER_EXTRAS = {"postgresql": "postgresql"}
 KEYS = frozenset({"metadata", "broker_url", "database_url", "batch_size", "queue"})
 
 
@@ -149,9 +151,15 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
     try:
         return sa.create_engine(parsed)
     except (ImportError, sa.exc.ArgumentError) as exc:
+        extra = DRIVER_EXTRAS.get(parsed.get_backend_name())
+        fix = (
+            f"install it with pip install 'alembic_counterfill[{extra}]'"
+            if extra and isinstance(exc, ImportError)
+            else "install the driver or fix the URL"
+        )
         raise ConfigurationError(
             f"cannot use database URL {parsed.render_as_string(hide_password=True)!r}: {exc}; "
-            "install the driver or fix the URL"
+            + fix
         ) from None
 
 
