@@ -13,7 +13,7 @@ from alembic_counterfill.testing import CounterStateMachine
 
 
 def test_random_orm_traffic_keeps_counters_exact(run_machine) -> None:  # noqa: ANN001
-    run_machine(SocialMachine, max_examples=20)
+    run_machine(SocialMachine, max_examples=4)
 
 
 def test_machine_requires_make_engine() -> None:
