@@ -26,8 +26,8 @@ from hypothesis.stateful import (
 from sqlalchemy.orm import Session
 
 from . import exercised as ex
+from .consistency import assert_counters_consistent
 from .counters import Counter, counters_of
-from .testing import assert_counters_consistent
 
 _INDEX = st.integers(min_value=0, max_value=10_000)
 #: What happens after a step's writes: mostly commits; rarely a rollback (which discards work).
@@ -174,17 +174,10 @@ class CounterStateMachine(RuleBasedStateMachine):
             return list(session.scalars(sa.select(counter.parent_pk).order_by(counter.parent_pk)))
 
     def _where(self, counter: Counter) -> list[sa.Column[Any]]:
-        if counter.where is None:
-            return []
-        return [
-            el
-            for el in sa.sql.visitors.iterate(counter.where)
-            if isinstance(el, sa.Column) and el.table is counter.child_table
-        ]
+        return [c for c in self._watched(counter) if c is not counter.summed]
 
     def _watched(self, counter: Counter) -> list[sa.Column[Any]]:
-        cols = [counter.summed] if counter.summed is not None else []
-        return cols + self._where(counter)
+        return list(dict.fromkeys(counter.value_columns()))  # a column may appear twice
 
     def _writable(self, columns: list[sa.Column[Any]]) -> bool:
         return any(isinstance(c.type, sa.Boolean | sa.Integer | sa.Numeric) for c in columns)
