@@ -55,14 +55,17 @@ def _namespace(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), namespace or "dramatiq"
 
 
-def _check_port(url: str) -> None:
+def _check_url(url: str) -> str:
+    """The URL's scheme; ConfigurationError when the URL (host, port) cannot be parsed."""
     try:
-        urlsplit(url).port  # noqa: B018 - parsing the port is the check
-    except ValueError:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
         raise ConfigurationError(
-            f"broker_url {redact(url)!r} has a malformed port; write host:port with a "
-            "number, e.g. redis://localhost:6379/0"
+            f"broker_url {redact(url)!r} is malformed ({exc}); write e.g. "
+            "redis://:password@host:6379/0 or amqp://user:password@host:5672/"
         ) from None
+    return parts.scheme if "://" in url else ""
 
 
 def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
@@ -71,9 +74,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
     :param sending: the broker only sends (``enqueue``): fail fast when the
         server is unreachable and, on RabbitMQ, wait for publisher confirms.
     """
-    scheme = urlsplit(url).scheme if "://" in url else ""
-    if scheme in ("redis", "rediss", "amqp", "amqps"):
-        _check_port(url)
+    scheme = _check_url(url)
     if scheme in ("redis", "rediss"):
         import redis
         from dramatiq.brokers.redis import RedisBroker

@@ -12,6 +12,7 @@ explicitly. See docs/testing.md.
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,31 @@ PG_ADMIN_URL = os.environ.get(
 REDIS_BASE = os.environ.get("COUNTERFILL_TEST_REDIS", "redis://127.0.0.1:6379")
 AMQP_URL = os.environ.get("COUNTERFILL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 
+
+# COUNTERFILL_TEST_GC=aggressive (make test-gc): collect garbage at nearly every
+# allocation, so that anything held only weakly (mapped classes in a declarative
+# registry, event listeners) disappears as early as it ever could.
+# Thresholds alone rarely trigger a full collection, so the entry points that
+# resolve counters or flush also collect first.
+def _collecting_first(fn):  # noqa: ANN001, ANN202 - a plain wrapper
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        gc.collect()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+if os.environ.get("COUNTERFILL_TEST_GC") == "aggressive":
+    from sqlalchemy.orm import Session, registry
+
+    import alembic_counterfill
+    import alembic_counterfill.counters
+
+    gc.set_threshold(1, 1, 1)
+    alembic_counterfill.counters_of = _collecting_first(alembic_counterfill.counters_of)
+    alembic_counterfill.counters.counters_of = alembic_counterfill.counters_of
+    registry.configure = _collecting_first(registry.configure)
+    Session.flush = _collecting_first(Session.flush)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SERVICES_REQUIRED = IN_CI or os.environ.get("COUNTERFILL_TEST_SERVICES", "") == "required"
