@@ -169,7 +169,7 @@ class CounterStateMachine(RuleBasedStateMachine):
             return None
         return sa.inspect(parent).identity[0] if sa.inspect(parent).identity else None
 
-    def _parent_ids(self, counter: Counter, session: Session) -> list[Any]:
+    def _all_parent_ids(self, counter: Counter, session: Session) -> list[Any]:
         with session.no_autoflush:
             return list(session.scalars(sa.select(counter.parent_pk).order_by(counter.parent_pk)))
 
@@ -340,7 +340,7 @@ class CounterStateMachine(RuleBasedStateMachine):
         attr = self._attr(counter.child_mapper, counter.fk)
         held = getattr(obj, attr)  # differs from `now` when the copy is stale
         # Always somewhere else: a move to the parent the row already has tests nothing.
-        choices: list[Any] = [p for p in self._parent_ids(counter, session) if p not in (now, held)]
+        choices: list[Any] = [p for p in self._all_parent_ids(counter, session) if p not in (now, held)]
         if counter.fk.nullable and now is not None:
             choices.append(None)
         if not choices:

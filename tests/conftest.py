@@ -16,6 +16,7 @@ import gc
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -169,7 +170,7 @@ def run_machine(request):  # noqa: ANN201 - returns the runner below
     """Run a CounterStateMachine subclass (with a ``url`` attribute) on this param's database."""
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
 
-    def run(machine: type, *, max_examples: int, steps: int = 30) -> None:
+    def run(machine: type, *, max_examples: int, steps: int = 30) -> Any:
         from alembic_counterfill.machine import run_counter_machine
 
         bound = type(machine.__name__, (machine,), {"url": url})
@@ -179,5 +180,6 @@ def run_machine(request):  # noqa: ANN201 - returns the runner below
             settings=settings(max_examples=examples, stateful_step_count=steps),
         )
         print(tally.report())  # shown with -s or -rP: what the run exercised
+        return tally
 
     return run

@@ -17,6 +17,7 @@ from backfill_project import (
     seed,
     wait_for,
 )
+from races import Racer
 
 from alembic_counterfill import planning, progress
 from alembic_counterfill.batch import BatchNotFound, BatchOutcome, mark_failed, run_batch
@@ -104,22 +105,25 @@ def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
     plan = _plan(pg)
     counters = counters_by_key()
     writer = pg.connect()
-    # A writer that has inserted a follow and applied its delta, not yet committed.
-    writer.execute(sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (3, 7)"))
-    writer.execute(sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = 7"))
-    result: list[BatchOutcome] = []
-    thread = threading.Thread(
-        target=lambda: result.append(run_batch(pg, counters, plan.batch_ids[0]))
-    )
-    thread.start()
-    wait_for(
-        lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
-    )
-    assert thread.is_alive() and not result
-    writer.commit()
-    writer.close()
-    thread.join(timeout=30)
-    assert result and result[0].applied
+    batch = None
+    try:  # a failure must not leave the writer's locks (and the batch thread) behind
+        # A writer that has inserted a follow and applied its delta, not yet committed.
+        writer.execute(sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (3, 7)"))
+        writer.execute(
+            sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = 7")
+        )
+        batch = Racer(lambda: run_batch(pg, counters, plan.batch_ids[0]), "batch").start()
+        wait_for(
+            lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
+        )
+        assert not batch.done.is_set()
+        writer.commit()
+    finally:
+        writer.rollback()
+        writer.close()
+        if batch is not None:
+            batch.done.wait(60)
+    assert batch.join().applied
     assert [d for d in drift(pg) if d[0] < 51] == []  # the batch saw the committed follow
 
 
