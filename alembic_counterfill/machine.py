@@ -340,7 +340,8 @@ class CounterStateMachine(RuleBasedStateMachine):
         attr = self._attr(counter.child_mapper, counter.fk)
         held = getattr(obj, attr)  # differs from `now` when the copy is stale
         # Always somewhere else: a move to the parent the row already has tests nothing.
-        choices: list[Any] = [p for p in self._all_parent_ids(counter, session) if p not in (now, held)]
+        ids = self._all_parent_ids(counter, session)
+        choices: list[Any] = [p for p in ids if p not in (now, held)]
         if counter.fk.nullable and now is not None:
             choices.append(None)
         if not choices:
