@@ -203,6 +203,8 @@ class CounterStateMachine(RuleBasedStateMachine):
     def _states(self, session: Session, mapper: Any, pk: Any) -> dict[str, tuple[Any, ...] | None]:
         """Each counter's view of one child row, read from the database: (fk, where, summed)."""
         mine = [c for c in self.counters if c.child_mapper is mapper]
+        if not mine:  # a parent that is no counter's child
+            return {}
         cols: list[Any] = []
         for c in mine:
             where = sa.case((c.where, 1), else_=0) if c.where is not None else sa.literal(1)
