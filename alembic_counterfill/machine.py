@@ -406,10 +406,11 @@ class CounterStateMachine(RuleBasedStateMachine):
         self.turn += skip
         for _ in range(times):
             self.turn += 1
-            # Actions and counters both in turn: every (counter, action) pair comes up.
-            which = self.turn + self.turn // len(self.WRITES)
+            # (action, counter) pairs in turn: every pair comes up once per cycle.
+            pair = self.turn % (len(self.WRITES) * len(self.counters))
+            which, action = divmod(pair, len(self.WRITES))
             row, dest = data.draw(_INDEX), data.draw(_INDEX)
-            self._one_write(self.WRITES[self.turn % len(self.WRITES)], which, row, dest, data)
+            self._one_write(self.WRITES[action], which, row, dest, data)
         self._between(then, data.draw(_INDEX))
 
     def _one_write(self, action: str, which: int, row: int, dest: int, data: Any) -> None:
