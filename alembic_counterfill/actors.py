@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dramatiq
 import sqlalchemy as sa
@@ -27,6 +27,7 @@ from dramatiq.middleware import Middleware, Retries
 from .batch import BatchNotFound, describe, mark_failed, run_batch
 from .counters import Counter
 from .errors import BrokerError, ConfigurationError
+from .urls import redact
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -52,13 +53,26 @@ FOLD_INTERVAL_MS = 250
 IDLE_POLL_MS = 100
 
 
-def redact(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
+def _namespace(url: str) -> tuple[str, str]:
+    """Split the library's own ``?namespace=`` parameter off a Redis URL (redis-py rejects it)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    namespace = next((v for k, v in pairs if k == "namespace"), "dramatiq")
+    rest = urlencode([(k, v) for k, v in pairs if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace or "dramatiq"
+
+
+def _check_url(url: str) -> str:
+    """The URL's scheme; ConfigurationError when the URL (host, port) cannot be parsed."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"broker_url {redact(url)!r} is malformed ({exc}); write e.g. "
+            "redis://:password@host:6379/0 or amqp://user:password@host:5672/"
+        ) from None
+    return parts.scheme if "://" in url else ""
 
 
 def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
@@ -67,7 +81,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
     :param sending: the broker only sends (``enqueue``): fail fast when the
         server is unreachable and, on RabbitMQ, wait for publisher confirms.
     """
-    scheme = urlsplit(url).scheme
+    scheme = _check_url(url)
     if scheme in ("redis", "rediss"):
         try:
             import redis
@@ -75,8 +89,18 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
         except ImportError as exc:
             raise _missing_extra(url, "redis", exc) from None
 
+        # ``?namespace=name`` prefixes every Dramatiq key, so that several apps
+        # (or test runs) share one Redis database without touching each other.
+        url, namespace = _namespace(url)
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=5 if sending else None)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"broker_url {redact(url)!r} is not a valid Redis URL ({exc}); "
+                "write e.g. redis://:password@host:6379/0"
+            ) from None
         if sending:
-            return RedisBroker(client=redis.Redis.from_url(url, socket_connect_timeout=5))
+            return RedisBroker(client=client, namespace=namespace)
 
         class _Broker(RedisBroker):
             def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -85,7 +109,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
                 # polling every IDLE_POLL_MS costs Redis next to nothing.
                 return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
 
-        return _Broker(url=url)
+        return _Broker(client=client, namespace=namespace)
     if scheme in ("amqp", "amqps"):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker

@@ -25,6 +25,7 @@ from . import cli_backfill, cli_fold, progress
 from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
+from .urls import redact
 
 _META_KEY = "alembic_counterfill.launch"
 _FINAL_STATES = (progress.ACTIVE, progress.FAILED)
@@ -114,7 +115,7 @@ def _database_message(ctx: click.Context, exc: sa.exc.DBAPIError) -> str:
     settings = _launch(ctx)._settings
     url = "the database"
     if settings is not None:
-        url = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
+        url = redact(settings.database_url)
     detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
     return (
         f"cannot use database {url}: {detail}; check sqlalchemy.url (or [counterfill] "
