@@ -29,3 +29,11 @@ class BrokerError(CounterfillError):
 
 class DatabaseError(CounterfillError):
     """The database cannot be reached or lacks what the library needs."""
+
+
+class CounterfillWarning(UserWarning):
+    """Something a counter cannot see or will not honour (a database cascade, a counter assignment).
+
+    Not an error: the application keeps running, and the message says what to
+    change or which command repairs the counters.
+    """
