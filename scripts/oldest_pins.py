@@ -1,7 +1,7 @@
-"""Print pip requirements pinning each dependency to the lowest version pyproject.toml allows.
+"""Print pip constraints pinning each dependency to the lowest version pyproject.toml allows.
 
-``make test-oldest`` installs these into a second virtualenv, so the floors
-pyproject declares are the versions CI actually runs.
+``make test-oldest`` installs the package under these constraints into a
+second virtualenv, so the floors pyproject declares are versions CI runs.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ _FLOOR = re.compile(r"^\s*([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*>=\s*([^,;\s]+)")
 
 
 def pins(pyproject: Path) -> list[str]:
-    """One ``name[extras]==floor`` line per dependency with a ``>=`` floor; others as written."""
+    """One ``name==floor`` line per dependency with a ``>=`` floor (constraints take no extras)."""
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    out = []
-    for dep in deps:
-        m = _FLOOR.match(dep)
-        out.append(f"{m.group(1)}{m.group(2) or ''}=={m.group(3)}" if m else dep)
-    return out
+    return [f"{m.group(1)}=={m.group(3)}" for m in map(_FLOOR.match, deps) if m]
 
 
 if __name__ == "__main__":
