@@ -6,18 +6,32 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A second virtualenv with every dependency at the lowest version pyproject.toml allows.
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+TEST_DEPS := pytest pytest-timeout "hypothesis>=6.100" asyncpg aiosqlite greenlet
+
+OLDEST_TESTS ?= tests/test_live.py tests/test_bulk_forms.py tests/test_orm_writes.py \
+	tests/test_orm_inheritance.py tests/test_async_sessions.py tests/test_alembic_end_to_end.py
 
 USERS ?= 100000
 DATABASE_URL ?=
 BROKER_URL ?=
 
-.PHONY: demo test lint services install clean
+.PHONY: demo test test-oldest lint services install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest pytest-timeout "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10"
+	$(PY) -m pip install --quiet -e . $(TEST_DEPS) "ruff>=0.6" "mypy>=1.10"
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml scripts/oldest_pins.py
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON) scripts/oldest_pins.py > $(OLDEST)/constraints.txt
+	$(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/constraints.txt -e . $(TEST_DEPS)
+	touch $(OLDEST_STAMP)
 
 install: $(STAMP)
 
@@ -35,8 +49,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check alembic_counterfill example_project tests bench
 	$(VENV)/bin/mypy alembic_counterfill
 
-test: $(STAMP) services lint
+test: $(STAMP) services lint test-oldest
 	$(VENV)/bin/pytest -q
 
+# The live, bulk and alembic end-to-end tests against the oldest allowed dependencies.
+test-oldest: $(OLDEST_STAMP) services
+	$(OLDEST)/bin/python -c "from importlib.metadata import version as v; \
+		print('oldest:', *(f'{p} {v(p)}' for p in \
+		('sqlalchemy', 'alembic', 'dramatiq', 'psycopg', 'psycopg-binary', 'click')))"
+	$(OLDEST)/bin/pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
 clean:
-	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(OLDEST) demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

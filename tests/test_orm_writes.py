@@ -122,7 +122,9 @@ def test_bulk_update_mappings(db: sa.Engine) -> None:
         s.add_all([Pin(id=1, board_id=1), Pin(id=2, board_id=1, likes=1)])
         s.commit()
         try:
-            s.bulk_update_mappings(Pin, [{"id": 1, "board_id": 2, "likes": 4}, {"id": 2, "likes": 0}])  # type: ignore[arg-type]
+            s.bulk_update_mappings(
+                Pin, [{"id": 1, "board_id": 2, "likes": 4}, {"id": 2, "likes": 0}]
+            )  # type: ignore[arg-type]
             s.commit()
         except CounterfillError as exc:
             assert "session.execute(update(Pin), rows)" in str(exc)
@@ -170,7 +172,9 @@ def test_relationship_moves_read_old_state_in_one_statement(db: sa.Engine) -> No
                 s.commit()
             finally:
                 sa.event.remove(db, "before_cursor_execute", count)
-        return len([q for q in statements if "pins" in q and q.lstrip().upper().startswith("SELECT")])
+        return len(
+            [q for q in statements if "pins" in q and q.lstrip().upper().startswith("SELECT")]
+        )
 
     by_fk = moved(False, 2)
     assert_exact(db)

@@ -46,9 +46,7 @@ def _writer(engine: sa.Engine, seed: int, errors: list[BaseException]) -> None:
 
 def test_four_threads_on_one_file_stay_exact(tmp_path) -> None:  # noqa: ANN001
     # A generous busy timeout: writers queue for the lock instead of failing.
-    engine = sa.create_engine(
-        f"sqlite:///{tmp_path / 'writers.db'}", connect_args={"timeout": 60}
-    )
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'writers.db'}", connect_args={"timeout": 60})
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([Board(id=i) for i in range(1, BOARDS + 1)])
