@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import MappedColumn, mapped_column
+from sqlalchemy import event
+from sqlalchemy.orm import MappedColumn, configure_mappers, mapped_column
 
 if TYPE_CHECKING:
     from .counters import Counter
@@ -31,6 +32,8 @@ class CounterSpec:
     target: Target
     where: Callable[[], Any] | None = None
     sum: str | Callable[[], Any] | None = None
+    #: No ``type_=`` given for a sum: the column takes the summed column's type at resolution.
+    default_type: bool = False
     resolved: Counter | None = field(default=None, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CounterSpec:
@@ -55,7 +58,8 @@ def counter_cache(
         the child; only matching child rows count.
     :param sum: child attribute name (or callable returning it) whose values are
         added up instead of counting rows.
-    :param type_: column type; ``Integer`` for counts, ``BigInteger`` for sums.
+    :param type_: column type; ``Integer`` for counts; for sums the summed column's
+        type (``Numeric(p, s)`` and ``Float`` as they are, integers as ``BigInteger``).
     :param column_kwargs: passed on to :func:`sqlalchemy.orm.mapped_column`
         (``name=``, ``doc=``, ``comment=`` ...).
     """
@@ -72,14 +76,29 @@ def counter_cache(
 
     install_session_hooks()
 
+    default_type = type_ is None and sum is not None
     if type_ is None:
+        # A sum's final type follows the summed column, known at mapper configuration.
         type_ = sa.BigInteger() if sum is not None else sa.Integer()
     info = dict(column_kwargs.pop("info", None) or {})
-    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum)
+    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum, default_type=default_type)
     column_kwargs.setdefault("nullable", False)
     column_kwargs.setdefault("server_default", "0")
     column_kwargs.setdefault("insert_default", 0)
-    return mapped_column(type_, info=info, **column_kwargs)
+    mapped = mapped_column(type_, info=info, **column_kwargs)
+    if default_type:
+        event.listen(mapped.column, "after_parent_attach", _type_before_create)
+    return mapped
+
+
+def _type_before_create(column: sa.Column[Any], table: Any) -> None:
+    # CREATE TABLE before the first mapper configuration must see the final type.
+    if isinstance(table, sa.Table) and not event.contains(table, "before_create", _configure):
+        event.listen(table, "before_create", _configure)
+
+
+def _configure(*args: Any, **kwargs: Any) -> None:
+    configure_mappers()
 
 
 def spec_of(column: sa.Column[Any]) -> CounterSpec | None:
