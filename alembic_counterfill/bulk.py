@@ -166,8 +166,10 @@ def _names(plan: Any, keys: Sequence[Any]) -> set[str]:
 
 
 def written(state: ORMExecuteState, plan: Any, dml: Any) -> set[str]:
-    """Names an UPDATE writes, from its ``values()`` and its parameters."""
+    """Names an UPDATE writes, from its ``values()``/``ordered_values()`` and its parameters."""
     keys: list[Any] = list(getattr(dml, "_values", None) or ())
+    # SQLAlchemy 2.0 keeps ordered_values() apart from values(); 2.1 merged them.
+    keys.extend(k for k, _ in getattr(dml, "_ordered_values", None) or ())
     params = state.parameters
     for row in params if isinstance(params, list) else [params or {}]:
         keys.extend(row)
@@ -180,7 +182,9 @@ def _relevant(plan: Any) -> set[str] | None:
         return None
     out = set(plan.watched)
     for key in plan.watched:
-        for col in plan.mapper.attrs[key].columns:
+        prop = plan.mapper.attrs[key]
+        # Column attributes, and the FK columns of watched relationships.
+        for col in getattr(prop, "columns", None) or getattr(prop, "local_columns", ()):
             out |= {col.key, col.name}
     return out
 
@@ -224,7 +228,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
     if plan is None:
         return None
     desc_table = dml.entity_description.get("table")
-    if desc_table is not None and desc_table is not plan.table:
+    if desc_table is not None and desc_table not in set(plan.mapper.tables):
         log.warning(
             "counterfill: %s on %s (joined inheritance) is not tracked; run verify",
             type(dml).__name__,

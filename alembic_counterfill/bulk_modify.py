@@ -63,6 +63,8 @@ def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> b
         return False
     if not plan.table.implicit_returning:
         return False
+    if any(c.child_table is not plan.table for c in plan.counters):
+        return False  # joined inheritance: counters read another table of the class
     dialect = state.session.get_bind(mapper=plan.mapper).dialect
     if _multitable(dml.whereclause, plan.table):
         return False  # UPDATE..FROM / DELETE..USING: RETURNING support varies; re-read instead
@@ -78,9 +80,11 @@ def _state_by_keys(session: Any, plan: Any, keys: list[Key], lock: bool) -> list
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
         where = sql.key_restriction(plan.pk_columns, part, name)
-        rows.extend(
-            conn.execute(sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock))
-        )
+        # Counters over several tables of a joined subclass: read from its join.
+        several = any(c.child_table is not plan.table for c in plan.counters)
+        entity = plan.mapper if several else None
+        stmt = sql.matching_state(plan.counters, plan.pk_columns, where, entity=entity, lock=lock)
+        rows.extend(session.execute(stmt) if several else conn.execute(stmt))
     return rows
 
 

@@ -247,7 +247,7 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
     # One expression over the counting table: the subclass's rows only, then where=.
     conds = [c for c in (inheritance.restriction(child, child_table), where) if c is not None]
     if conds:
-        where = inheritance.localize(child, child_table, sa.and_(*conds))
+        where = inheritance.localize(child, child_table, inheritance.plain(sa.and_(*conds)))
     if spec.sum is not None and spec.default_type and summed is not None:
         column.type = sum_type(summed)
     table = parent.local_table

@@ -18,7 +18,18 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.annotation import _deep_deannotate
 from sqlalchemy.sql import visitors
+
+
+def plain(expr: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """``expr`` without ORM annotations.
+
+    ``Comment.flagged`` carries its entity: a SELECT containing it would get
+    Comment's discriminator criteria added by the ORM, on top of the
+    statement's own, and match no row of another subclass.
+    """
+    return _deep_deannotate(expr)
 
 
 def tables_of(expr: Any) -> set[sa.Table]:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import visitors
 
-from . import sql
+from . import sql, sqlite_lock
 from .counters import Counter, counters_of_child
 from .pause import is_paused
 
@@ -68,7 +68,22 @@ class _Plan:
         return any(attrs[k].history.has_changes() for k in self.watched)
 
 
-_plans: dict[Mapper[Any], _Plan | None] = {}
+_plans: dict[Mapper[Any], list[_Plan]] = {}
+
+
+def _relationship_keys(mapper: Mapper[Any], columns: set[sa.Column[Any]]) -> set[str]:
+    """Many-to-one relationships that set one of ``columns`` (``pin.board = other``).
+
+    Watching them lets ``before_flush`` read the old state of rows moved
+    through a relationship in its one batched statement, like FK moves,
+    instead of one row at a time while the unit of work syncs the FK (and
+    catches ``post_update`` relationships, whose UPDATE fires no mapper event).
+    """
+    keys: set[str] = set()
+    for rel in mapper.relationships:
+        if rel.direction.name == "MANYTOONE" and set(rel.local_columns) & columns:
+            keys.add(rel.key)
+    return keys
 
 
 def _watched(
@@ -85,7 +100,7 @@ def _watched(
                     if el.table is not table:
                         return None  # depends on another table: any write may matter
                     columns.add(el)
-    keys = set()
+    keys = _relationship_keys(mapper, columns)
     for col in columns:
         try:
             keys.add(mapper.get_property_by_column(col).key)
@@ -111,26 +126,57 @@ def _direct(
     return out
 
 
-def plan_for(mapper: Mapper[Any]) -> _Plan | None:
-    """The read plan for rows of ``mapper``, or ``None`` when it feeds no counter."""
+def _table_pk(mapper: Mapper[Any], table: sa.Table) -> list[sa.Column[Any]]:
+    """``table``'s own columns for ``mapper``'s primary key, in identity-key order.
+
+    A joined-inheritance subclass's identity is its base table's key; rows of
+    its own table are read by the equivalent key columns of that table.
+    """
+    out: list[sa.Column[Any]] = []
+    for col in mapper.primary_key:
+        by_table = {c.table: c for c in mapper.get_property_by_column(col).columns}
+        found = by_table.get(table)
+        assert isinstance(found, sa.Column)
+        out.append(found)
+    return out
+
+
+def plans_for(mapper: Mapper[Any]) -> list[_Plan]:
+    """One read plan per counting table that rows of ``mapper`` feed (none: no counter)."""
     if mapper in _plans:
         return _plans[mapper]
-    counters = counters_of_child(mapper)
-    plan = None
-    if counters:
-        table = counters[0].child_table
-        counters = [c for c in counters if c.child_table is table]
-        pk_columns = [c for c in mapper.primary_key if isinstance(c, sa.Column)]
-        plan = _Plan(
+    by_table: dict[sa.Table, list[Counter]] = {}
+    for counter in counters_of_child(mapper):
+        by_table.setdefault(counter.child_table, []).append(counter)
+    plans = [
+        _Plan(
             mapper,
             table,
             counters,
-            pk_columns,
+            _table_pk(mapper, table),
             _watched(mapper, table, counters),
             _direct(mapper, counters),
         )
-    _plans[mapper] = plan
-    return plan
+        for table, counters in sorted(by_table.items(), key=lambda kv: kv[0].name)
+    ]
+    _plans[mapper] = plans
+    return plans
+
+
+def plan_for(mapper: Mapper[Any]) -> _Plan | None:
+    """The read plan of ``mapper``'s statements, or ``None`` when it feeds no counter.
+
+    Bulk statements run on one table's rows: when counters of a joined
+    subclass read several tables, this is the plan of all of them, read from
+    the mapped class (its join), on the table that holds its primary key.
+    """
+    plans = plans_for(mapper)
+    if len(plans) <= 1:
+        return plans[0] if plans else None
+    counters = sorted((c for p in plans for c in p.counters), key=lambda c: c.key)
+    table = mapper.local_table
+    assert isinstance(table, sa.Table)
+    return _Plan(mapper, table, counters, _table_pk(mapper, table), None, None)
 
 
 @dataclass(eq=False)
@@ -147,6 +193,7 @@ class _FlushState:
         if not keys:
             return
         self.captured[plan] |= keys
+        sqlite_lock.begin_write(connection)
         dialect = connection.dialect.name
         stmt = sql.child_state(plan.counters, plan.pk_columns, keys, lock=True, dialect=dialect)
         self.old[plan].extend(connection.execute(stmt).all())
@@ -166,49 +213,74 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
         st: InstanceState[Any] = sa.inspect(obj)
-        plan = plan_for(st.mapper)
-        if plan is None or st.key is None:
+        if st.key is None:
             continue
-        if obj in deleted or plan.may_change(st):
-            wanted[plan].add(tuple(st.key[1]))
-    for plan, keys in wanted.items():
+        for plan in plans_for(st.mapper):
+            if obj in deleted or plan.may_change(st):
+                wanted[plan].add(tuple(st.key[1]))
+        for child in _collection_changes(st):
+            for plan in plans_for(child.mapper):
+                wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
+    for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
 
 
-def _old_key(target: Any) -> tuple[_FlushState, _Plan, InstanceState[Any]] | None:
+def _collection_changes(st: InstanceState[Any]) -> list[InstanceState[Any]]:
+    """Persistent children added to or removed from ``st``'s one-to-many collections.
+
+    Their FK is set by the unit of work during the flush; reading their old
+    state here keeps it to one statement per child table.
+    """
+    out: list[InstanceState[Any]] = []
+    for rel in st.mapper.relationships:
+        if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
+            continue
+        hist = st.attrs[rel.key].history
+        for child in (*hist.added, *hist.deleted):
+            child_state = sa.inspect(child)
+            if child_state.key is not None:
+                out.append(child_state)
+    return out
+
+
+def _found(target: Any) -> tuple[_FlushState, list[_Plan], InstanceState[Any]] | None:
     st: InstanceState[Any] = sa.inspect(target)
     session = st.session
     stash = _stash(session) if session is not None else None
-    plan = plan_for(st.mapper)
-    if stash is None or plan is None or st.key is None:
+    plans = plans_for(st.mapper)
+    if stash is None or not plans or st.key is None:
         return None
-    return stash, plan, st
+    return stash, plans, st
 
 
 def _before_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
-    # Rows changed during the flush itself (FKs synced from relationships) were
-    # not visible in before_flush; read them here, one row at a time (rare).
-    found = _old_key(target)
+    # Rows changed during the flush itself in ways before_flush could not see
+    # (an FK synced from a relationship without a backref) are read here, one
+    # row at a time (rare).
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        if plan.may_change(st):
-            stash.capture(connection, plan, {tuple(st.key[1])})
+        for plan in plans:
+            if plan.may_change(st):
+                stash.capture(connection, plan, {tuple(st.key[1])})
 
 
 def _before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
-    found = _old_key(target)
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        stash.capture(connection, plan, {tuple(st.key[1])})
+        for plan in plans:
+            stash.capture(connection, plan, {tuple(st.key[1])})
 
 
 def _after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     st: InstanceState[Any] = sa.inspect(target)
     stash = _stash(st.session) if st.session is not None else None
-    plan = plan_for(st.mapper)
-    if stash is not None and plan is not None:
+    if stash is None:
+        return
+    for plan in plans_for(st.mapper):
         row = plan.inserted_row(st)
         if row is not None:
             stash.inserted[plan].append(row)
@@ -217,14 +289,15 @@ def _after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
 
 
 def _after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
-    # Only rows whose old state was read can have moved a contribution; the
-    # ORM calls this hook for every dirty object, even with no net change.
-    found = _old_key(target)
+    # Rows whose old state was read are re-read after the flush under their
+    # current key (the primary key itself may have changed).
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        if tuple(st.key[1]) in stash.captured[plan]:
-            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+        for plan in plans:
+            if tuple(st.key[1]) in stash.captured[plan]:
+                stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
 
 
 def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
@@ -312,9 +385,10 @@ def install_session_hooks() -> None:
     event.listen(Session, "after_flush", _after_flush)
     event.listen(Session, "after_flush_postexec", _after_flush_postexec)
     event.listen(Session, "after_soft_rollback", _discard)
-    from . import bulk
+    from . import bulk, legacy_bulk
 
     bulk.install()
+    legacy_bulk.install()
     _session_listeners = True
 
 
@@ -322,10 +396,12 @@ def install(child_mapper: Mapper[Any]) -> None:
     """Attach the flush listeners for a child mapper (idempotent)."""
     install_session_hooks()
     _plans.clear()  # a new counter may change any cached read plan
-    if child_mapper in _installed:
+    # Once per hierarchy, on its base: a subclass must not fire the hooks twice.
+    base = child_mapper.base_mapper
+    if base in _installed:
         return
-    _installed.add(child_mapper)
-    event.listen(child_mapper, "before_update", _before_update, propagate=True)
-    event.listen(child_mapper, "before_delete", _before_delete, propagate=True)
-    event.listen(child_mapper, "after_insert", _after_insert, propagate=True)
-    event.listen(child_mapper, "after_update", _after_update, propagate=True)
+    _installed.add(base)
+    event.listen(base, "before_update", _before_update, propagate=True)
+    event.listen(base, "before_delete", _before_delete, propagate=True)
+    event.listen(base, "after_insert", _after_insert, propagate=True)
+    event.listen(base, "after_update", _after_update, propagate=True)
