@@ -184,7 +184,8 @@ def _relevant(plan: Any) -> set[str] | None:
     for key in plan.watched:
         prop = plan.mapper.attrs[key]
         # Column attributes, and the FK columns of watched relationships.
-        for col in getattr(prop, "columns", None) or getattr(prop, "local_columns", ()):
+        cols: Any = getattr(prop, "columns", None) or getattr(prop, "local_columns", None) or ()
+        for col in cols:
             out |= {col.key, col.name}
     return out
 

@@ -141,9 +141,7 @@ def _moves_existing(plan: Any, dml: Any) -> bool:
         return True
     names = {_name(k) for k in (sets.keys() if isinstance(sets, dict) else [k for k, _ in sets])}
     watched_cols = {
-        c.key
-        for k in plan.watched
-        for c in getattr(plan.mapper.attrs[k], "columns", None) or ()
+        c.key for k in plan.watched for c in getattr(plan.mapper.attrs[k], "columns", None) or ()
     }
     return bool(names & (set(plan.watched) | watched_cols))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -211,11 +212,8 @@ def _resolve_where(
 
 def sum_type(summed: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
     """A sum's default column type: Numeric(p, s) and Float as summed, integers as BigInteger."""
-    t = summed.type
-    if isinstance(t, sa.Float):
-        return sa.Float(precision=t.precision, asdecimal=t.asdecimal)
-    if isinstance(t, sa.Numeric):
-        return sa.Numeric(t.precision, t.scale, asdecimal=t.asdecimal)
+    if isinstance(summed.type, sa.Numeric | sa.Float):
+        return copy.copy(summed.type)  # keeps precision, scale and asdecimal
     return sa.BigInteger()
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
-from sqlalchemy.sql.annotation import _deep_deannotate
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.annotation import _deep_deannotate
 
 
 def plain(expr: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:

@@ -1,4 +1,4 @@
-"""Declaration mistakes fail every configuration; where=/sum= stay on the child; sum types follow."""
+"""Declaration mistakes fail every configuration; where=/sum= stay on the child; sum types."""
 
 from __future__ import annotations
 
