@@ -29,7 +29,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
-from . import sql
+from . import sql, sqlite_lock
 from .bulk import add_rows, chunks, new_deltas, settle, written
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     session = state.session
     dialect = session.get_bind(mapper=plan.mapper).dialect
     one_writer = dialect.name == "sqlite"  # no concurrent writer can slip in between
+    if one_writer:  # ...once we hold SQLite's write lock, before reading old state
+        sqlite_lock.begin_write(session.connection(bind_arguments={"mapper": plan.mapper}))
     is_delete = isinstance(dml, sa.Delete)
     returning = _can_return(state, plan, dml, wrapped)
     if not is_delete and state.is_executemany:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
 import sqlalchemy as sa
 from pin_models import Base, Board, Pin, drift
 from sqlalchemy.orm import Session
@@ -15,7 +16,7 @@ OPS = 150
 BOARDS = 4
 
 
-def _writer(engine: sa.Engine, seed: int, errors: list[BaseException]) -> None:
+def _writer(engine: sa.Engine, seed: int, bulk: bool, errors: list[BaseException]) -> None:
     rng = random.Random(seed)
     try:
         for _ in range(OPS):
@@ -26,6 +27,15 @@ def _writer(engine: sa.Engine, seed: int, errors: list[BaseException]) -> None:
                 else:
                     ids = s.scalars(sa.select(Pin.id)).all()
                     if not ids:
+                        continue
+                    if bulk:  # ORM bulk statements read old state too
+                        pid = rng.choice(ids)
+                        if op < 0.7:
+                            stmt = sa.update(Pin).where(Pin.id == pid)
+                            s.execute(stmt.values(board_id=rng.randint(1, BOARDS)))
+                        else:
+                            s.execute(sa.delete(Pin).where(Pin.id == pid))
+                        s.commit()
                         continue
                     pin = s.get(Pin, rng.choice(ids))
                     if pin is None:  # deleted by another writer meanwhile
@@ -44,7 +54,8 @@ def _writer(engine: sa.Engine, seed: int, errors: list[BaseException]) -> None:
         errors.append(exc)
 
 
-def test_four_threads_on_one_file_stay_exact(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("bulk", [False, True], ids=["flushes", "bulk-statements"])
+def test_four_threads_on_one_file_stay_exact(tmp_path, bulk: bool) -> None:  # noqa: ANN001
     # A generous busy timeout: writers queue for the lock instead of failing.
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'writers.db'}", connect_args={"timeout": 60})
     Base.metadata.create_all(engine)
@@ -54,7 +65,8 @@ def test_four_threads_on_one_file_stay_exact(tmp_path) -> None:  # noqa: ANN001
         s.commit()
     errors: list[BaseException] = []
     threads = [
-        threading.Thread(target=_writer, args=(engine, seed, errors)) for seed in range(THREADS)
+        threading.Thread(target=_writer, args=(engine, seed, bulk, errors))
+        for seed in range(THREADS)
     ]
     for t in threads:
         t.start()
