@@ -125,3 +125,32 @@ def test_verify_and_reads_agree(db: sa.Engine) -> None:
         assert counter_value(s, board, "pins_count") == 2
         assert counter_value(s, board, "hot_pins") == 1
         assert counter_value(s, board, "items_count") == 3
+
+
+def test_backfill_counts_subclass_rows(db: sa.Engine) -> None:
+    from alembic_counterfill import planning
+    from alembic_counterfill.progress import ensure_tables
+    from alembic_counterfill.runner import run_inline
+
+    with Session(db) as s:
+        s.add_all([Comment(topic_id=1), Comment(topic_id=2, flagged=True), Note(topic_id=1)])
+        s.add_all([Pin(board_id=1, hot=True, origin_id=3), Video(board_id=1), Item(board_id=2)])
+        s.commit()
+    with db.begin() as conn:  # as after adding the columns: every counter at 0
+        conn.execute(
+            sa.text(
+                "UPDATE topics SET entries_count = 0, comments_count = 0,"
+                " flagged_comments = 0, note_words = 0"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE boards SET items_count = 0, pins_count = 0, hot_pins = 0, origins_count = 0"
+            )
+        )
+    counters = {c.key: c for c in counters_of(Base)}
+    with db.begin() as conn:
+        ensure_tables(conn)
+        plan = planning.plan(conn, list(counters.values()), 2)
+    run_inline(db, counters, plan.batch_ids)
+    assert_exact(db)
