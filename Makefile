@@ -23,7 +23,7 @@ BROKER_URL ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . $(TEST_DEPS) "ruff>=0.6" "mypy>=1.10"
+	$(PY) -m pip install --quiet -e . $(TEST_DEPS) "ruff>=0.6" "mypy>=1.10" "import-linter>=2.17"
 	touch $(STAMP)
 
 $(OLDEST_STAMP): pyproject.toml scripts/oldest_pins.py
@@ -48,6 +48,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check alembic_counterfill example_project tests bench
 	$(VENV)/bin/ruff format --check alembic_counterfill example_project tests bench
 	$(VENV)/bin/mypy alembic_counterfill
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP) services lint test-oldest
 	$(VENV)/bin/pytest -q

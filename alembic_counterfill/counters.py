@@ -1,16 +1,21 @@
-"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects at mapper setup."""
+"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects, and keep the registry.
+
+No event code lives here: :mod:`.events` calls :func:`resolve_mapper` from its
+``mapper_configured`` hook.
+"""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.orm import ColumnProperty, DeclarativeBase, Mapper, configure_mappers, registry
 from sqlalchemy.orm.attributes import QueryableAttribute
+from sqlalchemy.sql import visitors
 
 from . import inheritance
 from .declaration import CounterSpec, spec_of
@@ -45,6 +50,33 @@ class Counter:
     def name(self) -> str:
         """The counter column's name."""
         return self.column.name
+
+    def value_columns(self) -> list[sa.Column[Any]]:
+        """Child columns besides the FK whose change can change a row's contribution.
+
+        The summed column, then the child-table columns ``where=`` reads, in
+        expression order (a column may appear twice).
+        """
+        cols: list[sa.Column[Any]] = []
+        if self.summed is not None:
+            cols.append(self.summed)
+        if self.where is not None:
+            cols += [
+                el
+                for el in visitors.iterate(self.where)
+                if isinstance(el, sa.Column) and el.table is self.child_table
+            ]
+        return cols
+
+    @property
+    def reads_other_tables(self) -> bool:
+        """Whether ``where=`` reads a column of another table (then any write may matter)."""
+        if self.where is None:
+            return False
+        return any(
+            isinstance(el, sa.Column) and el.table is not self.child_table
+            for el in visitors.iterate(self.where)
+        )
 
     def __repr__(self) -> str:
         return f"<Counter {self.key}>"
@@ -287,19 +319,31 @@ def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
 _failed: dict[Mapper[Any], CounterDeclarationError] = {}
 
 
-@event.listens_for(Mapper, "before_mapper_configured")
-def _on_before_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
-    # SQLAlchemy would answer a retry with a generic "mappers failed to
-    # initialize"; let the declaration be resolved (and fail, or succeed) again.
-    if _failed.get(mapper) is getattr(mapper, "_configure_failed", None):
+def retry_failed(mapper: Mapper[Any]) -> None:
+    """Let a mapper whose counters failed to resolve be configured (and resolved) again.
+
+    SQLAlchemy would answer the retry with a generic "mappers failed to
+    initialize"; the declaration is resolved again instead, and fails again
+    with its own message unless it was fixed (a late import, say).
+    """
+    if mapper in _failed and _failed[mapper] is getattr(mapper, "_configure_failed", None):
         mapper.__dict__.pop("_configure_failed", None)
 
 
-@event.listens_for(Mapper, "mapper_configured")
-def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
+    """Resolve and register the not yet resolved counter columns of ``mapper``'s table.
+
+    All or nothing: on a :class:`CounterDeclarationError` none of the mapper's
+    counters is registered and the mapper is left unconfigured, so every
+    later configuration (the next request, the next test, the CLI) resolves it
+    again and fails again until the declaration is fixed. SQLAlchemy marks the
+    mapper configured before its ``mapper_configured`` hook runs; without
+    this, the next configuration would succeed and the application would run
+    with counters nobody maintains. Returns the counters resolved now.
+    """
     table = mapper.local_table
     if not isinstance(table, sa.Table):
-        return
+        return []
     pending = [
         (column, spec)
         for column in table.columns
@@ -308,29 +352,23 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
     try:
         resolved = [(spec, resolve(mapper, column, spec)) for column, spec in pending]
     except CounterDeclarationError as exc:
-        # All or nothing, and never "configured": SQLAlchemy marks the mapper
-        # configured before this hook runs, so without this the next
-        # configuration would succeed and run with counters nobody maintains.
         mapper.configured = False
         mapper.registry._new_mappers = True
         _failed[mapper] = exc
         raise
     _failed.pop(mapper, None)
-    # Imported here: listeners need counters, counters must not import listeners at top.
-    from . import listeners, readonly
-
+    found: list[Counter] = []
     for spec, counter in resolved:
         spec.resolved = counter
         _by_child.setdefault(counter.child_mapper, []).append(counter)
-        readonly.protect(counter.parent_mapper, counter.attr_key)
-        listeners.install(counter.child_mapper)
+        found.append(counter)
+    return found
 
 
 _warned: set[tuple[str, str]] = set()
 
 
-@event.listens_for(Mapper, "after_configured")
-def _warn_database_cascades() -> None:
+def warn_database_cascades() -> None:
     """Warn once per counter and relationship whose children a database cascade deletes unseen."""
     for counters in list(_by_child.values()):
         for counter in counters:
@@ -354,18 +392,20 @@ def _warn_cascade(counter: Counter, rel: Any) -> None:
     if not fks or key in _warned:
         return
     _warned.add(key)
-    owner = rel.parent.class_.__name__
-    import warnings
-
     warnings.warn(
-        f"{counter.parent_mapper.class_.__name__}.{counter.attr_key}: deleting a {owner} "
-        f"removes {rel.mapper.class_.__name__} rows through the database's ON DELETE "
-        f"{fks[0].ondelete.upper()} ({rel} has passive_deletes=True), which the ORM does not "
-        "see, so the counter drifts; drop passive_deletes=True, or run "
+        f"{counter.parent_mapper.class_.__name__}.{counter.attr_key}: deleting a "
+        f"{rel.parent.class_.__name__} removes {rel.mapper.class_.__name__} rows through the "
+        f"database's ON DELETE {fks[0].ondelete.upper()} ({rel} has passive_deletes=True), "
+        "which the ORM does not see, so the counter drifts; drop passive_deletes=True, or run "
         "`alembic counterfill verify --fix` after such deletes",
         CounterfillWarning,
         stacklevel=2,
     )
+
+
+def child_mappers() -> list[Mapper[Any]]:
+    """Every mapper that feeds at least one counter."""
+    return list(_by_child)
 
 
 def _metadata_of(target: Any) -> sa.MetaData:
@@ -396,7 +436,8 @@ def counters_of(target: Any) -> list[Counter]:
                     f"{table.name}.{column.name}: counter_cache() column is not mapped; "
                     "declare it on a mapped class and import the models before use"
                 )
-            found.append(spec.resolved)
+            counter: Counter = spec.resolved
+            found.append(counter)
     return sorted(found, key=lambda c: c.key)
 
 

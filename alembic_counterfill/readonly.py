@@ -16,7 +16,6 @@ import warnings
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.orm import ColumnProperty, Mapper, Session
 from sqlalchemy.orm.state import InstanceState
 
@@ -37,21 +36,23 @@ class CounterColumnProperty(ColumnProperty[Any]):
         return None
 
 
-def protect(parent: Mapper[Any], attr_key: str) -> None:
-    """Make ``parent.attr_key`` read-only to flushes and merges (idempotent)."""
+def protect(parent: Mapper[Any], attr_key: str) -> bool:
+    """Record ``parent.attr_key`` as a counter and stop ``merge()`` copying it.
+
+    Returns whether it is new (then :mod:`.events` adds the assignment warning).
+    """
     keys = _protected.setdefault(parent, set())
     if attr_key in keys:
-        return
+        return False
     keys.add(attr_key)
     prop = parent.get_property(attr_key)
     if type(prop) is ColumnProperty:
         prop.__class__ = CounterColumnProperty  # same layout (no slots added): merge() only
-    event.listen(parent.class_manager[attr_key], "set", _warn_assignment, propagate=True)
-    if not event.contains(Session, "before_flush", _discard_assignments):
-        event.listen(Session, "before_flush", _discard_assignments)
+    return True
 
 
-def _warn_assignment(target: Any, value: Any, oldvalue: Any, initiator: Any) -> None:
+def warn_assignment(target: Any, value: Any, oldvalue: Any, initiator: Any) -> None:
+    """Warn that a value assigned to a counter attribute will not be written."""
     name = f"{type(target).__name__}.{initiator.key}"
     warnings.warn(
         f"{name} is a counter cache: the assigned value is never written (the database's "
@@ -69,7 +70,7 @@ def _keys_of(mapper: Mapper[Any]) -> set[str]:
     return found
 
 
-def _discard_assignments(session: Session, flush_context: Any, instances: Any) -> None:
+def discard_assignments(session: Session, flush_context: Any, instances: Any) -> None:
     """Drop application-set counter values from dirty and new parents before the flush writes."""
     if not _protected:
         return

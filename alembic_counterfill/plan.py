@@ -1,0 +1,233 @@
+"""The write plan of a child mapper: which counters its rows feed and how to read what a row counts.
+
+Every write path (flush, bulk INSERT, bulk UPDATE/DELETE) asks :func:`plan_for`
+(or :func:`plan_for_statement`) first; ``None`` means the write touches no
+counter. Not to be confused with :class:`.planning.BackfillPlan`, a backfill's batches.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper, configure_mappers
+from sqlalchemy.orm.state import InstanceState
+
+from .counters import Counter, child_mappers, counters_of_child
+
+#: A child row's primary key, as a tuple (composite keys included).
+Key = tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class WritePlan:
+    """How one child table's rows feed their counters, and which writes can move them.
+
+    Rows read with :func:`.sql.row_state` carry ``p<j>`` (the child's key),
+    then ``k<i>``/``v<i>`` (parent key and contribution) per counter ``i``.
+    """
+
+    mapper: Mapper[Any]
+    table: sa.Table
+    counters: list[Counter]
+    pk_columns: list[sa.Column[Any]]
+    # Attribute keys whose change can move a contribution; None means "any change may".
+    watched: frozenset[str] | None
+    # ``watched`` plus the keys and names of their columns (what a statement may name).
+    watched_names: frozenset[str] | None
+    # Per counter (fk attribute, summed attribute or None) when every counter's
+    # contribution can be read off an inserted object; None when a where= needs SQL.
+    direct: list[tuple[str, str | None, type]] | None
+    # The row type of :meth:`inserted_row`, labelled like :func:`.sql.row_state`'s k/v columns.
+    inserted_type: Any
+
+    def inserted_row(self, state: InstanceState[Any]) -> Any:
+        """The ``k<i>``/``v<i>`` row of a just-inserted object, or None to re-read it."""
+        if self.direct is None:
+            return None
+        row: list[Any] = []
+        values = state.dict
+        for fk_attr, sum_attr, fk_type in self.direct:
+            if fk_attr not in values or (sum_attr is not None and sum_attr not in values):
+                return None  # server-side default: only the database knows the value
+            parent = values[fk_attr]
+            if parent is not None and not isinstance(parent, fk_type):
+                return None  # the database will coerce it; let it tell us the result
+            row.append(parent)
+            row.append(1 if sum_attr is None else (values[sum_attr] or 0))
+        return self.inserted_type(*row)
+
+    def may_change(self, state: InstanceState[Any]) -> bool:
+        """Whether a dirty object's pending changes can move one of its contributions."""
+        if self.watched is None:
+            return True
+        attrs = state.attrs
+        return any(attrs[k].history.has_changes() for k in self.watched)
+
+
+_plans: dict[Mapper[Any], list[WritePlan]] = {}
+
+
+def _relationship_keys(mapper: Mapper[Any], columns: set[sa.Column[Any]]) -> set[str]:
+    """Many-to-one relationships that set one of ``columns`` (``pin.board = other``).
+
+    Watching them lets the flush read the old state of rows moved through a
+    relationship in its one batched statement, like FK moves, instead of one
+    row at a time while the unit of work syncs the FK; it also catches
+    ``post_update`` relationships, whose UPDATE fires no mapper event.
+    """
+    return {
+        rel.key
+        for rel in mapper.relationships
+        if rel.direction.name == "MANYTOONE" and set(rel.local_columns) & columns
+    }
+
+
+def _watched(mapper: Mapper[Any], counters: list[Counter]) -> frozenset[str] | None:
+    """Attribute keys of the FK, summed and ``where=`` columns and of the relationships setting
+    the FK; ``None``: any write may matter."""
+    columns: set[sa.Column[Any]] = set()
+    for c in counters:
+        if c.reads_other_tables:
+            return None
+        columns.add(c.fk)
+        columns.update(c.value_columns())
+    keys = _relationship_keys(mapper, columns)
+    for col in columns:
+        try:
+            keys.add(mapper.get_property_by_column(col).key)
+        except Exception:  # unmapped column: cannot watch it, so watch everything
+            return None
+    return frozenset(keys)
+
+
+def _names(mapper: Mapper[Any], watched: frozenset[str] | None) -> frozenset[str] | None:
+    if watched is None:
+        return None
+    out = set(watched)
+    for key in watched:
+        prop: Any = mapper.attrs[key]
+        # Column attributes, and the FK columns of watched relationships.
+        for col in getattr(prop, "columns", None) or prop.local_columns:
+            out |= {col.key, col.name}
+    return frozenset(out)
+
+
+def _direct(
+    mapper: Mapper[Any], counters: list[Counter]
+) -> list[tuple[str, str | None, type]] | None:
+    out: list[tuple[str, str | None, type]] = []
+    for c in counters:
+        if c.where is not None:
+            return None
+        try:
+            fk_type = c.fk.type.python_type
+            fk_attr = mapper.get_property_by_column(c.fk).key
+            sum_attr = None if c.summed is None else mapper.get_property_by_column(c.summed).key
+        except Exception:  # no python_type, or an unmapped column: re-read from the database
+            return None
+        out.append((fk_attr, sum_attr, fk_type))
+    return out
+
+
+def _table_pk(mapper: Mapper[Any], table: sa.Table) -> list[sa.Column[Any]]:
+    """``table``'s own columns for ``mapper``'s primary key, in identity-key order.
+
+    A joined-inheritance subclass's identity is its base table's key; rows of
+    another table of the class are read by that table's equivalent key columns.
+    """
+    out: list[sa.Column[Any]] = []
+    for col in mapper.primary_key:
+        by_table = {c.table: c for c in mapper.get_property_by_column(col).columns}
+        found = by_table.get(table)
+        assert isinstance(found, sa.Column)
+        out.append(found)
+    return out
+
+
+def _plan(
+    mapper: Mapper[Any], table: sa.Table, counters: list[Counter], *, one_table: bool
+) -> WritePlan:
+    watched = _watched(mapper, counters) if one_table else None
+    fields = [f"{kv}{i}" for i in range(len(counters)) for kv in "kv"]
+    return WritePlan(
+        mapper,
+        table,
+        counters,
+        _table_pk(mapper, table),
+        watched,
+        _names(mapper, watched),
+        _direct(mapper, counters) if one_table else None,
+        namedtuple("Inserted", fields),
+    )
+
+
+def plans_for(mapper: Mapper[Any]) -> list[WritePlan]:
+    """One write plan per table holding counted FKs that rows of ``mapper`` feed (flushes).
+
+    A joined-inheritance subclass may feed counters through its base table's
+    FK and through its own table's: the flush reads each table by its key.
+    """
+    if mapper in _plans:
+        return _plans[mapper]
+    by_table: dict[sa.Table, list[Counter]] = {}
+    for counter in counters_of_child(mapper):
+        by_table.setdefault(counter.child_table, []).append(counter)
+    plans = [
+        _plan(mapper, table, counters, one_table=True)
+        for table, counters in sorted(by_table.items(), key=lambda kv: kv[0].name)
+    ]
+    _plans[mapper] = plans
+    return plans
+
+
+_statement_plans: dict[Mapper[Any], WritePlan | None] = {}
+
+
+def plan_for(mapper: Mapper[Any]) -> WritePlan | None:
+    """The write plan of ``mapper``'s bulk statements, or ``None`` when it feeds no counter.
+
+    A statement writes through the mapped class: when its counters' FKs lie in
+    several tables of a joined subclass, this one plan covers all of them, on
+    the subclass's own table, and its rows are read through the class's join.
+    """
+    if mapper in _statement_plans:
+        return _statement_plans[mapper]
+    plans = plans_for(mapper)
+    plan = plans[0] if len(plans) == 1 else None
+    if len(plans) > 1:
+        counters = sorted((c for p in plans for c in p.counters), key=lambda c: c.key)
+        table = mapper.local_table
+        assert isinstance(table, sa.Table)
+        plan = _plan(mapper, table, counters, one_table=False)
+    _statement_plans[mapper] = plan
+    return plan
+
+
+def reads_several_tables(plan: WritePlan) -> bool:
+    """Whether the plan's counters read another table than the plan's (a joined subclass)."""
+    return any(c.child_table is not plan.table or c.reads_other_tables for c in plan.counters)
+
+
+def plan_for_statement(dml: Any) -> WritePlan | None:
+    """The write plan for the table an ORM-enabled INSERT/UPDATE/DELETE writes, if any."""
+    # A bulk statement can be a program's first use of the models, and the ORM
+    # does not configure mappers for it: counters resolve at configuration.
+    configure_mappers()
+    desc = dml.entity_description
+    entity = desc.get("entity")
+    if entity is not None:
+        return plan_for(sa.inspect(entity).mapper)
+    # Core statement on a Table, still run through the Session: find its mapper.
+    for mapper in child_mappers():
+        if mapper.local_table is desc.get("table"):
+            return plan_for(mapper)
+    return None
+
+
+def forget_plans() -> None:
+    """Drop every cached plan: a newly resolved counter may change any of them."""
+    _plans.clear()
+    _statement_plans.clear()
