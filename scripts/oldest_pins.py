@@ -16,9 +16,24 @@ _FLOOR = re.compile(r"^\s*([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*>=\s*([^,;\s]+)")
 
 
 def pins(pyproject: Path) -> list[str]:
-    """One ``name==floor`` line per dependency with a ``>=`` floor (constraints take no extras)."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    return [f"{m.group(1)}=={m.group(3)}" for m in map(_FLOOR.match, deps) if m]
+    """One ``name==floor`` line per dependency (extras' too) with a ``>=`` floor.
+
+    Constraints take no extras, and a package named twice keeps its highest floor.
+    """
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        deps.extend(extra)
+    floors: dict[str, str] = {}
+    for m in filter(None, map(_FLOOR.match, deps)):
+        name, floor = m.group(1).lower(), m.group(3)
+        if name not in floors or _version(floor) > _version(floors[name]):
+            floors[name] = floor
+    return [f"{name}=={floor}" for name, floor in floors.items()]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 if __name__ == "__main__":
