@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import threading
 
@@ -75,5 +76,35 @@ def test_four_threads_on_one_file_stay_exact(tmp_path, bulk: bool) -> None:  # n
     assert not errors, errors
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT COUNT(*) FROM pins")).scalar_one() > 0
+    assert drift(engine) == {}
+    engine.dispose()
+
+
+def _process_writer(url: str, seed: int) -> None:
+    engine = sa.create_engine(url, connect_args={"timeout": 60})
+    errors: list[BaseException] = []
+    _writer(engine, seed, False, errors)
+    engine.dispose()
+    if errors:
+        raise SystemExit(f"writer {seed}: {errors[0]!r}")
+
+
+def test_four_processes_on_one_file_stay_exact(tmp_path) -> None:  # noqa: ANN001
+    url = f"sqlite:///{tmp_path / 'writers.db'}"
+    engine = sa.create_engine(url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Board(id=i) for i in range(1, BOARDS + 1)])
+        s.add_all([Pin(board_id=1 + i % BOARDS, likes=i % 3) for i in range(40)])
+        s.commit()
+    engine.dispose()
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited connections
+    procs = [ctx.Process(target=_process_writer, args=(url, seed)) for seed in range(THREADS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0] * THREADS
+    engine = sa.create_engine(url)
     assert drift(engine) == {}
     engine.dispose()
