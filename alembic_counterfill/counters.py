@@ -382,11 +382,13 @@ def _warn_cascade(counter: Counter, rel: Any) -> None:
         return
     if counter.child_table not in set(rel.mapper.tables):
         return
+    # CASCADE deletes counted rows; SET NULL matters only when it empties the counter's FK.
     fks = [
         fk
         for col in rel.remote_side
         for fk in getattr(col, "foreign_keys", ())
-        if (fk.ondelete or "").upper() in ("CASCADE", "SET NULL")
+        if (fk.ondelete or "").upper() == "CASCADE"
+        or ((fk.ondelete or "").upper() == "SET NULL" and fk.parent is counter.fk)
     ]
     key = (counter.key, str(rel))
     if not fks or key in _warned:
@@ -394,7 +396,7 @@ def _warn_cascade(counter: Counter, rel: Any) -> None:
     _warned.add(key)
     warnings.warn(
         f"{counter.parent_mapper.class_.__name__}.{counter.attr_key}: deleting a "
-        f"{rel.parent.class_.__name__} removes {rel.mapper.class_.__name__} rows through the "
+        f"{rel.parent.class_.__name__} changes {rel.mapper.class_.__name__} rows through the "
         f"database's ON DELETE {fks[0].ondelete.upper()} ({rel} has passive_deletes=True), "
         "which the ORM does not see, so the counter drifts; drop passive_deletes=True, or run "
         "`alembic counterfill verify --fix` after such deletes",
