@@ -39,6 +39,9 @@ def build(parent_counter: Callable[[], Any], *, composite: bool = False) -> type
         __tablename__ = "others"
         id: Mapped[int] = mapped_column(primary_key=True)
 
+    # The registry holds its classes weakly: unreferenced, a garbage collection
+    # before configuration would make "Child" an unknown class.
+    Base.classes = (Parent, Child, Other)  # type: ignore[attr-defined]
     return Base
 
 

@@ -116,6 +116,7 @@ def other_table_base(kind: str) -> type:
         parent_id: Mapped[int | None] = mapped_column(sa.ForeignKey("parents.id"))
         category_id: Mapped[int | None] = mapped_column(sa.ForeignKey("categories.id"))
 
+    Base.classes = (Category, Parent, Child)  # type: ignore[attr-defined]  # keep them alive
     return Base
 
 
