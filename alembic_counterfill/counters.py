@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -316,7 +317,9 @@ def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
 
 
 # Mappers whose counters failed to resolve: configured again (and failing) until fixed.
-_failed: dict[Mapper[Any], CounterDeclarationError] = {}
+_failed: weakref.WeakKeyDictionary[Mapper[Any], CounterDeclarationError] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def retry_failed(mapper: Mapper[Any]) -> None:
