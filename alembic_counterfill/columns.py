@@ -22,6 +22,7 @@ def counter_cache(
     where: Callable[[], Any] | None = None,
     sum: str | Callable[[], Any] | None = None,  # noqa: A002 - public keyword
     type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]] | None = None,
+    buffered: bool = False,
     **column_kwargs: Any,
 ) -> MappedColumn[Any]:
     """Declare a counter cache column kept exact from the child table named by ``target``.
@@ -34,6 +35,10 @@ def counter_cache(
         added up instead of counting rows.
     :param type_: column type; ``Integer`` for counts; for sums the summed column's
         type (``Numeric(p, s)`` and ``Float`` as they are, integers as ``BigInteger``).
+    :param buffered: hot-parent mode: writers append deltas to an insert-only
+        deltas table instead of updating the parent row, and a fold moves them
+        into the column later. Exact through :func:`~.read.counter_value`; the
+        plain attribute lags by up to the fold interval (docs/increment-logic.md).
     :param column_kwargs: passed on to :func:`sqlalchemy.orm.mapped_column`
         (``name=``, ``doc=``, ``comment=`` ...).
     """
@@ -52,11 +57,15 @@ def counter_cache(
         # A sum's final type follows the summed column, known at mapper configuration.
         type_ = sa.BigInteger() if sum is not None else sa.Integer()
     info = dict(column_kwargs.pop("info", None) or {})
-    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum, default_type=default_type)
+    info[INFO_KEY] = CounterSpec(
+        target=target, where=where, sum=sum, buffered=buffered, default_type=default_type
+    )
     column_kwargs.setdefault("nullable", False)
     column_kwargs.setdefault("server_default", "0")
     column_kwargs.setdefault("insert_default", 0)
     mapped = mapped_column(type_, info=info, **column_kwargs)
     if default_type:
         events.configure_before_create(mapped.column)
+    if buffered:
+        events.watch_buffered(mapped.column)
     return mapped

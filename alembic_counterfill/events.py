@@ -10,6 +10,10 @@
 - the legacy bulk methods of ``Session``, which fire no event: :mod:`.legacy_bulk`;
 - ``before_create`` of a table with a sum counter: configure the mappers
   first, so that the column has its final type.
+- ``after_commit`` / ``after_soft_rollback``: inline folds of buffered
+  counters, :mod:`.folding`;
+- ``after_parent_attach`` of buffered counter columns (and, for a primary
+  key declared after one, of every column): their deltas tables, :mod:`.buffer`.
 
 :func:`install` runs when the first counter is declared, so that even a
 process whose first ORM statement is a bulk one is seen. New write paths add
@@ -24,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session, configure_mappers
 
-from . import bulk, flush, legacy_bulk, readonly
+from . import buffer, bulk, flush, folding, legacy_bulk, readonly
 from .counters import resolve_mapper, retry_failed, warn_database_cascades
 from .plan import forget_plans
 
@@ -46,12 +50,26 @@ def install() -> None:
     event.listen(Session, "after_flush_postexec", flush.after_flush_postexec)
     event.listen(Session, "after_soft_rollback", flush.discard)
     event.listen(Session, "do_orm_execute", bulk.on_execute)
+    event.listen(Session, "after_commit", folding.after_commit)
+    event.listen(Session, "after_soft_rollback", folding.forget)
     legacy_bulk.install()
     _installed = True
 
 
 def _on_before_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
     retry_failed(mapper)
+
+
+_watching_columns = False
+
+
+def watch_buffered(column: sa.Column[Any]) -> None:
+    """Build the deltas-table column of buffered counter ``column`` once it joins its table."""
+    global _watching_columns
+    event.listen(column, "after_parent_attach", buffer.attached)
+    if not _watching_columns:
+        event.listen(sa.Column, "after_parent_attach", buffer.any_column_attached)
+        _watching_columns = True
 
 
 def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
