@@ -1,5 +1,5 @@
 # Quick start: `make demo` (the main job, end to end, on SQLite with no broker server)
-# and `make test` (the whole suite against real PostgreSQL, Redis and RabbitMQ).
+# and `make test` (the whole suite against real PostgreSQL, MariaDB, Redis and RabbitMQ).
 # Each target creates .venv and installs what it needs on a fresh machine.
 
 PYTHON ?= python3
@@ -16,7 +16,8 @@ BROKER_URL ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest pytest-timeout "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10"
+	@bash scripts/services.sh mysqlclient-deps
+	$(PY) -m pip install --quiet -e ".[mysql,mysqlclient]" pytest pytest-timeout "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import innodb, sql
 from . import progress as p
-from . import sql
 from .counters import Counter
 from .errors import ConfigurationError, CounterfillError
 from .planning import decode_key
@@ -78,6 +78,9 @@ def run_batch(
     started = time.monotonic()
     b, r = p.batches_table, p.runs_table
     with engine.connect() as conn:
+        mysql = innodb.is_innodb(conn.dialect)
+        if mysql:  # a fresh snapshot per statement: the recount sees what it waited for
+            conn = conn.execution_options(isolation_level=innodb.ISOLATION)
         if conn.dialect.name == "postgresql":
             # A batch is a short statement: JIT compilation (triggered by the
             # planner's cost estimate of the recount) costs more than it saves.
@@ -85,12 +88,17 @@ def run_batch(
             if statement_timeout_ms:
                 settings["statement_timeout"] = str(statement_timeout_ms)
             conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
-        row = conn.execute(
+        row = innodb.update_returning(
+            conn,
             sa.update(b)
             .where(b.c.id == batch_id)
-            .values(attempts=b.c.attempts + 1, started_at=p.now())
-            .returning(b.c.state, b.c.run_id, b.c.lo, b.c.hi)
-        ).first()
+            .values(attempts=b.c.attempts + 1, started_at=p.now()),
+            b.c.id == batch_id,
+            b.c.state,
+            b.c.run_id,
+            b.c.lo,
+            b.c.hi,
+        )
         if row is None:
             raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
         if row.state == p.DONE:
@@ -101,9 +109,12 @@ def run_batch(
         chosen = _run_counters(counters, keys, batch_id)
         table, pk = chosen[0].parent_table, chosen[0].parent_pk
         lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
-        if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
+        if mysql:
+            innodb.lock_parents(conn, table, pk, lo, hi)
+        elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
-        changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
+        recount = sql.recount_range(chosen, lo, hi, dialect=conn.dialect.name)
+        changed = conn.execute(recount).rowcount
         finished = _finish(conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed)
         conn.commit()
     seconds = time.monotonic() - started
@@ -129,16 +140,20 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
         .where(b.c.id == batch_id)
         .values(state=p.DONE, finished_at=now, rows_changed=n, error=None)
     )
-    done, failed, total = conn.execute(
+    done, failed, total = innodb.update_returning(
+        conn,
         sa.update(r)
         .where(r.c.id == run_id)
         .values(
             batches_done=r.c.batches_done + 1,
             batches_failed=r.c.batches_failed - (1 if was_failed else 0),
             rows_changed=r.c.rows_changed + n,
-        )
-        .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
-    ).one()
+        ),
+        r.c.id == run_id,
+        r.c.batches_done,
+        r.c.batches_failed,
+        r.c.batches_total,
+    )
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
         conn.execute(
@@ -190,12 +205,13 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
     b, r = p.batches_table, p.runs_table
     now = p.now()
     with engine.connect() as conn:
-        row = conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id)
-            .values(error=error)
-            .returning(b.c.state, b.c.run_id)
-        ).first()
+        row = innodb.update_returning(
+            conn,
+            sa.update(b).where(b.c.id == batch_id).values(error=error),
+            b.c.id == batch_id,
+            b.c.state,
+            b.c.run_id,
+        )
         if row is None or row.state == p.DONE:
             conn.rollback()
             return False
@@ -204,12 +220,16 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
             conn.execute(
                 sa.update(b).where(b.c.id == batch_id).values(state=p.FAILED, finished_at=now)
             )
-            done, failed, total = conn.execute(
+            done, failed, total = innodb.update_returning(
+                conn,
                 sa.update(r)
                 .where(r.c.id == row.run_id)
-                .values(batches_failed=r.c.batches_failed + 1)
-                .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
-            ).one()
+                .values(batches_failed=r.c.batches_failed + 1),
+                r.c.id == row.run_id,
+                r.c.batches_done,
+                r.c.batches_failed,
+                r.c.batches_total,
+            )
             if done + failed >= total:
                 _fail_run(conn, row.run_id, now)
         conn.commit()

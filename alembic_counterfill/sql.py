@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
+from . import innodb
 from .counters import Counter
 
 
@@ -144,16 +145,33 @@ def truth_columns(
 
 
 def recount_range(
-    counters: Sequence[Counter], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+    counters: Sequence[Counter],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
+    dialect: str = "",
 ) -> sa.Update:
     """One UPDATE setting every counter of one parent table to its truth over ``[lo, hi)``.
 
     All counters of the table are written in one pass (one row version per
     parent, not one per counter), and only rows whose value differs are
     written; the rowcount is rows changed. ``ids`` narrows the range to
-    those parents (verify's repairs).
+    those parents (verify's repairs). On MariaDB/MySQL (``dialect``) it is a
+    multi-table UPDATE of the parent joined to the grouped child aggregates
+    (:func:`.innodb.recount_update`).
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
+    if dialect in ("mysql", "mariadb"):
+        joined, truths = truth_columns(counters, table, pk, lo, hi, ids=ids)
+        return innodb.recount_update(
+            table,
+            pk,
+            joined,
+            {c.column: t for c, t in zip(counters, truths, strict=True)},
+            _scope(pk, lo, hi, ids),
+            sa.or_(*[c.column.is_distinct_from(t) for c, t in zip(counters, truths, strict=True)]),
+        )
     p = table.alias("p")
     p_pk = p.c[pk.key]
     joined, truths = truth_columns(counters, p, p_pk, lo, hi, ids=ids)
@@ -213,6 +231,9 @@ def apply_deltas(
     whole table; SQLite (one writer at a time) an executemany.
     """
     if not deltas:
+        return
+    if innodb.is_innodb(connection.dialect):
+        innodb.apply_deltas(connection, table, pk, deltas)
         return
     ids = sorted(deltas)
     columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)

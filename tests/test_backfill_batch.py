@@ -23,8 +23,8 @@ from alembic_counterfill.batch import BatchNotFound, BatchOutcome, mark_failed, 
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=20)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url, pool_size=20)
     yield engine
     engine.dispose()
 

@@ -87,8 +87,8 @@ def run(
             errors.append(exc)
 
 
-def test_bulk_statements_racing_orm_inserts_keep_counters_exact(pg_url: str, caplog) -> None:  # noqa: ANN001
-    engine = sa.create_engine(pg_url, pool_size=8, max_overflow=2)
+def test_bulk_statements_racing_orm_inserts_keep_counters_exact(server_url: str, caplog) -> None:  # noqa: ANN001
+    engine = sa.create_engine(server_url, pool_size=8, max_overflow=2)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([User(id=i, name=f"u{i}") for i in HOT])

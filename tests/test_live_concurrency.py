@@ -69,10 +69,10 @@ def worker(engine: sa.Engine, seed: int, deadlocks: list[int], errors: list[Base
                 errors.append(exc)
 
 
-def test_concurrent_orm_traffic_keeps_counters_exact(pg_url: str) -> None:
+def test_concurrent_orm_traffic_keeps_counters_exact(server_url: str) -> None:
     import warnings
 
-    engine = sa.create_engine(pg_url, pool_size=THREADS, max_overflow=2)
+    engine = sa.create_engine(server_url, pool_size=THREADS, max_overflow=2)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([User(id=i) for i in HOT])

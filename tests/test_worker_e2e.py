@@ -39,15 +39,15 @@ DUPLICATE = re.compile(r"batch (\d+) already done")
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=12)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url, pool_size=12)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def project(tmp_path: Path, pg_url: str, redis_url: str) -> Project:
-    return Project(tmp_path / "project", pg_url, broker_url=redis_url)
+def project(tmp_path: Path, server_url: str, redis_url: str) -> Project:
+    return Project(tmp_path / "project", server_url, broker_url=redis_url)
 
 
 def _applied(*logs: str) -> Tally[int]:
@@ -60,11 +60,11 @@ def _run_done(engine: sa.Engine) -> bool:
 
 
 def test_live_orm_writes_during_backfill_leave_no_drift_and_no_deadlock(
-    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+    tmp_path: Path, server_url: str, redis_url: str, pg: sa.Engine
 ) -> None:
     users = 6000
     seed(pg, users=users, follows=4, posts=2)
-    project = Project(tmp_path / "p", pg_url, broker_url=redis_url, batch_size=40)
+    project = Project(tmp_path / "p", server_url, broker_url=redis_url, batch_size=40)
     with project.worker() as worker, Writers(pg, users) as writers:
         wait_for(lambda: writers.writes >= 30 or writers.errors, what="writers to get going")
         writers.counting.set()
@@ -221,10 +221,10 @@ def test_batch_out_of_retries_is_marked_failed_then_enqueue_retries_it(
 
 
 def test_broker_unreachable_leaves_counters_pending_and_a_later_enqueue_works(
-    tmp_path: Path, pg_url: str, pg: sa.Engine, redis_url: str
+    tmp_path: Path, server_url: str, pg: sa.Engine, redis_url: str
 ) -> None:
     seed(pg, users=100)
-    project = Project(tmp_path / "p", pg_url, broker_url="redis://127.0.0.1:1/0")
+    project = Project(tmp_path / "p", server_url, broker_url="redis://127.0.0.1:1/0")
     result = project.cli("enqueue")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -237,7 +237,7 @@ def test_broker_unreachable_leaves_counters_pending_and_a_later_enqueue_works(
     assert drift(pg) == []
 
 
-def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, pg_url: str, pg: sa.Engine) -> None:
+def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, server_url: str, pg: sa.Engine) -> None:
     import pika
 
     try:
@@ -245,7 +245,7 @@ def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, pg_url: str, pg: sa.Eng
     except Exception as exc:
         unavailable("RabbitMQ", exc)
     seed(pg, users=400)
-    project = Project(tmp_path / "p", pg_url, broker_url=AMQP_URL)
+    project = Project(tmp_path / "p", server_url, broker_url=AMQP_URL)
     try:
         with project.worker():
             result = project.cli("enqueue", "--wait", "--verify")

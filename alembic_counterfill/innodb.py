@@ -1,0 +1,174 @@
+"""InnoDB (MariaDB, MySQL) forms of the statements whose PostgreSQL forms InnoDB lacks.
+
+Three InnoDB facts shape them (DESIGN.md section 3, "MariaDB/MySQL"):
+
+- an INSERT or FK move of a child takes a *shared* lock on the parent row for
+  the foreign-key check, and InnoDB has no ``FOR NO KEY UPDATE``: two writers
+  that each take the shared lock and then want the exclusive one to apply a
+  delta deadlock. So writers lock their parents exclusively, in key order,
+  *before* the child writes (:func:`lock_parent_keys`);
+- there is no ``UPDATE … RETURNING`` (MariaDB has ``DELETE … RETURNING``, MySQL
+  neither): :func:`update_returning` updates, then reads the row it now holds;
+- ``REPEATABLE READ`` is the default, and its snapshot is taken at a
+  transaction's first read, before any lock wait. Backfill batches and
+  verify run ``READ COMMITTED`` (:data:`ISOLATION`), so the recount after the
+  parent lock reads what the writers it waited for committed, and no gap
+  locks are taken. ``GET_LOCK`` replaces PostgreSQL's advisory locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Dialect
+
+from .errors import CounterfillError
+
+#: Isolation level of the library's own batch and verify transactions.
+ISOLATION = "READ COMMITTED"
+
+#: Parents per locking read or delta statement (one bound parameter each).
+CHUNK = 1000
+
+_HELD = "counterfill.named_locks"
+
+
+def is_innodb(dialect: Dialect) -> bool:
+    """Whether ``dialect`` talks to MariaDB or MySQL."""
+    return dialect.name in ("mysql", "mariadb")
+
+
+def _scope(pk: sa.Column[Any], lo: Any, hi: Any, ids: Sequence[Any] | None) -> Any:
+    cond: Any = sa.true()
+    if lo is not None:
+        cond = sa.and_(cond, pk >= lo)
+    if hi is not None:
+        cond = sa.and_(cond, pk < hi)
+    if ids is not None:
+        cond = sa.and_(cond, pk.in_(list(ids)))
+    return cond
+
+
+def lock_parents(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
+) -> int:
+    """Lock the parents of ``[lo, hi)`` (or ``ids``) exclusively in key order; return how many.
+
+    A plain ``SELECT … ORDER BY pk FOR UPDATE`` walks the primary-key index in
+    order: InnoDB has no lock weaker than ``FOR UPDATE`` that still waits for
+    writers holding it, and under ``READ COMMITTED`` it takes no gap locks, so
+    new parents can still be inserted into the range.
+    """
+    stmt = sa.select(pk).where(_scope(pk, lo, hi, ids)).order_by(pk).with_for_update()
+    return len(connection.execute(stmt).all())
+
+
+def lock_parent_keys(
+    connection: Connection, table: sa.Table, pk: sa.Column[Any], keys: Iterable[Any]
+) -> None:
+    """Lock the parents ``keys`` exclusively in key order (writers, before their child writes)."""
+    ordered = sorted({k for k in keys if k is not None})
+    for start in range(0, len(ordered), CHUNK):
+        part = ordered[start : start + CHUNK]
+        connection.execute(sa.select(pk).where(pk.in_(part)).order_by(pk).with_for_update()).all()
+
+
+def recount_update(
+    table: sa.Table,
+    pk: sa.Column[Any],
+    joined: sa.FromClause,
+    values: Mapping[sa.Column[Any], sa.ColumnElement[Any]],
+    scope: sa.ColumnElement[bool],
+    differs: sa.ColumnElement[bool],
+) -> sa.Update:
+    """``UPDATE parent LEFT JOIN (grouped child aggregates) … SET … WHERE differs``.
+
+    A multi-table UPDATE over the parent joined to its grouped derived tables:
+    the derived tables never name the target table (MySQL refuses that, error
+    1093), and under ``READ COMMITTED`` they are read from a fresh snapshot
+    without locking the child rows. Only rows whose value differs match, and
+    SQLAlchemy's MySQL dialects count matched rows, so the rowcount is rows changed.
+    """
+    target: Any = joined  # a Join of the parent and its derived tables
+    return sa.update(target).values(dict(values)).where(scope, differs)
+
+
+def apply_deltas(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+) -> None:
+    """Add each parent's deltas: lock the parents in key order, then one ``CASE`` UPDATE per chunk.
+
+    The parents are normally locked already (before the flush's child writes);
+    locking again is free then, and keeps late-found parents in key order.
+    """
+    ids = sorted(deltas)
+    columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
+    for start in range(0, len(ids), CHUNK):
+        part = ids[start : start + CHUNK]
+        lock_parent_keys(connection, table, pk, part)
+        values = {}
+        for col in columns:
+            whens = {x: deltas[x].get(col, 0) for x in part if deltas[x].get(col, 0)}
+            if whens:
+                values[col.name] = col + sa.case(whens, value=pk, else_=0)
+        if values:
+            connection.execute(sa.update(table).where(pk.in_(part)).values(values))
+
+
+def update_returning(
+    connection: Connection, stmt: sa.Update, where: Any, *columns: sa.ColumnElement[Any]
+) -> Any:
+    """Run ``stmt`` and return ``columns`` of the row it changed (``None``: no row matched).
+
+    ``UPDATE … RETURNING`` where the database has it; elsewhere the UPDATE,
+    then a read of the row, which the UPDATE has locked, so nobody changed it
+    in between (and a transaction reads its own writes at any isolation level).
+    """
+    if connection.dialect.update_returning:
+        return connection.execute(stmt.returning(*columns)).first()
+    if connection.execute(stmt).rowcount == 0:
+        return None
+    return connection.execute(sa.select(*columns).where(where)).first()
+
+
+def hold_named_lock(connection: Connection, name: str, timeout_s: int = 600) -> None:
+    """Take MySQL's session-level ``GET_LOCK(name)``, released when the connection is checked in.
+
+    ``GET_LOCK`` outlives transactions, so releasing it when the connection
+    goes back to the pool (after the caller's commit) keeps it for exactly as
+    long as PostgreSQL's ``pg_advisory_xact_lock`` would be kept.
+    """
+    got = connection.execute(sa.select(sa.func.get_lock(name, timeout_s))).scalar()
+    if got != 1:
+        raise CounterfillError(
+            f"another process held the lock {name!r} for {timeout_s}s; "
+            "wait for the other `enqueue` to finish, then run it again"
+        )
+    engine = connection.engine
+    if not event.contains(engine, "checkin", _release_named_locks):
+        event.listen(engine, "checkin", _release_named_locks)
+    connection.info.setdefault(_HELD, []).append(name)
+
+
+def _release_named_locks(dbapi_connection: Any, record: Any) -> None:
+    names = record.info.pop(_HELD, None)
+    if not names:
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        for name in names:
+            cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
+    finally:
+        cursor.close()
