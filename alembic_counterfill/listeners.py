@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import visitors
 
-from . import sql
+from . import innodb, sql
 from .counters import Counter, counters_of_child
 from .pause import is_paused
 
@@ -173,6 +173,62 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
             wanted[plan].add(tuple(st.key[1]))
     for plan, keys in wanted.items():
         state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
+    _lock_parents_first(session, state)
+
+
+def _lock_parents_first(session: Session, state: _FlushState) -> None:
+    """On InnoDB, lock every parent this flush may change, exclusively and in key order.
+
+    InnoDB's foreign-key check on a child INSERT takes a shared lock on the
+    parent; two writers holding it that both want the exclusive lock for their
+    delta deadlock. Taking the exclusive locks first, in the global order
+    (table name, then key), makes the FK checks and the deltas free. Parents
+    found only during the flush are locked when the deltas are applied.
+    """
+    plans = set(state.old) | {
+        plan_for(sa.inspect(o).mapper) for o in (*session.new, *session.dirty)
+    }
+    plans.discard(None)
+    if not any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans if p):
+        return
+    keys: dict[tuple[str, sa.Table], tuple[sa.Column[Any], set[Any]]] = {}
+
+    def want(counter: Counter, key: Any) -> None:
+        if key is not None:
+            slot = (counter.parent_table.name, counter.parent_table)
+            keys.setdefault(slot, (counter.parent_pk, set()))[1].add(key)
+
+    for plan, rows in state.old.items():
+        for row in rows:
+            for i, counter in enumerate(plan.counters):
+                want(counter, row[2 * i])
+    for obj in (*session.new, *session.dirty):
+        st: InstanceState[Any] = sa.inspect(obj)
+        new_plan = plan_for(st.mapper)
+        for counter in new_plan.counters if new_plan is not None else ():
+            want(counter, _new_parent_key(st, counter))
+    for (_, table), (pk, ids) in sorted(keys.items(), key=lambda kv: kv[0][0]):
+        connection = session.connection(bind_arguments={"clause": table})
+        if innodb.is_innodb(connection.dialect):
+            innodb.lock_parent_keys(connection, table, pk, ids)
+
+
+def _new_parent_key(st: InstanceState[Any], counter: Counter) -> Any:
+    """The parent key a pending or dirty child will have (its FK, or its many-to-one's key)."""
+    try:
+        value = st.dict.get(st.mapper.get_property_by_column(counter.fk).key)
+    except Exception:  # unmapped FK column: the deltas will lock its parent
+        return None
+    if value is not None:
+        return value
+    for rel in st.mapper.relationships:
+        if rel.direction.name == "MANYTOONE" and counter.fk in rel.local_columns:
+            target = st.dict.get(rel.key)
+            if target is not None:
+                identity = sa.inspect(target).identity
+                if identity is not None and len(identity) == 1:
+                    return identity[0]
+    return None
 
 
 def _old_key(target: Any) -> tuple[_FlushState, _Plan, InstanceState[Any]] | None:
