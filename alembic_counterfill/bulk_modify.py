@@ -29,7 +29,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
-from . import sql
+from . import innodb, sql
 from .bulk import add_rows, chunks, new_deltas, settle, written
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ def _state_by_keys(session: Any, plan: Any, keys: list[Key], lock: bool) -> list
     rows: list[Any] = []
     conn = session.connection(bind_arguments={"mapper": plan.mapper})
     name = conn.dialect.name
+    # InnoDB: only a locking read sees past REPEATABLE READ's first snapshot.
+    lock = lock or innodb.is_innodb(conn.dialect)
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
         where = sql.key_restriction(plan.pk_columns, part, name)

@@ -171,46 +171,111 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
             continue
         if obj in deleted or plan.may_change(st):
             wanted[plan].add(tuple(st.key[1]))
-    for plan, keys in wanted.items():
+    for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
-    _lock_parents_first(session, state)
+    if _innodb(session, wanted):
+        _lock_before_writes(session, state)
 
 
-def _lock_parents_first(session: Session, state: _FlushState) -> None:
-    """On InnoDB, lock every parent this flush may change, exclusively and in key order.
+def _innodb(session: Session, wanted: dict[_Plan, set[Key]]) -> bool:
+    plans = set(wanted) | {plan_for(sa.inspect(o).mapper) for o in session.new}
+    return any(
+        p is not None and innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans
+    )
 
-    InnoDB's foreign-key check on a child INSERT takes a shared lock on the
-    parent; two writers holding it that both want the exclusive lock for their
-    delta deadlock. Taking the exclusive locks first, in the global order
-    (table name, then key), makes the FK checks and the deltas free. Parents
-    found only during the flush are locked when the deltas are applied.
-    """
-    plans = set(state.old) | {
-        plan_for(sa.inspect(o).mapper) for o in (*session.new, *session.dirty)
-    }
-    plans.discard(None)
-    if not any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans if p):
-        return
-    keys: dict[tuple[str, sa.Table], tuple[sa.Column[Any], set[Any]]] = {}
 
-    def want(counter: Counter, key: Any) -> None:
-        if key is not None:
-            slot = (counter.parent_table.name, counter.parent_table)
-            keys.setdefault(slot, (counter.parent_pk, set()))[1].add(key)
+ParentKeys = dict[tuple[str, sa.Table], tuple[sa.Column[Any], set[Any]]]
 
-    for plan, rows in state.old.items():
+
+def _parent_keys(rows_by_plan: Any, keys: ParentKeys | None = None) -> ParentKeys:
+    """Collect the parents named by :func:`.sql.child_state` rows, per parent table."""
+    keys = {} if keys is None else keys
+    for plan, rows in rows_by_plan:
         for row in rows:
             for i, counter in enumerate(plan.counters):
-                want(counter, row[2 * i])
-    for obj in (*session.new, *session.dirty):
-        st: InstanceState[Any] = sa.inspect(obj)
-        new_plan = plan_for(st.mapper)
-        for counter in new_plan.counters if new_plan is not None else ():
-            want(counter, _new_parent_key(st, counter))
+                _want(keys, counter, row[2 * i])
+    return keys
+
+
+def _want(keys: ParentKeys, counter: Counter, key: Any) -> None:
+    if key is not None:
+        slot = (counter.parent_table.name, counter.parent_table)
+        keys.setdefault(slot, (counter.parent_pk, set()))[1].add(key)
+
+
+def _lock_parents(session: Session, keys: ParentKeys) -> None:
     for (_, table), (pk, ids) in sorted(keys.items(), key=lambda kv: kv[0][0]):
         connection = session.connection(bind_arguments={"clause": table})
-        if innodb.is_innodb(connection.dialect):
-            innodb.lock_parent_keys(connection, table, pk, ids)
+        innodb.lock_parent_keys(connection, table, pk, ids)
+
+
+def _lock_before_writes(session: Session, state: _FlushState) -> None:
+    """On InnoDB, take every lock this flush's writes will need, children first, then parents.
+
+    InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
+    INSERT's foreign-key check takes a *shared* lock on the parent, and two
+    writers holding it that then both want the exclusive lock for their delta
+    deadlock. So before the flush writes, a writer locks, in one global order:
+
+    1. the children it changes or deletes (already read ``FOR UPDATE`` in key
+       order by :meth:`_FlushState.capture`), and the existing rows that its
+       new children's explicit primary keys collide with (an INSERT's
+       duplicate-key check would otherwise wait for them while we hold parents);
+    2. every parent those rows and the new or moved children name, exclusively,
+       by table name and then key.
+
+    Parents found only during the flush (keys synced from objects flushed in
+    the same flush) are locked when the deltas are applied.
+    """
+    found = _parent_keys(state.old.items())
+    colliding: dict[_Plan, set[Key]] = defaultdict(set)
+    for obj in (*session.new, *session.dirty):
+        st: InstanceState[Any] = sa.inspect(obj)
+        plan = plan_for(st.mapper)
+        if plan is None:
+            continue
+        for counter in plan.counters:
+            _want(found, counter, _new_parent_key(st, counter))
+        if st.key is None:
+            key = _explicit_key(st, plan)
+            if key is not None:
+                colliding[plan].add(key)
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        _lock_existing(session, plan, keys)
+    _lock_parents(session, found)
+
+
+def _explicit_key(st: InstanceState[Any], plan: _Plan) -> Key | None:
+    """A pending child's primary key when the application gave all of it (natural keys)."""
+    values = []
+    for col in plan.pk_columns:
+        try:
+            value = st.dict.get(st.mapper.get_property_by_column(col).key)
+        except Exception:  # unmapped key column
+            return None
+        if value is None:
+            return None
+        values.append(value)
+    return tuple(values)
+
+
+def _lock_existing(session: Session, plan: _Plan, keys: set[Key]) -> None:
+    """Lock the existing child rows with these keys; probe first, so no gap is ever locked.
+
+    A locking read of a key that does not exist would lock the gap under
+    REPEATABLE READ and make two inserters into it deadlock.
+    """
+    connection = session.connection(bind_arguments={"mapper": plan.mapper})
+    probe = sa.select(*plan.pk_columns).where(sql.pk_filter(plan.pk_columns, keys))
+    existing = {tuple(row) for row in connection.execute(probe)}
+    if existing:
+        stmt = (
+            sa.select(*plan.pk_columns)
+            .where(sql.pk_filter(plan.pk_columns, existing))
+            .order_by(*plan.pk_columns)
+            .with_for_update()
+        )
+        connection.execute(stmt).all()
 
 
 def _new_parent_key(st: InstanceState[Any], counter: Counter) -> Any:
@@ -298,8 +363,15 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
         keys = stash.captured.get(plan, set()) | stash.touched.get(plan, set())
         if keys:
             dialect = connection.dialect.name
+            # InnoDB's REPEATABLE READ would answer a plain read from the
+            # transaction's first snapshot (a row deleted since would still
+            # count); a locking read sees the latest rows, which we hold anyway.
             stmt = sql.child_state(
-                plan.counters, plan.pk_columns, keys, lock=False, dialect=dialect
+                plan.counters,
+                plan.pk_columns,
+                keys,
+                lock=innodb.is_innodb(connection.dialect),
+                dialect=dialect,
             )
             _add(deltas, plan, connection.execute(stmt).all(), +1)
     apply(session, deltas)

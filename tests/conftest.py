@@ -30,6 +30,15 @@ DATABASES = ["sqlite", "postgresql", "mariadb"]
 SERVERS = ["postgresql", "mariadb"]
 
 
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether a database error is a deadlock (PostgreSQL 40P01, MariaDB/MySQL 1213)."""
+    orig = getattr(exc, "orig", None)
+    if type(orig).__name__ == "DeadlockDetected":
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1213
+
+
 def unavailable(what: str, exc: BaseException) -> None:
     """Fail in CI, skip elsewhere: a missing service must never pass silently in CI."""
     msg = f"{what} unreachable: {exc}"

@@ -1,4 +1,4 @@
-"""Bulk deletes and updates racing ORM writes (mostly inserts) on the same hot parents (PostgreSQL).
+"""Bulk deletes and updates racing ORM writes (mostly inserts) on the same hot parents.
 
 Zero drift against the test's own GROUP BY truth, zero deadlocks, and no
 "rows committed after they were locked" warnings: RETURNING catches them.
@@ -11,8 +11,8 @@ import random
 import threading
 import warnings
 
-import psycopg
 import sqlalchemy as sa
+from conftest import is_deadlock
 from social import Base, Follow, Post, User, assert_exact
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
@@ -79,7 +79,7 @@ def run(
         except (sa.exc.IntegrityError, StaleDataError, ObjectDeletedError):
             pass  # duplicate follow, or a bulk statement removed the row under the ORM
         except sa.exc.OperationalError as exc:
-            if isinstance(exc.orig, psycopg.errors.DeadlockDetected):
+            if is_deadlock(exc):
                 deadlocks.append(1)
             else:
                 errors.append(exc)
