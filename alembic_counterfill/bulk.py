@@ -25,7 +25,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, configure_mappers
 
 from . import counters as _counters
-from . import listeners, sql
+from . import innodb, listeners, sql
 from .counters import Counter
 from .pause import is_paused
 
@@ -105,6 +105,26 @@ def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -
     _expire_now(session, expire)
 
 
+def lock_first(session: Session, parents: dict[Counter, set[Any]]) -> None:
+    """On InnoDB, lock these parents exclusively, by table name and key, before a child write.
+
+    A child INSERT or FK move takes a shared lock on its parent for the
+    foreign-key check; writers holding it that then want the exclusive lock
+    for their delta deadlock (InnoDB has no ``FOR NO KEY UPDATE``).
+    """
+    by_table: dict[Any, tuple[Counter, set[Any]]] = {}
+    for counter, ids in parents.items():
+        slot = by_table.setdefault(counter.parent_mapper, (counter, set()))
+        slot[1].update(x for x in ids if x is not None)
+    for mapper in sorted(by_table, key=_table_name):
+        counter, ids = by_table[mapper]
+        conn = session.connection(bind_arguments={"mapper": mapper})
+        if not innodb.is_innodb(conn.dialect):
+            return
+        if ids:
+            innodb.lock_parent_keys(conn, counter.parent_table, counter.parent_pk, ids)
+
+
 def _table_name(mapper: Mapper[Any]) -> str:
     # The order listeners.apply() visits parent tables in.
     return str(getattr(mapper.local_table, "name", ""))
@@ -112,7 +132,9 @@ def _table_name(mapper: Mapper[Any]) -> str:
 
 def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
     conn = session.connection(bind_arguments={"mapper": mapper})
-    if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
+    if innodb.is_innodb(conn.dialect):
+        innodb.lock_parent_keys(conn, counter.parent_table, counter.parent_pk, ids)
+    elif conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
         for part in chunks(ids):
             conn.execute(
                 sql.lock_parents(counter.parent_table, counter.parent_pk, None, None, ids=part)
@@ -131,7 +153,10 @@ def _recount(
     ids = sorted(set().union(*wanted.values()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
-        conn.execute(sql.recount_range(counters, None, None, ids=part))
+        if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read would be stale
+            innodb.recount_in_transaction(conn, counters, part, sql.contribution)
+        else:
+            conn.execute(sql.recount_range(counters, None, None, ids=part))
     for pid in ids:
         expire[(mapper, pid)].update(c.attr_key for c in counters)
 

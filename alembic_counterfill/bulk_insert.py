@@ -24,7 +24,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 
 from . import sql
-from .bulk import Recounts, chunks, new_deltas, settle
+from .bulk import Recounts, chunks, lock_first, new_deltas, settle
 from .counters import Counter
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
 
     if dml.select is not None:
         parents = _selected_parents(state, plan, dml)
+        lock_first(session, {c: ids for c, ids in parents.items() if ids is not UNKNOWN})
         result = state.invoke_statement()
         for counter, ids in parents.items():
             if ids is UNKNOWN:
@@ -192,6 +193,8 @@ def run(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
                 for i, counter in enumerate(plan.counters):
                     recounts[counter].add(row._mapping[f"k{i}"])
 
+    known = {c: set(_column_values(plan, rows, c.fk)) - {UNKNOWN} for c in plan.counters}
+    lock_first(session, {c: known[c] | recounts.get(c, set()) for c in plan.counters})
     result = state.invoke_statement()
     for counter in plan.counters:
         fks = _column_values(plan, rows, counter.fk)

@@ -21,6 +21,7 @@ writer and needs neither lock nor restriction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
 from . import innodb, sql
-from .bulk import add_rows, chunks, new_deltas, settle, written
+from .bulk import add_rows, chunks, lock_first, new_deltas, settle, written
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,38 @@ def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> l
     return [seen[k] for k in sorted(seen)]
 
 
+def _set_parents(state: ORMExecuteState, plan: Any, dml: Any) -> dict[Any, set[Any]]:
+    """The parent keys an UPDATE's SET clause or parameters give literally, per counter."""
+    out: dict[Any, set[Any]] = {}
+    params = state.parameters
+    rows = params if isinstance(params, list) else [params or {}]
+    values = {getattr(k, "key", k): v for k, v in (getattr(dml, "_values", None) or {}).items()}
+    for counter in plan.counters:
+        names = {counter.fk.key, counter.fk.name}
+        with contextlib.suppress(Exception):  # unmapped FK column: only its name can set it
+            names.add(plan.mapper.get_property_by_column(counter.fk).key)
+        found = out.setdefault(counter, set())
+        for source in [values, *rows]:
+            for name in names & set(source):
+                value = source[name]
+                if isinstance(value, sa.BindParameter) and value.callable is None:
+                    value = value.value
+                if not isinstance(value, sa.ClauseElement) and value is not None:
+                    found.add(value)
+    return out
+
+
+def _parents(plan: Any, rows: list[Any], extra: dict[Any, set[Any]]) -> dict[Any, set[Any]]:
+    """Parents named by :func:`.sql.row_state` rows, plus ``extra``, per counter."""
+    out = {c: set(extra.get(c, ())) for c in plan.counters}
+    if rows:
+        fields = rows[0]._fields
+        for i, counter in enumerate(plan.counters):
+            at = fields.index(f"k{i}")
+            out[counter].update(row[at] for row in rows if row[at] is not None)
+    return out
+
+
 def _warn_unseen(plan: Any, dml: Any, extra: int) -> None:
     log.warning(
         "counterfill: %s on %s touched %d row(s) committed by another transaction after "
@@ -175,7 +208,9 @@ def _delete_returning(state: ORMExecuteState, plan: Any, dml: Any, one_writer: b
 def _by_primary_key(state: ORMExecuteState, plan: Any, keys: list[Key]) -> Result[Any]:
     """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
     deltas = new_deltas()
-    add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=True), -1)
+    old = _state_by_keys(state.session, plan, keys, lock=True)
+    add_rows(deltas, plan, old, -1)
+    lock_first(state.session, _parents(plan, old, _set_parents(state, plan, state.statement)))
     result = state.invoke_statement()
     add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=False), +1)
     settle(state.session, deltas)
@@ -202,6 +237,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     keys = [tuple(row[:n_pk]) for row in old]
     deltas = new_deltas()
     add_rows(deltas, plan, old, -1)
+    lock_first(session, _parents(plan, old, _set_parents(state, plan, dml)))
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
     if restricted:

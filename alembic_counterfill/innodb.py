@@ -35,6 +35,12 @@ CHUNK = 1000
 
 _HELD = "counterfill.named_locks"
 
+#: On a small table InnoDB may answer ``pk IN (...)`` with a full scan, which
+#: under a locking read or UPDATE locks every row it passes, parents we never
+#: asked for included, and so breaks the key order that keeps writers free of
+#: deadlocks. The primary key's range access locks exactly the keys listed.
+BY_PRIMARY_KEY = "FORCE INDEX (PRIMARY)"
+
 
 def is_innodb(dialect: Dialect) -> bool:
     """Whether ``dialect`` talks to MariaDB or MySQL."""
@@ -68,7 +74,13 @@ def lock_parents(
     writers holding it, and under ``READ COMMITTED`` it takes no gap locks, so
     new parents can still be inserted into the range.
     """
-    stmt = sa.select(pk).where(_scope(pk, lo, hi, ids)).order_by(pk).with_for_update()
+    stmt = (
+        sa.select(pk)
+        .with_hint(table, BY_PRIMARY_KEY)
+        .where(_scope(pk, lo, hi, ids))
+        .order_by(pk)
+        .with_for_update()
+    )
     return len(connection.execute(stmt).all())
 
 
@@ -79,7 +91,14 @@ def lock_parent_keys(
     ordered = sorted({k for k in keys if k is not None})
     for start in range(0, len(ordered), CHUNK):
         part = ordered[start : start + CHUNK]
-        connection.execute(sa.select(pk).where(pk.in_(part)).order_by(pk).with_for_update()).all()
+        stmt = (
+            sa.select(pk)
+            .with_hint(table, BY_PRIMARY_KEY)
+            .where(pk.in_(part))
+            .order_by(pk)
+            .with_for_update()
+        )
+        connection.execute(stmt).all()
 
 
 def recount_update(
@@ -124,7 +143,8 @@ def apply_deltas(
             if whens:
                 values[col.name] = col + sa.case(whens, value=pk, else_=0)
         if values:
-            connection.execute(sa.update(table).where(pk.in_(part)).values(values))
+            stmt = sa.update(table).with_hint(BY_PRIMARY_KEY).where(pk.in_(part))
+            connection.execute(stmt.values(values))
 
 
 def update_returning(
@@ -172,3 +192,72 @@ def _release_named_locks(dbapi_connection: Any, record: Any) -> None:
             cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
     finally:
         cursor.close()
+
+
+def reads_latest(connection: Connection) -> bool:
+    """Whether a plain read in this transaction sees the latest committed rows (no old snapshot)."""
+    level = str(connection.get_isolation_level()).upper().replace("-", " ")
+    return level in ("READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT")
+
+
+def recount_in_transaction(
+    connection: Connection,
+    counters: Sequence[Any],
+    ids: Sequence[Any],
+    aggregate: Any,
+) -> int:
+    """Set the counters of parents ``ids`` to their truth inside an application's transaction.
+
+    Under ``READ COMMITTED`` a plain read sees the latest committed rows and
+    our own, without locking any child. ``REPEATABLE READ`` (InnoDB's default)
+    would answer from the transaction's first snapshot, so there the truth is
+    read with locking reads (``LOCK IN SHARE MODE``); those wait for writers
+    holding child rows, which may in turn wait for our parents: one more
+    reason to run InnoDB writers at ``READ COMMITTED`` (docs/databases.md).
+    Only the parents whose values differ are written. The caller holds the
+    parents' exclusive locks already. Returns rows changed.
+
+    :param aggregate: ``aggregate(counter)`` is the per-row SQL to add up
+        (:func:`.sql.contribution`).
+    """
+    table, pk = counters[0].parent_table, counters[0].parent_pk
+    ids = sorted(set(ids))
+    truth: dict[Any, dict[int, Any]] = {x: {} for x in ids}
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, counter in enumerate(counters):
+        groups.setdefault((counter.child_table, counter.fk), []).append(i)
+    latest = reads_latest(connection)
+    for (_, fk), members in groups.items():
+        stmt = (
+            sa.select(fk, *[sa.func.sum(aggregate(counters[i])) for i in members])
+            .where(fk.in_(ids))
+            .group_by(fk)
+        )
+        if not latest:
+            stmt = stmt.with_for_update(read=True)
+        for row in connection.execute(stmt):
+            for j, i in enumerate(members):
+                truth[row[0]][i] = row[j + 1] or 0
+    current = (
+        sa.select(pk, *[c.column for c in counters])
+        .with_hint(table, BY_PRIMARY_KEY)
+        .where(pk.in_(ids))
+        .order_by(pk)
+        .with_for_update()
+    )
+    changes: dict[Any, dict[int, Any]] = {}
+    for row in connection.execute(current):
+        for i in range(len(counters)):
+            want = truth[row[0]].get(i, 0)
+            if row[i + 1] != want:
+                changes.setdefault(row[0], {})[i] = want
+    if not changes:
+        return 0
+    values = {}
+    for i, counter in enumerate(counters):
+        whens = {x: c[i] for x, c in changes.items() if i in c}
+        if whens:
+            values[counter.column.name] = sa.case(whens, value=pk, else_=counter.column)
+    update = sa.update(table).with_hint(BY_PRIMARY_KEY).where(pk.in_(list(changes)))
+    connection.execute(update.values(values))
+    return len(changes)

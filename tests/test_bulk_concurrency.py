@@ -88,7 +88,11 @@ def run(
 
 
 def test_bulk_statements_racing_orm_inserts_keep_counters_exact(server_url: str, caplog) -> None:  # noqa: ANN001
-    engine = sa.create_engine(server_url, pool_size=8, max_overflow=2)
+    # On InnoDB, REPEATABLE READ's gap locks deadlock a range DELETE against a
+    # multi-row INSERT into that range whether or not counters are kept; the
+    # docs (docs/databases.md) recommend READ COMMITTED for such traffic.
+    isolation = {"isolation_level": "READ COMMITTED"} if "mysql" in server_url else {}
+    engine = sa.create_engine(server_url, pool_size=8, max_overflow=2, **isolation)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([User(id=i, name=f"u{i}") for i in HOT])
