@@ -65,6 +65,10 @@ def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> b
     if not plan.table.implicit_returning:
         return False
     dialect = state.session.get_bind(mapper=plan.mapper).dialect
+    if innodb.is_innodb(dialect):
+        # MariaDB's DELETE … RETURNING would lock through the statement's own
+        # scan, secondary index first; rows are locked by primary key instead.
+        return False
     if _multitable(dml.whereclause, plan.table):
         return False  # UPDATE..FROM / DELETE..USING: RETURNING support varies; re-read instead
     return bool(
@@ -90,9 +94,19 @@ def _state_by_keys(session: Any, plan: Any, keys: list[Key], lock: bool) -> list
 def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> list[Any]:
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
-    stmt = sql.matching_state(
-        plan.counters, plan.pk_columns, dml.whereclause, entity=entity, lock=lock
-    )
+    where = dml.whereclause
+    if lock and innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect):
+        keys = _matching_keys(state, plan, dml, entity)
+        if not keys:
+            return []
+        # Lock by primary key only: a locking scan of a secondary index would
+        # lock its entries before the rows, the reverse of a writer updating
+        # those rows by key, and InnoDB would deadlock the two.
+        key_match = innodb.key_match(plan.pk_columns, keys)
+        where = key_match if where is None else sa.and_(where, key_match)
+    stmt = sql.matching_state(plan.counters, plan.pk_columns, where, entity=entity, lock=lock)
+    if where is not dml.whereclause:
+        stmt = stmt.with_hint(plan.table, innodb.BY_PRIMARY_KEY)
     if entity is not None and dml._with_options:
         stmt = stmt.options(*dml._with_options)  # with_loader_criteria() and friends
     params = state.parameters
@@ -135,6 +149,41 @@ def _parents(plan: Any, rows: list[Any], extra: dict[Any, set[Any]]) -> dict[Any
             at = fields.index(f"k{i}")
             out[counter].update(row[at] for row in rows if row[at] is not None)
     return out
+
+
+def _matching_keys(state: ORMExecuteState, plan: Any, dml: Any, entity: Any) -> list[Key]:
+    """Primary keys of the rows the statement's WHERE matches now, without locking, sorted."""
+    probe = sa.select(*plan.pk_columns)
+    if entity is not None:
+        probe = probe.select_from(entity).options(*dml._with_options)
+    if dml.whereclause is not None:
+        probe = probe.where(dml.whereclause)
+    params = state.parameters
+    found: set[Key] = set()
+    for p in params if isinstance(params, list) else [params]:
+        found.update(tuple(row) for row in state.session.execute(probe, p or None))
+    return sorted(found)
+
+
+def _by_locked_keys(stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dialect: str) -> Any:
+    """The caller's statement on InnoDB, reaching its rows by primary key only.
+
+    The rows were locked by key and matched the WHERE under the lock, so the
+    key list alone selects them. Any scan of another index (or, on a small
+    table, of the whole table) would lock entries of rows other writers hold
+    and deadlock with them; an UPDATE also gets an index hint, a DELETE (which
+    takes none) is left only the key list as its WHERE.
+    """
+    if not keys:
+        stmt = stmt._clone()
+        stmt._where_criteria = (sa.false(),)
+        return stmt
+    restriction = innodb.key_match(plan.pk_columns, keys)
+    if not is_delete:
+        return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
+    stmt = stmt._clone()
+    stmt._where_criteria = (restriction,)
+    return stmt
 
 
 def _warn_unseen(plan: Any, dml: Any, extra: int) -> None:
@@ -240,7 +289,10 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     lock_first(session, _parents(plan, old, _set_parents(state, plan, dml)))
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
-    if restricted:
+    if restricted and innodb.is_innodb(dialect):
+        stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name)
+        options = _fetch_instead_of_evaluate(state, plan)
+    elif restricted:
         stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
 

@@ -47,6 +47,21 @@ def is_innodb(dialect: Dialect) -> bool:
     return dialect.name in ("mysql", "mariadb")
 
 
+def key_match(columns: Sequence[Any], keys: Iterable[Sequence[Any]]) -> Any:
+    """``pk IN (...)``; for a composite key, ``(a = 1 AND b = 2) OR ...``.
+
+    MariaDB answers a row-constructor ``(a, b) IN (...)`` with a full scan,
+    which under a lock would lock every row; the OR of equalities is a set of
+    primary-key ranges.
+    """
+    keys = list(keys)
+    if len(columns) == 1:
+        return columns[0].in_([k[0] for k in keys])
+    if not keys:
+        return sa.false()
+    return sa.or_(*[sa.and_(*[c == v for c, v in zip(columns, k, strict=True)]) for k in keys])
+
+
 def _scope(pk: sa.Column[Any], lo: Any, hi: Any, ids: Sequence[Any] | None) -> Any:
     cond: Any = sa.true()
     if lo is not None:

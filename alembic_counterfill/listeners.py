@@ -266,12 +266,13 @@ def _lock_existing(session: Session, plan: _Plan, keys: set[Key]) -> None:
     REPEATABLE READ and make two inserters into it deadlock.
     """
     connection = session.connection(bind_arguments={"mapper": plan.mapper})
-    probe = sa.select(*plan.pk_columns).where(sql.pk_filter(plan.pk_columns, keys))
+    probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
     existing = {tuple(row) for row in connection.execute(probe)}
     if existing:
         stmt = (
             sa.select(*plan.pk_columns)
-            .where(sql.pk_filter(plan.pk_columns, existing))
+            .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+            .where(innodb.key_match(plan.pk_columns, existing))
             .order_by(*plan.pk_columns)
             .with_for_update()
         )

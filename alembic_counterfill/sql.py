@@ -42,6 +42,8 @@ def pk_filter(
             array = sa.bindparam("pk_keys", values, type_=postgresql.ARRAY(columns[0].type))
             return columns[0] == sa.any_(array)
         return columns[0].in_(values)
+    if dialect in ("mysql", "mariadb"):
+        return innodb.key_match(columns, keys)
     return sa.tuple_(*columns).in_(keys)
 
 
@@ -64,6 +66,8 @@ def child_state(
         cols.append(counter.fk.label(f"k{i}"))
         cols.append(contribution(counter).label(f"v{i}"))
     stmt = sa.select(*cols).where(pk_filter(pk_columns, keys, dialect)).order_by(*pk_columns)
+    if dialect in ("mysql", "mariadb"):
+        stmt = stmt.with_hint(pk_columns[0].table, innodb.BY_PRIMARY_KEY)
     return stmt.with_for_update() if lock else stmt
 
 
