@@ -172,7 +172,8 @@ def _by_locked_keys(stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dial
     key list alone selects them. Any scan of another index (or, on a small
     table, of the whole table) would lock entries of rows other writers hold
     and deadlock with them; an UPDATE also gets an index hint, a DELETE (which
-    takes none) is left only the key list as its WHERE.
+    takes none) is left only the key list as its WHERE and a ``LIMIT`` of as
+    many rows, which makes MariaDB choose the primary key's ranges.
     """
     if not keys:
         stmt = stmt._clone()
@@ -183,7 +184,7 @@ def _by_locked_keys(stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dial
         return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
     stmt = stmt._clone()
     stmt._where_criteria = (restriction,)
-    return stmt
+    return stmt.with_dialect_options(mysql_limit=len(keys))
 
 
 def _warn_unseen(plan: Any, dml: Any, extra: int) -> None:
