@@ -167,7 +167,9 @@ def run(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
     session = state.session
     recounts: Recounts = defaultdict(set)
     deltas = new_deltas()
-    upsert = getattr(dml, "_post_values_clause", None) is not None
+    # INSERT IGNORE (MySQL) skips rows that collide, like ON CONFLICT DO NOTHING.
+    ignore = any("IGNORE" in str(prefix).upper() for prefix, _ in dml._prefixes)
+    upsert = getattr(dml, "_post_values_clause", None) is not None or ignore
     lost: list[Counter] = []
 
     if dml.select is not None:

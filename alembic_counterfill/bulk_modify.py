@@ -95,7 +95,8 @@ def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> l
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
     where = dml.whereclause
-    if lock and innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect):
+    by_key = lock and innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect)
+    if by_key:
         keys = _matching_keys(state, plan, dml, entity)
         if not keys:
             return []
@@ -105,7 +106,7 @@ def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> l
         key_match = innodb.key_match(plan.pk_columns, keys)
         where = key_match if where is None else sa.and_(where, key_match)
     stmt = sql.matching_state(plan.counters, plan.pk_columns, where, entity=entity, lock=lock)
-    if where is not dml.whereclause:
+    if by_key:
         stmt = stmt.with_hint(plan.table, innodb.BY_PRIMARY_KEY)
     if entity is not None and dml._with_options:
         stmt = stmt.options(*dml._with_options)  # with_loader_criteria() and friends
@@ -140,6 +141,24 @@ def _set_parents(state: ORMExecuteState, plan: Any, dml: Any) -> dict[Any, set[A
     return out
 
 
+def _sets_fk_literally(state: ORMExecuteState, plan: Any, dml: Any, counter: Any) -> bool:
+    """Whether the UPDATE leaves ``counter``'s FK alone or sets it to literal values only."""
+    names = {counter.fk.key, counter.fk.name}
+    with contextlib.suppress(Exception):
+        names.add(plan.mapper.get_property_by_column(counter.fk).key)
+    params = state.parameters
+    values = {getattr(k, "key", k): v for k, v in (getattr(dml, "_values", None) or {}).items()}
+    for source in [values, *(params if isinstance(params, list) else [params or {}])]:
+        for name in names & set(source):
+            value = source[name]
+            if isinstance(value, sa.BindParameter):
+                if value.callable is not None:
+                    return False
+            elif isinstance(value, sa.ClauseElement):
+                return False
+    return True
+
+
 def _parents(plan: Any, rows: list[Any], extra: dict[Any, set[Any]]) -> dict[Any, set[Any]]:
     """Parents named by :func:`.sql.row_state` rows, plus ``extra``, per counter."""
     out = {c: set(extra.get(c, ())) for c in plan.counters}
@@ -165,7 +184,9 @@ def _matching_keys(state: ORMExecuteState, plan: Any, dml: Any, entity: Any) -> 
     return sorted(found)
 
 
-def _by_locked_keys(stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dialect: str) -> Any:
+def _by_locked_keys(
+    stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dialect: str, many: bool
+) -> Any:
     """The caller's statement on InnoDB, reaching its rows by primary key only.
 
     The rows were locked by key and matched the WHERE under the lock, so the
@@ -179,11 +200,13 @@ def _by_locked_keys(stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dial
         stmt = stmt._clone()
         stmt._where_criteria = (sa.false(),)
         return stmt
-    restriction = innodb.key_match(plan.pk_columns, keys)
+    restriction = innodb.key_match(plan.pk_columns, keys, expanding=not many)
     if not is_delete:
         return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
     stmt = stmt._clone()
     stmt._where_criteria = (restriction,)
+    if stmt._returning:  # MariaDB's DELETE … RETURNING takes no LIMIT before it
+        return stmt
     return stmt.with_dialect_options(mysql_limit=len(keys))
 
 
@@ -291,7 +314,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
     if restricted and innodb.is_innodb(dialect):
-        stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name)
+        stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name, state.is_executemany)
         options = _fetch_instead_of_evaluate(state, plan)
     elif restricted:
         stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
@@ -312,6 +335,14 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
 
     result = state.invoke_statement(statement=stmt, execution_options=options)
     if not is_delete and bool(written(state, plan, dml) & set(_key_names(plan))):
+        moved_to = _set_parents(state, plan, dml)
+        if innodb.is_innodb(dialect) and all(
+            _sets_fk_literally(state, plan, dml, c) for c in plan.counters
+        ):
+            # Keys moved and there is no UPDATE … RETURNING: recount every
+            # parent the rows had or were given (all locked already).
+            settle(session, new_deltas(), _parents(plan, old, moved_to))
+            return result
         log.warning(
             "counterfill: UPDATE of %s primary key without RETURNING cannot be followed; "
             "run `alembic counterfill verify --fix`",

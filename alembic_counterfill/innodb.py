@@ -47,15 +47,18 @@ def is_innodb(dialect: Dialect) -> bool:
     return dialect.name in ("mysql", "mariadb")
 
 
-def key_match(columns: Sequence[Any], keys: Iterable[Sequence[Any]]) -> Any:
+def key_match(
+    columns: Sequence[Any], keys: Iterable[Sequence[Any]], *, expanding: bool = True
+) -> Any:
     """``pk IN (...)``; for a composite key, ``(a = 1 AND b = 2) OR ...``.
 
     MariaDB answers a row-constructor ``(a, b) IN (...)`` with a full scan,
     which under a lock would lock every row; the OR of equalities is a set of
-    primary-key ranges.
+    primary-key ranges. ``expanding=False`` (a statement run with many
+    parameter sets) uses the OR form for single-column keys too.
     """
     keys = list(keys)
-    if len(columns) == 1:
+    if len(columns) == 1 and expanding:
         return columns[0].in_([k[0] for k in keys])
     if not keys:
         return sa.false()

@@ -142,8 +142,7 @@ def test_offline_mysql_script_is_plain_mysql() -> None:
     ) in sql
     assert (
         "DELETE FROM counterfill_counters "
-        "WHERE counterfill_counters.`key` = 'users.followers_count';"
-        in sql
+        "WHERE counterfill_counters.`key` = 'users.followers_count';" in sql
     )
     assert ":key" not in sql and "%(" not in sql and "%s" not in sql
 
