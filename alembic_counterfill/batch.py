@@ -101,7 +101,7 @@ def run_batch(
         )
         if row is None:
             raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-        if row.state == p.DONE:
+        if row.state == p.BATCH_DONE:
             conn.rollback()
             log.info("batch %d already done; duplicate delivery ignored", batch_id)
             return BatchOutcome(batch_id, row.run_id, applied=False)
@@ -115,7 +115,9 @@ def run_batch(
             conn.execute(sql.lock_parents(table, pk, lo, hi))
         recount = sql.recount_range(chosen, lo, hi, dialect=conn.dialect.name)
         changed = conn.execute(recount).rowcount
-        finished = _finish(conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed)
+        finished = _finish(
+            conn, batch_id, row.run_id, was_failed=row.state == p.BATCH_FAILED, n=changed
+        )
         conn.commit()
     seconds = time.monotonic() - started
     log.info(
@@ -138,7 +140,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
     conn.execute(
         sa.update(b)
         .where(b.c.id == batch_id)
-        .values(state=p.DONE, finished_at=now, rows_changed=n, error=None)
+        .values(state=p.BATCH_DONE, finished_at=now, rows_changed=n, error=None)
     )
     done, failed, total = innodb.update_returning(
         conn,
@@ -155,7 +157,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
         r.c.batches_total,
     )
     if done >= total:
-        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
+        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         conn.execute(
             sa.update(c)
             .where(c.c.run_id == run_id)
@@ -174,7 +176,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
 def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
     """Every batch has finished and some failed: the run and its counters are ``failed``."""
     r, c = p.runs_table, p.counters_table
-    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.FAILED, finished_at=now))
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_FAILED, finished_at=now))
     conn.execute(
         sa.update(c)
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
@@ -212,13 +214,13 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
             b.c.state,
             b.c.run_id,
         )
-        if row is None or row.state == p.DONE:
+        if row is None or row.state == p.BATCH_DONE:
             conn.rollback()
             return False
-        newly = row.state != p.FAILED
+        newly = row.state != p.BATCH_FAILED
         if newly:
             conn.execute(
-                sa.update(b).where(b.c.id == batch_id).values(state=p.FAILED, finished_at=now)
+                sa.update(b).where(b.c.id == batch_id).values(state=p.BATCH_FAILED, finished_at=now)
             )
             done, failed, total = innodb.update_returning(
                 conn,
@@ -235,15 +237,3 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
         conn.commit()
     log.error("batch %d failed: %s", batch_id, error)
     return newly
-
-
-def batch_ids_of(conn: Connection, run_ids: list[int], states: list[str]) -> list[Any]:
-    """Ids of the batches of ``run_ids`` in any of ``states``, in run and key order."""
-    b = p.batches_table
-    return list(
-        conn.execute(
-            sa.select(b.c.id)
-            .where(b.c.run_id.in_(run_ids), b.c.state.in_(states))
-            .order_by(b.c.run_id, b.c.seq)
-        ).scalars()
-    )

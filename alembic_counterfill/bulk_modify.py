@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,18 +32,52 @@ from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
 from . import innodb, sql
-from .bulk import add_rows, chunks, lock_first, new_deltas, settle, written
+from .deltas import add_rows, chunks, lock_first, new_deltas, settle
+from .plan import Key, WritePlan
 
 log = logging.getLogger(__name__)
 
-Key = tuple[Any, ...]
+
+def _names(keys: Sequence[Any]) -> set[str]:
+    """Attribute and column names written by a statement's SET clause or parameters."""
+    out: set[str] = set()
+    for key in keys:
+        if isinstance(key, str):
+            out.add(key)
+        elif isinstance(getattr(key, "key", None), str):
+            out.add(key.key)
+            if isinstance(getattr(key, "name", None), str):
+                out.add(key.name)
+        else:
+            out.add("?")  # unrecognised target: assume it may matter
+    return out
 
 
-def _key_names(plan: Any) -> list[str]:
+def written(state: ORMExecuteState, dml: Any) -> set[str]:
+    """Names an UPDATE writes, from its ``values()`` and its parameters."""
+    keys: list[Any] = list(getattr(dml, "_values", None) or ())
+    params = state.parameters
+    for row in params if isinstance(params, list) else [params or {}]:
+        keys.extend(row)
+    return _names(keys)
+
+
+def may_change(state: ORMExecuteState, plan: WritePlan, dml: Any) -> bool:
+    """Whether an UPDATE can change what any row counts as (FK, ``where`` columns, summed value)."""
+    relevant = plan.watched_names
+    if relevant is None:
+        return True
+    known = {prop.key for prop in plan.mapper.column_attrs} | {c.key for c in plan.table.columns}
+    names = written(state, dml)
+    # Unknown names (bind parameters of the WHERE, hybrids) are treated as relevant.
+    return bool(names & relevant) or bool(names - known)
+
+
+def _key_names(plan: WritePlan) -> list[str]:
     return [plan.mapper.get_property_by_column(c).key for c in plan.pk_columns]
 
 
-def _param_keys(plan: Any, params: Any) -> list[Key] | None:
+def _param_keys(plan: WritePlan, params: Any) -> list[Key] | None:
     """Primary keys of a bulk UPDATE by primary key, or ``None`` if a row lacks one."""
     names = _key_names(plan)
     keys: list[Key] = []
@@ -58,7 +93,7 @@ def _multitable(where: Any, table: sa.Table) -> bool:
     return any(not f.is_derived_from(table) for f in froms)
 
 
-def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> bool:
+def _can_return(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> bool:
     # The caller's own RETURNING (or return_defaults) must not be disturbed.
     if wrapped or state.is_executemany or dml._returning or dml._return_defaults:
         return False
@@ -76,22 +111,23 @@ def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> b
     )
 
 
-def _state_by_keys(session: Any, plan: Any, keys: list[Key], lock: bool) -> list[Any]:
+def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -> list[Any]:
     rows: list[Any] = []
     conn = session.connection(bind_arguments={"mapper": plan.mapper})
     name = conn.dialect.name
     # InnoDB: only a locking read sees past REPEATABLE READ's first snapshot.
-    lock = lock or innodb.is_innodb(conn.dialect)
+    mysql = innodb.is_innodb(conn.dialect)
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
-        where = sql.key_restriction(plan.pk_columns, part, name)
-        rows.extend(
-            conn.execute(sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock))
+        where = sql.keys_in(plan.pk_columns, part, name)
+        stmt = sql.matching_state(
+            plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
         )
+        rows.extend(conn.execute(stmt))
     return rows
 
 
-def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> list[Any]:
+def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool) -> list[Any]:
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
     where = dml.whereclause
@@ -105,72 +141,22 @@ def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> l
         # those rows by key, and InnoDB would deadlock the two.
         key_match = innodb.key_match(plan.pk_columns, keys)
         where = key_match if where is None else sa.and_(where, key_match)
-    stmt = sql.matching_state(plan.counters, plan.pk_columns, where, entity=entity, lock=lock)
-    if by_key:
-        stmt = stmt.with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+    stmt = sql.matching_state(
+        plan.counters, plan.pk_columns, where, entity=entity, lock=lock, by_primary_key=by_key
+    )
     if entity is not None and dml._with_options:
         stmt = stmt.options(*dml._with_options)  # with_loader_criteria() and friends
     params = state.parameters
     if not isinstance(params, list):  # one parameter set: rows come unique and in key order
         return list(state.session.execute(stmt, params or None).all())
     seen: dict[Key, Any] = {}
-    for p in params:
-        for row in state.session.execute(stmt, p or None).all():
+    for one in params:
+        for row in state.session.execute(stmt, one or None).all():
             seen.setdefault(tuple(row[: len(plan.pk_columns)]), row)
     return [seen[k] for k in sorted(seen)]
 
 
-def _set_parents(state: ORMExecuteState, plan: Any, dml: Any) -> dict[Any, set[Any]]:
-    """The parent keys an UPDATE's SET clause or parameters give literally, per counter."""
-    out: dict[Any, set[Any]] = {}
-    params = state.parameters
-    rows = params if isinstance(params, list) else [params or {}]
-    values = {getattr(k, "key", k): v for k, v in (getattr(dml, "_values", None) or {}).items()}
-    for counter in plan.counters:
-        names = {counter.fk.key, counter.fk.name}
-        with contextlib.suppress(Exception):  # unmapped FK column: only its name can set it
-            names.add(plan.mapper.get_property_by_column(counter.fk).key)
-        found = out.setdefault(counter, set())
-        for source in [values, *rows]:
-            for name in names & set(source):
-                value = source[name]
-                if isinstance(value, sa.BindParameter) and value.callable is None:
-                    value = value.value
-                if not isinstance(value, sa.ClauseElement) and value is not None:
-                    found.add(value)
-    return out
-
-
-def _sets_fk_literally(state: ORMExecuteState, plan: Any, dml: Any, counter: Any) -> bool:
-    """Whether the UPDATE leaves ``counter``'s FK alone or sets it to literal values only."""
-    names = {counter.fk.key, counter.fk.name}
-    with contextlib.suppress(Exception):
-        names.add(plan.mapper.get_property_by_column(counter.fk).key)
-    params = state.parameters
-    values = {getattr(k, "key", k): v for k, v in (getattr(dml, "_values", None) or {}).items()}
-    for source in [values, *(params if isinstance(params, list) else [params or {}])]:
-        for name in names & set(source):
-            value = source[name]
-            if isinstance(value, sa.BindParameter):
-                if value.callable is not None:
-                    return False
-            elif isinstance(value, sa.ClauseElement):
-                return False
-    return True
-
-
-def _parents(plan: Any, rows: list[Any], extra: dict[Any, set[Any]]) -> dict[Any, set[Any]]:
-    """Parents named by :func:`.sql.row_state` rows, plus ``extra``, per counter."""
-    out = {c: set(extra.get(c, ())) for c in plan.counters}
-    if rows:
-        fields = rows[0]._fields
-        for i, counter in enumerate(plan.counters):
-            at = fields.index(f"k{i}")
-            out[counter].update(row[at] for row in rows if row[at] is not None)
-    return out
-
-
-def _matching_keys(state: ORMExecuteState, plan: Any, dml: Any, entity: Any) -> list[Key]:
+def _matching_keys(state: ORMExecuteState, plan: WritePlan, dml: Any, entity: Any) -> list[Key]:
     """Primary keys of the rows the statement's WHERE matches now, without locking, sorted."""
     probe = sa.select(*plan.pk_columns)
     if entity is not None:
@@ -179,13 +165,13 @@ def _matching_keys(state: ORMExecuteState, plan: Any, dml: Any, entity: Any) -> 
         probe = probe.where(dml.whereclause)
     params = state.parameters
     found: set[Key] = set()
-    for p in params if isinstance(params, list) else [params]:
-        found.update(tuple(row) for row in state.session.execute(probe, p or None))
+    for one in params if isinstance(params, list) else [params]:
+        found.update(tuple(row) for row in state.session.execute(probe, one or None))
     return sorted(found)
 
 
 def _by_locked_keys(
-    stmt: Any, plan: Any, keys: list[Key], is_delete: bool, dialect: str, many: bool
+    stmt: Any, plan: WritePlan, keys: list[Key], is_delete: bool, dialect: str, many: bool
 ) -> Any:
     """The caller's statement on InnoDB, reaching its rows by primary key only.
 
@@ -210,7 +196,54 @@ def _by_locked_keys(
     return stmt.with_dialect_options(mysql_limit=len(keys))
 
 
-def _warn_unseen(plan: Any, dml: Any, extra: int) -> None:
+def _set_parents(state: ORMExecuteState, plan: WritePlan, dml: Any) -> dict[Any, set[Any]]:
+    """The parent keys an UPDATE's SET clause or parameters give literally, per counter."""
+    out: dict[Any, set[Any]] = {}
+    for counter in plan.counters:
+        found = out.setdefault(counter, set())
+        for value in _fk_values(state, plan, dml, counter):
+            if isinstance(value, sa.BindParameter) and value.callable is None:
+                value = value.value
+            if not isinstance(value, sa.ClauseElement) and value is not None:
+                found.add(value)
+    return out
+
+
+def _fk_values(state: ORMExecuteState, plan: WritePlan, dml: Any, counter: Any) -> list[Any]:
+    """What an UPDATE's SET clause and parameters assign to ``counter``'s FK (raw)."""
+    names = {counter.fk.key, counter.fk.name}
+    with contextlib.suppress(Exception):  # unmapped FK column: only its name can set it
+        names.add(plan.mapper.get_property_by_column(counter.fk).key)
+    params = state.parameters
+    rows = params if isinstance(params, list) else [params or {}]
+    values = {getattr(k, "key", k): v for k, v in (getattr(dml, "_values", None) or {}).items()}
+    return [source[name] for source in [values, *rows] for name in names & set(source)]
+
+
+def _sets_fk_literally(state: ORMExecuteState, plan: WritePlan, dml: Any) -> bool:
+    """Whether the UPDATE leaves every FK alone or sets it to literal values only."""
+    for counter in plan.counters:
+        for value in _fk_values(state, plan, dml, counter):
+            if isinstance(value, sa.BindParameter):
+                if value.callable is not None:
+                    return False
+            elif isinstance(value, sa.ClauseElement):
+                return False
+    return True
+
+
+def _parents(plan: WritePlan, rows: list[Any], extra: dict[Any, set[Any]]) -> dict[Any, set[Any]]:
+    """Parents named by :func:`.sql.row_state` rows, plus ``extra``, per counter."""
+    out = {c: set(extra.get(c, ())) for c in plan.counters}
+    for row in rows:
+        for i, counter in enumerate(plan.counters):
+            parent = row._mapping[f"k{i}"]
+            if parent is not None:
+                out[counter].add(parent)
+    return out
+
+
+def _warn_unseen(plan: WritePlan, dml: Any, extra: int) -> None:
     log.warning(
         "counterfill: %s on %s touched %d row(s) committed by another transaction after "
         "they were locked; their parents' counters may be off until `alembic counterfill "
@@ -237,7 +270,7 @@ def _rowless(result: Any) -> None:
         result.cursor_strategy = no_rows
 
 
-def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: Any) -> dict[str, Any]:
+def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: WritePlan) -> dict[str, Any]:
     """Execution options for a statement carrying our key restriction.
 
     The restriction cannot be evaluated in Python, so ``'auto'``/``'evaluate'``
@@ -251,7 +284,9 @@ def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: Any) -> dict[str, A
     return {"synchronize_session": "fetch" if loaded else False}
 
 
-def _delete_returning(state: ORMExecuteState, plan: Any, dml: Any, one_writer: bool) -> Result[Any]:
+def _delete_returning(
+    state: ORMExecuteState, plan: WritePlan, dml: Any, one_writer: bool
+) -> Result[Any]:
     """DELETE that reports what it deleted through RETURNING; nothing is read first.
 
     Elsewhere than SQLite a locking subquery, which shares the DELETE's
@@ -278,7 +313,7 @@ def _delete_returning(state: ORMExecuteState, plan: Any, dml: Any, one_writer: b
     return result
 
 
-def _by_primary_key(state: ORMExecuteState, plan: Any, keys: list[Key]) -> Result[Any]:
+def _by_primary_key(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
     """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
     deltas = new_deltas()
     old = _state_by_keys(state.session, plan, keys, lock=True)
@@ -290,7 +325,7 @@ def _by_primary_key(state: ORMExecuteState, plan: Any, keys: list[Key]) -> Resul
     return result
 
 
-def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[Any]:
+def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Result[Any]:
     """Run the caller's UPDATE/DELETE and apply the counter deltas it caused."""
     session = state.session
     dialect = session.get_bind(mapper=plan.mapper).dialect
@@ -317,7 +352,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
         stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name, state.is_executemany)
         options = _fetch_instead_of_evaluate(state, plan)
     elif restricted:
-        stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
+        stmt = stmt.where(sql.keys_in(plan.pk_columns, keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
 
     if returning:  # an UPDATE: its RETURNING gives the new state, even of moved keys
@@ -334,14 +369,11 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
         return result
 
     result = state.invoke_statement(statement=stmt, execution_options=options)
-    if not is_delete and bool(written(state, plan, dml) & set(_key_names(plan))):
-        moved_to = _set_parents(state, plan, dml)
-        if innodb.is_innodb(dialect) and all(
-            _sets_fk_literally(state, plan, dml, c) for c in plan.counters
-        ):
+    if not is_delete and bool(written(state, dml) & set(_key_names(plan))):
+        if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
             # Keys moved and there is no UPDATE … RETURNING: recount every
             # parent the rows had or were given (all locked already).
-            settle(session, new_deltas(), _parents(plan, old, moved_to))
+            settle(session, new_deltas(), _parents(plan, old, _set_parents(state, plan, dml)))
             return result
         log.warning(
             "counterfill: UPDATE of %s primary key without RETURNING cannot be followed; "

@@ -42,9 +42,13 @@ _HELD = "counterfill.named_locks"
 BY_PRIMARY_KEY = "FORCE INDEX (PRIMARY)"
 
 
+#: SQLAlchemy's names of the MariaDB/MySQL dialects.
+DIALECTS = ("mysql", "mariadb")
+
+
 def is_innodb(dialect: Dialect) -> bool:
     """Whether ``dialect`` talks to MariaDB or MySQL."""
-    return dialect.name in ("mysql", "mariadb")
+    return dialect.name in DIALECTS
 
 
 def key_match(
@@ -120,8 +124,6 @@ def lock_parent_keys(
 
 
 def recount_update(
-    table: sa.Table,
-    pk: sa.Column[Any],
     joined: sa.FromClause,
     values: Mapping[sa.Column[Any], sa.ColumnElement[Any]],
     scope: sa.ColumnElement[bool],

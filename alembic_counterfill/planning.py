@@ -83,7 +83,7 @@ def boundaries(connection: Connection, pk: sa.Column[Any], batch_size: int) -> I
 
 
 @dataclass
-class Plan:
+class BackfillPlan:
     """What planning recorded: the runs to drive and the batches still to run."""
 
     run_ids: list[int] = field(default_factory=list)
@@ -93,6 +93,12 @@ class Plan:
     counter_keys: list[str] = field(default_factory=list)
 
 
+def check_choice(names: Sequence[str], everything: bool) -> None:
+    """Counter names or ``--all``, not both: raise :class:`~.errors.CounterfillError` otherwise."""
+    if names and everything:
+        raise CounterfillError("give counter names or --all, not both")
+
+
 def choose(
     connection: Connection, counters: Sequence[Counter], names: Sequence[str], everything: bool
 ) -> list[Counter]:
@@ -100,8 +106,7 @@ def choose(
 
     Raises :class:`~.errors.UnknownCounterError` naming an unknown counter.
     """
-    if names and everything:
-        raise CounterfillError("give counter names or --all, not both")
+    check_choice(names, everything)
     if names:
         return select_counters(counters, names)
     if everything:
@@ -110,7 +115,7 @@ def choose(
     return [c for c in counters if c.key in recorded and recorded[c.key]["state"] != p.ACTIVE]
 
 
-def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> Plan:
+def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> BackfillPlan:
     """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
 
     A counter whose recorded run is not done resumes that run (failed batches
@@ -133,14 +138,14 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
             sa.select(p.runs_table).where(p.runs_table.c.id.in_(run_ids))
         ).mappings()
     }
-    result = Plan(counter_keys=sorted(c.key for c in chosen))
+    result = BackfillPlan(counter_keys=sorted(c.key for c in chosen))
     fresh: dict[sa.Table, list[Counter]] = {}
     for counter in chosen:
         row = recorded.get(counter.key)
         run = runs.get(row["run_id"]) if row is not None else None
         if (
             run is not None
-            and run["state"] != p.DONE
+            and run["state"] != p.RUN_DONE
             and counter.key in run["counter_keys"].split(",")
         ):
             if run["id"] not in result.resumed_run_ids:
@@ -156,7 +161,7 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
     result.batch_ids = list(
         connection.execute(
             sa.select(b.c.id)
-            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.DONE)
+            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.BATCH_DONE)
             .order_by(b.c.run_id, b.c.seq)
         ).scalars()
     )
@@ -167,14 +172,14 @@ def _resume(connection: Connection, run_id: int) -> None:
     b, r, c = p.batches_table, p.runs_table, p.counters_table
     reset = connection.execute(
         sa.update(b)
-        .where(b.c.run_id == run_id, b.c.state == p.FAILED)
+        .where(b.c.run_id == run_id, b.c.state == p.BATCH_FAILED)
         .values(state=p.BATCH_PENDING, finished_at=None)
     ).rowcount
     connection.execute(
         sa.update(r)
         .where(r.c.id == run_id)
         .values(
-            state=p.RUNNING,
+            state=p.RUN_RUNNING,
             finished_at=None,
             resumed_at=p.now(),
             batches_failed=r.c.batches_failed - reset,
@@ -200,7 +205,7 @@ def _new_run(
             table_name=table.name,
             counter_keys=",".join(c.key for c in group),
             batch_size=batch_size,
-            state=p.RUNNING,
+            state=p.RUN_RUNNING,
             created_at=now,
         )
     ).inserted_primary_key
@@ -250,6 +255,6 @@ def mark_sent(connection: Connection, batch_ids: Sequence[int]) -> None:
         chunk = list(batch_ids[start : start + 5000])
         connection.execute(
             sa.update(b)
-            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.SENT]))
-            .values(state=p.SENT, sent_at=now)
+            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.BATCH_SENT]))
+            .values(state=p.BATCH_SENT, sent_at=now)
         )
