@@ -73,7 +73,8 @@ def run_batch(
 
     :param counters: declared counters by key.
     :param statement_timeout_ms: PostgreSQL ``statement_timeout`` for the
-        transaction, so a batch stuck on a lock ends even inside a C call.
+        transaction, so a batch stuck on a lock ends even inside a C call
+        (MariaDB/MySQL: the InnoDB lock wait timeout, in whole seconds).
     """
     started = time.monotonic()
     b, r = p.batches_table, p.runs_table
@@ -81,6 +82,8 @@ def run_batch(
         mysql = innodb.is_innodb(conn.dialect)
         if mysql:  # a fresh snapshot per statement: the recount sees what it waited for
             conn = conn.execution_options(isolation_level=innodb.ISOLATION)
+            if statement_timeout_ms:
+                innodb.bound_lock_waits(conn, statement_timeout_ms)
         if conn.dialect.name == "postgresql":
             # A batch is a short statement: JIT compilation (triggered by the
             # planner's cost estimate of the recount) costs more than it saves.
@@ -192,7 +195,12 @@ def describe(exc: BaseException) -> str:
     """
     orig = getattr(exc, "orig", None) if isinstance(exc, sa.exc.DBAPIError) else None
     cause = orig if isinstance(orig, BaseException) else exc
-    lines = str(cause).strip().splitlines()
+    args: tuple[Any, ...] = tuple(getattr(cause, "args", ()))
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        cause_text = f"{args[1]} (error {args[0]})"  # MySQL drivers: (code, message)
+    else:
+        cause_text = str(cause)
+    lines = cause_text.strip().splitlines()
     text = " ".join(lines[0].split()) if lines else repr(cause)
     return f"{type(cause).__name__}: {text}"[:1000]
 

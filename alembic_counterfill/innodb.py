@@ -34,6 +34,7 @@ ISOLATION = "READ COMMITTED"
 CHUNK = 1000
 
 _HELD = "counterfill.named_locks"
+_LOCK_WAIT = "counterfill.lock_wait_timeout"
 
 #: On a small table InnoDB may answer ``pk IN (...)`` with a full scan, which
 #: under a locking read or UPDATE locks every row it passes, parents we never
@@ -165,6 +166,29 @@ def apply_deltas(
         if values:
             stmt = sa.update(table).with_hint(BY_PRIMARY_KEY).where(pk.in_(part))
             connection.execute(stmt.values(values))
+
+
+def bound_lock_waits(connection: Connection, timeout_ms: int) -> None:
+    """Make this connection's lock waits end after ``timeout_ms`` (rounded up to whole seconds).
+
+    InnoDB's own bound (``innodb_lock_wait_timeout``) is per session; it is
+    restored to the server default when the connection goes back to the pool.
+    """
+    seconds = max(1, -(-int(timeout_ms) // 1000))
+    connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {seconds:d}")
+    engine = connection.engine
+    if not event.contains(engine, "checkin", _restore_lock_wait):
+        event.listen(engine, "checkin", _restore_lock_wait)
+    connection.info[_LOCK_WAIT] = True
+
+
+def _restore_lock_wait(dbapi_connection: Any, record: Any) -> None:
+    if record.info.pop(_LOCK_WAIT, None):
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+        finally:
+            cursor.close()
 
 
 def update_returning(

@@ -112,9 +112,7 @@ def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
         target=lambda: result.append(run_batch(pg, counters, plan.batch_ids[0]))
     )
     thread.start()
-    wait_for(
-        lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
-    )
+    wait_for(lambda: _waiting_on_locks(pg), what="the batch to wait for user 7")
     assert thread.is_alive() and not result
     writer.commit()
     writer.close()
@@ -123,8 +121,17 @@ def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
     assert [d for d in drift(pg) if d[0] < 51] == []  # the batch saw the committed follow
 
 
-def _waiting_on_locks(engine: sa.Engine, text: str) -> int:
+def _waiting_on_locks(engine: sa.Engine) -> int:
+    """Sessions waiting for a row lock in the batch's parent-locking statement."""
     with engine.connect() as conn:
+        if engine.dialect.name != "postgresql":  # MariaDB: FOR UPDATE
+            return conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM information_schema.innodb_trx "
+                    "WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE '%FOR UPDATE%'"
+                )
+            ).scalar_one()
+        text = "FOR NO KEY UPDATE"
         return conn.execute(
             sa.text(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -139,7 +146,8 @@ def test_statement_timeout_bounds_a_batch_and_failure_is_recorded(pg: sa.Engine)
     plan = _plan(pg)
     holder = lock_users(pg, [10])
     try:
-        with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+        timed_out = "statement timeout" if pg.dialect.name == "postgresql" else "Lock wait timeout"
+        with pytest.raises(sa.exc.OperationalError, match=timed_out):
             run_batch(pg, counters_by_key(), plan.batch_ids[0], statement_timeout_ms=300)
     finally:
         holder.rollback()

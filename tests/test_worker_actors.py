@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import dramatiq
 import pytest
 import sqlalchemy as sa
-from backfill_project import USER_COUNTERS, batch_rows, counters_by_key, drift, run_rows, seed
+from backfill_project import (
+    USER_COUNTERS,
+    batch_rows,
+    counters_by_key,
+    drift,
+    make_read_only,
+    run_rows,
+    seed,
+)
 from dramatiq.brokers.stub import StubBroker
 
 from alembic_counterfill import planning, progress
@@ -80,15 +88,7 @@ def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
     server_url: str, pg: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     seed(pg, users=120)
-    with pg.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION no_60() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'user 60 is read-only'; END $$;"
-                "CREATE TRIGGER no_60 BEFORE UPDATE ON users FOR EACH ROW "
-                "WHEN (NEW.id = 60) EXECUTE FUNCTION no_60()"
-            )
-        )
+    make_read_only(pg, 60)
     broker = StubBroker()
     settings = _settings(server_url)
     actors = declare_actors(broker, settings, max_retries=2, min_backoff=10, max_backoff=50)
@@ -99,7 +99,8 @@ def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
     assert len(retried) == 2  # max_retries=2, with backoff, then marked failed
     failed = [b for b in batch_rows(pg) if b["state"] == progress.FAILED]
     assert [b["id"] for b in failed] == [plan.batch_ids[1]]  # [51, 101)
-    assert failed[0]["error"].startswith("RaiseException: user 60 is read-only")
+    prefix = "RaiseException" if pg.dialect.name == "postgresql" else "OperationalError"
+    assert failed[0]["error"].startswith(f"{prefix}: user 60 is read-only")
     (run,) = run_rows(pg)
     assert run["state"] == progress.FAILED and run["batches_failed"] == 1
     with pg.connect() as conn:

@@ -16,6 +16,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from backfill_project import (
+    TERMINATED,
     USER_COUNTERS,
     Project,
     Writers,
@@ -24,9 +25,12 @@ from backfill_project import (
     counters_by_key,
     drift,
     lock_users,
+    make_read_only,
+    make_writable,
     run_rows,
     seed,
     states,
+    terminate,
     wait_for,
 )
 from conftest import AMQP_URL, unavailable
@@ -176,14 +180,13 @@ def test_killed_database_connection_is_retried_and_the_run_completes(
         try:
             assert project.cli("enqueue").exit_code == 0
             (pid,) = wait_for(lambda: blocked_backends(pg), what="the batch to block")
-            with pg.connect() as conn:
-                assert conn.execute(sa.select(sa.func.pg_terminate_backend(pid))).scalar()
+            terminate(pg, pid)
         finally:
             holder.rollback()
             holder.close()
         wait_for(lambda: _run_done(pg), what="the run to complete after the retry")
         log = worker.log
-    assert "will retry" in log and "terminating connection" in log
+    assert "will retry" in log and TERMINATED[pg.dialect.name] in log
     assert drift(pg) == []
     assert all(b["state"] == progress.DONE for b in batch_rows(pg))
 
@@ -192,15 +195,7 @@ def test_batch_out_of_retries_is_marked_failed_then_enqueue_retries_it(
     project: Project, pg: sa.Engine
 ) -> None:
     seed(pg, users=200)
-    with pg.begin() as conn:  # every write to user 77 fails until the trigger is dropped
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION no_77() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'user 77 is read-only'; END $$;"
-                "CREATE TRIGGER no_77 BEFORE UPDATE ON users FOR EACH ROW "
-                "WHEN (NEW.id = 77) EXECUTE FUNCTION no_77()"
-            )
-        )
+    make_read_only(pg, 77)  # every write to user 77 fails until the trigger is dropped
     tuning = {"COUNTERFILL_MAX_RETRIES": "2", "COUNTERFILL_MIN_BACKOFF": "50"}
     with project.worker(**tuning) as worker:
         failed = project.cli("enqueue", "--wait")
@@ -211,8 +206,7 @@ def test_batch_out_of_retries_is_marked_failed_then_enqueue_retries_it(
         followers = status["users.followers_count"]
         assert followers["state"] == progress.FAILED and followers["batches_failed"] == 1
         assert "user 77 is read-only" in followers["last_error"]
-        with pg.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER no_77 ON users"))
+        make_writable(pg, 77)
         result = project.cli("enqueue", "--wait")
     assert result.exit_code == 0, result.output
     assert "resuming run" in result.output and "1 of 4 batches" in result.output
