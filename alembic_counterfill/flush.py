@@ -84,10 +84,20 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
-    plans = set(wanted) | {plan_for(sa.inspect(o).mapper) for o in session.new}
-    return any(
-        p is not None and innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans
-    )
+    mappers = {p.mapper for p in wanted} | {sa.inspect(o).mapper for o in session.new}
+    plans = [p for p in map(plan_for, mappers) if p is not None]
+    return any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans)
+
+
+def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]:
+    """The attribute key mapping each column on ``mapper`` (None: unmapped)."""
+    out: list[str | None] = []
+    for col in columns:
+        try:
+            out.append(mapper.get_property_by_column(col).key)
+        except Exception:  # an unmapped column: nothing in the session can name it
+            out.append(None)
+    return out
 
 
 def _lock_before_writes(session: Session, state: _FlushState) -> None:
@@ -114,30 +124,29 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
             for i, counter in enumerate(plan.counters):
                 parents[counter].add(row._mapping[f"k{i}"])
     colliding: dict[WritePlan, set[Key]] = defaultdict(set)
+    keys_of: dict[Mapper[Any], tuple[list[str | None], list[str | None]] | None] = {}
     for obj in (*session.new, *session.dirty):
         st: InstanceState[Any] = sa.inspect(obj)
         child_plan = plan_for(st.mapper)
         if child_plan is None:
             continue
-        for counter in child_plan.counters:
-            parents[counter].add(_new_parent_key(st, counter))
-        if st.key is None:
-            key = _explicit_key(st, child_plan)
-            if key is not None:
-                colliding[child_plan].add(key)
+        if st.mapper not in keys_of:  # attribute keys once per mapper, not per object
+            fk_keys = _attribute_keys(st.mapper, [c.fk for c in child_plan.counters])
+            keys_of[st.mapper] = (fk_keys, _attribute_keys(st.mapper, child_plan.pk_columns))
+        fk_keys, pk_keys = keys_of[st.mapper] or ([], [])
+        values = st.dict
+        for counter, fk_key in zip(child_plan.counters, fk_keys, strict=True):
+            value = values.get(fk_key) if fk_key is not None else None
+            parents[counter].add(value if value is not None else _related_key(st, counter))
+        if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
+            colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _lock_existing(session, plan, keys)
     _deltas.lock_first(session, parents)
 
 
-def _new_parent_key(st: InstanceState[Any], counter: Any) -> Any:
-    """The parent key a pending or dirty child will have (its FK, or its many-to-one's key)."""
-    try:
-        value = st.dict.get(st.mapper.get_property_by_column(counter.fk).key)
-    except Exception:  # unmapped FK column: the deltas will lock its parent
-        return None
-    if value is not None:
-        return value
+def _related_key(st: InstanceState[Any], counter: Any) -> Any:
+    """The key of the parent a child points at through a many-to-one (FK not synced yet)."""
     for rel in st.mapper.relationships:
         if rel.direction.name == "MANYTOONE" and counter.fk in rel.local_columns:
             target = st.dict.get(rel.key)
@@ -146,20 +155,6 @@ def _new_parent_key(st: InstanceState[Any], counter: Any) -> Any:
                 if identity is not None and len(identity) == 1:
                     return identity[0]
     return None
-
-
-def _explicit_key(st: InstanceState[Any], plan: WritePlan) -> Key | None:
-    """A pending child's primary key when the application gave all of it (natural keys)."""
-    values = []
-    for col in plan.pk_columns:
-        try:
-            value = st.dict.get(st.mapper.get_property_by_column(col).key)
-        except Exception:  # unmapped key column
-            return None
-        if value is None:
-            return None
-        values.append(value)
-    return tuple(values)
 
 
 def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> None:

@@ -35,6 +35,7 @@ CHUNK = 1000
 
 _HELD = "counterfill.named_locks"
 _LOCK_WAIT = "counterfill.lock_wait_timeout"
+_LOCKED = "counterfill.locked_parents"
 
 #: On a small table InnoDB may answer ``pk IN (...)`` with a full scan, which
 #: under a locking read or UPDATE locks every row it passes, parents we never
@@ -110,8 +111,15 @@ def lock_parents(
 def lock_parent_keys(
     connection: Connection, table: sa.Table, pk: sa.Column[Any], keys: Iterable[Any]
 ) -> None:
-    """Lock the parents ``keys`` exclusively in key order (writers, before their child writes)."""
-    ordered = sorted({k for k in keys if k is not None})
+    """Lock the parents ``keys`` exclusively in key order (writers, before their child writes).
+
+    Keys this transaction locked already are skipped: InnoDB keeps row locks
+    to the end of the transaction, so the flush's deltas, which lock their
+    parents again in case some were found late, cost no extra statement.
+    """
+    held = _held_in_transaction(connection, table)
+    ordered = sorted({k for k in keys if k is not None} - held)
+    held.update(ordered)
     for start in range(0, len(ordered), CHUNK):
         part = ordered[start : start + CHUNK]
         stmt = (
@@ -122,6 +130,16 @@ def lock_parent_keys(
             .with_for_update()
         )
         connection.execute(stmt).all()
+
+
+def _held_in_transaction(connection: Connection, table: sa.Table) -> set[Any]:
+    """The keys of ``table`` this connection's current transaction has locked through us."""
+    transaction = connection.get_transaction()
+    memo: tuple[Any, dict[str, set[Any]]] | None = connection.info.get(_LOCKED)
+    if memo is None or memo[0] is not transaction:
+        memo = (transaction, {})
+        connection.info[_LOCKED] = memo
+    return memo[1].setdefault(table.fullname, set())
 
 
 def recount_update(
