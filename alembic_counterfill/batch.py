@@ -116,8 +116,11 @@ def run_batch(
             innodb.lock_parents(conn, table, pk, lo, hi)
         elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
-        recount = sql.recount_range(chosen, lo, hi, dialect=conn.dialect.name)
-        changed = conn.execute(recount).rowcount
+        if mysql:  # read the truth (no child locks), then write what differs
+            wrong = conn.execute(sql.drift_rows(chosen, lo, hi)).all()
+            changed = innodb.write_truths(conn, chosen, wrong)
+        else:
+            changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
         finished = _finish(
             conn, batch_id, row.run_id, was_failed=row.state == p.BATCH_FAILED, n=changed
         )

@@ -142,22 +142,37 @@ def _held_in_transaction(connection: Connection, table: sa.Table) -> set[Any]:
     return memo[1].setdefault(table.fullname, set())
 
 
-def recount_update(
-    joined: sa.FromClause,
-    values: Mapping[sa.Column[Any], sa.ColumnElement[Any]],
-    scope: sa.ColumnElement[bool],
-    differs: sa.ColumnElement[bool],
-) -> sa.Update:
-    """``UPDATE parent LEFT JOIN (grouped child aggregates) … SET … WHERE differs``.
+def write_truths(
+    connection: Connection,
+    counters: Sequence[Any],
+    rows: Sequence[Any],
+) -> int:
+    """Write the true values of :func:`.sql.drift_rows` rows (``actual<i>``); return how many.
 
-    A multi-table UPDATE over the parent joined to its grouped derived tables:
-    the derived tables never name the target table (MySQL refuses that, error
-    1093), and under ``READ COMMITTED`` they are read from a fresh snapshot
-    without locking the child rows. Only rows whose value differs match, and
-    SQLAlchemy's MySQL dialects count matched rows, so the rowcount is rows changed.
+    The second half of an InnoDB recount. The first half is a plain SELECT of
+    the parents whose values differ (at ``READ COMMITTED``, a consistent read
+    from a fresh snapshot that locks no child row); this UPDATE then writes
+    them by primary key. Between the two, the caller holds the parents'
+    exclusive locks, so no writer can apply a delta to them; a writer that
+    changed a child but not yet its parent applies its delta after our
+    commit, as in the one-statement PostgreSQL recount. A single multi-table
+    ``UPDATE parent JOIN (grouped children)`` would instead take shared locks
+    on the child rows it reads (MariaDB does, even at ``READ COMMITTED``),
+    waiting for writers that wait for our parents: a deadlock.
     """
-    target: Any = joined  # a Join of the parent and its derived tables
-    return sa.update(target).values(dict(values)).where(scope, differs)
+    if not rows:
+        return 0
+    table, pk = counters[0].parent_table, counters[0].parent_pk
+    for start in range(0, len(rows), CHUNK):
+        part = rows[start : start + CHUNK]
+        ids = [row._mapping["pk"] for row in part]
+        values = {}
+        for i, counter in enumerate(counters):
+            whens = {row._mapping["pk"]: row._mapping[f"actual{i}"] for row in part}
+            values[counter.column.name] = sa.case(whens, value=pk, else_=counter.column)
+        stmt = sa.update(table).with_hint(BY_PRIMARY_KEY).where(pk.in_(ids)).values(values)
+        connection.execute(stmt)
+    return len(rows)
 
 
 def apply_deltas(

@@ -122,27 +122,16 @@ def recount_range(
     hi: Any,
     *,
     ids: Sequence[Any] | None = None,
-    dialect: str = "",
 ) -> sa.Update:
     """One UPDATE setting every counter of one parent table to its truth over ``[lo, hi)``.
 
     All counters of the table are written in one pass (one row version per
     parent, not one per counter), and only rows whose value differs are
     written; the rowcount is rows changed. ``ids`` narrows the range to
-    those parents (verify's repairs). On MariaDB/MySQL (``dialect``) it is a
-    multi-table UPDATE of the parent joined to the grouped child aggregates
-    (:func:`.innodb.recount_update`).
+    those parents (verify's repairs). MariaDB/MySQL use :func:`drift_rows`
+    and :func:`.innodb.write_truths` instead.
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
-    if dialect in innodb.DIALECTS:
-        joined, truths = truth_columns(counters, table, pk, lo, hi, ids=ids)
-        pairs = list(zip(counters, truths, strict=True))
-        return innodb.recount_update(
-            joined,
-            {c.column: t for c, t in pairs},
-            _scope(pk, lo, hi, ids),
-            sa.or_(*[c.column.is_distinct_from(t) for c, t in pairs]),
-        )
     parent = table.alias("p")
     p_pk = parent.c[pk.key]
     joined, truths = truth_columns(counters, parent, p_pk, lo, hi, ids=ids)

@@ -126,7 +126,9 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                         Finding(counter.key, table.name, row.pk, counter.name, cached, actual, fix)
                     )
         if fix and rows:
-            fixed = [r.pk for r in rows]
-            conn.execute(sql.recount_range(group, None, None, ids=fixed, dialect=conn.dialect.name))
+            if innodb.is_innodb(conn.dialect):  # the truths just read, under the parents' lock
+                innodb.write_truths(conn, group, rows)
+            else:
+                conn.execute(sql.recount_range(group, None, None, ids=[r.pk for r in rows]))
         conn.commit()
     return out

@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_database(args.database_url)
     server = sa.make_url(args.database_url)
     mysql = server.get_backend_name() in ("mysql", "mariadb")
-    admin = sa.create_engine(server.set(database=None) if mysql else server)
+    admin = sa.create_engine(server.set(database="mysql") if mysql else server)
     autocommit(admin, f"CREATE SCHEMA IF NOT EXISTS {schema}")
     admin.dispose()
     sep = "&" if "?" in args.database_url else "?"
@@ -446,7 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.reload or not loaded(engine, users):
         log("loading data...")
         load(engine, users, args.shuffle)
-    autocommit(engine, "VACUUM ANALYZE follows", "VACUUM ANALYZE posts")
+    if mysql:
+        autocommit(engine, "ANALYZE TABLE follows, posts")
+    else:
+        autocommit(engine, "VACUUM ANALYZE follows", "VACUUM ANALYZE posts")
     visible = all_visible(engine)
     if visible < 0.9:
         log(
