@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
 from . import deltas as _deltas
@@ -84,7 +85,8 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
-    mappers = {p.mapper for p in wanted} | {sa.inspect(o).mapper for o in session.new}
+    classes = {type(o) for o in session.new}  # per class, not per object: flushes can be large
+    mappers = {p.mapper for p in wanted} | {sa.inspect(cls) for cls in classes}
     plans = [p for p in map(plan_for, mappers) if p is not None]
     return any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans)
 
@@ -124,16 +126,25 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
             for i, counter in enumerate(plan.counters):
                 parents[counter].add(row._mapping[f"k{i}"])
     colliding: dict[WritePlan, set[Key]] = defaultdict(set)
-    keys_of: dict[Mapper[Any], tuple[list[str | None], list[str | None]] | None] = {}
+    keys_of: dict[type, tuple[WritePlan, list[str | None], list[str | None]] | None] = {}
     for obj in (*session.new, *session.dirty):
-        st: InstanceState[Any] = sa.inspect(obj)
-        child_plan = plan_for(st.mapper)
-        if child_plan is None:
+        cls = type(obj)
+        if cls not in keys_of:  # plan and attribute keys once per class, not per object
+            child_plan = plan_for(sa.inspect(cls))
+            keys_of[cls] = (
+                None
+                if child_plan is None
+                else (
+                    child_plan,
+                    _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters]),
+                    _attribute_keys(child_plan.mapper, child_plan.pk_columns),
+                )
+            )
+        found = keys_of[cls]
+        if found is None:
             continue
-        if st.mapper not in keys_of:  # attribute keys once per mapper, not per object
-            fk_keys = _attribute_keys(st.mapper, [c.fk for c in child_plan.counters])
-            keys_of[st.mapper] = (fk_keys, _attribute_keys(st.mapper, child_plan.pk_columns))
-        fk_keys, pk_keys = keys_of[st.mapper] or ([], [])
+        child_plan, fk_keys, pk_keys = found
+        st: InstanceState[Any] = instance_state(obj)
         values = st.dict
         for counter, fk_key in zip(child_plan.counters, fk_keys, strict=True):
             value = values.get(fk_key) if fk_key is not None else None
