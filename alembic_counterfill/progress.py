@@ -25,6 +25,15 @@ RUNNING, DONE = "running", "done"
 #: Batch states: planned, handed to the broker, applied, out of retries.
 BATCH_PENDING, SENT = "pending", "sent"
 
+#: A counter whose batches workers leave for later (``pause``/``resume``).
+PAUSED = "paused"
+
+#: Seconds since a worker's last heartbeat after which it counts as gone.
+WORKER_ALIVE_SECONDS = 30.0
+
+#: Seconds over which ``status`` measures the rate (recent, not since planning).
+RATE_WINDOW_SECONDS = 30.0
+
 counters_table = sa.Table(
     "counterfill_counters",
     bookkeeping,
@@ -59,6 +68,26 @@ runs_table = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     # Set when `enqueue` resumes the run: rate and ETA count from there.
     sa.Column("resumed_at", sa.DateTime(timezone=True), nullable=True),
+    # Adaptive batches (added in 0.2; `ensure_tables` adds them to older
+    # installs): the size the next batch transaction is cut with, whether an
+    # explicit --batch-size pinned it, and the controller's time estimate.
+    sa.Column("chunk_size", sa.Integer, nullable=True),
+    sa.Column("pinned", sa.Boolean, nullable=True),
+    sa.Column("seconds_per_parent", sa.Float, nullable=True),
+    sa.Column("parents_total", sa.BigInteger, nullable=True),
+    sa.Column("parents_done", sa.BigInteger, nullable=True),
+    # Recent-window rate: parents since window_started_at, and the last full window's rate.
+    sa.Column("window_started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("window_parents", sa.BigInteger, nullable=True),
+    sa.Column("window_rate", sa.Float, nullable=True),
+    sa.Column("last_batch_at", sa.DateTime(timezone=True), nullable=True),
+    # Throttling: why the last batch backed off, and when.
+    sa.Column("throttle_reason", sa.Text, nullable=True),
+    sa.Column("throttled_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True),
+    # Rate limit (parents per second) and the earliest start of the next batch under it.
+    sa.Column("max_rows_per_second", sa.Float, nullable=True),
+    sa.Column("rate_next_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 batches_table = sa.Table(
@@ -79,6 +108,17 @@ batches_table = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("rows_changed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
+    # Where the next transaction of this range starts (JSON key; NULL = at lo).
+    sa.Column("cursor", sa.Text, nullable=True),
+)
+
+workers_table = sa.Table(
+    "counterfill_workers",
+    bookkeeping,
+    sa.Column("id", sa.String(255), primary_key=True),  # host:pid
+    sa.Column("queue", sa.String(255), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 TABLE_NAMES = frozenset(t.name for t in bookkeeping.tables.values())
@@ -90,8 +130,30 @@ def now() -> dt.datetime:
 
 
 def ensure_tables(connection: Connection) -> None:
-    """Create the bookkeeping tables if they are missing."""
+    """Create the bookkeeping tables if they are missing, and add columns newer versions need.
+
+    Schema changes are additive only (nullable columns), so tables created by
+    an older version are brought up to date in place by the next ``enqueue``,
+    ``pause``/``resume`` or worker start.
+    """
     bookkeeping.create_all(connection, checkfirst=True)
+    add_missing_columns(connection)
+
+
+def add_missing_columns(connection: Connection) -> None:
+    """``ALTER TABLE … ADD COLUMN`` for each bookkeeping column an older install lacks."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    inspector = sa.inspect(connection)
+    ops: Operations | None = None
+    for table in bookkeeping.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                if ops is None:
+                    ops = Operations(MigrationContext.configure(connection))
+                ops.add_column(table.name, column._copy())
 
 
 def has_tables(connection: Connection) -> bool:
