@@ -525,6 +525,15 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
     return newly
 
 
+def note_retry(engine: sa.Engine, batch_id: int, error: str) -> None:
+    """Record the error of an attempt that will be retried (``--wait`` and ``status`` show it)."""
+    b = p.batches_table
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(b).where(b.c.id == batch_id, b.c.state != p.DONE).values(error=error)
+        )
+
+
 def batch_ids_of(conn: Connection, run_ids: list[int], states: list[str]) -> list[Any]:
     """Ids of the batches of ``run_ids`` in any of ``states``, in run and key order."""
     b = p.batches_table
