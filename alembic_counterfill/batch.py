@@ -283,7 +283,7 @@ def _one_transaction(
             if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
                 parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
             else:
-                parents = size if not last else 0
+                parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
             n = conn.execute(sql.recount_range(chosen, start, end)).rowcount
             waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
             seconds = time.monotonic() - t0
@@ -341,6 +341,16 @@ def _one_transaction(
         "; run complete" if finished else "",
     )
     return _Chunk(_APPLIED, row.run_id, n, last, finished, waiters, table, rate_wait)
+
+
+def _count_parents(table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any) -> sa.Select[Any]:
+    """Parents in ``[lo, hi)`` (SQLite, where no lock statement counts them)."""
+    stmt = sa.select(sa.func.count()).select_from(table)
+    if lo is not None:
+        stmt = stmt.where(pk >= lo)
+    if hi is not None:
+        stmt = stmt.where(pk < hi)
+    return stmt
 
 
 def _advance_run(

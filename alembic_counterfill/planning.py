@@ -240,6 +240,7 @@ def _new_run(
     group = sorted(group, key=lambda c: c.key)
     table, pk = group[0].parent_table, group[0].parent_pk
     now = p.now()
+    paused = any(c.key in recorded and recorded[c.key]["state"] == p.PAUSED for c in group)
     run_id = connection.execute(
         sa.insert(p.runs_table)
         .values(
@@ -252,6 +253,8 @@ def _new_run(
             chunk_size=batch_size if sizing.pinned else min(sizing.start, batch_size),
             max_rows_per_second=sizing.max_rows_per_second,
             parents_done=0,
+            # A counter paused before its run existed: the run starts paused.
+            paused_at=now if paused else None,
         )
         .returning(p.runs_table.c.id)
     ).scalar_one()
@@ -278,7 +281,11 @@ def _new_run(
     )
     c = p.counters_table
     for counter in group:
-        values = {"state": p.BACKFILLING, "run_id": run_id, "updated_at": now}
+        values = {
+            "state": p.PAUSED if paused else p.BACKFILLING,
+            "run_id": run_id,
+            "updated_at": now,
+        }
         if counter.key in recorded:
             connection.execute(sa.update(c).where(c.c.key == counter.key).values(values))
         else:

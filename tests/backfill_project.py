@@ -157,6 +157,16 @@ def run_rows(engine: sa.Engine) -> list[Any]:
         return list(conn.execute(sa.select(progress.runs_table).order_by("id")).mappings())
 
 
+#: Environment variables that change `enqueue`; tests start with none set.
+ENV_DEFAULTS = (
+    "COUNTERFILL_BROKER_URL",
+    "COUNTERFILL_BATCH_SIZE",
+    "COUNTERFILL_WAIT",
+    "COUNTERFILL_VERIFY",
+    "COUNTERFILL_MAX_ROWS_PER_SECOND",
+)
+
+
 @dataclass
 class Project:
     """A directory with an alembic.ini whose ``[counterfill]`` section points at the test models."""
@@ -190,23 +200,14 @@ class Project:
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses: tests/ importable, no stray overrides."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("COUNTERFILL_BROKER_URL", "BATCH_SIZE", "WAIT", "VERIFY")
-        }
+        env = {k: v for k, v in os.environ.items() if k not in ENV_DEFAULTS}
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
         env["ALEMBIC_CONFIG"] = self.ini
         return env
 
     def cli(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
         """Run ``alembic-counterfill -c <ini> ARGS`` in this process (click's test runner)."""
-        base: dict[str, str | None] = {
-            "COUNTERFILL_BROKER_URL": None,
-            "BATCH_SIZE": None,
-            "WAIT": None,
-            "VERIFY": None,
-        }
+        base: dict[str, str | None] = dict.fromkeys(ENV_DEFAULTS)
         base.update(env or {})
         return CliRunner().invoke(cli, ["-c", self.ini, *args], env=base)
 

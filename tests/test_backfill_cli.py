@@ -44,16 +44,41 @@ def test_inline_ignores_a_configured_broker(tmp_path: Path, db_url: str, db: sa.
 
 def test_environment_defaults_batch_size_wait_verify(project: Project, db: sa.Engine) -> None:
     seed(db, users=100)
-    result = project.cli("enqueue", env={"BATCH_SIZE": "20", "WAIT": "1", "VERIFY": "true"})
+    result = project.cli(
+        "enqueue",
+        env={"COUNTERFILL_BATCH_SIZE": "20", "COUNTERFILL_WAIT": "1", "COUNTERFILL_VERIFY": "true"},
+    )
     assert result.exit_code == 0, result.output
     assert len(batch_rows(db)) == 5
     assert "[####" in result.output and "no drift in users.followers_count" in result.output
     assert drift(db) == []
 
 
+def test_unprefixed_variables_of_other_tools_are_ignored(project: Project, db: sa.Engine) -> None:
+    seed(db, users=100)
+    result = project.cli("enqueue", env={"BATCH_SIZE": "10", "WAIT": "1", "VERIFY": "1"})
+    assert result.exit_code == 0, result.output
+    assert len(batch_rows(db)) == 2  # the configured 50, not BATCH_SIZE=10
+    assert "[####" not in result.output and "no drift" not in result.output
+
+
+def test_help_lists_the_environment_variables(project: Project) -> None:
+    group = project.cli("--help").output
+    for name in (
+        "COUNTERFILL_BROKER_URL",
+        "COUNTERFILL_BATCH_SIZE",
+        "COUNTERFILL_WAIT",
+        "COUNTERFILL_VERIFY",
+        "ALEMBIC_CONFIG",
+    ):
+        assert name in group
+    enqueue = project.cli("enqueue", "--help").output
+    assert "COUNTERFILL_BATCH_SIZE" in enqueue and "COUNTERFILL_MAX_ROWS_PER_SECOND" in enqueue
+
+
 def test_batch_size_option_beats_environment(project: Project, db: sa.Engine) -> None:
     seed(db, users=100)
-    result = project.cli("enqueue", "--batch-size", "25", env={"BATCH_SIZE": "10"})
+    result = project.cli("enqueue", "--batch-size", "25", env={"COUNTERFILL_BATCH_SIZE": "10"})
     assert result.exit_code == 0, result.output
     assert len(batch_rows(db)) == 4
 
@@ -97,6 +122,6 @@ def test_bad_input_is_a_usage_error_and_writes_nothing(
 
 def test_bad_batch_size_in_environment_is_a_usage_error(project: Project, db: sa.Engine) -> None:
     seed(db, users=10)
-    result = project.cli("enqueue", env={"BATCH_SIZE": "zero"})
+    result = project.cli("enqueue", env={"COUNTERFILL_BATCH_SIZE": "zero"})
     assert result.exit_code == 2 and "--batch-size" in result.output
     assert run_rows(db) == []
