@@ -328,7 +328,7 @@ def _one_transaction(
                 conn.commit()
             return _Chunk(_LOCKED, run_id)
     log.info(
-        "batch %d %s [%s, %s) parents=%d rows_changed=%d in %.3fs%s%s%s",
+        "batch %d %s [%s, %s) parents=%d rows_changed=%d in %.3fs%s%s%s%s",
         batch_id,
         run.counter_keys,
         key_text(start),
@@ -338,6 +338,7 @@ def _one_transaction(
         seconds,
         "" if run.pinned or last else f"; next size {next_size}",
         f"; throttled: {waiters}" if waiters else "",
+        "; batch done" if last else "",
         "; run complete" if finished else "",
     )
     return _Chunk(_APPLIED, row.run_id, n, last, finished, waiters, table, rate_wait)

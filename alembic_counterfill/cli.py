@@ -101,7 +101,7 @@ def command_prefix(ctx: click.Context) -> str:
             words += ["-n", name]
         words.append("counterfill")
     else:
-        words.append(ctx.find_root().info_name or "alembic-counterfill")
+        words.append("alembic-counterfill")
     for given in launch.config:
         words += ["-c", given]
     if launch.name:

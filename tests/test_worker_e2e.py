@@ -34,7 +34,7 @@ from conftest import AMQP_URL, unavailable
 from alembic_counterfill import planning, progress
 from alembic_counterfill.actors import broker_from_url, send_batches
 
-APPLIED = re.compile(r"batch (\d+) users\.\S+ \[")
+APPLIED = re.compile(r"batch (\d+) users\.\S+ \[.*; batch done")  # a range's last piece
 DUPLICATE = re.compile(r"batch (\d+) already done")
 
 
