@@ -18,7 +18,6 @@ import sqlalchemy as sa
 from . import monitor, pacing, planning, runner
 from . import progress as p
 from . import verify as verifying
-from .actors import broker_from_url, ping, queued_batch_ids, redact, send_batches
 from .counters import Counter, select_counters
 from .errors import CounterfillError, UnknownCounterError
 from .text import render_table
@@ -112,6 +111,10 @@ def enqueue(
     planning_started = time.monotonic()
     broker = None
     if not in_process:
+        # Dramatiq is imported only when sending: status, verify and in-process
+        # runs start faster without it.
+        from .actors import broker_from_url, ping
+
         assert settings.broker_url is not None
         broker = broker_from_url(settings.broker_url, sending=True)
     sizing = planning.Sizing(
@@ -177,6 +180,8 @@ def _send(
     A Ctrl-C while sending records the messages already sent and says how to
     send the rest; nothing is sent twice by the next ``enqueue``.
     """
+    from .actors import queued_batch_ids, redact, send_batches
+
     assert settings.broker_url is not None
     queued = queued_batch_ids(broker, settings.queue)
     to_send = [i for i in plan.batch_ids if queued is None or i not in queued]
