@@ -251,6 +251,7 @@ def library(
     redis_url: str,
     threads: int,
     extra_args: tuple[str, ...] = (),
+    ini_extra: str = "",
 ) -> dict[str, float]:
     """(c): enqueue --all --wait through Redis with 2 worker processes (started beforehand)."""
     import redis
@@ -269,7 +270,7 @@ def library(
             "[alembic]\nscript_location = migrations\n"
             f"sqlalchemy.url = {url.replace('%', '%%')}\n\n"
             "[counterfill]\nmetadata = bench_models:Base\n"
-            f"broker_url = {redis_url}\nqueue = counterfill_bench\n"
+            f"broker_url = {redis_url}\nqueue = counterfill_bench\n{ini_extra}"
         )
         env = {**os.environ, "ALEMBIC_CONFIG": str(ini)}
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR), env.get("PYTHONPATH", "")])
@@ -337,6 +338,7 @@ def library(
                 os.killpg(worker.pid, signal.SIGKILL)
     return {
         "seconds": seconds,
+        "started": started,
         "planning": float(planned.group(1)) if planned else float("nan"),
         "rss_mb": rss,
     }
