@@ -21,7 +21,7 @@ from . import progress as p
 from . import signals, sql
 from .counters import Counter
 from .errors import ConfigurationError, CounterfillError
-from .pacing import BACKOFF_SHRINK, Pacing
+from .pacing import BACKOFF_SHRINK, History, Pacing
 from .pacing import next_size as next_size_after
 from .planning import decode_key, encode_key, key_text, next_boundary
 from .signals import Throttle
@@ -248,25 +248,35 @@ def _one_transaction(
     """Apply the next piece of the batch's range in one transaction (steps 1-4 above)."""
     b, r = p.batches_table, p.runs_table
     t0 = time.monotonic()
+    row: Any = None
     with engine.connect() as conn:
         _session_settings(conn, statement_timeout_ms, throttle)
         try:
+            # One round trip: the batch row locked, and its run's settings
+            # read (UPDATE … FROM does not lock the run row).
             row = conn.execute(
                 sa.update(b)
-                .where(b.c.id == batch_id)
+                .where(b.c.id == batch_id, r.c.id == b.c.run_id)
                 .values(attempts=b.c.attempts + (1 if first else 0), started_at=p.now())
-                .returning(b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
+                .returning(
+                    b.c.state,
+                    b.c.run_id,
+                    b.c.lo,
+                    b.c.hi,
+                    b.c.cursor,
+                    r.c.counter_keys,
+                    r.c.batch_size,
+                    r.c.chunk_size,
+                    r.c.pinned,
+                    r.c.paused_at,
+                )
             ).first()
             if row is None:
                 raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
             if row.state == p.DONE:
                 conn.rollback()
                 return _Chunk(_ALREADY, row.run_id)
-            run = conn.execute(
-                sa.select(
-                    r.c.counter_keys, r.c.batch_size, r.c.chunk_size, r.c.pinned, r.c.paused_at
-                ).where(r.c.id == row.run_id)
-            ).one()
+            run = row
             if run.paused_at is not None:
                 conn.rollback()
                 return _Chunk(_PAUSED, row.run_id)
@@ -322,7 +332,7 @@ def _one_transaction(
             if not signals.is_lock_timeout(exc):
                 raise
             conn.rollback()
-            run_id = row.run_id if "row" in locals() and row is not None else 0
+            run_id = row.run_id if row is not None else 0  # None: a duplicate holds the batch
             if run_id:
                 _shrink(conn, run_id, pacing, "parent rows locked by other sessions (lock_timeout)")
                 conn.commit()
@@ -393,13 +403,19 @@ def _advance_run(
     if not run["pinned"] and run["chunk_size"]:  # runs planned before 0.2 have none
         bounds = _bounds(pacing, run["batch_size"])
         step = next_size_after(
-            bounds, size, parents, seconds, run["seconds_per_parent"], back_off=waiters is not None
+            bounds,
+            size,
+            parents,
+            seconds,
+            History.loads(run["pacing_history"]),
+            back_off=waiters is not None,
         )
         # The last piece of a range is often short: it informs the estimate
         # but does not by itself shrink the size.
         next_size = step.size if not last or waiters else max(step.size, run["chunk_size"])
         values["chunk_size"] = next_size
         values["seconds_per_parent"] = step.seconds_per_parent
+        values["pacing_history"] = step.history.dumps()
     if waiters:
         values["throttle_reason"] = waiters
         values["throttled_at"] = now

@@ -1,17 +1,24 @@
 """Adaptive batch size: a pure controller choosing the next transaction's size from measured ones.
 
-Like GitLab's batch optimizer: the time per parent is estimated from a
-weighted history (recent transactions weigh more), the next size aims at the
-target transaction duration, growth is capped per step (one fast outlier must
-not make the next transaction huge) while shrinking is not (one slow
-transaction is a reason to back off at once), and the result stays within
-bounds. No clock, no database: callers pass what they measured.
+Like GitLab's batch optimizer, the next size aims at a target transaction
+duration from a weighted history of measurements (recent ones weigh more);
+growth is capped per step (one fast outlier must not make the next
+transaction huge) while shrinking is not (one slow transaction is a reason to
+back off at once), and the result stays within bounds.
+
+Unlike a plain rows-per-second estimate, the history is fitted as
+``seconds = fixed + per_parent * parents``: every transaction pays a fixed
+cost (round trips, commit), and when that cost alone approaches the target,
+shrinking would only make the backfill slower without making transactions
+shorter. The controller then settles where the fixed cost is half of each
+transaction. No clock, no database: callers pass what they measured.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 #: Default target duration of one batch transaction (seconds): short enough
 #: that an application write waiting on a batch's row locks is not noticed.
@@ -24,8 +31,8 @@ START_SIZE = 1_000
 #: Largest factor a batch may grow by from one transaction to the next.
 MAX_GROWTH = 1.2
 
-#: Weight of the newest measurement in the per-parent time estimate.
-SMOOTHING = 0.3
+#: Weight kept by older measurements at each new one (recent ones weigh more).
+DECAY = 0.8
 
 #: Factor a batch shrinks by when the database asks us to back off.
 BACKOFF_SHRINK = 0.5
@@ -39,7 +46,7 @@ class Pacing:
     min_size: int = MIN_SIZE
     max_size: int = 10_000
     max_growth: float = MAX_GROWTH
-    smoothing: float = SMOOTHING
+    decay: float = DECAY
 
     def clamp(self, size: float) -> int:
         """``size`` rounded and kept within ``[min_size, max_size]``."""
@@ -47,23 +54,92 @@ class Pacing:
 
 
 @dataclass(frozen=True)
+class History:
+    """Exponentially weighted sums of measurements ``(parents, seconds)``, and the last good fit."""
+
+    weight: float = 0.0
+    n: float = 0.0
+    t: float = 0.0
+    nn: float = 0.0
+    nt: float = 0.0
+    fixed: float = -1.0  # last fitted fixed cost; negative: none yet
+
+    def add(self, parents: int, seconds: float, decay: float) -> History:
+        """This history with one more measurement; older ones fade by ``decay``."""
+        grown = History(
+            self.weight * decay + 1,
+            self.n * decay + parents,
+            self.t * decay + seconds,
+            self.nn * decay + parents * parents,
+            self.nt * decay + parents * seconds,
+            self.fixed,
+        )
+        fitted = grown._regression()
+        return replace(grown, fixed=fitted[0]) if fitted else grown
+
+    def _regression(self) -> tuple[float, float] | None:
+        """The least-squares line, when the sizes spread enough to tell fixed from per-parent."""
+        mean_n, mean_t = self.n / self.weight, self.t / self.weight
+        var = self.nn / self.weight - mean_n * mean_n
+        if var <= (0.05 * mean_n) ** 2:
+            return None
+        slope = (self.nt / self.weight - mean_n * mean_t) / var
+        if slope <= 0:  # noise swamped the sizes' effect: no usable line
+            return None
+        return max(0.0, mean_t - slope * mean_n), slope
+
+    def fit(self) -> tuple[float, float] | None:
+        """``(fixed seconds, seconds per parent)`` for the history, or None when empty.
+
+        A least-squares line when the sizes spread enough; otherwise the last
+        fitted fixed cost (a steady size gives no new evidence about it) with
+        the per-parent cost the recent measurements leave; with no fit ever,
+        all of the time counts as per-parent (a plain rows-per-second estimate).
+        """
+        if self.weight <= 0 or self.n <= 0:
+            return None
+        regression = self._regression()
+        if regression is not None:
+            return regression
+        mean_n, mean_t = self.n / self.weight, self.t / self.weight
+        fixed = self.fixed if 0 <= self.fixed < mean_t else 0.0
+        return fixed, (mean_t - fixed) / mean_n
+
+    def dumps(self) -> str:
+        """JSON text, for the run row."""
+        return json.dumps([self.weight, self.n, self.t, self.nn, self.nt, self.fixed])
+
+    @classmethod
+    def loads(cls, text: str | None) -> History:
+        """The history stored by :meth:`dumps` (empty for None or unreadable text)."""
+        try:
+            return cls(*[float(x) for x in json.loads(text or "[]")][:6])
+        except (TypeError, ValueError):
+            return cls()
+
+
+@dataclass(frozen=True)
 class Step:
-    """The controller's state after one measurement: next size and per-parent estimate."""
+    """The controller's state after one measurement: the next size and the updated history."""
 
     size: int
-    seconds_per_parent: float | None
+    history: History = field(default_factory=History)
+
+    @property
+    def seconds_per_parent(self) -> float | None:
+        """The fitted marginal cost of one parent (None before any measurement)."""
+        fitted = self.history.fit()
+        return fitted[1] if fitted else None
 
 
-def estimate(
-    previous: float | None, parents: int, seconds: float, smoothing: float
-) -> float | None:
-    """Fold one measurement (``parents`` recounted in ``seconds``) into the per-parent estimate."""
-    if parents <= 0 or seconds < 0:
-        return previous
-    measured = seconds / parents
-    if previous is None:
-        return measured
-    return smoothing * measured + (1 - smoothing) * previous
+def ideal_size(pacing: Pacing, fixed: float, per_parent: float) -> float:
+    """The size whose fitted duration is the target; if the fixed cost alone comes close,
+    the size whose fixed cost is half of its duration (smaller would only add transactions)."""
+    if per_parent <= 0:
+        return float(pacing.max_size)
+    if fixed <= pacing.target_seconds / 2:
+        return (pacing.target_seconds - fixed) / per_parent
+    return fixed / per_parent
 
 
 def next_size(
@@ -71,7 +147,7 @@ def next_size(
     current: int,
     parents: int,
     seconds: float,
-    seconds_per_parent: float | None = None,
+    history: History | None = None,
     *,
     back_off: bool = False,
 ) -> Step:
@@ -79,19 +155,22 @@ def next_size(
 
     :param current: the size the batch was cut with (a last batch of a range
         may hold fewer ``parents``).
-    :param seconds_per_parent: the estimate before this measurement (None: none yet).
+    :param history: the measurements so far (None: none yet).
     :param back_off: the database signalled contention (sessions waiting on
         the batch's locks, a lock the batch could not get): shrink by
         :data:`BACKOFF_SHRINK` whatever the estimate says.
     """
-    per_parent = estimate(seconds_per_parent, parents, seconds, pacing.smoothing)
+    history = history or History()
+    if parents > 0 and seconds >= 0:
+        history = history.add(parents, seconds, pacing.decay)
     if back_off:
-        return Step(pacing.clamp(current * BACKOFF_SHRINK), per_parent)
-    if not per_parent:
-        return Step(pacing.clamp(current * pacing.max_growth), per_parent)
-    ideal = pacing.target_seconds / per_parent
+        return Step(pacing.clamp(current * BACKOFF_SHRINK), history)
+    fitted = history.fit()
+    if fitted is None:
+        return Step(pacing.clamp(current * pacing.max_growth), history)
+    ideal = ideal_size(pacing, *fitted)
     # Growth is capped, shrinking is not.
-    return Step(pacing.clamp(min(ideal, current * pacing.max_growth)), per_parent)
+    return Step(pacing.clamp(min(ideal, current * pacing.max_growth)), history)
 
 
 def replay(pacing: Pacing, start: int, measurements: Iterable[tuple[int, float]]) -> list[int]:
@@ -99,9 +178,9 @@ def replay(pacing: Pacing, start: int, measurements: Iterable[tuple[int, float]]
 
     Element 0 is ``start``; element ``i`` is the size chosen after measurement ``i``.
     """
-    sizes, size, per_parent = [start], start, None
+    sizes, size, history = [start], start, History()
     for parents, seconds in measurements:
-        step = next_size(pacing, size, parents, seconds, per_parent)
-        size, per_parent = step.size, step.seconds_per_parent
+        step = next_size(pacing, size, parents, seconds, history)
+        size, history = step.size, step.history
         sizes.append(size)
     return sizes

@@ -74,6 +74,7 @@ runs_table = sa.Table(
     sa.Column("chunk_size", sa.Integer, nullable=True),
     sa.Column("pinned", sa.Boolean, nullable=True),
     sa.Column("seconds_per_parent", sa.Float, nullable=True),
+    sa.Column("pacing_history", sa.Text, nullable=True),  # JSON, see pacing.History
     sa.Column("parents_total", sa.BigInteger, nullable=True),
     sa.Column("parents_done", sa.BigInteger, nullable=True),
     # Recent-window rate: parents since window_started_at, and the last full window's rate.

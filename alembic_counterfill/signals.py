@@ -39,8 +39,8 @@ def lock_waiters(conn: Connection) -> str | None:
     if conn.dialect.name != "postgresql":
         return None
     act = sa.table("pg_stat_activity", sa.column("pid"))
-    # Statistics views are snapshotted once per transaction: take a fresh one.
-    conn.execute(sa.select(sa.func.pg_stat_clear_snapshot()))
+    # Statistics views are snapshotted at their first use in a transaction;
+    # a batch asks once, just before committing, so its snapshot is fresh.
     n = conn.execute(
         sa.select(sa.func.count())
         .select_from(act)

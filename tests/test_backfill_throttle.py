@@ -117,7 +117,13 @@ def test_lock_waiters_signal_counts_sessions_blocked_by_this_transaction(pg: sa.
 
         thread = threading.Thread(target=app_write)
         thread.start()
-        wait_for(lambda: signals.lock_waiters(batch), what="the app write to wait")
+
+        def waiting() -> str | None:
+            # Statistics are snapshotted once per transaction: refresh between polls.
+            batch.execute(sa.select(sa.func.pg_stat_clear_snapshot()))
+            return signals.lock_waiters(batch)
+
+        wait_for(waiting, what="the app write to wait")
         assert signals.lock_waiters(batch) == "1 session(s) waited on the batch's locks"
     finally:
         batch.rollback()
