@@ -163,3 +163,31 @@ def test_retries_show_in_the_bar_and_status_as_they_happen(pg: sa.Engine) -> Non
     text = monitor.Bar(io.StringIO(), "backfill", tty=False).render(pr)
     assert "1 retrying" in text and "last error: OperationalError: server closed" in text
     assert status.retrying == 1 and "server closed" in (status.last_error or "")
+
+
+def test_ctrl_c_while_sending_records_what_was_sent_and_says_how_to_resume(
+    project: Project, pg: sa.Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alembic_counterfill import actors, cli_backfill
+
+    seed(pg, users=1000)  # 20 batches
+    monkeypatch.setattr(cli_backfill, "SEND_CHUNK", 5)
+    real_send, calls = actors.send_batches, []
+
+    def interrupted_send(broker: object, queue: str, batch_ids: list[int]) -> int:
+        calls.append(batch_ids)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C before the third chunk went out
+        return real_send(broker, queue, batch_ids)
+
+    monkeypatch.setattr(actors, "send_batches", interrupted_send)
+    result = project.cli("enqueue")
+    assert result.exit_code == 130
+    assert "interrupted: sent 10 of 20 batches" in result.output
+    assert f"alembic-counterfill -c {project.ini} enqueue" in result.output
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(f"dramatiq:{project.queue}") == 10
+    monkeypatch.setattr(actors, "send_batches", real_send)
+    again = project.cli("enqueue")
+    assert "sent 10 batches" in again.output and "10 still queued" in again.output
+    assert client.llen(f"dramatiq:{project.queue}") == 20  # each batch once
