@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 PREFIX_KEY = "alembic_counterfill.prefix"
 
 
-def _counters(settings: Settings, names: Sequence[str]) -> tuple[list[Counter], list[Counter]]:
-    """(declared, named) counters; an unknown name is a usage error (exit 2) naming it."""
+def chosen_counters(
+    settings: Settings, names: Sequence[str]
+) -> tuple[list[Counter], list[Counter]]:
+    """(declared, named) counters, every declared one if none is named.
+
+    An unknown name is a usage error (exit 2) naming it.
+    """
     declared = settings.counters()
     try:
-        return declared, select_counters(declared, names)
+        return declared, (select_counters(declared, names) if names else declared)
     except UnknownCounterError as exc:
         raise click.BadParameter(str(exc), param_hint="COUNTER") from None
 
@@ -103,9 +108,11 @@ def enqueue(
     not still queued are sent again. Without a broker_url (or with --inline)
     the batches run here, one after another.
     """
-    if counters and everything:
-        raise click.UsageError("give COUNTER names or --all, not both")
-    declared, named = _counters(settings, counters)
+    try:
+        planning.check_choice(counters, everything)
+    except CounterfillError as exc:  # exit 2: the arguments are wrong
+        raise click.UsageError(str(exc)) from None
+    declared, named = chosen_counters(settings, counters)
     engine = settings.engine()
     in_process = inline or not settings.broker_url
     planning_started = time.monotonic()
@@ -173,7 +180,11 @@ def enqueue(
 
 
 def _send(
-    settings: Settings, broker: Any, engine: Any, plan: planning.Plan, planning_started: float
+    settings: Settings,
+    broker: Any,
+    engine: Any,
+    plan: planning.BackfillPlan,
+    planning_started: float,
 ) -> None:
     """Send the plan's batches (not those still queued), recording what was sent as it goes.
 
@@ -221,7 +232,7 @@ def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
         return [keys.split(",") for keys in rows]
 
 
-def _describe_plan(engine: Any, plan: planning.Plan, batch_size: int | None) -> None:
+def _describe_plan(engine: Any, plan: planning.BackfillPlan, batch_size: int | None) -> None:
     r = p.runs_table
     with engine.connect() as conn:
         runs = conn.execute(sa.select(r).where(r.c.id.in_(plan.run_ids)).order_by(r.c.id))
@@ -245,7 +256,7 @@ def _describe_plan(engine: Any, plan: planning.Plan, batch_size: int | None) -> 
                 )
 
 
-def _run_here(settings: Settings, plan: planning.Plan, *, show: bool) -> None:
+def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) -> None:
     from .heartbeat import Heartbeat
 
     engine = settings.engine()
@@ -317,7 +328,7 @@ def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bo
     Default: every active counter (pending ones are expected to be wrong until
     their backfill). Each drift prints as table, id, column, cached, actual.
     """
-    declared, named = _counters(settings, counters)
+    declared, named = chosen_counters(settings, counters)
     chosen = named
     if not counters:
         with settings.engine().connect() as conn:

@@ -7,20 +7,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import control
-from .cli_backfill import hint
-from .counters import select_counters
-from .errors import UnknownCounterError
+from .cli_backfill import chosen_counters, hint
 
 if TYPE_CHECKING:
     from .config import Settings
 
 
 def _keys(settings: Settings, names: tuple[str, ...]) -> list[str]:
-    declared = settings.counters()
-    try:
-        return [c.key for c in (select_counters(declared, names) if names else declared)]
-    except UnknownCounterError as exc:
-        raise click.BadParameter(str(exc), param_hint="COUNTER") from None
+    return [c.key for c in chosen_counters(settings, names)[1]]
 
 
 def _report(change: control.Change, verb: str) -> None:

@@ -34,7 +34,7 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def _plan(engine: sa.Engine, batch_size: int, start: int) -> planning.Plan:
+def _plan(engine: sa.Engine, batch_size: int, start: int) -> planning.BackfillPlan:
     counters = counters_by_key()
     with engine.begin() as conn:
         return planning.plan(
