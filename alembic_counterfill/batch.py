@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -236,6 +237,37 @@ def _session_settings(
     conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
 
 
+_RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at")
+
+
+def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
+    """Lock the batch row and read it with its run's settings (None: no such batch).
+
+    One round trip on PostgreSQL (``UPDATE … FROM`` reads the run row without
+    locking it); SQLite cannot return another table's columns, so it reads
+    the run in a second statement.
+    """
+    b, r = p.batches_table, p.runs_table
+    mine = (b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
+    touch = {"attempts": b.c.attempts + (1 if first else 0), "started_at": p.now()}
+    if conn.dialect.name == "postgresql":
+        return conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id, r.c.id == b.c.run_id)
+            .values(touch)
+            .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS])
+        ).first()
+    row = conn.execute(
+        sa.update(b).where(b.c.id == batch_id).values(touch).returning(*mine)
+    ).first()
+    if row is None:
+        return None
+    run = conn.execute(
+        sa.select(*[r.c[name] for name in _RUN_SETTINGS]).where(r.c.id == row.run_id)
+    ).one()
+    return SimpleNamespace(**row._asdict(), **run._asdict())
+
+
 def _one_transaction(
     engine: sa.Engine,
     counters: Mapping[str, Counter],
@@ -246,31 +278,13 @@ def _one_transaction(
     first: bool,
 ) -> _Chunk:
     """Apply the next piece of the batch's range in one transaction (steps 1-4 above)."""
-    b, r = p.batches_table, p.runs_table
+    b = p.batches_table
     t0 = time.monotonic()
     row: Any = None
     with engine.connect() as conn:
         _session_settings(conn, statement_timeout_ms, throttle)
         try:
-            # One round trip: the batch row locked, and its run's settings
-            # read (UPDATE … FROM does not lock the run row).
-            row = conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch_id, r.c.id == b.c.run_id)
-                .values(attempts=b.c.attempts + (1 if first else 0), started_at=p.now())
-                .returning(
-                    b.c.state,
-                    b.c.run_id,
-                    b.c.lo,
-                    b.c.hi,
-                    b.c.cursor,
-                    r.c.counter_keys,
-                    r.c.batch_size,
-                    r.c.chunk_size,
-                    r.c.pinned,
-                    r.c.paused_at,
-                )
-            ).first()
+            row = _lock_batch(conn, batch_id, first)
             if row is None:
                 raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
             if row.state == p.DONE:
