@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -192,3 +193,21 @@ def test_ctrl_c_while_sending_records_what_was_sent_and_says_how_to_resume(
     again = project.cli("enqueue")
     assert "sent 10 batches" in again.output and "10 still queued" in again.output
     assert client.llen(f"dramatiq:{project.queue}") == 20  # each batch once
+
+
+def test_a_worker_started_outside_a_project_says_to_set_alembic_config_in_one_line(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ALEMBIC_CONFIG",)}
+    proc = subprocess.run(
+        [str(BIN / "dramatiq"), "alembic_counterfill.worker", "--processes", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "alembic_counterfill.worker" in line]
+    assert len(ours) == 1 and "ALEMBIC_CONFIG=" in ours[0] and "no alembic.ini" in ours[0]
+    assert "Traceback" not in proc.stderr
