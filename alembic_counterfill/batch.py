@@ -287,7 +287,7 @@ def _one_transaction(
             row = _lock_batch(conn, batch_id, first)
             if row is None:
                 raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-            if row.state == p.DONE:
+            if row.state == p.BATCH_DONE:
                 conn.rollback()
                 return _Chunk(_ALREADY, row.run_id)
             run = row
@@ -316,7 +316,7 @@ def _one_transaction(
                     sa.update(b)
                     .where(b.c.id == batch_id)
                     .values(
-                        state=p.DONE,
+                        state=p.BATCH_DONE,
                         finished_at=p.now(),
                         rows_changed=b.c.rows_changed + n,
                         error=None,
@@ -338,7 +338,7 @@ def _one_transaction(
                 seconds=seconds,
                 changed=n,
                 last=last,
-                was_failed=row.state == p.FAILED,
+                was_failed=row.state == p.BATCH_FAILED,
                 waiters=waiters,
             )
             conn.commit()
@@ -452,7 +452,7 @@ def _advance_run(
     if not last:
         return False, rate_wait, next_size
     if done >= total:
-        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
+        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         conn.execute(
             sa.update(c)
             .where(c.c.run_id == run_id)
@@ -508,7 +508,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
 def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
     """Every batch has finished and some failed: the run and its counters are ``failed``."""
     r, c = p.runs_table, p.counters_table
-    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.FAILED, finished_at=now))
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_FAILED, finished_at=now))
     conn.execute(
         sa.update(c)
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
@@ -545,13 +545,13 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
             .values(error=error)
             .returning(b.c.state, b.c.run_id)
         ).first()
-        if row is None or row.state == p.DONE:
+        if row is None or row.state == p.BATCH_DONE:
             conn.rollback()
             return False
-        newly = row.state != p.FAILED
+        newly = row.state != p.BATCH_FAILED
         if newly:
             conn.execute(
-                sa.update(b).where(b.c.id == batch_id).values(state=p.FAILED, finished_at=now)
+                sa.update(b).where(b.c.id == batch_id).values(state=p.BATCH_FAILED, finished_at=now)
             )
             done, failed, total = conn.execute(
                 sa.update(r)
@@ -571,5 +571,5 @@ def note_retry(engine: sa.Engine, batch_id: int, error: str) -> None:
     b = p.batches_table
     with engine.begin() as conn:
         conn.execute(
-            sa.update(b).where(b.c.id == batch_id, b.c.state != p.DONE).values(error=error)
+            sa.update(b).where(b.c.id == batch_id, b.c.state != p.BATCH_DONE).values(error=error)
         )

@@ -40,7 +40,9 @@ def pause(connection: Connection, keys: Sequence[str]) -> Change:
     now = p.now()
     if run_ids:
         connection.execute(
-            sa.update(r).where(r.c.id.in_(run_ids), r.c.state == p.RUNNING).values(paused_at=now)
+            sa.update(r)
+            .where(r.c.id.in_(run_ids), r.c.state == p.RUN_RUNNING)
+            .values(paused_at=now)
         )
         connection.execute(
             sa.update(c)
@@ -77,7 +79,7 @@ def resume(connection: Connection, keys: Sequence[str]) -> Change:
         connection.execute(sa.update(r).where(r.c.id.in_(run_ids)).values(paused_at=None))
         running = set(
             connection.execute(
-                sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.state == p.RUNNING)
+                sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.state == p.RUN_RUNNING)
             ).scalars()
         )
         if running:

@@ -50,7 +50,7 @@ def read_progress(conn: Connection, run_ids: Sequence[int]) -> RunsProgress:
         out.batches_done += run["batches_done"]
         out.batches_failed += run["batches_failed"]
         out.rows_changed += run["rows_changed"]
-        running = run["state"] == p.RUNNING
+        running = run["state"] == p.RUN_RUNNING
         out.finished = out.finished and not running
         out.paused = out.paused or (running and run["paused_at"] is not None)
         throttled_at = run["throttled_at"]
@@ -61,7 +61,7 @@ def read_progress(conn: Connection, run_ids: Sequence[int]) -> RunsProgress:
     retry = conn.execute(
         sa.select(sa.func.count(), sa.func.max(b.c.error)).where(
             b.c.run_id.in_(list(run_ids)),
-            b.c.state.in_([p.BATCH_PENDING, p.SENT]),
+            b.c.state.in_([p.BATCH_PENDING, p.BATCH_SENT]),
             b.c.error.is_not(None),
         )
     ).one()
@@ -83,7 +83,7 @@ def failed_batches(conn: Connection, run_ids: Sequence[int], limit: int = 5) -> 
     return list(
         conn.execute(
             sa.select(b.c.id, b.c.lo, b.c.hi, b.c.error)
-            .where(b.c.run_id.in_(list(run_ids)), b.c.state == p.FAILED)
+            .where(b.c.run_id.in_(list(run_ids)), b.c.state == p.BATCH_FAILED)
             .order_by(b.c.finished_at, b.c.id)
             .limit(limit)
         )

@@ -179,7 +179,7 @@ def plan(
         run = runs.get(row["run_id"]) if row is not None else None
         if (
             run is not None
-            and run["state"] != p.DONE
+            and run["state"] != p.RUN_DONE
             and counter.key in run["counter_keys"].split(",")
         ):
             if run["id"] not in result.resumed_run_ids:
@@ -195,7 +195,7 @@ def plan(
     result.batch_ids = list(
         connection.execute(
             sa.select(b.c.id)
-            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.DONE)
+            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.BATCH_DONE)
             .order_by(b.c.run_id, b.c.seq)
         ).scalars()
     )
@@ -214,14 +214,14 @@ def _resume(connection: Connection, run_id: int, sizing: Sizing, batch_size: int
         values["max_rows_per_second"] = sizing.max_rows_per_second or None
     reset = connection.execute(
         sa.update(b)
-        .where(b.c.run_id == run_id, b.c.state == p.FAILED)
+        .where(b.c.run_id == run_id, b.c.state == p.BATCH_FAILED)
         .values(state=p.BATCH_PENDING, finished_at=None)
     ).rowcount
     connection.execute(
         sa.update(r)
         .where(r.c.id == run_id)
         .values(
-            state=p.RUNNING,
+            state=p.RUN_RUNNING,
             finished_at=None,
             resumed_at=p.now(),
             batches_failed=r.c.batches_failed - reset,
@@ -252,7 +252,7 @@ def _new_run(
             table_name=table.name,
             counter_keys=",".join(c.key for c in group),
             batch_size=batch_size,
-            state=p.RUNNING,
+            state=p.RUN_RUNNING,
             created_at=now,
             pinned=sizing.pinned,
             chunk_size=batch_size if sizing.pinned else min(sizing.start, batch_size),
@@ -317,6 +317,6 @@ def mark_sent(connection: Connection, batch_ids: Sequence[int]) -> None:
         chunk = list(batch_ids[start : start + 5000])
         connection.execute(
             sa.update(b)
-            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.SENT]))
-            .values(state=p.SENT, sent_at=now)
+            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.BATCH_SENT]))
+            .values(state=p.BATCH_SENT, sent_at=now)
         )

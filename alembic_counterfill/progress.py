@@ -20,10 +20,13 @@ bookkeeping = sa.MetaData()
 PENDING, BACKFILLING, ACTIVE, FAILED = "pending", "backfilling", "active", "failed"
 
 #: Run states: batches outstanding, all done, or all finished with some failed.
-RUNNING, DONE = "running", "done"
+RUN_RUNNING, RUN_DONE, RUN_FAILED = "running", "done", "failed"
 
 #: Batch states: planned, handed to the broker, applied, out of retries.
-BATCH_PENDING, SENT = "pending", "sent"
+BATCH_PENDING, BATCH_SENT, BATCH_DONE, BATCH_FAILED = "pending", "sent", "done", "failed"
+
+#: Older names of run and batch states (the library uses the prefixed ones above).
+RUNNING, DONE, SENT = RUN_RUNNING, RUN_DONE, BATCH_SENT
 
 #: A counter whose batches workers leave for later (``pause``/``resume``).
 PAUSED = "paused"
@@ -280,14 +283,14 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
         b = batches_table
         failed = connection.execute(
             sa.select(b.c.run_id, b.c.error)
-            .where(b.c.run_id.in_(run_ids), b.c.state == "failed")
+            .where(b.c.run_id.in_(run_ids), b.c.state == BATCH_FAILED)
             .order_by(b.c.finished_at)
         )
         for run_id, error in failed:
             errors[run_id] = error
         for run_id, count, error in connection.execute(
             sa.select(b.c.run_id, sa.func.count(), sa.func.max(b.c.error))
-            .where(b.c.run_id.in_(run_ids), b.c.state != DONE, b.c.state != FAILED)
+            .where(b.c.run_id.in_(run_ids), b.c.state != BATCH_DONE, b.c.state != BATCH_FAILED)
             .where(b.c.error.is_not(None))
             .group_by(b.c.run_id)
         ):
@@ -330,11 +333,11 @@ def _describe_run(st: CounterStatus, run: Any, at: dt.datetime) -> None:
     throttled_at = run["throttled_at"]
     if (
         throttled_at is not None
-        and run["state"] == RUNNING
+        and run["state"] == RUN_RUNNING
         and (at - _aware(throttled_at)).total_seconds() <= THROTTLE_SHOWN_SECONDS
     ):
         st.throttled = run["throttle_reason"]
-    if run["state"] != RUNNING:
+    if run["state"] != RUN_RUNNING:
         return
     st.rate = _window_rate(run, at)
     if st.rate and st.parents_total is not None:
