@@ -190,7 +190,7 @@ def unrequest_statement(key: str) -> Any:
 THROTTLE_SHOWN_SECONDS = 60.0
 
 #: Seconds without a finished batch (and no live worker) after which a run is ``stalled``.
-STALLED_SECONDS = 60.0
+STALLED_SECONDS = 15.0
 
 
 @dataclass
