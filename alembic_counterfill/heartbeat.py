@@ -54,8 +54,11 @@ class Heartbeat:
 
     def start(self) -> Heartbeat:
         """Create the bookkeeping tables if needed, beat once, then keep beating in a thread."""
-        with self.engine.begin() as conn:
-            p.ensure_tables(conn)
+        try:
+            with self.engine.begin() as conn:
+                p.ensure_tables(conn)
+        except Exception as exc:  # e.g. another worker adding the same column right now
+            log.info("bookkeeping tables not updated by this worker: %s", exc)
         self._beat()
         self._thread = threading.Thread(target=self._run, name="counterfill-heartbeat", daemon=True)
         self._thread.start()

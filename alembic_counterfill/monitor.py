@@ -29,6 +29,7 @@ class RunsProgress:
     rows_changed: int = 0
     finished: bool = True  # every run is done or failed
     tables: list[str] = field(default_factory=list)
+    parents_done: int = 0  # parents recounted so far (pieces of batches included)
     retrying: int = 0  # batches whose last attempt failed, to be retried
     last_error: str | None = None  # of a retrying or failed batch
     paused: bool = False  # some unfinished run is paused
@@ -50,6 +51,7 @@ def read_progress(conn: Connection, run_ids: Sequence[int]) -> RunsProgress:
         out.batches_done += run["batches_done"]
         out.batches_failed += run["batches_failed"]
         out.rows_changed += run["rows_changed"]
+        out.parents_done += run["parents_done"] or 0
         running = run["state"] == p.RUN_RUNNING
         out.finished = out.finished and not running
         out.paused = out.paused or (running and run["paused_at"] is not None)
@@ -173,7 +175,7 @@ def wait(
         workers may not be running is printed (once).
     """
     bar = Bar(stream, label)
-    last_change, last_finished, hinted = time.monotonic(), -1, False
+    last_change, last_finished, hinted = time.monotonic(), (-1, -1), False
     try:
         while True:
             with engine.connect() as conn:
@@ -181,7 +183,9 @@ def wait(
             bar.update(pr)
             if pr.finished or pr.paused:
                 return pr
-            finished = pr.batches_done + pr.batches_failed
+            # Progress is any piece committed, not only whole batches: an
+            # adaptive batch of a big range takes many transactions.
+            finished = (pr.batches_done + pr.batches_failed, pr.parents_done)
             if finished != last_finished:
                 last_change, last_finished = time.monotonic(), finished
             elif not hinted and time.monotonic() - last_change > hint_after:
