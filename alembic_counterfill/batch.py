@@ -308,7 +308,9 @@ def _one_transaction(
                 parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
             else:
                 parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
-            n = conn.execute(sql.recount_range(chosen, start, end)).rowcount
+            # Buffered counters: the recount also removes the range's pending deltas.
+            for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
+                n = conn.execute(stmt).rowcount
             waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
             seconds = time.monotonic() - t0
             if last:

@@ -22,11 +22,12 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from . import cli_backfill, cli_control, progress
+from . import cli_backfill, cli_control, cli_fold, progress
 from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
 from .text import render_table
+from .urls import redact
 
 _META_KEY = "alembic_counterfill.launch"
 #: ``ctx.meta`` key of the command prefix hints repeat (``alembic -c pg.ini counterfill``).
@@ -140,7 +141,7 @@ def _database_message(ctx: click.Context, exc: sa.exc.DBAPIError) -> str:
     settings = _launch(ctx)._settings
     url = "the database"
     if settings is not None:
-        url = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
+        url = redact(settings.database_url)
     detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
     return (
         f"cannot use database {url}: {detail}; check sqlalchemy.url (or [counterfill] "
@@ -343,17 +344,20 @@ def status(
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
-    keys = [c.key for c in cli_backfill.chosen_counters(settings, counters)[1]]
+    chosen = cli_backfill.chosen_counters(settings, counters)[1]
+    keys = [c.key for c in chosen]
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:
             current = _read_statuses(settings, keys)
+            with settings.engine().connect() as connection:
+                cli_fold.annotate(connection, current, chosen)
             if clear:
                 click.clear()
             if as_json:
                 click.echo(json.dumps([s.as_json() for s in current]))
             else:
-                click.echo(render_statuses(current))
+                click.echo(render_statuses(current) + cli_fold.render(current))
             if not watch or all(s.state in _FINAL_STATES for s in current):
                 return
             if not clear:
@@ -365,6 +369,7 @@ def status(
 
 cli_backfill.register(cli)
 cli_control.register(cli)
+cli_fold.register(cli)
 
 
 def run_from_alembic(alembic_config: Any, args: list[str]) -> None:

@@ -222,6 +222,9 @@ class CounterStatus:
     #: running, throttled, stalled or paused while backfilling; None otherwise.
     activity: str | None = None
     max_rows_per_second: float | None = None
+    # Buffered counters only: delta rows waiting for a fold, and the oldest one's age.
+    pending_deltas: int | None = None
+    oldest_delta_seconds: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON object ``status --json`` prints for this counter."""

@@ -182,3 +182,20 @@ def test_ctrl_c_during_wait_says_the_workers_carry_on(
 def test_key_ranges_print_open_ends_as_infinities() -> None:
     assert planning.range_text(None, "51") == "[-inf, 51)"
     assert planning.range_text('"a"', None) == "[a, +inf)"
+
+
+def test_status_figures_match_an_independent_count(project: Project, db: sa.Engine) -> None:
+    """After a real run, `status --json` reports what the test counts itself, not what it wrote."""
+    import json
+
+    seed(db, users=230)
+    wrong = {d[0] for d in drift(db)}  # users with at least one wrong counter (own COUNT/SUM)
+    result = project.cli("enqueue", "--inline", "--batch-size", "50")
+    assert result.exit_code == 0, result.output
+    items = {s["counter"]: s for s in json.loads(project.cli("status", "--json").output)}
+    for key in USER_COUNTERS:
+        item = items[key]
+        assert item["state"] == progress.ACTIVE
+        assert item["batches_done"] == item["batches_total"] == 5  # ceil(230 / 50)
+        assert item["rows_changed"] == len(wrong) > 0
+    assert drift(db) == []
