@@ -9,6 +9,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -42,6 +43,14 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture
 def project(tmp_path: Path, pg_url: str, redis_url: str) -> Project:
     return Project(tmp_path / "project", pg_url, broker_url=redis_url)
+
+
+def _queue_key(redis_url: str, queue: str) -> tuple[redis.Redis, str]:
+    """A client on the test's Redis and the list key of ``queue`` in its namespace."""
+    parts = urlsplit(redis_url)
+    namespace = dict(parse_qsl(parts.query)).get("namespace", "dramatiq")
+    client = redis.Redis.from_url(urlunsplit(parts._replace(query="")))
+    return client, f"{namespace}:{queue}"
 
 
 def _status(project: Project) -> list[dict]:
@@ -95,9 +104,9 @@ def test_enqueue_again_sends_only_batches_not_still_queued(
     again = project.cli("enqueue")
     assert again.exit_code == 0, again.output
     assert "sent 0 batches" in again.output and "10 still queued" in again.output
-    client = redis.Redis.from_url(redis_url)
-    assert client.llen(f"dramatiq:{project.queue}") == 10  # not 20
-    client.delete(f"dramatiq:{project.queue}")  # the messages are lost
+    client, queue_key = _queue_key(redis_url, project.queue)
+    assert client.llen(queue_key) == 10  # not 20
+    client.delete(queue_key)  # the messages are lost
     third = project.cli("enqueue")
     assert "sent 10 batches" in third.output
     with project.worker():
@@ -187,12 +196,12 @@ def test_ctrl_c_while_sending_records_what_was_sent_and_says_how_to_resume(
     assert result.exit_code == 130
     assert "interrupted: sent 10 of 20 batches" in result.output
     assert f"alembic-counterfill -c {project.ini} enqueue" in result.output
-    client = redis.Redis.from_url(redis_url)
-    assert client.llen(f"dramatiq:{project.queue}") == 10
+    client, queue_key = _queue_key(redis_url, project.queue)
+    assert client.llen(queue_key) == 10
     monkeypatch.setattr(actors, "send_batches", real_send)
     again = project.cli("enqueue")
     assert "sent 10 batches" in again.output and "10 still queued" in again.output
-    assert client.llen(f"dramatiq:{project.queue}") == 20  # each batch once
+    assert client.llen(queue_key) == 20  # each batch once
 
 
 def test_a_worker_started_outside_a_project_says_to_set_alembic_config_in_one_line(
