@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from . import cli_backfill, progress
+from . import cli_backfill, cli_fold, progress
 from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
@@ -276,17 +276,20 @@ def status(
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
-    keys = [c.key for c in cli_backfill.chosen_counters(settings, counters)[1]]
+    chosen = cli_backfill.chosen_counters(settings, counters)[1]
+    keys = [c.key for c in chosen]
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:
             current = _read_statuses(settings, keys)
+            with settings.engine().connect() as connection:
+                cli_fold.annotate(connection, current, chosen)
             if clear:
                 click.clear()
             if as_json:
                 click.echo(json.dumps([s.as_json() for s in current]))
             else:
-                click.echo(render_statuses(current))
+                click.echo(render_statuses(current) + cli_fold.render(current))
             if not watch or all(s.state in _FINAL_STATES for s in current):
                 return
             if not clear:
@@ -297,6 +300,7 @@ def status(
 
 
 cli_backfill.register(cli)
+cli_fold.register(cli)
 
 
 def run_from_alembic(alembic_config: Any, args: list[str]) -> None:

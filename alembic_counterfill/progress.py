@@ -136,6 +136,9 @@ class CounterStatus:
     rate: float | None = None  # batches per second
     eta_seconds: float | None = None
     last_error: str | None = None
+    # Buffered counters only: delta rows waiting for a fold, and the oldest one's age.
+    pending_deltas: int | None = None
+    oldest_delta_seconds: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON object ``status --json`` prints for this counter."""
