@@ -295,26 +295,43 @@ def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> An
         time.sleep(0.05)
 
 
+#: Backend pids of this process's lock holders: other test runs share the server.
+_HOLDERS: set[int] = set()
+
+
 def lock_users(engine: sa.Engine, ids: Sequence[int]) -> sa.Connection:
     """Hold ``FOR UPDATE`` locks on some users in an open transaction (caller rolls back)."""
     conn = engine.connect()
     conn.execute(
         sa.text("SELECT id FROM users WHERE id = ANY(:ids) FOR UPDATE"), {"ids": list(ids)}
     )
+    _HOLDERS.add(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
     return conn
 
 
 def blocked_backends(engine: sa.Engine) -> list[int]:
-    """PIDs of worker connections waiting on a lock."""
+    """PIDs of worker connections waiting, directly or not, on a lock this test holds.
+
+    Only those: workers of other test runs on the same server wait on locks too,
+    and a test must never act on (or terminate) their connections.
+    """
     with engine.connect() as conn:
-        return list(
-            conn.execute(
-                sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'counterfill-worker'"
-                    " AND wait_event_type = 'Lock'"
-                )
-            ).scalars()
-        )
+        rows = conn.execute(
+            sa.text(
+                "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'counterfill-worker' AND wait_event_type = 'Lock'"
+            )
+        ).all()
+    ours, found = set(_HOLDERS), []
+    changed = True
+    while changed:  # follow chains: a worker waiting on a worker waiting on our holder
+        changed = False
+        for pid, blockers in rows:
+            if pid not in ours and ours.intersection(blockers or ()):
+                ours.add(pid)
+                found.append(pid)
+                changed = True
+    return sorted(found)
 
 
 class Writers:
