@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect
 
-from .errors import CounterfillError
+from . import buffer
+from .errors import ConfigurationError, CounterfillError
 
 #: Isolation level of the library's own batch and verify transactions.
 ISOLATION = "READ COMMITTED"
@@ -74,6 +75,16 @@ def key_match(
     if not keys:
         return sa.false()
     return sa.or_(*[sa.and_(*[c == v for c, v in zip(columns, k, strict=True)]) for k in keys])
+
+
+def refuse_buffered(counters: Sequence[Any]) -> None:
+    """Buffered (hot-parent) counters are not supported on MariaDB/MySQL yet: say so."""
+    hot = sorted(c.key for c in counters if buffer.is_buffered(c))
+    if hot:
+        raise ConfigurationError(
+            f"{', '.join(hot)}: buffered counters are not supported on MariaDB/MySQL yet; "
+            "declare them without buffered=True there"
+        )
 
 
 def _scope(pk: sa.Column[Any], lo: Any, hi: Any, ids: Sequence[Any] | None) -> Any:

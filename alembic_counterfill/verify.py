@@ -127,8 +127,13 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                     )
         if fix and rows:
             if innodb.is_innodb(conn.dialect):  # the truths just read, under the parents' lock
+                innodb.refuse_buffered(group)
                 innodb.write_truths(conn, group, rows)
             else:
-                conn.execute(sql.recount_range(group, None, None, ids=[r.pk for r in rows]))
+                # Buffered counters: the fix also removes the parents' pending deltas.
+                fixed = [r.pk for r in rows]
+                dialect = conn.dialect.name
+                for stmt in sql.recount_statements(group, None, None, ids=fixed, dialect=dialect):
+                    conn.execute(stmt)
         conn.commit()
     return out
