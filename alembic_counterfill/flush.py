@@ -22,6 +22,7 @@ from sqlalchemy.orm.state import InstanceState
 
 from . import deltas as _deltas
 from . import innodb, sql
+from .errors import DuplicateKeyError
 from .pause import is_paused
 from .plan import Key, WritePlan, plan_for
 
@@ -151,9 +152,12 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
             parents[counter].add(value if value is not None else _related_key(st, counter))
         if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
             colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+    locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
-        _lock_existing(session, plan, keys)
+        locked[plan] = _lock_existing(session, plan, keys)
     _deltas.lock_first(session, parents)
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        _refuse_late_collisions(session, plan, keys - locked[plan])
 
 
 def _related_key(st: InstanceState[Any], counter: Any) -> Any:
@@ -168,8 +172,8 @@ def _related_key(st: InstanceState[Any], counter: Any) -> Any:
     return None
 
 
-def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> None:
-    """Lock the existing child rows with these keys; probe first, so no gap is ever locked.
+def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> set[Key]:
+    """Lock the existing child rows with these keys (returned); probe first, so no gap is locked.
 
     A locking read of a key that does not exist would lock the gap under
     REPEATABLE READ and make two inserters into it deadlock.
@@ -186,6 +190,35 @@ def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> None:
             .with_for_update()
         )
         connection.execute(stmt).all()
+    return existing
+
+
+def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
+    """Fail fast, as a duplicate key, if a row with a new child's key appeared while we waited.
+
+    Such a row was committed between our probe and our parent lock. If a
+    writer is deleting it, that writer waits for our parents and our INSERT's
+    duplicate-key check would wait for it: a deadlock. Since we hold the
+    parents, no such delete can commit before our INSERT, so the INSERT is a
+    duplicate in any serial order; report it as one without waiting. Only
+    under ``READ COMMITTED``, whose plain read shows rows committed since.
+    """
+    if not keys:
+        return
+    connection = session.connection(bind_arguments={"mapper": plan.mapper})
+    if not innodb.reads_latest(connection):
+        return
+    probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
+    appeared = sorted(tuple(row) for row in connection.execute(probe))
+    if appeared:
+        raise sa.exc.IntegrityError(
+            f"INSERT INTO {plan.table.name}",
+            {"key": appeared[0]},
+            DuplicateKeyError(
+                f"duplicate key {appeared[0]!r} in {plan.table.name}: the row was "
+                "committed by another transaction while this flush waited for locks"
+            ),
+        )
 
 
 def _old_key(target: Any) -> tuple[_FlushState, WritePlan, InstanceState[Any]] | None:
