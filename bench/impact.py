@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "--batch-seconds",
         type=float,
         default=None,
-        help="batch_seconds of the adaptive phase (default: the library's, 0.1)",
+        help="batch_seconds of the adaptive phase (default: the library's, 0.03)",
     )
     args = parser.parse_args(argv)
 
