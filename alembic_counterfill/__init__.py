@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         CounterfillError,
         CounterfillWarning,
         DatabaseError,
+        DuplicateKeyError,
         UnknownCounterError,
     )
     from .folding import configure_folding
@@ -48,6 +49,7 @@ __all__ = [
     "UnknownCounterError",
     "BrokerError",
     "DatabaseError",
+    "DuplicateKeyError",
     # warnings
     "CounterfillWarning",
 ]
@@ -67,6 +69,7 @@ _HOME = {
     "UnknownCounterError": "errors",
     "BrokerError": "errors",
     "DatabaseError": "errors",
+    "DuplicateKeyError": "errors",
     "CounterfillWarning": "errors",
 }
 
