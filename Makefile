@@ -45,6 +45,7 @@ $(STAMP): $(SERVICES_STAMP)
 	touch $(STAMP)
 
 $(OLDEST_STAMP): pyproject.toml scripts/oldest_pins.py
+	@bash scripts/services.sh mysqlclient-deps
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
 	$(PYTHON) scripts/oldest_pins.py > $(OLDEST)/constraints.txt
