@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         CounterDeclarationError,
         CounterfillError,
         DatabaseError,
+        DuplicateKeyError,
         UnknownCounterError,
     )
     from .folding import configure_folding
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownCounterError",
     "BrokerError",
     "DatabaseError",
+    "DuplicateKeyError",
 ]
 
 _HOME = {
@@ -64,6 +66,7 @@ _HOME = {
     "UnknownCounterError": "errors",
     "BrokerError": "errors",
     "DatabaseError": "errors",
+    "DuplicateKeyError": "errors",
 }
 
 

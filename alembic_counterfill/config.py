@@ -166,7 +166,7 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
         parsed = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigurationError(
-            f"database URL {redact(url)!r} in {where} is not a valid SQLAlchemy URL; set "
+            f"database URL {redact(url)!r} in {where} is not a SQLAlchemy URL; set "
             f"sqlalchemy.url (or [{SECTION}] database_url) to e.g. "
             "postgresql+psycopg://user@host:5432/db"
         ) from None

@@ -29,3 +29,11 @@ class BrokerError(CounterfillError):
 
 class DatabaseError(CounterfillError):
     """The database cannot be reached or lacks what the library needs."""
+
+
+class DuplicateKeyError(CounterfillError):
+    """A new row's key exists already: the cause of an IntegrityError raised before the INSERT.
+
+    On MariaDB/MySQL a flush reports it without waiting when the row appeared
+    while the flush waited for its locks (see docs/databases.md).
+    """
