@@ -29,8 +29,8 @@ class BufferedMachine(CounterStateMachine):
 
     @rule()
     def fold(self) -> None:
-        # Commit first: a session's uncommitted unbuffered deltas hold parent
-        # locks the fold would wait for (this test is single-threaded).
+        # Commit first: either session's uncommitted unbuffered deltas hold
+        # parent locks the fold would wait for (this test is single-threaded).
         self._commit(self.session)
         self._commit(self.stale)
         folding.fold(self.engine, counters_of(Base), chunk=2)
