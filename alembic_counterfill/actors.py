@@ -23,9 +23,9 @@ import dramatiq
 import sqlalchemy as sa
 from dramatiq.middleware import Middleware, Retries
 
-from .batch import BatchNotFound, describe, mark_failed, run_batch
+from .batch import BatchNotFound, describe, mark_failed, mark_refused, run_batch
 from .counters import Counter
-from .errors import BrokerError, ConfigurationError
+from .errors import BrokerError, ConfigurationError, DefinitionMismatch
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -194,6 +194,12 @@ class BackfillActors:
         return send_batches(self.broker, self.batch.queue_name, batch_ids)
 
 
+def _batch_message(queue: str, batch_id: int) -> dramatiq.Message[Any]:
+    return dramatiq.Message(
+        queue_name=queue, actor_name=BATCH_ACTOR, args=(batch_id,), kwargs={}, options={}
+    )
+
+
 def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) -> int:
     """Send one ``counterfill_batch(batch_id)`` message per id; return how many were sent.
 
@@ -204,15 +210,7 @@ def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) 
     try:
         broker.declare_queue(queue)
         for batch_id in batch_ids:
-            broker.enqueue(
-                dramatiq.Message(
-                    queue_name=queue,
-                    actor_name=BATCH_ACTOR,
-                    args=(batch_id,),
-                    kwargs={},
-                    options={},
-                )
-            )
+            broker.enqueue(_batch_message(queue, batch_id))
             sent += 1
     except Exception as exc:
         raise BrokerError(
@@ -249,9 +247,18 @@ def declare_actors(
 
         settings = load()
     source = Source(settings)
+    queue = settings.queue
 
     def counterfill_batch(batch_id: int) -> None:
-        run_batch(source.engine(), source.counters(), batch_id, statement_timeout_ms=time_limit)
+        try:
+            run_batch(source.engine(), source.counters(), batch_id, statement_timeout_ms=time_limit)
+        except DefinitionMismatch as exc:
+            # Rolling deploy: this worker's models differ from the planner's.
+            # Not a failure and not a retry: send the batch again later, for
+            # whichever worker runs the matching models, backing off each time.
+            refusals = mark_refused(source.engine(), batch_id, describe(exc))
+            delay = min(max_backoff, min_backoff * 2 ** min(max(refusals - 1, 0), 16))
+            broker.enqueue(_batch_message(queue, batch_id), delay=delay)
 
     actor: dramatiq.Actor[Any, Any] = dramatiq.actor(
         actor_name=BATCH_ACTOR,

@@ -16,10 +16,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import definition, sql
 from . import progress as p
-from . import sql
 from .counters import Counter
-from .errors import ConfigurationError, CounterfillError
+from .errors import CounterfillError, DefinitionMismatch
 from .planning import decode_key
 
 log = logging.getLogger("alembic_counterfill.batch")
@@ -35,20 +35,40 @@ class BatchOutcome:
 
     batch_id: int
     run_id: int
-    applied: bool  # False: it was already done, nothing was written
+    applied: bool  # False: it was already done (or its run ended), nothing was written
     rows_changed: int = 0
     run_finished: bool = False  # this batch completed its run
     seconds: float = 0.0
 
 
-def _run_counters(counters: Mapping[str, Counter], keys: str, batch_id: int) -> list[Counter]:
-    missing = [k for k in keys.split(",") if k not in counters]
+def _run_counters(counters: Mapping[str, Counter], run: Any, batch_id: int) -> list[Counter]:
+    """The counters of the batch's run, as this process's models define them.
+
+    Raises :class:`~.errors.DefinitionMismatch` when these models lack one of
+    them or define it differently from the models that planned the run (an
+    old worker during a rolling deploy): the batch is left for a worker
+    running the same definitions.
+    """
+    keys = run.counter_keys.split(",")
+    missing = [k for k in keys if k not in counters]
     if missing:
-        raise ConfigurationError(
-            f"batch {batch_id} recounts {', '.join(missing)}, which the models no longer declare; "
-            "restore the declaration or run `enqueue` again to plan a new backfill"
+        raise DefinitionMismatch(
+            f"batch {batch_id} recounts {', '.join(missing)}, which this worker's models do not "
+            "declare; left for a worker running the current models (or run `enqueue` again "
+            "to plan a new backfill if the counter was removed)"
         )
-    return [counters[k] for k in keys.split(",")]
+    chosen = [counters[k] for k in keys]
+    planned = p.run_fingerprints(run._mapping)
+    differ = [
+        c.key for c in chosen if c.key in planned and definition.fingerprint(c) != planned[c.key]
+    ]
+    if differ:
+        raise DefinitionMismatch(
+            f"batch {batch_id} was planned under another definition of {', '.join(differ)} "
+            "than this worker's models; left for a worker running the models that planned it "
+            "(deploy the same code to every worker)"
+        )
+    return chosen
 
 
 def run_batch(
@@ -97,14 +117,23 @@ def run_batch(
             conn.rollback()
             log.info("batch %d already done; duplicate delivery ignored", batch_id)
             return BatchOutcome(batch_id, row.run_id, applied=False)
-        keys = conn.execute(sa.select(r.c.counter_keys).where(r.c.id == row.run_id)).scalar_one()
-        chosen = _run_counters(counters, keys, batch_id)
+        run = conn.execute(
+            sa.select(r.c.counter_keys, r.c.state, r.c.fingerprints).where(r.c.id == row.run_id)
+        ).one()
+        if run.state in (p.CANCELLED, p.SUPERSEDED):
+            conn.rollback()
+            log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.state)
+            return BatchOutcome(batch_id, row.run_id, applied=False)
+        keys = run.counter_keys
+        chosen = _run_counters(counters, run, batch_id)
         table, pk = chosen[0].parent_table, chosen[0].parent_pk
         lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
         if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
         changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
-        finished = _finish(conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed)
+        finished = _finish(
+            conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed, counters=chosen
+        )
         conn.commit()
     seconds = time.monotonic() - started
     log.info(
@@ -120,8 +149,20 @@ def run_batch(
     return BatchOutcome(batch_id, row.run_id, True, changed, finished, seconds)
 
 
-def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n: int) -> bool:
-    """Mark the batch done, add to the run's figures, complete the run if this was the last."""
+def _finish(
+    conn: Connection,
+    batch_id: int,
+    run_id: int,
+    *,
+    was_failed: bool,
+    n: int,
+    counters: list[Counter],
+) -> bool:
+    """Mark the batch done, add to the run's figures, complete the run if this was the last.
+
+    Completing records each counter's definition (the one the run was
+    planned under, which these models share) as what its column now follows.
+    """
     b, r, c = p.batches_table, p.runs_table, p.counters_table
     now = p.now()
     conn.execute(
@@ -141,15 +182,19 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
     ).one()
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
-        conn.execute(
-            sa.update(c)
-            .where(c.c.run_id == run_id)
-            .values(
-                state=p.ACTIVE,
-                updated_at=now,
-                activated_at=sa.func.coalesce(c.c.activated_at, now),
+        for counter in counters:
+            parts = definition.definition(counter)
+            conn.execute(
+                sa.update(c)
+                .where(c.c.run_id == run_id, c.c.key == counter.key)
+                .values(
+                    state=p.ACTIVE,
+                    updated_at=now,
+                    activated_at=sa.func.coalesce(c.c.activated_at, now),
+                    fingerprint=definition.fingerprint_of(parts),
+                    definition=definition.encode(parts),
+                )
             )
-        )
         return True
     if done + failed >= total:
         _fail_run(conn, run_id, now)
@@ -165,6 +210,24 @@ def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
         .values(state=p.FAILED, updated_at=now)
     )
+
+
+def mark_refused(engine: sa.Engine, batch_id: int, error: str) -> int:
+    """Record that a worker refused ``batch_id`` (another definition); return the refusal count.
+
+    The batch stays to be run: it is neither done nor failed, and ``status``
+    shows it waiting for a worker running the matching models.
+    """
+    b = p.batches_table
+    with engine.begin() as conn:
+        count = conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id, b.c.state != p.DONE)
+            .values(refusals=b.c.refusals + 1, error=error)
+            .returning(b.c.refusals)
+        ).scalar()
+    log.warning("batch %d refused: %s", batch_id, error)
+    return int(count or 0)
 
 
 def describe(exc: BaseException) -> str:

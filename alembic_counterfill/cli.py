@@ -23,13 +23,13 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from . import cli_backfill, progress
+from . import cli_backfill, definition, progress
 from .config import Settings, from_alembic_config
 from .counters import Counter, select_counters
 from .errors import CounterfillError, UnknownCounterError
 
 _META_KEY = "alembic_counterfill.launch"
-_DONE = (progress.ACTIVE, progress.FAILED)
+_DONE = (progress.ACTIVE, progress.FAILED, progress.UNKNOWN)
 
 
 @dataclass
@@ -183,9 +183,29 @@ def _chosen(settings: Settings, names: Sequence[str]) -> list[Counter]:
         raise click.BadParameter(str(exc), param_hint="COUNTER") from None
 
 
-def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.CounterStatus]:
+def _read_statuses(settings: Settings, counters: Sequence[Counter]) -> list[progress.CounterStatus]:
+    """Each counter's status, flagged when its column is missing or its definition changed."""
     with settings.engine().connect() as connection:
-        return progress.statuses(connection, keys)
+        found = progress.statuses(
+            connection, [c.key for c in counters], definition.fingerprints(list(counters))
+        )
+        missing = set(progress.missing_columns(connection, counters))
+    for st in found:
+        if st.counter in missing:
+            st.hint = (
+                "the column is not in this database: run `alembic upgrade head` "
+                "(is sqlalchemy.url the right database?)"
+            )
+    return found
+
+
+def _state_label(st: progress.CounterStatus) -> str:
+    return f"{st.state} (definition changed)" if st.definition_changed else st.state
+
+
+def _hints(statuses: Sequence[progress.CounterStatus]) -> str:
+    hints = [f"  {s.counter}: {s.hint}" for s in statuses if s.hint]
+    return "\n\nnext steps:\n" + "\n".join(hints) if hints else ""
 
 
 def describe(counter: Counter) -> str:
@@ -219,7 +239,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def list_(settings: Settings, as_json: bool) -> None:
     """List the declared counters, what each one counts, and its state."""
     counters = settings.counters()
-    states = {s.counter: s.state for s in _read_statuses(settings, [c.key for c in counters])}
+    found = {s.counter: s for s in _read_statuses(settings, counters)}
+    states = {k: s.state for k, s in found.items()}
     if as_json:
         click.echo(
             json.dumps(
@@ -233,6 +254,8 @@ def list_(settings: Settings, as_json: bool) -> None:
                         "foreign_key": c.fk.name,
                         "sum": c.summed.name if c.summed is not None else None,
                         "where": c.where is not None,
+                        "definition_changed": found[c.key].definition_changed,
+                        "hint": found[c.key].hint,
                     }
                     for c in counters
                 ]
@@ -244,8 +267,10 @@ def list_(settings: Settings, as_json: bool) -> None:
         return
     click.echo(
         _table(
-            ("COUNTER", "STATE", "COUNTS"), [(c.key, states[c.key], describe(c)) for c in counters]
+            ("COUNTER", "STATE", "COUNTS"),
+            [(c.key, _state_label(found[c.key]), describe(c)) for c in counters],
         )
+        + _hints(list(found.values()))
     )
 
 
@@ -265,7 +290,7 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
     rows = [
         (
             s.counter,
-            s.state,
+            _state_label(s),
             f"{s.batches_done}/{s.batches_total}" if s.batches_total else "-",
             str(s.batches_failed) if s.batches_total else "-",
             f"{s.rows_changed:,}" if s.batches_total else "-",
@@ -278,7 +303,7 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
     errors = [f"{s.counter}: {s.last_error}" for s in statuses if s.last_error]
     if errors:
         text += "\n\nlast errors:\n" + "\n".join("  " + " ".join(e.split())[:200] for e in errors)
-    return text
+    return text + _hints(statuses)
 
 
 @cli.command("status")
@@ -298,16 +323,16 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
 def status(
     settings: Settings, counters: tuple[str, ...], as_json: bool, watch: bool, interval: float
 ) -> None:
-    """Show each counter's state (pending, backfilling, active, failed) and backfill progress.
+    """Show each counter's state (unknown, pending, backfilling, active, failed) and progress.
 
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
-    keys = [c.key for c in _chosen(settings, counters)]
+    chosen = _chosen(settings, counters)
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:
-            current = _read_statuses(settings, keys)
+            current = _read_statuses(settings, chosen)
             if clear:
                 click.clear()
             if as_json:
@@ -321,6 +346,52 @@ def status(
             time.sleep(interval)
     except KeyboardInterrupt:  # Ctrl-C is how a watch normally ends
         return
+
+
+@cli.command("cancel")
+@click.argument("counters", nargs=-1, metavar="[COUNTER]...")
+@click.pass_obj
+def cancel(settings: Settings, counters: tuple[str, ...]) -> None:
+    """End the unfinished backfill runs of the COUNTERs named (default: every unfinished run).
+
+    Batches still queued are skipped when delivered. Counters of an ended run
+    go back to pending (or stay active if they were exact before a recount);
+    `enqueue` plans a fresh run. COUNTER may also name a counter the models no
+    longer declare.
+    """
+    declared = {c.key for c in settings.counters()}
+    r = progress.runs_table
+    with settings.engine().begin() as conn:
+        if not progress.has_tables(conn):
+            click.echo("nothing to cancel: no backfill was ever planned in this database")
+            return
+        recorded = set(progress.counter_rows(conn))
+        unknown = [k for k in counters if k not in declared | recorded]
+        if unknown:
+            known = ", ".join(sorted(declared | recorded)) or "none"
+            raise click.BadParameter(
+                f"unknown counter {unknown[0]!r}; known counters: {known}", param_hint="COUNTER"
+            )
+        runs = conn.execute(
+            sa.select(r.c.id, r.c.table_name, r.c.counter_keys)
+            .where(r.c.state.not_in(progress.ENDED))
+            .order_by(r.c.id)
+        ).all()
+        ended = [
+            run for run in runs if not counters or set(counters) & set(run.counter_keys.split(","))
+        ]
+        for run in ended:
+            for statement in progress.end_runs_statements(
+                run.counter_keys.split(",")[0], progress.CANCELLED
+            ):
+                conn.execute(statement)
+    if not ended:
+        named = ", ".join(counters) if counters else "any counter"
+        click.echo(f"nothing to cancel: {named} has no unfinished run")
+        return
+    for run in ended:
+        click.echo(f"cancelled run {run.id} on {run.table_name} ({run.counter_keys})")
+    click.echo("run `alembic counterfill enqueue` to plan a fresh backfill")
 
 
 cli_backfill.register(cli)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import sqlalchemy as sa
 
-from . import monitor, planning, runner
+from . import definition, monitor, planning, runner
 from . import progress as p
 from . import verify as verifying
 from .actors import broker_from_url, ping, redact, send_batches
@@ -77,6 +77,7 @@ def enqueue(
         raise click.UsageError("give COUNTER names or --all, not both")
     declared, named = _counters(settings, counters)
     engine = settings.engine()
+    _require_columns(engine, named if counters else declared)
     in_process = inline or not settings.broker_url
     planning_started = time.monotonic()
     broker = None
@@ -91,7 +92,7 @@ def enqueue(
             if not chosen:
                 click.echo("nothing to backfill: every counter is active (use --all to recount)")
                 return
-            plan = planning.plan(conn, chosen, batch_size or settings.batch_size)
+            plan = planning.plan(conn, chosen, batch_size or settings.batch_size, declared=declared)
         _describe_plan(engine, plan)
         if broker is not None and settings.broker_url:
             sent = send_batches(broker, settings.queue, plan.batch_ids)
@@ -126,6 +127,17 @@ def enqueue(
     if check:
         keys = {k for run in _run_keys(engine, plan.run_ids) for k in run}
         _report_drift(settings, [c for c in declared if c.key in keys], fix=False, as_json=False)
+
+
+def _require_columns(engine: Any, counters: Sequence[Counter]) -> None:
+    """Refuse to work on counters whose column the database lacks (migration not run)."""
+    with engine.connect() as conn:
+        missing = p.missing_columns(conn, counters)
+    if missing:
+        raise CounterfillError(
+            f"{', '.join(missing)}: the column is not in the database; run "
+            "`alembic upgrade head` first (or check sqlalchemy.url)"
+        )
 
 
 def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
@@ -178,9 +190,22 @@ def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_
             click.echo(f"{drift.table}\t{drift.id}\t{drift.column}\t{drift.cached}\t{drift.actual}")
         shown += 1
 
+    engine = settings.engine()
+    _require_columns(engine, counters)
     found = verifying.verify(
-        settings.engine(), counters, fix=fix, batch_size=settings.batch_size, on_drift=show
+        engine, counters, fix=fix, batch_size=settings.batch_size, on_drift=show
     )
+    # A counter found exact (or repaired) is known to be exact: one without a
+    # record (unknown) is recorded active under its current definition.
+    wrong = {d.counter for d in found if not d.fixed}
+    exact = [c for c in counters if c.key not in wrong]
+    if exact:
+        parts = {}
+        for c in exact:
+            described = definition.definition(c)
+            parts[c.key] = (definition.fingerprint_of(described), definition.encode(described))
+        with engine.begin() as conn:
+            p.record_active(conn, exact, parts)
     if as_json:
         click.echo(json.dumps([d.as_json() for d in found]))
     keys = ", ".join(c.key for c in counters)
@@ -201,16 +226,19 @@ def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_
 def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bool) -> None:
     """Compare cached counters with COUNT/SUM over their child tables; exit 1 on drift.
 
-    Default: every active counter (pending ones are expected to be wrong until
-    their backfill). Each drift prints as table, id, column, cached, actual.
+    Default: every active or unknown counter (pending ones are expected to be
+    wrong until their backfill). Each drift prints as table, id, column,
+    cached, actual. A counter with no record found exact (or fixed) is
+    recorded as active.
     """
     declared, named = _counters(settings, counters)
     chosen = named
     if not counters:
         with settings.engine().connect() as conn:
             states = {s.counter: s.state for s in p.statuses(conn, [c.key for c in declared])}
-        chosen = [c for c in declared if states[c.key] == p.ACTIVE]
-        skipped = [c.key for c in declared if states[c.key] != p.ACTIVE]
+        ready = (p.ACTIVE, p.UNKNOWN)
+        chosen = [c for c in declared if states[c.key] in ready]
+        skipped = [c.key for c in declared if states[c.key] not in ready]
         if skipped:
             click.echo(f"skipped (not active yet): {', '.join(skipped)}", err=True)
         if not chosen:

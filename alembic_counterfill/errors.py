@@ -29,3 +29,7 @@ class BrokerError(CounterfillError):
 
 class DatabaseError(CounterfillError):
     """The database cannot be reached or lacks what the library needs."""
+
+
+class DefinitionMismatch(CounterfillError):
+    """A batch was planned under counter definitions other than this process's models'."""

@@ -7,6 +7,8 @@ at any point leaves either nothing or a complete plan that ``enqueue`` resumes.
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import json
 import uuid
 from collections.abc import Iterator, Sequence
@@ -16,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import definition
 from . import progress as p
 from .counters import Counter, select_counters
 from .errors import CounterfillError
@@ -25,13 +28,52 @@ from .errors import CounterfillError
 _PLANNING_LOCK = 0x636F756E74657266
 
 
+#: Python types of primary keys that planning can cut into ranges: ordered by
+#: the database, and stored as JSON text that decodes to an equal value.
+KEY_TYPES: tuple[type, ...] = (
+    int,
+    str,
+    float,
+    decimal.Decimal,
+    dt.datetime,
+    dt.date,
+    dt.time,
+    uuid.UUID,
+)
+
+
+def key_type(column: sa.Column[Any]) -> type | None:
+    """The Python type of ``column``'s values if planning supports it as a key, else None."""
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return None
+    if kind is bool:
+        return None
+    return kind if any(issubclass(kind, t) for t in KEY_TYPES) else None
+
+
+def check_key(counter: Counter) -> None:
+    """Refuse a counter whose parent key cannot be cut into ranges, naming the fix."""
+    pk = counter.parent_pk
+    if key_type(pk) is None:
+        raise CounterfillError(
+            f"cannot backfill {counter.key}: primary key {pk.table.name}.{pk.name} has type "
+            f"{pk.type}, which cannot be cut into key ranges; give {pk.table.name} an integer, "
+            "string, decimal, date/time or UUID primary key (or fill the counter with "
+            "`verify --fix`)"
+        )
+
+
 def encode_key(value: Any) -> str | None:
     """Store a primary-key bound as JSON text (``None`` = open end)."""
     if value is None:
         return None
     if isinstance(value, bool | int | float | str):
         return json.dumps(value)
-    return json.dumps(str(value))  # UUID, Decimal, dates: their text form round-trips
+    if isinstance(value, dt.date | dt.time):  # datetime is a date
+        return json.dumps(value.isoformat())
+    return json.dumps(str(value))  # UUID, Decimal: their text form round-trips
 
 
 def decode_key(column: sa.Column[Any], text: str | None) -> Any:
@@ -39,15 +81,18 @@ def decode_key(column: sa.Column[Any], text: str | None) -> Any:
     if text is None:
         return None
     value = json.loads(text)
-    try:
-        kind = column.type.python_type
-    except NotImplementedError:
-        return value
-    if isinstance(value, kind):
+    kind = key_type(column)
+    if kind is None or isinstance(value, kind) and not isinstance(value, bool):
         return value
     if kind is uuid.UUID:
         return uuid.UUID(value)
-    return kind(value)
+    if issubclass(kind, dt.datetime):
+        return dt.datetime.fromisoformat(value)
+    if issubclass(kind, dt.date):
+        return dt.date.fromisoformat(value)
+    if issubclass(kind, dt.time):
+        return dt.time.fromisoformat(value)
+    return kind(value)  # type: ignore[call-arg]  # int, str, float, Decimal
 
 
 def next_boundary(
@@ -106,18 +151,34 @@ def choose(
     return [c for c in counters if c.key in recorded and recorded[c.key]["state"] != p.ACTIVE]
 
 
-def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> Plan:
+def plan(
+    connection: Connection,
+    chosen: Sequence[Counter],
+    batch_size: int,
+    *,
+    declared: Sequence[Counter] | None = None,
+) -> Plan:
     """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
 
     A counter whose recorded run is not done resumes that run (failed batches
     are reset, done batches stay done); the others get one new run per parent
-    table covering all of them, so a table is recounted in one pass.
+    table covering all of them, so a table is recounted in one pass. A run
+    that can no longer finish as planned (one of its counters is no longer
+    declared, or is defined differently from when it was planned) is
+    ``superseded``: its still-declared counters join the new runs.
+
+    :param declared: every counter the models declare (default: ``chosen``),
+        to tell removed counters from counters merely not chosen.
     """
     if batch_size < 1:
         raise CounterfillError(f"batch size must be at least 1, got {batch_size}")
+    for counter in chosen:
+        check_key(counter)
     p.ensure_tables(connection)
-    if connection.dialect.name == "postgresql":
-        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
+    _lock_planning(connection)
+    known = {c.key: c for c in (declared if declared is not None else chosen)}
+    known.update((c.key, c) for c in chosen)
+    current = definition.fingerprints(known)
     recorded = p.counter_rows(connection)
     run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
     runs = {
@@ -128,22 +189,34 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
     }
     result = Plan(counter_keys=sorted(c.key for c in chosen))
     fresh: dict[sa.Table, list[Counter]] = {}
-    for counter in chosen:
+    todo = list(chosen)
+    superseded: set[int] = set()
+    while todo:
+        counter = todo.pop(0)
+        if any(counter in group for group in fresh.values()):
+            continue
         row = recorded.get(counter.key)
         run = runs.get(row["run_id"]) if row is not None else None
         if (
             run is not None
-            and run["state"] != p.DONE
+            and run["state"] == p.RUNNING
             and counter.key in run["counter_keys"].split(",")
+            and run["id"] not in superseded
         ):
-            if run["id"] not in result.resumed_run_ids:
-                result.resumed_run_ids.append(run["id"])
-        else:
-            fresh.setdefault(counter.parent_table, []).append(counter)
+            if _still_valid(run, current):
+                if run["id"] not in result.resumed_run_ids:
+                    result.resumed_run_ids.append(run["id"])
+                continue
+            superseded.add(run["id"])
+            # Its other declared counters were requested too: plan them anew.
+            todo.extend(known[k] for k in run["counter_keys"].split(",") if k in known)
+        fresh.setdefault(counter.parent_table, []).append(counter)
+    for run_id in sorted(superseded):
+        _supersede(connection, run_id)
     for run_id in result.resumed_run_ids:
         _resume(connection, run_id)
     for group in fresh.values():
-        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded))
+        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded, current))
     result.run_ids = result.resumed_run_ids + result.new_run_ids
     b = p.batches_table
     result.batch_ids = list(
@@ -154,6 +227,42 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
         ).scalars()
     )
     return result
+
+
+def _lock_planning(connection: Connection) -> None:
+    """Serialise planners, so two concurrent ``enqueue`` plan one run between them.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: a write that
+    changes nothing, which takes the database's write lock before anything is
+    read (pysqlite starts the transaction only at the first write, so reads
+    before it would see a state another planner is about to change).
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
+    elif connection.dialect.name == "sqlite":
+        r = p.runs_table
+        connection.execute(sa.update(r).where(sa.false()).values(state=r.c.state))
+
+
+def _still_valid(run: Any, current: dict[str, str]) -> bool:
+    """Whether every counter of ``run`` is declared, with the definition it was planned under."""
+    planned = p.run_fingerprints(run)
+    for key in run["counter_keys"].split(","):
+        if key not in current:
+            return False
+        if planned and planned.get(key) != current[key]:
+            return False
+    return True
+
+
+def _supersede(connection: Connection, run_id: int) -> None:
+    """End ``run_id`` unfinished: its batches are skipped if still delivered."""
+    r, c = p.runs_table, p.counters_table
+    connection.execute(
+        sa.update(r).where(r.c.id == run_id).values(state=p.SUPERSEDED, finished_at=p.now())
+    )
+    back = sa.case((c.c.activated_at.is_not(None), p.ACTIVE), else_=p.PENDING)
+    connection.execute(sa.update(c).where(c.c.run_id == run_id).values(state=back, run_id=None))
 
 
 def _resume(connection: Connection, run_id: int) -> None:
@@ -181,7 +290,11 @@ def _resume(connection: Connection, run_id: int) -> None:
 
 
 def _new_run(
-    connection: Connection, group: list[Counter], batch_size: int, recorded: dict[str, Any]
+    connection: Connection,
+    group: list[Counter],
+    batch_size: int,
+    recorded: dict[str, Any],
+    current: dict[str, str],
 ) -> int:
     group = sorted(group, key=lambda c: c.key)
     table, pk = group[0].parent_table, group[0].parent_pk
@@ -194,6 +307,7 @@ def _new_run(
             batch_size=batch_size,
             state=p.RUNNING,
             created_at=now,
+            fingerprints=json.dumps({c.key: current[c.key] for c in group}, sort_keys=True),
         )
         .returning(p.runs_table.c.id)
     ).scalar_one()
@@ -218,15 +332,15 @@ def _new_run(
         if counter.key in recorded:
             connection.execute(sa.update(c).where(c.c.key == counter.key).values(values))
         else:
-            # No row means the counter was created with its table and is
-            # exact already: remember it as active for the read helper.
+            # No row: the counter's state is unknown (its column may never
+            # have been filled), so the read helper counts live until the
+            # run completes.
             connection.execute(
                 sa.insert(c).values(
                     key=counter.key,
                     table_name=table.name,
                     column_name=counter.name,
                     schema_name=table.schema,
-                    activated_at=now,
                     **values,
                 )
             )

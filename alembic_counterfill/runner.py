@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import sqlalchemy as sa
 
-from .batch import BatchOutcome, describe, mark_failed, run_batch
+from .batch import BatchOutcome, describe, mark_failed, mark_refused, run_batch
 from .counters import Counter
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DefinitionMismatch
 
 log = logging.getLogger("alembic_counterfill.runner")
 
@@ -35,7 +35,8 @@ def run_inline(
     :param attempts: tries per batch before it is marked failed.
     :param backoff: seconds before the first retry (doubles each time).
     :param on_batch: called after each batch with its outcome (``None`` when
-        it was marked failed), e.g. to draw a progress bar.
+        it was marked failed, or refused because it was planned under other
+        counter definitions), e.g. to draw a progress bar.
     """
     outcomes: list[BatchOutcome] = []
     for batch_id in batch_ids:
@@ -57,6 +58,10 @@ def _run_one(
     for attempt in range(1, attempts + 1):
         try:
             return run_batch(engine, counters, batch_id)
+        except DefinitionMismatch as exc:
+            # Planned by other models: leave it (not failed) for a process running them.
+            mark_refused(engine, batch_id, describe(exc))
+            return None
         except ConfigurationError as exc:  # retrying cannot help
             mark_failed(engine, batch_id, describe(exc))
             return None
