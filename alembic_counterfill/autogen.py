@@ -101,7 +101,7 @@ def compare(autogen_context: Any, upgrade_ops: alembic_ops.UpgradeOps, schemas: 
 
 def _declared(autogen_context: Any) -> dict[str, Counter]:
     """Counters of the models alembic compares, by key; configures the mappers (errors raise)."""
-    target = autogen_context.metadata
+    target = getattr(autogen_context, "metadata", None)
     metadatas = target if isinstance(target, list | tuple) else [target]
     found: dict[str, Counter] = {}
     for metadata in metadatas:

@@ -380,11 +380,13 @@ def cancel(settings: Settings, counters: tuple[str, ...]) -> None:
         ended = [
             run for run in runs if not counters or set(counters) & set(run.counter_keys.split(","))
         ]
-        for run in ended:
-            for statement in progress.end_runs_statements(
-                run.counter_keys.split(",")[0], progress.CANCELLED
-            ):
-                conn.execute(statement)
+        if ended:
+            conn.execute(
+                sa.update(r)
+                .where(r.c.id.in_([run.id for run in ended]))
+                .values(state=progress.CANCELLED, finished_at=progress.now())
+            )
+            conn.execute(progress.release_statement())
     if not ended:
         named = ", ".join(counters) if counters else "any counter"
         click.echo(f"nothing to cancel: {named} has no unfinished run")

@@ -199,7 +199,7 @@ def plan(
         run = runs.get(row["run_id"]) if row is not None else None
         if (
             run is not None
-            and run["state"] == p.RUNNING
+            and run["state"] not in p.ENDED
             and counter.key in run["counter_keys"].split(",")
             and run["id"] not in superseded
         ):
@@ -257,12 +257,11 @@ def _still_valid(run: Any, current: dict[str, str]) -> bool:
 
 def _supersede(connection: Connection, run_id: int) -> None:
     """End ``run_id`` unfinished: its batches are skipped if still delivered."""
-    r, c = p.runs_table, p.counters_table
+    r = p.runs_table
     connection.execute(
         sa.update(r).where(r.c.id == run_id).values(state=p.SUPERSEDED, finished_at=p.now())
     )
-    back = sa.case((c.c.activated_at.is_not(None), p.ACTIVE), else_=p.PENDING)
-    connection.execute(sa.update(c).where(c.c.run_id == run_id).values(state=back, run_id=None))
+    connection.execute(p.release_statement())
 
 
 def _resume(connection: Connection, run_id: int) -> None:

@@ -168,29 +168,36 @@ def request_statements(
     ]
 
 
-def _run_has(key: str) -> sa.ColumnElement[bool]:
-    """``counter_keys`` (comma-separated) contains ``key``."""
-    keys = sa.literal(",") + runs_table.c.counter_keys + sa.literal(",")
-    return keys.contains(f",{key},", autoescape=True)
-
-
 def end_runs_statements(key: str, state: str) -> list[Any]:
-    """Statements ending the unfinished runs that include ``key``, in SQL only (renders offline).
+    """Statements ending the unfinished run of counter ``key``, in SQL only (renders offline).
 
-    The other counters of those runs go back to ``active`` if they were exact
-    before the run (a recount), else to ``pending``; ``enqueue`` plans anew.
+    The counters of that run go back to ``active`` if they were exact before
+    the run (a recount), else to ``pending``; ``enqueue`` plans anew.
     """
     r, c = runs_table, counters_table
-    unfinished = sa.select(r.c.id).where(_run_has(key), r.c.state.not_in(ENDED))
-    back = sa.case((c.c.activated_at.is_not(None), ACTIVE), else_=PENDING)
+    its_run = sa.select(c.c.run_id).where(c.c.key == key).scalar_subquery()
     return [
-        sa.update(c)
-        .where(c.c.run_id.in_(unfinished))
-        .values(state=back, run_id=None, updated_at=now()),
         sa.update(r)
-        .where(_run_has(key), r.c.state.not_in(ENDED))
-        .values(state=state, finished_at=now()),
+        .where(r.c.id == its_run, r.c.state.not_in(ENDED))
+        .values(state=state, finished_at=sa.func.now()),
+        release_statement(),
     ]
+
+
+def release_statement() -> Any:
+    """Detach counters from runs that ended unfinished (``active`` if exact before, else pending).
+
+    A counter attached to a cancelled or superseded run is never a valid
+    state, so this touches only counters that need it, whichever run ended.
+    """
+    r, c = runs_table, counters_table
+    ended = sa.select(r.c.id).where(r.c.state.in_([CANCELLED, SUPERSEDED]))
+    back = sa.case((c.c.activated_at.is_not(None), ACTIVE), else_=PENDING)
+    return (
+        sa.update(c)
+        .where(c.c.run_id.in_(ended))
+        .values(state=back, run_id=None, updated_at=sa.func.now())
+    )
 
 
 def unrequest_statements(key: str) -> list[Any]:

@@ -117,7 +117,7 @@ def test_offline_renders_ddl_once_and_literal_statements(dialect: str) -> None:
     now = "now()" if dialect == "postgresql" else "CURRENT_TIMESTAMP"
     assert (
         "VALUES ('users.followers_count', 'users', 'followers_count', NULL, 'pending', "
-        f"{now}, {now});"
+        f"{now}, {now}, NULL, NULL);"
     ) in sql
     deletes = [line for line in sql.splitlines() if line.startswith("DELETE")]
     assert [line.rsplit("= ", 1)[1] for line in deletes] == [
