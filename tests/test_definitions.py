@@ -1,4 +1,4 @@
-"""Counter definitions: fingerprints, runs planned under one, refusals, superseded and cancelled runs.
+"""Counter definitions: fingerprints, runs planned under one, refusals, superseded/cancelled runs.
 
 Old and new deploys are two model modules over the same tables
 (backfill_models_old counts drafts in ``users.posts_count``, backfill_models
@@ -78,9 +78,7 @@ def test_fingerprint_names_each_part_and_changes_with_each() -> None:
         assert definition.fingerprint(new[key]) == definition.fingerprint(old[key])
     fps = {definition.fingerprint(c) for c in new.values()}
     assert len(fps) == len(new)  # target, sum and where each tell counters apart
-    changes = definition.changes(
-        definition.definition(old["users.posts_count"]), parts
-    )
+    changes = definition.changes(definition.definition(old["users.posts_count"]), parts)
     assert changes == ["where posts.published IS 0 -> posts.published IS 1"]
 
 
@@ -92,9 +90,7 @@ def test_fingerprint_compares_sql_not_lambdas_and_sees_literal_values() -> None:
         __tablename__ = "parents"
         id: Mapped[int] = mapped_column(primary_key=True)
         a: Mapped[int] = counter_cache("Kid.parent_id", where=lambda: Kid.score > 10)
-        b: Mapped[int] = counter_cache(
-            "Kid.parent_id", where=lambda: sa.and_(Kid.score.__gt__(10))
-        )
+        b: Mapped[int] = counter_cache("Kid.parent_id", where=lambda: sa.and_(Kid.score.__gt__(10)))
         c: Mapped[int] = counter_cache("Kid.parent_id", where=lambda: Kid.score > 5)
 
     class Kid(B):
@@ -296,4 +292,3 @@ def test_status_and_list_flag_a_changed_definition(project: Project, engine: sa.
     assert "users.posts_count      active (definition changed)" in listed
     as_json = {d["counter"]: d for d in json.loads(project.cli("list", "--json").output)}
     assert as_json["users.posts_count"]["definition_changed"] is True
-

@@ -6,12 +6,22 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import dramatiq
 import pytest
 import sqlalchemy as sa
-from backfill_project import USER_COUNTERS, batch_rows, counters_by_key, drift, run_rows, seed
+from backfill_project import (
+    USER_COUNTERS,
+    batch_rows,
+    counters_by_key,
+    drift,
+    run_rows,
+    seed,
+    wait_for,
+)
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Middleware
 
 from alembic_counterfill import planning, progress
 from alembic_counterfill.actors import BATCH_ACTOR, declare_actors
@@ -107,17 +117,35 @@ def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
     assert [(uid, col) for uid, col, *_ in drift(pg) if not 51 <= uid < 101] == []
 
 
-def test_a_batch_whose_counter_is_no_longer_declared_fails_without_retries(
+def test_a_batch_whose_counter_this_worker_lacks_is_refused_and_sent_again_later(
     pg_url: str, pg: sa.Engine
 ) -> None:
     seed(pg, users=40)
     plan = _plan(pg)
-    with pg.begin() as conn:
+    with pg.begin() as conn:  # planned by newer code that declares one more counter
         conn.execute(sa.update(progress.runs_table).values(counter_keys="users.gone_count"))
     broker = StubBroker()
     settings = _settings(pg_url)
-    actors = declare_actors(broker, settings, max_retries=5, min_backoff=10_000)
+    actors = declare_actors(broker, settings, max_retries=0, min_backoff=60_000)
+    delays: list[tuple[tuple[object, ...], int | None]] = []
+
+    class Record(Middleware):
+        def after_enqueue(self, broker: object, message: Any, delay: int | None) -> None:
+            delays.append((message.args, delay))
+
+    broker.add_middleware(Record())
     actors.send(plan.batch_ids[:1])
-    _work(broker, settings.queue)  # would wait 10 s if it were retried
-    (failed,) = [b for b in batch_rows(pg) if b["state"] == progress.FAILED]
-    assert "users.gone_count" in failed["error"] and "no longer declare" in failed["error"]
+    broker.emit_after("process_boot")
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        wait_for(lambda: any(b["refusals"] for b in batch_rows(pg)), what="the worker to refuse")
+        # (no worker.join(): it would wait out the delay and see the batch refused again)
+    finally:
+        worker.stop()
+    (refused,) = [b for b in batch_rows(pg) if b["refusals"]]
+    assert refused["id"] == plan.batch_ids[0] and refused["refusals"] == 1
+    assert refused["state"] == progress.BATCH_PENDING  # not failed, not done: left for new code
+    assert "users.gone_count" in refused["error"] and "do not declare" in refused["error"]
+    # Sent again with a delay (not retried at once, not dropped), for any worker to take.
+    assert delays == [((plan.batch_ids[0],), None), ((plan.batch_ids[0],), 60_000)]
