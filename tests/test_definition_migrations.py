@@ -351,8 +351,7 @@ def test_removed_counter_leaves_nothing_pending_and_enqueue_finishes_the_rest(
 ) -> None:
     assert "users.likes_total" not in story.db["after_remove"]
     assert story.db["runs_after_remove"][-1] == "cancelled"
-    # likes_total was requested alongside followers_count? No: only the counters still
-    # pending go back to pending, and enqueue plans a fresh run for them.
+    # The run's other counters went back to pending; enqueue plans a fresh run for them.
     assert story.out["check_after_remove"].returncode == 0
     result = story.out["enqueue_after_remove"]
     assert result.returncode == 0, result.stdout + result.stderr
