@@ -339,3 +339,23 @@ def test_counter_value_counts_live_while_a_redefined_counter_is_pending(
         user = session.get(m.User, author)
         assert user.posts_count == published  # backfilled under the new definition
         assert read.counter_value(session, user, "posts_count") == published
+
+
+#: Fingerprints computed with SQLAlchemy 2.0.58 and 2.1.9 (identical): a version that
+#: compiles a where= differently would make every recorded counter look redefined.
+GOLDEN = {
+    "boards.drafts_count": "e4dc553d60b1c1dd",
+    "boards.pins_count": "343d4a56ad29235d",
+    "boards.score_total": "91eeacb92ee91dfd",
+    "boards.visible_count": "b94829da9844d311",
+}
+
+
+def test_fingerprints_are_pinned_across_sqlalchemy_versions() -> None:
+    import definition_models as d
+
+    counters = {c.key: c for c in counters_of(d.Base)}
+    assert definition.definition(counters["boards.visible_count"])["where"] == (
+        "pins.hidden IS 0 AND pins.score >= 5 AND pins.kind IN ('photo', 'video')"
+    )
+    assert definition.fingerprints(counters) == GOLDEN
