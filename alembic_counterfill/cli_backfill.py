@@ -90,7 +90,10 @@ def enqueue(
         with engine.begin() as conn:
             chosen = named if counters else planning.choose(conn, declared, (), everything)
             if not chosen:
-                click.echo("nothing to backfill: every counter is active (use --all to recount)")
+                click.echo(
+                    "nothing to backfill: no counter is pending (name counters, e.g. unknown "
+                    "ones, or use --all to recount)"
+                )
                 return
             plan = planning.plan(conn, chosen, batch_size or settings.batch_size, declared=declared)
         _describe_plan(engine, plan)
