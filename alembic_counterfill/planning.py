@@ -167,8 +167,9 @@ def plan(
     declared, or is defined differently from when it was planned) is
     ``superseded``: its still-declared counters join the new runs.
 
-    :param declared: every counter the models declare (default: ``chosen``),
-        to tell removed counters from counters merely not chosen.
+    :param declared: every counter the models declare, to tell removed
+        counters from counters merely not chosen; without it, only a changed
+        definition supersedes a run.
     """
     if batch_size < 1:
         raise CounterfillError(f"batch size must be at least 1, got {batch_size}")
@@ -203,7 +204,7 @@ def plan(
             and counter.key in run["counter_keys"].split(",")
             and run["id"] not in superseded
         ):
-            if _still_valid(run, current):
+            if _still_valid(run, current, complete=declared is not None):
                 if run["id"] not in result.resumed_run_ids:
                     result.resumed_run_ids.append(run["id"])
                 continue
@@ -244,12 +245,18 @@ def _lock_planning(connection: Connection) -> None:
         connection.execute(sa.update(r).where(sa.false()).values(state=r.c.state))
 
 
-def _still_valid(run: Any, current: dict[str, str]) -> bool:
-    """Whether every counter of ``run`` is declared, with the definition it was planned under."""
+def _still_valid(run: Any, current: dict[str, str], *, complete: bool) -> bool:
+    """Whether every counter of ``run`` is declared, with the definition it was planned under.
+
+    :param complete: ``current`` lists every declared counter, so a key
+        missing from it was removed (else it may merely not be known here).
+    """
     planned = p.run_fingerprints(run)
     for key in run["counter_keys"].split(","):
         if key not in current:
-            return False
+            if complete:
+                return False
+            continue
         if planned and planned.get(key) != current[key]:
             return False
     return True
