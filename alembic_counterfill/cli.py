@@ -25,8 +25,8 @@ import sqlalchemy as sa
 
 from . import cli_backfill, definition, progress
 from .config import Settings, from_alembic_config
-from .counters import Counter, select_counters
-from .errors import CounterfillError, UnknownCounterError
+from .counters import Counter
+from .errors import CounterfillError
 
 _META_KEY = "alembic_counterfill.launch"
 _DONE = (progress.ACTIVE, progress.FAILED, progress.UNKNOWN)
@@ -174,15 +174,6 @@ def cli(
     ctx.obj = None  # the Settings, once a subcommand runs
 
 
-def _chosen(settings: Settings, names: Sequence[str]) -> list[Counter]:
-    """The named counters (all declared ones if none is named); an unknown name is a usage error."""
-    declared = settings.counters()
-    try:
-        return select_counters(declared, names) if names else declared
-    except UnknownCounterError as exc:  # exit 2 like enqueue and verify: the argument is wrong
-        raise click.BadParameter(str(exc), param_hint="COUNTER") from None
-
-
 def _read_statuses(settings: Settings, counters: Sequence[Counter]) -> list[progress.CounterStatus]:
     """Each counter's status, flagged when its column is missing or its definition changed."""
     with settings.engine().connect() as connection:
@@ -208,7 +199,7 @@ def _hints(statuses: Sequence[progress.CounterStatus]) -> str:
     return "\n\nnext steps:\n" + "\n".join(hints) if hints else ""
 
 
-def describe(counter: Counter) -> str:
+def describe_counter(counter: Counter) -> str:
     """What a counter counts, e.g. ``COUNT(follows) BY follows.followed_id``."""
     child = counter.child_table.name
     what = (
@@ -268,7 +259,7 @@ def list_(settings: Settings, as_json: bool) -> None:
     click.echo(
         _table(
             ("COUNTER", "STATE", "COUNTS"),
-            [(c.key, _state_label(found[c.key]), describe(c)) for c in counters],
+            [(c.key, _state_label(found[c.key]), describe_counter(c)) for c in counters],
         )
         + _hints(list(found.values()))
     )
@@ -328,7 +319,7 @@ def status(
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
-    chosen = _chosen(settings, counters)
+    chosen = cli_backfill.chosen_counters(settings, counters)[1]
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:

@@ -124,7 +124,7 @@ def boundaries(connection: Connection, pk: sa.Column[Any], batch_size: int) -> I
 
 
 @dataclass
-class Plan:
+class BackfillPlan:
     """What planning recorded: the runs to drive and the batches still to run."""
 
     run_ids: list[int] = field(default_factory=list)
@@ -134,6 +134,12 @@ class Plan:
     counter_keys: list[str] = field(default_factory=list)
 
 
+def check_choice(names: Sequence[str], everything: bool) -> None:
+    """Counter names or ``--all``, not both: raise :class:`~.errors.CounterfillError` otherwise."""
+    if names and everything:
+        raise CounterfillError("give counter names or --all, not both")
+
+
 def choose(
     connection: Connection, counters: Sequence[Counter], names: Sequence[str], everything: bool
 ) -> list[Counter]:
@@ -141,8 +147,7 @@ def choose(
 
     Raises :class:`~.errors.UnknownCounterError` naming an unknown counter.
     """
-    if names and everything:
-        raise CounterfillError("give counter names or --all, not both")
+    check_choice(names, everything)
     if names:
         return select_counters(counters, names)
     if everything:
@@ -157,7 +162,7 @@ def plan(
     batch_size: int,
     *,
     declared: Sequence[Counter] | None = None,
-) -> Plan:
+) -> BackfillPlan:
     """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
 
     A counter whose recorded run is not done resumes that run (failed batches
@@ -188,7 +193,7 @@ def plan(
             sa.select(p.runs_table).where(p.runs_table.c.id.in_(run_ids))
         ).mappings()
     }
-    result = Plan(counter_keys=sorted(c.key for c in chosen))
+    result = BackfillPlan(counter_keys=sorted(c.key for c in chosen))
     fresh: dict[sa.Table, list[Counter]] = {}
     todo = list(chosen)
     superseded: set[int] = set()
