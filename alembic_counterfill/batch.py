@@ -113,14 +113,14 @@ def run_batch(
         ).first()
         if row is None:
             raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-        if row.state == p.DONE:
+        if row.state == p.BATCH_DONE:
             conn.rollback()
             log.info("batch %d already done; duplicate delivery ignored", batch_id)
             return BatchOutcome(batch_id, row.run_id, applied=False)
         run = conn.execute(
             sa.select(r.c.counter_keys, r.c.state, r.c.fingerprints).where(r.c.id == row.run_id)
         ).one()
-        if run.state in (p.CANCELLED, p.SUPERSEDED):
+        if run.state in (p.RUN_CANCELLED, p.RUN_SUPERSEDED):
             conn.rollback()
             log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.state)
             return BatchOutcome(batch_id, row.run_id, applied=False)
@@ -132,7 +132,12 @@ def run_batch(
             conn.execute(sql.lock_parents(table, pk, lo, hi))
         changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
         finished = _finish(
-            conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed, counters=chosen
+            conn,
+            batch_id,
+            row.run_id,
+            was_failed=row.state == p.BATCH_FAILED,
+            n=changed,
+            counters=chosen,
         )
         conn.commit()
     seconds = time.monotonic() - started
@@ -168,7 +173,7 @@ def _finish(
     conn.execute(
         sa.update(b)
         .where(b.c.id == batch_id)
-        .values(state=p.DONE, finished_at=now, rows_changed=n, error=None)
+        .values(state=p.BATCH_DONE, finished_at=now, rows_changed=n, error=None)
     )
     done, failed, total = conn.execute(
         sa.update(r)
@@ -181,7 +186,7 @@ def _finish(
         .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
     ).one()
     if done >= total:
-        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
+        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         for counter in counters:
             parts = definition.definition(counter)
             conn.execute(
@@ -204,7 +209,7 @@ def _finish(
 def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
     """Every batch has finished and some failed: the run and its counters are ``failed``."""
     r, c = p.runs_table, p.counters_table
-    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.FAILED, finished_at=now))
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_FAILED, finished_at=now))
     conn.execute(
         sa.update(c)
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
@@ -222,7 +227,7 @@ def mark_refused(engine: sa.Engine, batch_id: int, error: str) -> int:
     with engine.begin() as conn:
         count = conn.execute(
             sa.update(b)
-            .where(b.c.id == batch_id, b.c.state != p.DONE)
+            .where(b.c.id == batch_id, b.c.state != p.BATCH_DONE)
             .values(refusals=b.c.refusals + 1, error=error)
             .returning(b.c.refusals)
         ).scalar()
@@ -259,13 +264,13 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
             .values(error=error)
             .returning(b.c.state, b.c.run_id)
         ).first()
-        if row is None or row.state == p.DONE:
+        if row is None or row.state == p.BATCH_DONE:
             conn.rollback()
             return False
-        newly = row.state != p.FAILED
+        newly = row.state != p.BATCH_FAILED
         if newly:
             conn.execute(
-                sa.update(b).where(b.c.id == batch_id).values(state=p.FAILED, finished_at=now)
+                sa.update(b).where(b.c.id == batch_id).values(state=p.BATCH_FAILED, finished_at=now)
             )
             done, failed, total = conn.execute(
                 sa.update(r)

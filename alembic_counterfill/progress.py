@@ -26,15 +26,18 @@ PENDING, BACKFILLING, ACTIVE, FAILED = "pending", "backfilling", "active", "fail
 UNKNOWN = "unknown"
 
 #: Run states: batches outstanding, all done, or all finished with some failed.
-RUNNING, DONE = "running", "done"
+RUN_RUNNING, RUN_DONE, RUN_FAILED = "running", "done", "failed"
 
 #: Run states of runs that ended unfinished: by ``cancel``, or replaced by a new
 #: run because a counter of theirs was removed or redefined.
-CANCELLED, SUPERSEDED = "cancelled", "superseded"
-ENDED = (DONE, CANCELLED, SUPERSEDED)
+RUN_CANCELLED, RUN_SUPERSEDED = "cancelled", "superseded"
+RUN_ENDED = (RUN_DONE, RUN_CANCELLED, RUN_SUPERSEDED)
 
 #: Batch states: planned, handed to the broker, applied, out of retries.
-BATCH_PENDING, SENT = "pending", "sent"
+BATCH_PENDING, BATCH_SENT, BATCH_DONE, BATCH_FAILED = "pending", "sent", "done", "failed"
+
+#: Older names of run and batch states (the library uses the prefixed ones above).
+RUNNING, DONE, SENT = RUN_RUNNING, RUN_DONE, BATCH_SENT
 
 counters_table = sa.Table(
     "counterfill_counters",
@@ -152,7 +155,7 @@ def request_statements(
     planned for what the column meant before this request.
     """
     return [
-        *end_runs_statements(key, SUPERSEDED),
+        *end_runs_statements(key, RUN_SUPERSEDED),
         sa.delete(counters_table).where(counters_table.c.key == key),
         sa.insert(counters_table).values(
             key=key,
@@ -178,7 +181,7 @@ def end_runs_statements(key: str, state: str) -> list[Any]:
     its_run = sa.select(c.c.run_id).where(c.c.key == key).scalar_subquery()
     return [
         sa.update(r)
-        .where(r.c.id == its_run, r.c.state.not_in(ENDED))
+        .where(r.c.id == its_run, r.c.state.not_in(RUN_ENDED))
         .values(state=state, finished_at=sa.func.now()),
         release_statement(),
     ]
@@ -191,7 +194,7 @@ def release_statement() -> Any:
     state, so this touches only counters that need it, whichever run ended.
     """
     r, c = runs_table, counters_table
-    ended = sa.select(r.c.id).where(r.c.state.in_([CANCELLED, SUPERSEDED]))
+    ended = sa.select(r.c.id).where(r.c.state.in_([RUN_CANCELLED, RUN_SUPERSEDED]))
     back = sa.case((c.c.activated_at.is_not(None), ACTIVE), else_=PENDING)
     return (
         sa.update(c)
@@ -203,7 +206,7 @@ def release_statement() -> Any:
 def unrequest_statements(key: str) -> list[Any]:
     """Statements removing the request (and any state) recorded for ``key``, ending its run."""
     return [
-        *end_runs_statements(key, CANCELLED),
+        *end_runs_statements(key, RUN_CANCELLED),
         sa.delete(counters_table).where(counters_table.c.key == key),
     ]
 
@@ -281,7 +284,7 @@ def statuses(
             runs[run_row["id"]] = run_row
         failed = connection.execute(
             sa.select(batches_table.c.run_id, batches_table.c.error)
-            .where(batches_table.c.run_id.in_(run_ids), batches_table.c.state == "failed")
+            .where(batches_table.c.run_id.in_(run_ids), batches_table.c.state == BATCH_FAILED)
             .order_by(batches_table.c.finished_at)
         )
         for run_id, error in failed:
@@ -294,7 +297,7 @@ def statuses(
             .join(rt, rt.c.id == b.c.run_id)
             .where(
                 b.c.run_id.in_(run_ids),
-                b.c.state == "done",
+                b.c.state == BATCH_DONE,
                 rt.c.resumed_at.is_not(None),
                 b.c.finished_at >= rt.c.resumed_at,
             )
@@ -303,7 +306,7 @@ def statuses(
             since_resume[run_id] = count
         for run_id, count in connection.execute(
             sa.select(b.c.run_id, sa.func.count())
-            .where(b.c.run_id.in_(run_ids), b.c.state != DONE, b.c.refusals > 0)
+            .where(b.c.run_id.in_(run_ids), b.c.state != BATCH_DONE, b.c.refusals > 0)
             .group_by(b.c.run_id)
         ):
             waiting[run_id] = count
@@ -327,7 +330,7 @@ def statuses(
         run_fp = run_fingerprints(run).get(key) if run is not None else None
         # What the column is (being) filled with: the running backfill's
         # definition, else the recorded one.
-        running = run is not None and run["state"] == RUNNING
+        running = run is not None and run["state"] == RUN_RUNNING
         meant = run_fp if running and run_fp is not None else row["fingerprint"]
         if current is not None and meant is not None and meant != current:
             st.definition_changed = True

@@ -173,7 +173,7 @@ def test_enqueue_under_a_new_definition_supersedes_the_old_run(engine: sa.Engine
     second = _plan(engine, new)
     assert second.resumed_run_ids == [] and len(second.new_run_ids) == 1
     runs = {r["id"]: r for r in run_rows(engine)}
-    assert runs[first.run_ids[0]]["state"] == progress.SUPERSEDED
+    assert runs[first.run_ids[0]]["state"] == progress.RUN_SUPERSEDED
     # A stale message for the old run is skipped, whichever code receives it.
     outcome = run_batch(engine, old, first.batch_ids[1])
     assert outcome.applied is False
@@ -199,7 +199,7 @@ def test_counter_removed_mid_run_supersedes_it_for_what_is_still_declared(
     assert sorted(second.counter_keys) == sorted(k for k in USER_COUNTERS if k in remaining)
     (new_run,) = [r for r in run_rows(engine) if r["id"] in second.new_run_ids]
     assert new_run["counter_keys"].split(",") == sorted(second.counter_keys)
-    assert run_rows(engine)[0]["state"] == progress.SUPERSEDED
+    assert run_rows(engine)[0]["state"] == progress.RUN_SUPERSEDED
     assert run_inline(engine, remaining, second.batch_ids)
     recorded = states(engine)
     assert all(recorded[k] == progress.ACTIVE for k in remaining if k in USER_COUNTERS)
@@ -219,7 +219,7 @@ def test_cancel_ends_a_run_and_enqueue_plans_a_fresh_one(
     result = project.cli("cancel", "users.posts_count")
     assert result.exit_code == 0, result.output
     assert f"cancelled run {first.run_ids[0]} on users" in result.output
-    assert run_rows(engine)[0]["state"] == progress.CANCELLED
+    assert run_rows(engine)[0]["state"] == progress.RUN_CANCELLED
     assert set(states(engine).values()) == {progress.PENDING}
     assert run_batch(engine, counters, first.batch_ids[1]).applied is False
     again = project.cli("cancel")
