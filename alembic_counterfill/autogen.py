@@ -75,8 +75,10 @@ def compare(autogen_context: Any, upgrade_ops: alembic_ops.UpgradeOps, schemas: 
             added.update(
                 counter_key(op.table_name, c.name) for c in op.columns if isinstance(c, sa.Column)
             )
+    # Without models to compare (no target_metadata), nothing says a counter was removed.
+    known = bool(_metadatas(autogen_context))
     for key, row in sorted(recorded.items()):
-        if key not in declared and key not in cancelled:
+        if known and key not in declared and key not in cancelled:
             edited.append(_cancel(row, "no longer declared in the models"))
     for key, counter in sorted(declared.items()):
         row = recorded.get(key)
@@ -99,14 +101,17 @@ def compare(autogen_context: Any, upgrade_ops: alembic_ops.UpgradeOps, schemas: 
     return PriorityDispatchResult.CONTINUE
 
 
+def _metadatas(autogen_context: Any) -> list[sa.MetaData]:
+    target = getattr(autogen_context, "metadata", None)
+    targets = target if isinstance(target, list | tuple) else [target]
+    return [m for m in targets if isinstance(m, sa.MetaData)]
+
+
 def _declared(autogen_context: Any) -> dict[str, Counter]:
     """Counters of the models alembic compares, by key; configures the mappers (errors raise)."""
-    target = getattr(autogen_context, "metadata", None)
-    metadatas = target if isinstance(target, list | tuple) else [target]
     found: dict[str, Counter] = {}
-    for metadata in metadatas:
-        if isinstance(metadata, sa.MetaData):
-            found.update((c.key, c) for c in counters_of(metadata))
+    for metadata in _metadatas(autogen_context):
+        found.update((c.key, c) for c in counters_of(metadata))
     return found
 
 
