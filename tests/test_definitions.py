@@ -359,3 +359,43 @@ def test_fingerprints_are_pinned_across_sqlalchemy_versions() -> None:
         "pins.hidden IS 0 AND pins.score >= 5 AND pins.kind IN ('photo', 'video')"
     )
     assert definition.fingerprints(counters) == GOLDEN
+
+
+def test_autogenerate_compare_requests_redefined_and_cancels_undeclared(
+    sqlite_url: str,
+) -> None:
+    from types import SimpleNamespace
+
+    from alembic.operations import ops as alembic_ops
+
+    from alembic_counterfill import autogen
+    from alembic_counterfill.ops import CancelCounterBackfillOp, RequestCounterBackfillOp
+
+    engine = sa.create_engine(sqlite_url)
+    old = definition.definition(_old()["users.posts_count"])
+    with engine.begin() as conn:
+        progress.ensure_tables(conn)
+        for key, fp, parts in [
+            ("users.gone_count", None, None),
+            ("users.posts_count", definition.fingerprint_of(old), definition.encode(old)),
+        ]:
+            table, column = key.split(".")
+            for stmt in progress.request_statements(
+                key, table, column, None, fingerprint=fp, definition=parts
+            ):
+                conn.execute(stmt)
+    with engine.connect() as conn:
+        upgrade = alembic_ops.UpgradeOps(ops=[])
+        autogen.compare(SimpleNamespace(metadata=m.Base.metadata, connection=conn), upgrade, {None})
+        cancel, request = upgrade.ops
+        assert isinstance(cancel, CancelCounterBackfillOp) and cancel.key == "users.gone_count"
+        assert isinstance(request, RequestCounterBackfillOp)
+        assert request.key == "users.posts_count"
+        assert request.reason == [
+            "users.posts_count changed: where posts.published IS 0 -> posts.published IS 1"
+        ]
+        # Without models to compare, nothing is proposed.
+        upgrade = alembic_ops.UpgradeOps(ops=[])
+        autogen.compare(SimpleNamespace(metadata=None, connection=conn), upgrade, {None})
+        assert upgrade.ops == []
+    engine.dispose()
