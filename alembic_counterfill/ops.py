@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from alembic.operations import MigrateOperation, Operations
@@ -227,6 +227,10 @@ def _execute(operations: Operations, statement: Any) -> None:
         operations.execute(statement)
         return
     # Offline scripts must be plain SQL whether or not env.py passed literal_binds=True:
-    # render the values inline here; escaping ":" keeps text() from seeing bind names.
-    sql = str(statement.compile(dialect=context.dialect, compile_kwargs={"literal_binds": True}))
-    operations.execute(sa.text(sql.replace(":", "\\:")))
+    # render the values inline here, on the named paramstyle, and write the text as
+    # alembic writes its own statements. (Going through text() and op.execute()
+    # would double every "%" in a value on "format" dialects such as PostgreSQL's.)
+    dialect = cast(Any, type(context.dialect))(paramstyle="named")
+    sql = str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    impl = context.impl
+    impl.static_output(sql.replace("\t", "    ").strip() + impl.command_terminator)

@@ -193,3 +193,15 @@ def test_compare_removes_every_op_on_bookkeeping_tables() -> None:
     )
     autogen.compare(None, upgrade, {None})
     assert upgrade.ops == [kept]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_offline_request_records_the_definition_with_percent_signs_intact(dialect: str) -> None:
+    import definition_models
+
+    op, buffer = _offline(dialect, target_metadata=definition_models.Base.metadata)
+    op.request_counter_backfill("boards", "drafts_count")
+    sql = buffer.getvalue()
+    assert "'e4dc553d60b1c1dd'" in sql  # the fingerprint of the models' definition
+    # One "%" per "%" of the LIKE pattern: no paramstyle doubling in a plain SQL script.
+    assert "NOT LIKE ''%''''draft''''%''" in sql
