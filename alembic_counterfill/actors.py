@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dramatiq
 import sqlalchemy as sa
@@ -26,6 +27,7 @@ from dramatiq.middleware import Middleware, Retries
 from .batch import BatchNotFound, describe, mark_failed, mark_refused, run_batch
 from .counters import Counter
 from .errors import BrokerError, ConfigurationError, DefinitionMismatch
+from .urls import redact
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -41,17 +43,36 @@ MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 60_000
 TIME_LIMIT_MS = 300_000
 
+#: The fold actor's name: a message ``counterfill_fold()`` folds every buffered counter's deltas.
+FOLD_ACTOR = "counterfill_fold"
+
+#: Milliseconds between a worker's checks for deltas waiting to be folded.
+FOLD_INTERVAL_MS = 250
+
 #: Longest pause between polls of an idle Redis queue by a worker.
 IDLE_POLL_MS = 100
 
 
-def redact(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
+def _namespace(url: str) -> tuple[str, str]:
+    """Split the library's own ``?namespace=`` parameter off a Redis URL (redis-py rejects it)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    namespace = next((v for k, v in pairs if k == "namespace"), "dramatiq")
+    rest = urlencode([(k, v) for k, v in pairs if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace or "dramatiq"
+
+
+def _check_url(url: str) -> str:
+    """The URL's scheme; ConfigurationError when the URL (host, port) cannot be parsed."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"broker_url {redact(url)!r} is malformed ({exc}); write e.g. "
+            "redis://:password@host:6379/0 or amqp://user:password@host:5672/"
+        ) from None
+    return parts.scheme if "://" in url else ""
 
 
 def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
@@ -60,7 +81,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
     :param sending: the broker only sends (``enqueue``): fail fast when the
         server is unreachable and, on RabbitMQ, wait for publisher confirms.
     """
-    scheme = urlsplit(url).scheme
+    scheme = _check_url(url)
     if scheme in ("redis", "rediss"):
         try:
             import redis
@@ -68,8 +89,18 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
         except ImportError as exc:
             raise _missing_extra(url, "redis", exc) from None
 
+        # ``?namespace=name`` prefixes every Dramatiq key, so that several apps
+        # (or test runs) share one Redis database without touching each other.
+        url, namespace = _namespace(url)
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=5 if sending else None)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"broker_url {redact(url)!r} is not a valid Redis URL ({exc}); "
+                "write e.g. redis://:password@host:6379/0"
+            ) from None
         if sending:
-            return RedisBroker(client=redis.Redis.from_url(url, socket_connect_timeout=5))
+            return RedisBroker(client=client, namespace=namespace)
 
         class _Broker(RedisBroker):
             def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -78,7 +109,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
                 # polling every IDLE_POLL_MS costs Redis next to nothing.
                 return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
 
-        return _Broker(url=url)
+        return _Broker(client=client, namespace=namespace)
     if scheme in ("amqp", "amqps"):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -194,6 +225,49 @@ class _BatchLifecycle(Middleware):
         self.source.dispose()
 
 
+class _FoldTicker(Middleware):
+    """Sends ``counterfill_fold`` while buffered counters have deltas older than the interval.
+
+    One daemon thread per worker process, started at worker boot, reading
+    one cheap aggregate per deltas table each interval; with no buffered
+    counter declared it stops at once. Several processes may send a fold for
+    the same deltas: folds racing each other stay exact.
+    """
+
+    def __init__(self, source: Source, actor: dramatiq.Actor[Any, Any], interval_ms: int) -> None:
+        self.source = source
+        self.actor = actor
+        self.interval = interval_ms / 1000
+        self.stop = threading.Event()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        threading.Thread(target=self._tick, name="counterfill-fold-ticker", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self.stop.set()
+
+    def _tick(self) -> None:
+        from .fold import parent_tables, pending
+
+        last_sent = 0.0
+        while not self.stop.wait(self.interval):
+            try:
+                tables = parent_tables(self.source.counters().values())
+                if not tables:
+                    return
+                with self.source.engine().connect() as conn:
+                    ages = [pending(conn, t).oldest_seconds for t in tables]
+                now = time.monotonic()
+                due = any(a is not None and a >= self.interval for a in ages)
+                # A fold already sent is given a few intervals to run before another.
+                if due and now - last_sent >= 4 * self.interval:
+                    self.actor.send()
+                    last_sent = now
+            except Exception as exc:  # the database or broker may be down: keep ticking
+                log.warning("fold ticker: %s", describe(exc))
+                self.stop.wait(10 * self.interval)
+
+
 @dataclass
 class BackfillActors:
     """The actors declared on one broker, and what they run against."""
@@ -201,6 +275,7 @@ class BackfillActors:
     broker: dramatiq.Broker
     batch: dramatiq.Actor[Any, Any]
     source: Source
+    fold: dramatiq.Actor[Any, Any] | None = None
 
     def send(self, batch_ids: Iterable[int]) -> int:
         """Send one message per batch id to this actor's queue; return how many were sent."""
@@ -241,8 +316,9 @@ def declare_actors(
     min_backoff: int = MIN_BACKOFF_MS,
     max_backoff: int = MAX_BACKOFF_MS,
     time_limit: int = TIME_LIMIT_MS,
+    fold_interval: int = FOLD_INTERVAL_MS,
 ) -> BackfillActors:
-    """Declare the backfill actor on ``broker`` (one call from an app's tasks module).
+    """Declare the backfill and fold actors on ``broker`` (one call from an app's tasks module).
 
     :param broker: the app's broker; it needs Dramatiq's default ``Retries``
         and ``TimeLimit`` middleware.
@@ -254,6 +330,8 @@ def declare_actors(
     :param max_backoff: longest retry delay in milliseconds.
     :param time_limit: milliseconds a batch may run; also its PostgreSQL
         ``statement_timeout``.
+    :param fold_interval: milliseconds between each worker process's checks
+        for deltas of buffered counters waiting to be folded.
     """
     if settings is None:
         from .config import load
@@ -290,4 +368,18 @@ def declare_actors(
         broker.add_middleware(lifecycle, before=Retries)
     else:
         broker.add_middleware(lifecycle)
-    return BackfillActors(broker, actor, source)
+
+    def counterfill_fold() -> None:
+        from .fold import fold
+
+        fold(source.engine(), source.counters().values())
+
+    folder: dramatiq.Actor[Any, Any] = dramatiq.actor(
+        actor_name=FOLD_ACTOR,
+        queue_name=settings.queue,
+        broker=broker,
+        max_retries=0,  # the ticker sends another while deltas wait
+        time_limit=time_limit,
+    )(counterfill_fold)
+    broker.add_middleware(_FoldTicker(source, folder, fold_interval))
+    return BackfillActors(broker, actor, source, folder)

@@ -130,7 +130,9 @@ def run_batch(
         lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
         if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
-        changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
+        # Buffered counters: the recount also removes the range's pending deltas.
+        for stmt in sql.recount_statements(chosen, lo, hi, dialect=conn.dialect.name):
+            changed = conn.execute(stmt).rowcount
         finished = _finish(
             conn,
             batch_id,

@@ -21,10 +21,11 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from . import cli_backfill, definition, progress
+from . import cli_backfill, cli_fold, definition, progress
 from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
+from .urls import redact
 
 _META_KEY = "alembic_counterfill.launch"
 _FINAL_STATES = (progress.ACTIVE, progress.FAILED, progress.UNKNOWN)
@@ -114,7 +115,7 @@ def _database_message(ctx: click.Context, exc: sa.exc.DBAPIError) -> str:
     settings = _launch(ctx)._settings
     url = "the database"
     if settings is not None:
-        url = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
+        url = redact(settings.database_url)
     detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
     return (
         f"cannot use database {url}: {detail}; check sqlalchemy.url (or [counterfill] "
@@ -304,12 +305,14 @@ def status(
     try:
         while True:
             current = _read_statuses(settings, chosen)
+            with settings.engine().connect() as connection:
+                cli_fold.annotate(connection, current, chosen)
             if clear:
                 click.clear()
             if as_json:
                 click.echo(json.dumps([s.as_json() for s in current]))
             else:
-                click.echo(render_statuses(current))
+                click.echo(render_statuses(current) + cli_fold.render(current))
             if not watch or all(s.state in _FINAL_STATES for s in current):
                 return
             if not clear:
@@ -368,6 +371,7 @@ def cancel(settings: Settings, counters: tuple[str, ...]) -> None:
 
 
 cli_backfill.register(cli)
+cli_fold.register(cli)
 
 
 def run_from_alembic(alembic_config: Any, args: list[str]) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from .errors import ConfigurationError, DatabaseError
+from .urls import redact
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -53,6 +54,16 @@ class Settings:
     raiseerr: bool = False
     config_file: str | None = None
     _engine: sa.Engine | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: never show a password.
+        broker = redact(self.broker_url) if self.broker_url else None
+        return (
+            f"Settings(metadata_path={self.metadata_path!r}, "
+            f"database_url={redact(self.database_url)!r}, broker_url={broker!r}, "
+            f"batch_size={self.batch_size!r}, queue={self.queue!r}, "
+            f"raiseerr={self.raiseerr!r}, config_file={self.config_file!r})"
+        )
 
     def target(self) -> Any:
         """Import and return the object named by ``metadata`` (``"package.module:attribute"``)."""
@@ -130,10 +141,11 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
     where = config_file or "the configuration"
     try:
         parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigurationError(
-            f"database URL in {where} is not a SQLAlchemy URL; set sqlalchemy.url "
-            f"(or [{SECTION}] database_url) to e.g. postgresql+psycopg://user@host/db"
+            f"database URL {redact(url)!r} in {where} is not a valid SQLAlchemy URL; set "
+            f"sqlalchemy.url (or [{SECTION}] database_url) to e.g. "
+            "postgresql+psycopg://user@host:5432/db"
         ) from None
     database = parsed.database
     if (
@@ -158,8 +170,7 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
             else "install the driver or fix the URL"
         )
         raise ConfigurationError(
-            f"cannot use database URL {parsed.render_as_string(hide_password=True)!r}: {exc}; "
-            + fix
+            f"cannot use database URL {redact(str(url))!r}: {exc}; " + fix
         ) from None
 
 

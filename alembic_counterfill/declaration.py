@@ -21,12 +21,14 @@ class CounterSpec:
     ``target`` is ``"Child.fk_attr"`` or a zero-argument callable returning the
     child's mapped FK attribute; ``where`` a zero-argument callable returning a
     SQL boolean over the child's columns; ``sum`` a child attribute name or
-    callable returning the attribute to add up instead of counting rows.
+    callable returning the attribute to add up instead of counting rows;
+    ``buffered`` the hot-parent mode (:mod:`.buffer`).
     """
 
     target: Target
     where: Callable[[], Any] | None = None
     sum: str | Callable[[], Any] | None = None
+    buffered: bool = False
     # The resolved Counter, set at mapper configuration. Typed Any because this
     # module sits below counters.py in the import layers (docs/architecture.md).
     resolved: Any = field(default=None, repr=False)

@@ -230,6 +230,9 @@ class CounterStatus:
     batches_waiting: int = 0
     # What to do next, when the state needs an action (unknown, changed, missing column).
     hint: str | None = None
+    # Buffered counters only: delta rows waiting for a fold, and the oldest one's age.
+    pending_deltas: int | None = None
+    oldest_delta_seconds: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON object ``status --json`` prints for this counter."""

@@ -12,7 +12,8 @@ process and disposed when the worker shuts down.
 
 Retries and the time limit can be tuned with ``COUNTERFILL_MAX_RETRIES``,
 ``COUNTERFILL_MIN_BACKOFF``, ``COUNTERFILL_MAX_BACKOFF`` and
-``COUNTERFILL_TIME_LIMIT`` (milliseconds).
+``COUNTERFILL_TIME_LIMIT`` (milliseconds); buffered counters' fold checks with
+``COUNTERFILL_FOLD_INTERVAL`` (milliseconds, default 250).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TUNING = {
     "COUNTERFILL_MIN_BACKOFF": ("min_backoff", _actors.MIN_BACKOFF_MS),
     "COUNTERFILL_MAX_BACKOFF": ("max_backoff", _actors.MAX_BACKOFF_MS),
     "COUNTERFILL_TIME_LIMIT": ("time_limit", _actors.TIME_LIMIT_MS),
+    "COUNTERFILL_FOLD_INTERVAL": ("fold_interval", _actors.FOLD_INTERVAL_MS),
 }
 
 
@@ -43,7 +45,7 @@ def _tuning() -> dict[str, int]:
             value = int(raw) if raw else default
         except ValueError:
             value = -1
-        if value < 0 or (value == 0 and option == "time_limit"):
+        if value < 0 or (value == 0 and option in ("time_limit", "fold_interval")):
             raise ConfigurationError(f"{env}={raw!r} is not a valid number; give e.g. {default}")
         options[option] = value
     return options

@@ -100,3 +100,20 @@ def test_bad_batch_size_in_environment_is_a_usage_error(project: Project, db: sa
     result = project.cli("enqueue", env={"BATCH_SIZE": "zero"})
     assert result.exit_code == 2 and "--batch-size" in result.output
     assert run_rows(db) == []
+
+
+def test_status_figures_match_an_independent_count(project: Project, db: sa.Engine) -> None:
+    """After a real run, `status --json` reports what the test counts itself, not what it wrote."""
+    import json
+
+    seed(db, users=230)
+    wrong = {d[0] for d in drift(db)}  # users with at least one wrong counter (own COUNT/SUM)
+    result = project.cli("enqueue", "--inline", "--batch-size", "50")
+    assert result.exit_code == 0, result.output
+    items = {s["counter"]: s for s in json.loads(project.cli("status", "--json").output)}
+    for key in USER_COUNTERS:
+        item = items[key]
+        assert item["state"] == progress.ACTIVE
+        assert item["batches_done"] == item["batches_total"] == 5  # ceil(230 / 50)
+        assert item["rows_changed"] == len(wrong) > 0
+    assert drift(db) == []
