@@ -18,7 +18,9 @@ if TYPE_CHECKING:
         ConfigurationError,
         CounterDeclarationError,
         CounterfillError,
+        CounterfillWarning,
         DatabaseError,
+        DuplicateKeyError,
         UnknownCounterError,
     )
     from .folding import configure_folding
@@ -47,6 +49,9 @@ __all__ = [
     "UnknownCounterError",
     "BrokerError",
     "DatabaseError",
+    "DuplicateKeyError",
+    # warnings
+    "CounterfillWarning",
 ]
 
 _HOME = {
@@ -64,6 +69,8 @@ _HOME = {
     "UnknownCounterError": "errors",
     "BrokerError": "errors",
     "DatabaseError": "errors",
+    "DuplicateKeyError": "errors",
+    "CounterfillWarning": "errors",
 }
 
 

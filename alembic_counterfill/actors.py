@@ -24,7 +24,7 @@ import dramatiq
 import sqlalchemy as sa
 from dramatiq.middleware import Middleware, Retries
 
-from .batch import BatchNotFound, describe, mark_failed, mark_refused, run_batch
+from .batch import BatchNotFound, describe, mark_failed, mark_refused, note_retry, run_batch
 from .counters import Counter
 from .errors import BrokerError, ConfigurationError, DefinitionMismatch
 from .urls import redact
@@ -51,6 +51,12 @@ FOLD_INTERVAL_MS = 250
 
 #: Longest pause between polls of an idle Redis queue by a worker.
 IDLE_POLL_MS = 100
+
+#: Delay before a paused batch's message is looked at again.
+PAUSED_RECHECK_MS = 5_000
+
+#: Delay before a batch that gave way to database signals is tried again.
+THROTTLED_RECHECK_MS = 1_000
 
 
 def _namespace(url: str) -> tuple[str, str]:
@@ -215,13 +221,28 @@ class _BatchLifecycle(Middleware):
                 message.options.get("retries", 0),
                 error,
             )
+            try:  # `enqueue --wait` and `status` show retries as they happen
+                note_retry(self.source.engine(), batch_id, error)
+            except Exception as exc:
+                log.warning("could not record the retry of batch %s: %s", batch_id, exc)
             return
         try:
             mark_failed(self.source.engine(), batch_id, error)
         except Exception as exc:  # the database may be what failed; the log keeps the error
             log.error("batch %s failed: %s (could not record it: %s)", batch_id, error, exc)
 
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        from .heartbeat import Heartbeat
+
+        try:
+            self.heartbeat = Heartbeat(self.source.engine(), self.source.settings.queue).start()
+        except Exception as exc:  # no heartbeat only makes `status` unsure, never stops batches
+            log.warning("worker heartbeat disabled: %s", exc)
+
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        heartbeat = getattr(self, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
         self.source.dispose()
 
 
@@ -282,10 +303,40 @@ class BackfillActors:
         return send_batches(self.broker, self.batch.queue_name, batch_ids)
 
 
-def _batch_message(queue: str, batch_id: int) -> dramatiq.Message[Any]:
+def _message(queue: str, batch_id: int) -> dramatiq.Message[Any]:
     return dramatiq.Message(
         queue_name=queue, actor_name=BATCH_ACTOR, args=(batch_id,), kwargs={}, options={}
     )
+
+
+def queued_batch_ids(broker: dramatiq.Broker, queue: str) -> set[int] | None:
+    """Batch ids whose messages wait in ``queue`` (delayed ones too), if the broker can tell.
+
+    Redis keeps waiting message ids in a list per queue and their bodies in a
+    hash; a message a worker took (and perhaps lost by dying) is in neither
+    list, so it counts as not queued. RabbitMQ cannot list its messages:
+    ``None``, and ``enqueue`` re-sends every unfinished batch.
+    """
+    client = getattr(broker, "client", None)
+    namespace = getattr(broker, "namespace", None)
+    if client is None or namespace is None:
+        return None
+    found: set[int] = set()
+    for name in (queue, f"{queue}.DQ"):
+        key = f"{namespace}:{name}"
+        ids = client.lrange(key, 0, -1)
+        if not ids:
+            continue
+        for body in client.hmget(f"{key}.msgs", ids):
+            if body is None:
+                continue
+            try:
+                message = dramatiq.Message.decode(body)
+            except Exception:  # not ours to judge; the worker will reject it
+                continue
+            if message.actor_name == BATCH_ACTOR and message.args:
+                found.add(int(message.args[0]))
+    return found
 
 
 def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) -> int:
@@ -298,7 +349,7 @@ def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) 
     try:
         broker.declare_queue(queue)
         for batch_id in batch_ids:
-            broker.enqueue(_batch_message(queue, batch_id))
+            broker.enqueue(_message(queue, batch_id))
             sent += 1
     except Exception as exc:
         raise BrokerError(
@@ -338,18 +389,39 @@ def declare_actors(
 
         settings = load()
     source = Source(settings)
-    queue = settings.queue
 
     def counterfill_batch(batch_id: int) -> None:
         try:
-            run_batch(source.engine(), source.counters(), batch_id, statement_timeout_ms=time_limit)
+            outcome = run_batch(
+                source.engine(),
+                source.counters(),
+                batch_id,
+                statement_timeout_ms=time_limit,
+                pacing=settings.pacing,
+                throttle=settings.throttle,
+                # Half the time limit: a long range yields and is sent again rather
+                # than being killed by the time limit mid-transaction.
+                budget_seconds=time_limit / 2000,
+            )
         except DefinitionMismatch as exc:
             # Rolling deploy: this worker's models differ from the planner's.
             # Not a failure and not a retry: send the batch again later, for
             # whichever worker runs the matching models, backing off each time.
             refusals = mark_refused(source.engine(), batch_id, describe(exc))
             delay = min(max_backoff, min_backoff * 2 ** min(max(refusals - 1, 0), 16))
-            broker.enqueue(_batch_message(queue, batch_id), delay=delay)
+            broker.enqueue(_message(settings.queue, batch_id), delay=delay)
+            return
+        if outcome.yielded is not None:
+            # Not done: paused, throttled or out of time. Leave it queued for
+            # later; its cursor in the database says where to continue.
+            delay = (
+                PAUSED_RECHECK_MS
+                if outcome.yielded == "paused"
+                else THROTTLED_RECHECK_MS
+                if outcome.yielded.startswith("throttled")
+                else None
+            )
+            broker.enqueue(_message(settings.queue, batch_id), delay=delay)
 
     actor: dramatiq.Actor[Any, Any] = dramatiq.actor(
         actor_name=BATCH_ACTOR,

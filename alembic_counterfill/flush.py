@@ -17,12 +17,14 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
 from . import deltas as _deltas
-from . import sql
+from . import innodb, sql, sqlite_lock
+from .errors import DuplicateKeyError
 from .pause import is_paused
-from .plan import Key, WritePlan, plan_for
+from .plan import Key, WritePlan, plan_for, plans_for
 
 _STASH = "counterfill.flush"
 
@@ -30,7 +32,13 @@ _STASH = "counterfill.flush"
 def _read(connection: sa.Connection, plan: WritePlan, keys: set[Key], *, lock: bool) -> list[Any]:
     dialect = connection.dialect.name
     where = sql.keys_in(plan.pk_columns, keys, dialect)
-    stmt = sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock)
+    # InnoDB's REPEATABLE READ would answer a plain read from the transaction's
+    # first snapshot (a row deleted since would still count): a locking read,
+    # by primary key only, sees the latest rows, which we hold anyway.
+    mysql = innodb.is_innodb(connection.dialect)
+    stmt = sql.matching_state(
+        plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
+    )
     return list(connection.execute(stmt).all())
 
 
@@ -48,6 +56,7 @@ class _FlushState:
         if not keys:
             return
         self.captured[plan] |= keys
+        sqlite_lock.begin_write(connection)  # several SQLite writers: read under the lock
         self.old[plan].extend(_read(connection, plan, keys, lock=True))
 
 
@@ -66,52 +75,217 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
         st: InstanceState[Any] = sa.inspect(obj)
-        plan = plan_for(st.mapper)
-        if plan is None or st.key is None:
+        if st.key is None:
             continue
-        if obj in deleted or plan.may_change(st):
-            wanted[plan].add(tuple(st.key[1]))
-    for plan, keys in wanted.items():
+        for plan in plans_for(st.mapper):
+            if obj in deleted or plan.may_change(st):
+                wanted[plan].add(tuple(st.key[1]))
+        for child in _collection_changes(st):
+            for plan in plans_for(child.mapper):
+                wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
+    for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
+    if _on_innodb(session, wanted):
+        _lock_before_writes(session, state)
 
 
-def _old_key(target: Any) -> tuple[_FlushState, WritePlan, InstanceState[Any]] | None:
+def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
+    classes = {type(o) for o in session.new}  # per class, not per object: flushes can be large
+    mappers = {p.mapper for p in wanted} | {sa.inspect(cls) for cls in classes}
+    plans = [p for p in map(plan_for, mappers) if p is not None]
+    return any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans)
+
+
+def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]:
+    """The attribute key mapping each column on ``mapper`` (None: unmapped)."""
+    out: list[str | None] = []
+    for col in columns:
+        try:
+            out.append(mapper.get_property_by_column(col).key)
+        except Exception:  # an unmapped column: nothing in the session can name it
+            out.append(None)
+    return out
+
+
+def _lock_before_writes(session: Session, state: _FlushState) -> None:
+    """On InnoDB, take every lock this flush's writes will need, children first, then parents.
+
+    InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
+    INSERT's foreign-key check takes a *shared* lock on the parent, and two
+    writers holding it that then both want the exclusive lock for their delta
+    deadlock. So before the flush writes, a writer locks, in one global order:
+
+    1. the children it changes or deletes (already read ``FOR UPDATE`` in key
+       order by :meth:`_FlushState.capture`), and the existing rows its new
+       children's explicit primary keys collide with (an INSERT's
+       duplicate-key check would otherwise wait for them while we hold parents);
+    2. every parent those rows and the new or moved children name, exclusively,
+       by table name and then key (:func:`.deltas.lock_first`).
+
+    Parents found only during the flush (keys synced from objects flushed in
+    the same flush) are locked when the deltas are applied.
+    """
+    parents: dict[Any, set[Any]] = defaultdict(set)
+    for plan, rows in state.old.items():
+        for row in rows:
+            for i, counter in enumerate(plan.counters):
+                parents[counter].add(row._mapping[f"k{i}"])
+    colliding: dict[WritePlan, set[Key]] = defaultdict(set)
+    keys_of: dict[type, tuple[WritePlan, list[str | None], list[str | None]] | None] = {}
+    for obj in (*session.new, *session.dirty):
+        cls = type(obj)
+        if cls not in keys_of:  # plan and attribute keys once per class, not per object
+            child_plan = plan_for(sa.inspect(cls))
+            keys_of[cls] = (
+                None
+                if child_plan is None
+                else (
+                    child_plan,
+                    _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters]),
+                    _attribute_keys(child_plan.mapper, child_plan.pk_columns),
+                )
+            )
+        found = keys_of[cls]
+        if found is None:
+            continue
+        child_plan, fk_keys, pk_keys = found
+        st: InstanceState[Any] = instance_state(obj)
+        values = st.dict
+        for counter, fk_key in zip(child_plan.counters, fk_keys, strict=True):
+            value = values.get(fk_key) if fk_key is not None else None
+            parents[counter].add(value if value is not None else _related_key(st, counter))
+        if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
+            colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+    locked: dict[WritePlan, set[Key]] = {}
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        locked[plan] = _lock_existing(session, plan, keys)
+    _deltas.lock_first(session, parents)
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        _refuse_late_collisions(session, plan, keys - locked[plan])
+
+
+def _related_key(st: InstanceState[Any], counter: Any) -> Any:
+    """The key of the parent a child points at through a many-to-one (FK not synced yet)."""
+    for rel in st.mapper.relationships:
+        if rel.direction.name == "MANYTOONE" and counter.fk in rel.local_columns:
+            target = st.dict.get(rel.key)
+            if target is not None:
+                identity = sa.inspect(target).identity
+                if identity is not None and len(identity) == 1:
+                    return identity[0]
+    return None
+
+
+def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> set[Key]:
+    """Lock the existing child rows with these keys (returned); probe first, so no gap is locked.
+
+    A locking read of a key that does not exist would lock the gap under
+    REPEATABLE READ and make two inserters into it deadlock.
+    """
+    connection = session.connection(bind_arguments={"mapper": plan.mapper})
+    probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
+    existing = {tuple(row) for row in connection.execute(probe)}
+    if existing:
+        stmt = (
+            sa.select(*plan.pk_columns)
+            .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+            .where(innodb.key_match(plan.pk_columns, existing))
+            .order_by(*plan.pk_columns)
+            .with_for_update()
+        )
+        connection.execute(stmt).all()
+    return existing
+
+
+def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
+    """Fail fast, as a duplicate key, if a row with a new child's key appeared while we waited.
+
+    Such a row was committed between our probe and our parent lock. If a
+    writer is deleting it, that writer waits for our parents and our INSERT's
+    duplicate-key check would wait for it: a deadlock. Since we hold the
+    parents, no such delete can commit before our INSERT, so the INSERT is a
+    duplicate in any serial order; report it as one without waiting. Only
+    under ``READ COMMITTED``, whose plain read shows rows committed since.
+    """
+    if not keys:
+        return
+    connection = session.connection(bind_arguments={"mapper": plan.mapper})
+    if not innodb.reads_latest(connection):
+        return
+    probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
+    appeared = sorted(tuple(row) for row in connection.execute(probe))
+    if appeared:
+        raise sa.exc.IntegrityError(
+            f"INSERT INTO {plan.table.name}",
+            {"key": appeared[0]},
+            DuplicateKeyError(
+                f"duplicate key {appeared[0]!r} in {plan.table.name}: the row was "
+                "committed by another transaction while this flush waited for locks"
+            ),
+        )
+
+
+def _collection_changes(st: InstanceState[Any]) -> list[InstanceState[Any]]:
+    """Persistent children added to or removed from ``st``'s one-to-many collections.
+
+    The unit of work sets their FK during the flush; reading their old state
+    here keeps moves through a collection (``board.pins.append(pin)``) to one
+    statement per child table, like FK moves. Unloaded collections are not
+    loaded (their history is empty).
+    """
+    out: list[InstanceState[Any]] = []
+    for rel in st.mapper.relationships:
+        if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
+            continue
+        hist = st.attrs[rel.key].history
+        for child in (*hist.added, *hist.deleted):
+            child_state: InstanceState[Any] = sa.inspect(child)
+            if child_state.key is not None:
+                out.append(child_state)
+    return out
+
+
+def _found(target: Any) -> tuple[_FlushState, list[WritePlan], InstanceState[Any]] | None:
     st: InstanceState[Any] = sa.inspect(target)
     session = st.session
     stash = _stash(session) if session is not None else None
-    plan = plan_for(st.mapper)
-    if stash is None or plan is None or st.key is None:
+    plans = plans_for(st.mapper)
+    if stash is None or not plans or st.key is None:
         return None
-    return stash, plan, st
+    return stash, plans, st
 
 
 def before_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Read the old state of a row whose FK the unit of work itself changes."""
-    # Rows changed during the flush itself (FKs synced from relationships) were
-    # not visible in before_flush; read them here, one row at a time (rare).
-    found = _old_key(target)
+    # Rows changed during the flush in ways before_flush could not see (an FK
+    # synced from a relationship without a backref) are read here, one row at
+    # a time (rare).
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        if plan.may_change(st):
-            stash.capture(connection, plan, {tuple(st.key[1])})
+        for plan in plans:
+            if plan.may_change(st):
+                stash.capture(connection, plan, {tuple(st.key[1])})
 
 
 def before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Read the old state of a row deleted during the flush (cascades) if not read yet."""
-    found = _old_key(target)
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        stash.capture(connection, plan, {tuple(st.key[1])})
+        for plan in plans:
+            stash.capture(connection, plan, {tuple(st.key[1])})
 
 
 def after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Note an inserted row: its state off the object, or its key to re-read."""
     st: InstanceState[Any] = sa.inspect(target)
     stash = _stash(st.session) if st.session is not None else None
-    plan = plan_for(st.mapper)
-    if stash is not None and plan is not None:
+    if stash is None:
+        return
+    for plan in plans_for(st.mapper):
         row = plan.inserted_row(st)
         if row is not None:
             stash.inserted[plan].append(row)
@@ -123,12 +297,15 @@ def after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) ->
     """Note an updated row whose old state was read, to re-read it after the flush."""
     # Only rows whose old state was read can have moved a contribution; the
     # ORM calls this hook for every dirty object, even with no net change.
-    found = _old_key(target)
+    # (Rows read before the flush are re-read after it in any case; this adds
+    # their new key when the primary key itself changed.)
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        if tuple(st.key[1]) in stash.captured[plan]:
-            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+        for plan in plans:
+            if tuple(st.key[1]) in stash.captured[plan]:
+                stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
 
 
 def after_flush(session: Session, flush_context: UOWTransaction) -> None:

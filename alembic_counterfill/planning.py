@@ -18,14 +18,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition
+from . import definition, innodb
 from . import progress as p
 from .counters import Counter, select_counters
 from .errors import CounterfillError
+from .pacing import START_SIZE
 
 # Serialises concurrent planners (two `enqueue` at once must not both plan the
-# same counter); an arbitrary constant private to this library.
+# same counter); an arbitrary constant private to this library, and its
+# GET_LOCK name on MariaDB/MySQL (named locks there are server-wide: the name
+# carries the database so that two databases on one server plan independently).
 _PLANNING_LOCK = 0x636F756E74657266
+_PLANNING_LOCK_NAME = "counterfill.planning"
 
 
 #: Python types of primary keys that planning can cut into ranges: ordered by
@@ -95,6 +99,20 @@ def decode_key(column: sa.Column[Any], text: str | None) -> Any:
     return kind(value)  # type: ignore[call-arg]  # int, str, float, Decimal
 
 
+def key_text(value: Any, *, upper: bool = False) -> str:
+    """A range bound for people: the key, or ``-inf``/``+inf`` for an open end."""
+    if value is None:
+        return "+inf" if upper else "-inf"
+    return str(value)
+
+
+def range_text(lo_text: str | None, hi_text: str | None) -> str:
+    """``[lo, hi)`` of a batch row's stored (JSON) bounds, open ends as ``-inf``/``+inf``."""
+    lo = json.loads(lo_text) if lo_text is not None else None
+    hi = json.loads(hi_text) if hi_text is not None else None
+    return f"[{key_text(lo)}, {key_text(hi, upper=True)})"
+
+
 def next_boundary(
     connection: Connection, pk: sa.Column[Any], current: Any, batch_size: int
 ) -> Any | None:
@@ -156,10 +174,26 @@ def choose(
     return [c for c in counters if c.key in recorded and recorded[c.key]["state"] != p.ACTIVE]
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """How a run's transactions are sized.
+
+    :param pinned: an explicit ``--batch-size``: every transaction is one
+        whole planned range. Otherwise the size adapts (:mod:`.pacing`),
+        starting at ``start`` and never above the planned range.
+    :param max_rows_per_second: optional rate limit of the run (parents).
+    """
+
+    pinned: bool = False
+    start: int = START_SIZE
+    max_rows_per_second: float | None = None
+
+
 def plan(
     connection: Connection,
     chosen: Sequence[Counter],
     batch_size: int,
+    sizing: Sizing | None = None,
     *,
     declared: Sequence[Counter] | None = None,
 ) -> BackfillPlan:
@@ -172,10 +206,15 @@ def plan(
     declared, or is defined differently from when it was planned) is
     ``superseded``: its still-declared counters join the new runs.
 
+    :param batch_size: parents per planned range (a batch); with an adaptive
+        size, the upper bound of one transaction.
+    :param sizing: pinned or adaptive size, and the rate limit; a resumed run
+        takes a pinned size and the rate limit from it (its ranges stay as planned).
     :param declared: every counter the models declare, to tell removed
         counters from counters merely not chosen; without it, only a changed
         definition supersedes a run.
     """
+    sizing = sizing or Sizing()
     if batch_size < 1:
         raise CounterfillError(f"batch size must be at least 1, got {batch_size}")
     for counter in chosen:
@@ -220,9 +259,11 @@ def plan(
     for run_id in sorted(superseded):
         _supersede(connection, run_id)
     for run_id in result.resumed_run_ids:
-        _resume(connection, run_id)
+        _resume(connection, run_id, sizing, batch_size)
     for group in fresh.values():
-        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded, current))
+        result.new_run_ids.append(
+            _new_run(connection, group, batch_size, recorded, sizing, current)
+        )
     result.run_ids = result.resumed_run_ids + result.new_run_ids
     b = p.batches_table
     result.batch_ids = list(
@@ -245,6 +286,9 @@ def _lock_planning(connection: Connection) -> None:
     """
     if connection.dialect.name == "postgresql":
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
+    elif innodb.is_innodb(connection.dialect):
+        database = connection.execute(sa.select(sa.func.database())).scalar()
+        innodb.hold_named_lock(connection, f"{_PLANNING_LOCK_NAME}.{database}"[:64])
     elif connection.dialect.name == "sqlite":
         r = p.runs_table
         connection.execute(sa.update(r).where(sa.false()).values(state=r.c.state))
@@ -276,8 +320,16 @@ def _supersede(connection: Connection, run_id: int) -> None:
     connection.execute(p.release_statement())
 
 
-def _resume(connection: Connection, run_id: int) -> None:
+def _resume(connection: Connection, run_id: int, sizing: Sizing, batch_size: int) -> None:
     b, r, c = p.batches_table, p.runs_table, p.counters_table
+    values: dict[str, Any] = {}
+    if sizing.pinned:
+        # The ranges are cut already: a pinned size applies to each
+        # transaction, up to one whole range (`enqueue` says so).
+        planned = connection.execute(sa.select(r.c.batch_size).where(r.c.id == run_id)).scalar_one()
+        values = {"pinned": True, "chunk_size": min(batch_size, planned)}
+    if sizing.max_rows_per_second is not None:
+        values["max_rows_per_second"] = sizing.max_rows_per_second or None
     reset = connection.execute(
         sa.update(b)
         .where(b.c.run_id == run_id, b.c.state == p.BATCH_FAILED)
@@ -291,6 +343,7 @@ def _resume(connection: Connection, run_id: int) -> None:
             finished_at=None,
             resumed_at=p.now(),
             batches_failed=r.c.batches_failed - reset,
+            **values,
         )
     )
     connection.execute(
@@ -305,23 +358,33 @@ def _new_run(
     group: list[Counter],
     batch_size: int,
     recorded: dict[str, Any],
+    sizing: Sizing,
     current: dict[str, str],
 ) -> int:
     group = sorted(group, key=lambda c: c.key)
     table, pk = group[0].parent_table, group[0].parent_pk
     now = p.now()
-    run_id = connection.execute(
-        sa.insert(p.runs_table)
-        .values(
+    paused = any(c.key in recorded and recorded[c.key]["state"] == p.PAUSED for c in group)
+    # inserted_primary_key: RETURNING where the database has it, else the
+    # driver's last insert id (MySQL has no INSERT … RETURNING).
+    inserted = connection.execute(
+        sa.insert(p.runs_table).values(
             table_name=table.name,
             counter_keys=",".join(c.key for c in group),
             batch_size=batch_size,
             state=p.RUN_RUNNING,
             created_at=now,
             fingerprints=json.dumps({c.key: current[c.key] for c in group}, sort_keys=True),
+            pinned=sizing.pinned,
+            chunk_size=batch_size if sizing.pinned else min(sizing.start, batch_size),
+            max_rows_per_second=sizing.max_rows_per_second,
+            parents_done=0,
+            # A counter paused before its run existed: the run starts paused.
+            paused_at=now if paused else None,
         )
-        .returning(p.runs_table.c.id)
-    ).scalar_one()
+    ).inserted_primary_key
+    assert inserted is not None
+    run_id = int(inserted[0])
     bounds = [None, *boundaries(connection, pk, batch_size), None]
     rows = [
         {
@@ -334,12 +397,22 @@ def _new_run(
         for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))
     ]
     connection.execute(sa.insert(p.batches_table), rows)
+    tail = sa.select(sa.func.count()).select_from(table)
+    if bounds[-2] is not None:
+        tail = tail.where(pk >= bounds[-2])
+    parents = (len(rows) - 1) * batch_size + connection.execute(tail).scalar_one()
     connection.execute(
-        sa.update(p.runs_table).where(p.runs_table.c.id == run_id).values(batches_total=len(rows))
+        sa.update(p.runs_table)
+        .where(p.runs_table.c.id == run_id)
+        .values(batches_total=len(rows), parents_total=parents)
     )
     c = p.counters_table
     for counter in group:
-        values = {"state": p.BACKFILLING, "run_id": run_id, "updated_at": now}
+        values = {
+            "state": p.PAUSED if paused else p.BACKFILLING,
+            "run_id": run_id,
+            "updated_at": now,
+        }
         if counter.key in recorded:
             connection.execute(sa.update(c).where(c.c.key == counter.key).values(values))
         else:

@@ -18,7 +18,9 @@ Retries and the time limit can be tuned with ``COUNTERFILL_MAX_RETRIES``,
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import dramatiq
 
@@ -64,10 +66,17 @@ def _configure() -> BackfillActors:
     return declare_actors(broker, settings, **_tuning())
 
 
+# Alembic logs each plugin it sets up at INFO, and Dramatiq shows INFO from
+# every worker process: noise in a worker's log, not news.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
 try:
     actors = _configure()
 except CounterfillError as exc:
-    # Dramatiq reports ImportError as "failed to import module" and exits 2.
-    raise ImportError(f"alembic_counterfill.worker: {exc}") from exc
+    # One line, not Dramatiq's "failed to import module" traceback (dozens of
+    # lines for a missing config file); exit status 2 like Dramatiq's import errors.
+    sys.stderr.write(f"alembic_counterfill.worker: {exc}\n")
+    sys.stderr.flush()
+    raise SystemExit(2) from None
 
 broker = actors.broker

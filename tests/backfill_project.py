@@ -115,7 +115,7 @@ def seed(
         ]
         if rows:
             conn.execute(sa.insert(m.Post), rows)
-        org_ids = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(orgs)]
+        org_ids = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(orgs)]
         if org_ids:
             conn.execute(
                 sa.insert(m.Org), [{"id": o, "members_count": rng.randrange(3)} for o in org_ids]
@@ -157,6 +157,16 @@ def run_rows(engine: sa.Engine) -> list[Any]:
         return list(conn.execute(sa.select(progress.runs_table).order_by("id")).mappings())
 
 
+#: Environment variables that change `enqueue`; tests start with none set.
+ENV_DEFAULTS = (
+    "COUNTERFILL_BROKER_URL",
+    "COUNTERFILL_BATCH_SIZE",
+    "COUNTERFILL_WAIT",
+    "COUNTERFILL_VERIFY",
+    "COUNTERFILL_MAX_ROWS_PER_SECOND",
+)
+
+
 @dataclass
 class Project:
     """A directory with an alembic.ini whose ``[counterfill]`` section points at the test models."""
@@ -191,23 +201,14 @@ class Project:
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses: tests/ importable, no stray overrides."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("COUNTERFILL_BROKER_URL", "BATCH_SIZE", "WAIT", "VERIFY")
-        }
+        env = {k: v for k, v in os.environ.items() if k not in ENV_DEFAULTS}
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
         env["ALEMBIC_CONFIG"] = self.ini
         return env
 
     def cli(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
         """Run ``alembic-counterfill -c <ini> ARGS`` in this process (click's test runner)."""
-        base: dict[str, str | None] = {
-            "COUNTERFILL_BROKER_URL": None,
-            "BATCH_SIZE": None,
-            "WAIT": None,
-            "VERIFY": None,
-        }
+        base: dict[str, str | None] = dict.fromkeys(ENV_DEFAULTS)
         base.update(env or {})
         return CliRunner().invoke(cli, ["-c", self.ini, *args], env=base)
 
@@ -295,26 +296,105 @@ def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> An
         time.sleep(0.05)
 
 
+#: Backend pids of this process's lock holders: other test runs share the server.
+_HOLDERS: set[int] = set()
+
+
 def lock_users(engine: sa.Engine, ids: Sequence[int]) -> sa.Connection:
     """Hold ``FOR UPDATE`` locks on some users in an open transaction (caller rolls back)."""
     conn = engine.connect()
-    conn.execute(
-        sa.text("SELECT id FROM users WHERE id = ANY(:ids) FOR UPDATE"), {"ids": list(ids)}
+    stmt = sa.text("SELECT id FROM users WHERE id IN :ids FOR UPDATE").bindparams(
+        sa.bindparam("ids", expanding=True)
     )
+    conn.execute(stmt, {"ids": list(ids)})
+    pid = "connection_id()" if is_mariadb(engine) else "pg_backend_pid()"
+    _HOLDERS.add(conn.execute(sa.text(f"SELECT {pid}")).scalar_one())
     return conn
 
 
+def is_mariadb(engine: sa.Engine) -> bool:
+    return engine.dialect.name in ("mysql", "mariadb")
+
+
 def blocked_backends(engine: sa.Engine) -> list[int]:
-    """PIDs of worker connections waiting on a lock."""
+    """PIDs of worker connections waiting, directly or not, on a lock this test holds.
+
+    Only those: workers of other test runs on the same server wait on locks too,
+    and a test must never act on (or terminate) their connections.
+    """
+    if is_mariadb(engine):  # sessions of this test's own database only
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.text(
+                        "SELECT t.trx_mysql_thread_id FROM information_schema.innodb_trx t "
+                        "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+                        "WHERE t.trx_state = 'LOCK WAIT' AND p.db = database() "
+                        "AND t.trx_mysql_thread_id <> connection_id()"
+                    )
+                ).scalars()
+            )
     with engine.connect() as conn:
-        return list(
+        rows = conn.execute(
+            sa.text(
+                "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'counterfill-worker' AND wait_event_type = 'Lock'"
+            )
+        ).all()
+    ours, found = set(_HOLDERS), []
+    changed = True
+    while changed:  # follow chains: a worker waiting on a worker waiting on our holder
+        changed = False
+        for pid, blockers in rows:
+            if pid not in ours and ours.intersection(blockers or ()):
+                ours.add(pid)
+                found.append(pid)
+                changed = True
+    return sorted(found)
+
+
+def terminate(engine: sa.Engine, pid: int) -> None:
+    """End another session from the server side, as an operator or a failover would."""
+    with engine.connect() as conn:
+        if is_mariadb(engine):
+            conn.execute(sa.text("KILL :pid"), {"pid": pid})
+        else:
+            assert conn.execute(sa.select(sa.func.pg_terminate_backend(pid))).scalar()
+
+
+#: What a worker's log says when the server ended its connection.
+TERMINATED = {"postgresql": "terminating connection", "mysql": "Lost connection"}
+
+
+def make_read_only(engine: sa.Engine, user_id: int) -> None:
+    """Make every UPDATE of user ``user_id`` fail (a trigger named ``no_<id>``)."""
+    name, message = f"no_{int(user_id)}", f"user {int(user_id)} is read-only"
+    with engine.begin() as conn:
+        if is_mariadb(engine):
             conn.execute(
                 sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'counterfill-worker'"
-                    " AND wait_event_type = 'Lock'"
+                    f"CREATE TRIGGER {name} BEFORE UPDATE ON users FOR EACH ROW "
+                    f"BEGIN IF NEW.id = {int(user_id)} THEN "
+                    f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'; END IF; END"
                 )
-            ).scalars()
+            )
+            return
+        conn.execute(
+            sa.text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"RAISE EXCEPTION '{message}'; END $$;"
+                f"CREATE TRIGGER {name} BEFORE UPDATE ON users FOR EACH ROW "
+                f"WHEN (NEW.id = {int(user_id)}) EXECUTE FUNCTION {name}()"
+            )
         )
+
+
+def make_writable(engine: sa.Engine, user_id: int) -> None:
+    """Drop the trigger of :func:`make_read_only`."""
+    name = f"no_{int(user_id)}"
+    with engine.begin() as conn:
+        on = "" if is_mariadb(engine) else " ON users"
+        conn.execute(sa.text(f"DROP TRIGGER {name}{on}"))
 
 
 class Writers:

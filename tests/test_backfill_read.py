@@ -83,6 +83,8 @@ def test_unknown_counters_are_counted_live_until_recorded(engine: sa.Engine) -> 
         session.commit()
         # A column never filled (e.g. the autogenerate plugin was missing): 5 is wrong.
         session.execute(sa.update(m.User).values(followers_count=5))
+        # Counters are read-only to the ORM: a Core UPDATE sets one deliberately.
+        session.execute(sa.update(m.User.__table__).values(followers_count=5))
         session.commit()
         user = session.get(m.User, 1)
         assert read.counter_value(session, user, "followers_count") == 0

@@ -23,7 +23,7 @@ from buffered_models import (
     pending_count,
     rows,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from alembic_counterfill import CounterDeclarationError, counter_cache, counter_value, counters_of
 from alembic_counterfill import fold as folding
@@ -263,15 +263,11 @@ def test_cli_fold_and_status_show_pending_deltas(db: sa.Engine, tmp_path: Path) 
 
 
 def test_reserved_counter_name_is_refused() -> None:
-    class B(DeclarativeBase):
-        pass
-
+    # A plain Table, not a declarative class: a class whose construction fails
+    # would leave a half-built registry behind for configure_mappers().
+    column = counter_cache("Child.parent_id", buffered=True, name="created_at").column
     with pytest.raises(CounterDeclarationError, match="cannot be named 'created_at'"):
-
-        class Parent(B):
-            __tablename__ = "parents"
-            id: Mapped[int] = mapped_column(primary_key=True)
-            created_at: Mapped[int] = counter_cache("Child.parent_id", buffered=True)
+        sa.Table("parents", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), column)
 
 
 def test_other_databases_are_refused_with_a_clear_error() -> None:

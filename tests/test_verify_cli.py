@@ -43,9 +43,11 @@ def test_verify_reports_each_drift_then_fix_repairs_it(
     result = project.cli("verify")
     assert result.exit_code == 1
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split("\t") == ["TABLE", "ID", "COLUMN", "CACHED", "ACTUAL"]
-    expected = {f"users\t{uid}\t{col}\t{value}\t{truth[uid, col]}" for uid, col, value in CORRUPT}
-    assert set(lines[1:]) == expected
+    assert lines[0].split() == ["TABLE", "ID", "COLUMN", "CACHED", "ACTUAL"]  # status's style
+    expected = {
+        ("users", str(uid), col, str(value), str(truth[uid, col])) for uid, col, value in CORRUPT
+    }
+    assert {tuple(line.split()) for line in lines[1:]} == expected
     assert "3 drifted values" in result.stderr
 
     as_json = project.cli("verify", "--json")
@@ -89,12 +91,14 @@ def test_verify_scans_in_ranges_and_checks_every_counter_of_a_table(db: sa.Engin
     assert drift(db) == []
 
 
-def test_verify_fix_racing_live_writes_reports_only_real_drift(tmp_path: Path, pg_url: str) -> None:
-    engine = sa.create_engine(pg_url, pool_size=10)
+def test_verify_fix_racing_live_writes_reports_only_real_drift(
+    tmp_path: Path, server_url: str
+) -> None:
+    engine = sa.create_engine(server_url, pool_size=10)
     try:
         users = 3000
         seed(engine, users=users)
-        project = Project(tmp_path / "p", pg_url, batch_size=200)
+        project = Project(tmp_path / "p", server_url, batch_size=200)
         assert project.cli("enqueue").exit_code == 0
         injected = [(uid, "followers_count", 10_000 + uid) for uid in range(5, users, 150)]
         _corrupt(engine, injected)
