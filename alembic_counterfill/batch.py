@@ -577,14 +577,16 @@ def mark_refused(engine: sa.Engine, batch_id: int, error: str) -> int:
     """
     b = p.batches_table
     with engine.begin() as conn:
-        count = conn.execute(
+        row = innodb.update_returning(
+            conn,
             sa.update(b)
             .where(b.c.id == batch_id, b.c.state != p.BATCH_DONE)
-            .values(refusals=b.c.refusals + 1, error=error)
-            .returning(b.c.refusals)
-        ).scalar()
+            .values(refusals=b.c.refusals + 1, error=error),
+            b.c.id == batch_id,
+            b.c.refusals,
+        )
     log.warning("batch %d refused: %s", batch_id, error)
-    return int(count or 0)
+    return int(row.refusals) if row is not None else 0
 
 
 def describe(exc: BaseException) -> str:

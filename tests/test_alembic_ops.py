@@ -138,7 +138,7 @@ def test_offline_mysql_script_is_plain_mysql() -> None:
     assert "`key` VARCHAR(255) NOT NULL" in sql and "AUTO_INCREMENT" in sql
     assert (
         "VALUES ('users.followers_count', 'users', 'followers_count', NULL, 'pending', "
-        "now(), now());"
+        "now(), now(), NULL, NULL);"
     ) in sql
     assert (
         "DELETE FROM counterfill_counters "

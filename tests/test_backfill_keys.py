@@ -10,6 +10,7 @@ import datetime as dt
 import decimal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,12 @@ def test_creating_the_bookkeeping_tables_is_race_free(engine: sa.Engine) -> None
         assert progress.has_tables(conn)
         names = set(sa.inspect(conn).get_table_names())
     assert {"counterfill_counters", "counterfill_runs", "counterfill_batches"} <= names
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    """SQLite and PostgreSQL (MariaDB cannot index the binary key these models declare)."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    eng = sa.create_engine(url)
+    yield eng
+    eng.dispose()
