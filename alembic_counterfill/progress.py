@@ -174,6 +174,8 @@ def ensure_tables(connection: Connection) -> None:
             connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK)))
         for table in bookkeeping.sorted_tables:
             connection.execute(CreateTable(table, if_not_exists=True))
+            if connection.dialect.name in ("mysql", "mariadb"):
+                continue  # MySQL 8 has no CREATE INDEX IF NOT EXISTS; InnoDB indexes FKs
             for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
                 connection.execute(CreateIndex(index, if_not_exists=True))
     add_missing_columns(connection)
