@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         ConfigurationError,
         CounterDeclarationError,
         CounterfillError,
+        CounterfillWarning,
         DatabaseError,
         DuplicateKeyError,
         UnknownCounterError,
@@ -49,6 +50,8 @@ __all__ = [
     "BrokerError",
     "DatabaseError",
     "DuplicateKeyError",
+    # warnings
+    "CounterfillWarning",
 ]
 
 _HOME = {
@@ -67,6 +70,7 @@ _HOME = {
     "BrokerError": "errors",
     "DatabaseError": "errors",
     "DuplicateKeyError": "errors",
+    "CounterfillWarning": "errors",
 }
 
 

@@ -38,7 +38,7 @@ def on_execute(state: ORMExecuteState) -> Result[Any] | None:
     if plan is None:
         return None
     desc_table = dml.entity_description.get("table")
-    if desc_table is not None and desc_table is not plan.table:
+    if desc_table is not None and desc_table not in set(plan.mapper.tables):
         log.warning(
             "counterfill: %s on %s (joined inheritance) is not tracked; run verify",
             type(dml).__name__,

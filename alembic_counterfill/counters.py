@@ -6,6 +6,9 @@ No event code lives here: :mod:`.events` calls :func:`resolve_mapper` from its
 
 from __future__ import annotations
 
+import copy
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +18,9 @@ from sqlalchemy.orm import ColumnProperty, DeclarativeBase, Mapper, configure_ma
 from sqlalchemy.orm.attributes import QueryableAttribute
 from sqlalchemy.sql import visitors
 
+from . import inheritance
 from .declaration import CounterSpec, spec_of
-from .errors import CounterDeclarationError, UnknownCounterError
+from .errors import CounterDeclarationError, CounterfillWarning, UnknownCounterError
 
 # Counters fed by each child mapper (mappers have no ``info`` dict of their own).
 _by_child: dict[Mapper[Any], list[Counter]] = {}
@@ -170,7 +174,11 @@ def _call(fn: Callable[[], Any], parent: Mapper[Any], column: sa.Column[Any], wh
 
 
 def _resolve_sum(
-    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: Mapper[Any]
+    spec: CounterSpec,
+    parent: Mapper[Any],
+    column: sa.Column[Any],
+    child: Mapper[Any],
+    fk_table: sa.TableClause,
 ) -> sa.Column[Any] | None:
     if spec.sum is None:
         return None
@@ -189,17 +197,27 @@ def _resolve_sum(
             f"name a numeric column attribute of {child.class_.__name__}",
         )
     assert summed is not None
-    if not isinstance(summed.type, sa.Integer | sa.Numeric):
+    if not isinstance(summed.type, sa.Integer | sa.Numeric | sa.Float):
         _fail(
             parent,
             column,
             f"sum={label!r} is not numeric ({summed.type})",
             "sum an Integer or Numeric column, or count rows with where=",
         )
+    if summed.table is not fk_table:
+        _fail(
+            parent,
+            column,
+            f"sum={label!r} is a column of table {summed.table.name!r}, not of "
+            f"{child.class_.__name__}'s table {fk_table.name!r} that holds the FK",
+            f"sum a column of {fk_table.name!r}, or count rows with where=",
+        )
     return summed
 
 
-def _resolve_where(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]) -> Any:
+def _resolve_where(
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: Mapper[Any]
+) -> Any:
     if spec.where is None:
         return None
     expr = _call(spec.where, parent, column, "where=")
@@ -212,7 +230,24 @@ def _resolve_where(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any
             f"where= returned {type(expr).__name__}, not a SQL expression",
             "return a boolean expression, e.g. where=lambda: Post.published.is_(True)",
         )
+    foreign = inheritance.tables_of(expr) - inheritance.hierarchy_tables(child)
+    if foreign:
+        names = ", ".join(sorted(repr(t.name) for t in foreign))
+        _fail(
+            parent,
+            column,
+            f"where= uses table {names}, not only {child.class_.__name__}'s own columns "
+            "(a change there would move counters unseen)",
+            f"filter on columns of {child.class_.__name__}, e.g. copy the flag onto it",
+        )
     return expr
+
+
+def sum_type(summed: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
+    """A sum's default column type: Numeric(p, s) and Float as summed, integers as BigInteger."""
+    if isinstance(summed.type, sa.Numeric | sa.Float):
+        return copy.copy(summed.type)  # keeps precision, scale and asdecimal
+    return sa.BigInteger()
 
 
 def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> Counter:
@@ -236,12 +271,18 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
             f"{parent_pk.name}",
             f'declare it as mapped_column(ForeignKey("{parent_pk.table.name}.{parent_pk.name}"))',
         )
-    summed = _resolve_sum(spec, parent, column, child)
-    where = _resolve_where(spec, parent, column)
+    child_table = fk.table
+    assert isinstance(child_table, sa.Table)
+    summed = _resolve_sum(spec, parent, column, child, child_table)
+    where = _resolve_where(spec, parent, column, child)
+    # One expression over the counting table: the subclass's rows only, then where=.
+    conds = [c for c in (inheritance.restriction(child, child_table), where) if c is not None]
+    if conds:
+        where = inheritance.localize(child, child_table, inheritance.plain(sa.and_(*conds)))
+    if spec.sum is not None and spec.default_type and summed is not None:
+        column.type = sum_type(summed)
     table = parent.local_table
     assert isinstance(table, sa.Table)
-    child_table = child.local_table
-    assert isinstance(child_table, sa.Table)
     return Counter(
         key=f"{table.name}.{column.name}",
         parent_mapper=parent,
@@ -258,31 +299,113 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
 
 
 def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
-    """Counters fed by rows of ``mapper`` (or of a mapper it inherits from)."""
-    found: list[Counter] = []
-    for m in mapper.iterate_to_root():
-        found.extend(_by_child.get(m, ()))
-    return found
+    """Counters that rows written through ``mapper`` may feed, ordered by key.
+
+    Every counter declared on a class of ``mapper``'s inheritance hierarchy
+    whose counting table is one of ``mapper``'s tables: a statement on the
+    base class may write rows of any subclass, and each counter's ``where``
+    already restricts it to its own class's rows.
+    """
+    tables = set(mapper.tables)
+    found = [
+        c
+        for m in mapper.base_mapper.self_and_descendants
+        for c in _by_child.get(m, ())
+        if c.child_table in tables
+    ]
+    return sorted(found, key=lambda c: c.key)
+
+
+# Mappers whose counters failed to resolve: configured again (and failing) until fixed.
+_failed: weakref.WeakKeyDictionary[Mapper[Any], CounterDeclarationError] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def retry_failed(mapper: Mapper[Any]) -> None:
+    """Let a mapper whose counters failed to resolve be configured (and resolved) again.
+
+    SQLAlchemy would answer the retry with a generic "mappers failed to
+    initialize"; the declaration is resolved again instead, and fails again
+    with its own message unless it was fixed (a late import, say).
+    """
+    if mapper in _failed and _failed[mapper] is getattr(mapper, "_configure_failed", None):
+        mapper.__dict__.pop("_configure_failed", None)
 
 
 def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
     """Resolve and register the not yet resolved counter columns of ``mapper``'s table.
 
-    Returns the counters resolved now (each registered under its child mapper).
+    All or nothing: on a :class:`CounterDeclarationError` none of the mapper's
+    counters is registered and the mapper is left unconfigured, so every
+    later configuration (the next request, the next test, the CLI) resolves it
+    again and fails again until the declaration is fixed. SQLAlchemy marks the
+    mapper configured before its ``mapper_configured`` hook runs; without
+    this, the next configuration would succeed and the application would run
+    with counters nobody maintains. Returns the counters resolved now.
     """
     table = mapper.local_table
     if not isinstance(table, sa.Table):
         return []
+    pending = [
+        (column, spec)
+        for column in table.columns
+        if (spec := spec_of(column)) is not None and spec.resolved is None
+    ]
+    try:
+        resolved = [(spec, resolve(mapper, column, spec)) for column, spec in pending]
+    except CounterDeclarationError as exc:
+        mapper.configured = False
+        mapper.registry._new_mappers = True
+        _failed[mapper] = exc
+        raise
+    _failed.pop(mapper, None)
     found: list[Counter] = []
-    for column in table.columns:
-        spec = spec_of(column)
-        if spec is None or spec.resolved is not None:
-            continue
-        counter = resolve(mapper, column, spec)
+    for spec, counter in resolved:
         spec.resolved = counter
         _by_child.setdefault(counter.child_mapper, []).append(counter)
         found.append(counter)
     return found
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_database_cascades() -> None:
+    """Warn once per counter and relationship whose children a database cascade deletes unseen."""
+    for counters in list(_by_child.values()):
+        for counter in counters:
+            for mapper in counter.parent_mapper.registry.mappers:
+                for rel in mapper.relationships:
+                    _warn_cascade(counter, rel)
+
+
+def _warn_cascade(counter: Counter, rel: Any) -> None:
+    if not rel.passive_deletes or rel.direction.name != "ONETOMANY":
+        return
+    if counter.child_table not in set(rel.mapper.tables):
+        return
+    # CASCADE deletes counted rows; SET NULL matters only when it empties the counter's FK.
+    fks = [
+        fk
+        for col in rel.remote_side
+        for fk in getattr(col, "foreign_keys", ())
+        if (fk.ondelete or "").upper() == "CASCADE"
+        or ((fk.ondelete or "").upper() == "SET NULL" and fk.parent is counter.fk)
+    ]
+    key = (counter.key, str(rel))
+    if not fks or key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"{counter.parent_mapper.class_.__name__}.{counter.attr_key}: deleting a "
+        f"{rel.parent.class_.__name__} changes {rel.mapper.class_.__name__} rows through the "
+        f"database's ON DELETE {fks[0].ondelete.upper()} ({rel} has passive_deletes=True), "
+        "which the ORM does not see, so the counter drifts; drop passive_deletes=True, or run "
+        "`alembic counterfill verify --fix` after such deletes",
+        CounterfillWarning,
+        stacklevel=2,
+    )
 
 
 def child_mappers() -> list[Mapper[Any]]:

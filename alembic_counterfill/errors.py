@@ -37,3 +37,11 @@ class DuplicateKeyError(CounterfillError):
     On MariaDB/MySQL a flush reports it without waiting when the row appeared
     while the flush waited for its locks (see docs/databases.md).
     """
+
+
+class CounterfillWarning(UserWarning):
+    """Something a counter cannot see or will not honour (a database cascade, a counter assignment).
+
+    Not an error: the application keeps running, and the message says what to
+    change or which command repairs the counters.
+    """
