@@ -26,10 +26,28 @@ from buffered_models import (
 from conftest import server_url_of
 from sqlalchemy.orm import Session
 
-from alembic_counterfill import CounterDeclarationError, counter_cache, counter_value, counters_of
+from alembic_counterfill import (
+    CounterDeclarationError,
+    counter_cache,
+    counter_value,
+    counters_of,
+    innodb,
+)
 from alembic_counterfill import fold as folding
+from alembic_counterfill.errors import ConfigurationError
 from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.testing import find_drift
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Buffered counters are not supported on MariaDB/MySQL yet (docs/databases.md)."""
+    return server_url_of(request, request.param)
+
+
+def test_buffered_counters_are_refused_on_mariadb_recounts() -> None:
+    with pytest.raises(ConfigurationError, match="not supported on MariaDB/MySQL"):
+        innodb.refuse_buffered(counters_of(Base))
 
 
 @pytest.fixture(autouse=True)
