@@ -220,6 +220,10 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
     dml: Any = stmt.element if wrapped else stmt  # type: ignore[attr-defined]
     if not isinstance(dml, sa.Insert | sa.Update | sa.Delete):
         return None
+    from . import secondary
+
+    if secondary.handles(dml):
+        return secondary.run_statement(state, dml)
     plan = _plan_of(dml)
     if plan is None:
         return None

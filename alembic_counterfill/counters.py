@@ -16,6 +16,15 @@ from .errors import CounterDeclarationError, UnknownCounterError
 
 # Counters fed by each child mapper (mappers have no ``info`` dict of their own).
 _by_child: dict[Mapper[Any], list[Counter]] = {}
+# Counters fed by rows of a plain association table (no mapper), by table.
+_by_table: dict[sa.Table, list[Counter]] = {}
+
+#: How to name a target, repeated by every declaration error that is about one.
+TARGET_HINT = (
+    'name a mapped FK attribute ("Follow.followed_id", lambda: Follow.followed_id) or a column '
+    'of an association Table in the same MetaData ("followers.followed_id", '
+    "lambda: followers.c.followed_id)"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,7 +33,8 @@ class Counter:
 
     ``key`` is ``"<parent table>.<column>"``. ``where`` is a SQL boolean over the
     child table (or ``None``); ``summed`` the child column added up (``None``
-    counts rows).
+    counts rows). ``child_mapper`` is ``None`` when the child is a plain
+    association ``Table`` (``relationship(secondary=...)``) that no class maps.
     """
 
     key: str
@@ -33,7 +43,7 @@ class Counter:
     parent_pk: sa.Column[Any]
     column: sa.Column[Any]
     attr_key: str
-    child_mapper: Mapper[Any]
+    child_mapper: Mapper[Any] | None
     child_table: sa.Table
     fk: sa.Column[Any]
     where: sa.ColumnElement[bool] | None
@@ -81,10 +91,46 @@ def _attribute(value: Any) -> tuple[Mapper[Any], str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Child:
+    """The resolved child: a mapped class, or a plain association table (``mapper`` None)."""
+
+    mapper: Mapper[Any] | None
+    table: sa.Table
+
+    @property
+    def label(self) -> str:
+        return self.mapper.class_.__name__ if self.mapper is not None else self.table.name
+
+    def column(self, name: str) -> sa.Column[Any] | None:
+        if self.mapper is not None:
+            return _column_of(self.mapper, name)
+        col = self.table.c.get(name)
+        return col if isinstance(col, sa.Column) else None
+
+
+def _mapper_of_table(parent: Mapper[Any], table: sa.Table) -> Mapper[Any] | None:
+    """The class mapped onto ``table`` in the parent's registry, if any: its flushes are seen."""
+    for mapper in parent.registry.mappers:
+        if mapper.local_table is table and not mapper.inherits:
+            return mapper
+    return None
+
+
+def _table_child(parent: Mapper[Any], column: sa.Column[Any]) -> tuple[_Child, str]:
+    table = column.table
+    assert isinstance(table, sa.Table)
+    mapper = _mapper_of_table(parent, table)
+    if mapper is not None:
+        return _Child(mapper, table), mapper.get_property_by_column(column).key
+    return _Child(None, table), column.key
+
+
 def _resolve_target(
     spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]
-) -> tuple[Mapper[Any], sa.Column[Any]]:
+) -> tuple[_Child, sa.Column[Any]]:
     target = spec.target
+    child: _Child | None = None
     if isinstance(target, str):
         cls_name, _, attr = target.rpartition(".")
         if not cls_name or not attr:
@@ -92,35 +138,51 @@ def _resolve_target(
                 parent,
                 column,
                 f"counter_cache({target!r}) is not 'Child.fk_attribute'",
-                'write it as counter_cache("Follow.followed_id")',
+                'write it as counter_cache("Follow.followed_id"), or "followers.followed_id" '
+                "for an association table",
             )
-        child = _find_class(parent, cls_name)
+        mapper = _find_class(parent, cls_name)
+        if mapper is not None:
+            child = _Child(mapper, mapper.local_table)  # type: ignore[arg-type]
+        else:
+            # A mapped class name wins; otherwise a table in the parent's MetaData.
+            metadata: sa.MetaData = parent.local_table.metadata  # type: ignore[attr-defined]
+            table = metadata.tables.get(cls_name)
+            if table is not None:
+                child = _Child(_mapper_of_table(parent, table), table)
+                col = table.c.get(attr)
+                if child.mapper is not None and col is not None:
+                    attr = child.mapper.get_property_by_column(col).key
         if child is None:
             _fail(
                 parent,
                 column,
-                f"counter_cache({target!r}) names unknown class {cls_name!r}",
-                "use the name of a class mapped on the same declarative base",
+                f"counter_cache({target!r}) names unknown class or table {cls_name!r}",
+                TARGET_HINT,
             )
-        assert child is not None
     else:
-        found = _attribute(_call(target, parent, column, "the target callable"))
-        if found is None:
+        value = _call(target, parent, column, "the target callable")
+        found = _attribute(value)
+        if found is not None:
+            mapper, attr = found
+            child = _Child(mapper, mapper.local_table)  # type: ignore[arg-type]
+        elif isinstance(value, sa.Column) and isinstance(value.table, sa.Table):
+            child, attr = _table_child(parent, value)
+        else:
             _fail(
                 parent,
                 column,
-                "the target callable did not return a mapped attribute",
-                "return the child's FK attribute, e.g. lambda: Follow.followed_id",
+                "the target callable did not return a mapped attribute or a table column",
+                TARGET_HINT,
             )
-        assert found is not None
-        child, attr = found
-    fk = _column_of(child, attr)
+    assert child is not None
+    fk = child.column(attr)
     if fk is None:
         _fail(
             parent,
             column,
-            f"{child.class_.__name__} has no column attribute {attr!r}",
-            f"name a mapped column of {child.class_.__name__} holding the parent's id",
+            f"{child.label} has no column attribute {attr!r}",
+            f"name a column of {child.label} holding the parent's id",
         )
     assert fk is not None
     return child, fk
@@ -139,23 +201,31 @@ def _call(fn: Callable[[], Any], parent: Mapper[Any], column: sa.Column[Any], wh
 
 
 def _resolve_sum(
-    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: Mapper[Any]
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: _Child
 ) -> sa.Column[Any] | None:
     if spec.sum is None:
         return None
+    summed: sa.Column[Any] | None
     if isinstance(spec.sum, str):
-        summed = _column_of(child, spec.sum)
+        summed = child.column(spec.sum)
         label = spec.sum
     else:
-        found = _attribute(_call(spec.sum, parent, column, "sum="))
-        summed = _column_of(*found) if found else None
-        label = found[1] if found else repr(spec.sum)
+        value = _call(spec.sum, parent, column, "sum=")
+        found = _attribute(value)
+        if found is not None:
+            summed, label = _column_of(*found), found[1]
+        elif isinstance(value, sa.Column):
+            summed, label = value, value.key
+        else:
+            summed, label = None, repr(spec.sum)
+        if summed is not None and summed.table is not child.table:
+            summed = None
     if summed is None:
         _fail(
             parent,
             column,
-            f"sum={label!r} is not a column of {child.class_.__name__}",
-            f"name a numeric column attribute of {child.class_.__name__}",
+            f"sum={label!r} is not a column of {child.label}",
+            f"name a numeric column of {child.label}",
         )
     assert summed is not None
     if not isinstance(summed.type, sa.Integer | sa.Numeric):
@@ -201,16 +271,13 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         _fail(
             parent,
             column,
-            f"{child.class_.__name__}.{fk.key} has no ForeignKey to {parent_pk.table.name}."
-            f"{parent_pk.name}",
+            f"{child.label}.{fk.key} has no ForeignKey to {parent_pk.table.name}.{parent_pk.name}",
             f'declare it as mapped_column(ForeignKey("{parent_pk.table.name}.{parent_pk.name}"))',
         )
     summed = _resolve_sum(spec, parent, column, child)
     where = _resolve_where(spec, parent, column)
     table = parent.local_table
     assert isinstance(table, sa.Table)
-    child_table = child.local_table
-    assert isinstance(child_table, sa.Table)
     return Counter(
         key=f"{table.name}.{column.name}",
         parent_mapper=parent,
@@ -218,12 +285,17 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         parent_pk=parent_pk,
         column=column,
         attr_key=parent.get_property_by_column(column).key,
-        child_mapper=child,
-        child_table=child_table,
+        child_mapper=child.mapper,
+        child_table=child.table,
         fk=fk,
         where=where,
         summed=summed,
     )
+
+
+def counters_of_table(table: Any) -> list[Counter]:
+    """Counters fed by rows of the plain association table ``table`` (none if it is mapped)."""
+    return _by_table.get(table, [])
 
 
 def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
@@ -245,11 +317,17 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
             continue
         counter = resolve(mapper, column, spec)
         spec.resolved = counter
-        _by_child.setdefault(counter.child_mapper, []).append(counter)
         # Imported here: listeners need counters, counters must not import listeners at top.
         from . import listeners
 
-        listeners.install(counter.child_mapper)
+        if counter.child_mapper is None:
+            _by_table.setdefault(counter.child_table, []).append(counter)
+            from . import secondary
+
+            secondary.install()
+        else:
+            _by_child.setdefault(counter.child_mapper, []).append(counter)
+            listeners.install(counter.child_mapper)
 
 
 def _metadata_of(target: Any) -> sa.MetaData:

@@ -29,3 +29,7 @@ class BrokerError(CounterfillError):
 
 class DatabaseError(CounterfillError):
     """The database cannot be reached or lacks what the library needs."""
+
+
+class CounterfillWarning(UserWarning):
+    """A model setup that counters cannot follow exactly (e.g. database-side cascades)."""

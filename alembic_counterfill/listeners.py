@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import visitors
 
-from . import sql
+from . import secondary, sql
 from .counters import Counter, counters_of_child
 from .pause import is_paused
 
@@ -162,6 +162,7 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
         return
     state = _FlushState()
     session.info[_STASH] = state
+    secondary.begin_flush(session)
     wanted: dict[_Plan, set[Key]] = defaultdict(set)
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
@@ -228,11 +229,14 @@ def _after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
 
 
 def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
+    captured = secondary.end_flush(session)
     stash = session.info.pop(_STASH, None)
     if stash is None:
         return
-    deltas: dict[Any, dict[Any, dict[Counter, Any]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(int))
+    deltas: dict[Any, dict[Any, dict[Counter, Any]]] = (
+        captured.deltas
+        if captured is not None
+        else defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
     )
     plans = set(stash.captured) | set(stash.touched) | set(stash.inserted)
     for plan in plans:
@@ -246,7 +250,17 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
                 plan.counters, plan.pk_columns, keys, lock=False, dialect=dialect
             )
             _add(deltas, plan, connection.execute(stmt).all(), +1)
-    apply(session, deltas)
+    if captured is not None and captured.recounts:
+        from .bulk import settle
+
+        settle(session, deltas, captured.recounts)
+        # settle() leaves expiry to the flush's end: schedule the recounted parents too.
+        expire = session.info.setdefault(_EXPIRE, defaultdict(set))
+        for counter, ids in captured.recounts.items():
+            for pid in ids:
+                expire[(counter.parent_mapper, pid)].add(counter.attr_key)
+    else:
+        apply(session, deltas)
 
 
 def _add(deltas: Any, plan: _Plan, rows: Any, sign: int) -> None:
@@ -291,6 +305,7 @@ def _after_flush_postexec(session: Session, flush_context: UOWTransaction) -> No
 
 
 def _discard(session: Session, *args: Any) -> None:
+    secondary.discard(session)
     session.info.pop(_STASH, None)
     session.info.pop(_EXPIRE, None)
 
