@@ -16,7 +16,7 @@ BROKER_URL ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest pytest-timeout "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10"
+	$(PY) -m pip install --quiet -e . pytest pytest-timeout greenlet "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10"
 	touch $(STAMP)
 
 install: $(STAMP)

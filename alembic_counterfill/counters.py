@@ -21,8 +21,9 @@ _by_table: dict[sa.Table, list[Counter]] = {}
 
 #: How to name a target, repeated by every declaration error that is about one.
 TARGET_HINT = (
-    'name a mapped FK attribute ("Follow.followed_id", lambda: Follow.followed_id) or a column '
-    'of an association Table in the same MetaData ("followers.followed_id", '
+    "name the FK attribute of a class mapped on the same declarative base "
+    '("Follow.followed_id", lambda: Follow.followed_id) or, for a relationship(secondary=...) '
+    'association Table in its MetaData, the table column ("followers.followed_id", '
     "lambda: followers.c.followed_id)"
 )
 
@@ -157,7 +158,8 @@ def _resolve_target(
             _fail(
                 parent,
                 column,
-                f"counter_cache({target!r}) names unknown class or table {cls_name!r}",
+                f"counter_cache({target!r}) names unknown class {cls_name!r} "
+                "(nor a table of that name in the parent's MetaData)",
                 TARGET_HINT,
             )
     else:

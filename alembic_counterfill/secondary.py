@@ -245,8 +245,9 @@ def _default(column: sa.Column[Any]) -> Any:
 _UNKNOWN: Any = object()
 
 
-def _value(row: dict[str, Any], column: sa.Column[Any]) -> Any:
-    if column.key in row:
+def _value(row: dict[str, Any], column: sa.Column[Any], keys: Any) -> Any:
+    # An executemany is compiled for the first row's keys: others' extra keys are ignored.
+    if column.key in keys:
         v = row[column.key]
         if isinstance(v, sa.BindParameter) and v.callable is None:
             return v.value
@@ -273,17 +274,18 @@ def _inserted(
         ]
     elif fixed:
         rows = [{**fixed, **r} for r in rows] or [fixed]
+    keys = set(rows[0]) if rows else set()
     for counter in counters:
         per_parent = capture.deltas[counter.parent_mapper]
         exact = counter.where is None and not upsert
         for row in rows:
-            parent = _value(row, counter.fk)
+            parent = _value(row, counter.fk, keys)
             if parent is _UNKNOWN:
                 _lost(elem, counter)
                 break
             if parent is None:
                 continue
-            value = 1 if counter.summed is None else _value(row, counter.summed)
+            value = 1 if counter.summed is None else _value(row, counter.summed, keys)
             if exact and value is not _UNKNOWN:
                 if value:
                     per_parent[parent][counter] += value
