@@ -106,7 +106,10 @@ def truth(conn: sa.Connection) -> dict[tuple[str, int], tuple[int, ...]]:
 def cached(conn: sa.Connection) -> dict[tuple[str, int], tuple[int, ...]]:
     """The counter columns as stored."""
     out: dict[tuple[str, int], tuple[int, ...]] = {}
-    q = "SELECT id, followers_count, following_count, accepted_followers, follower_weight FROM users"
+    q = (
+        "SELECT id, followers_count, following_count, accepted_followers, follower_weight"
+        " FROM users"
+    )
     for row in conn.execute(sa.text(q)):
         out[("users", row[0])] = tuple(row[1:])
     for row in conn.execute(sa.text("SELECT id, tags_count FROM posts")):

@@ -1,4 +1,4 @@
-"""Association-table counters outside live maintenance: backfill, verify, status, reads, autogenerate.
+"""Association-table counters beyond live maintenance: backfill, verify, status, autogenerate.
 
 Rows go in through Core on a bare Connection (invisible to live maintenance),
 so the counters start wrong; every check is against ``assoc_models.truth``.

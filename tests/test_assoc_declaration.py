@@ -15,7 +15,10 @@ from alembic_counterfill.errors import CounterfillWarning
 
 
 def build(
-    counter: Callable[[sa.Table], Any], *, passive_deletes: bool = False, ondelete: str | None = None
+    counter: Callable[[sa.Table], Any],
+    *,
+    passive_deletes: bool = False,
+    ondelete: str | None = None,
 ) -> type[DeclarativeBase]:
     """Users followed through a plain ``followers`` table; the counter comes from ``counter``."""
 
