@@ -16,7 +16,7 @@ BROKER_URL ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest pytest-timeout greenlet "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10"
+	$(PY) -m pip install --quiet -e . pytest pytest-timeout greenlet "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10" "import-linter>=2.17"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check alembic_counterfill example_project tests bench
 	$(VENV)/bin/ruff format --check alembic_counterfill example_project tests bench
 	$(VENV)/bin/mypy alembic_counterfill
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP) services lint
 	$(VENV)/bin/pytest -q

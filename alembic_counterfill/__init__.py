@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .actors import declare_actors
+    from .columns import counter_cache
     from .counters import Counter, counters_of
-    from .declaration import counter_cache
     from .errors import (
         BrokerError,
         ConfigurationError,
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 _HOME = {
-    "counter_cache": "declaration",
+    "counter_cache": "columns",
     "Counter": "counters",
     "counters_of": "counters",
     "paused": "pause",

@@ -215,15 +215,3 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
         conn.commit()
     log.error("batch %d failed: %s", batch_id, error)
     return newly
-
-
-def batch_ids_of(conn: Connection, run_ids: list[int], states: list[str]) -> list[Any]:
-    """Ids of the batches of ``run_ids`` in any of ``states``, in run and key order."""
-    b = p.batches_table
-    return list(
-        conn.execute(
-            sa.select(b.c.id)
-            .where(b.c.run_id.in_(run_ids), b.c.state.in_(states))
-            .order_by(b.c.run_id, b.c.seq)
-        ).scalars()
-    )

@@ -24,8 +24,9 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 
 from . import sql
-from .bulk import Recounts, chunks, new_deltas, settle
 from .counters import Counter
+from .deltas import Recounts, chunks, new_deltas, settle
+from .plan import WritePlan
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _rows(state: ORMExecuteState, dml: Any) -> list[dict[Any, Any]]:
         return rows
     params: Any = state.parameters
     if isinstance(params, list):
-        return [{**fixed, **p} for p in params] if fixed else params
+        return [{**fixed, **row} for row in params] if fixed else params
     return [{**fixed, **(params or {})}]
 
 
@@ -84,7 +85,9 @@ def _default(column: sa.Column[Any]) -> Any:
     return UNKNOWN
 
 
-def _column_values(plan: Any, rows: list[dict[Any, Any]], column: sa.Column[Any]) -> list[Any]:
+def _column_values(
+    plan: WritePlan, rows: list[dict[Any, Any]], column: sa.Column[Any]
+) -> list[Any]:
     try:
         attr = plan.mapper.get_property_by_column(column).key
     except sa.orm.exc.UnmappedColumnError:  # a column only Core statements can set
@@ -103,7 +106,9 @@ def _column_values(plan: Any, rows: list[dict[Any, Any]], column: sa.Column[Any]
     return out
 
 
-def _conflict_rows(state: ORMExecuteState, plan: Any, dml: Any, rows: list[dict[Any, Any]]) -> Any:
+def _conflict_rows(
+    state: ORMExecuteState, plan: WritePlan, dml: Any, rows: list[dict[Any, Any]]
+) -> Any:
     """Lock and read the existing rows an upsert may update; ``None`` when they cannot be found."""
     clause = dml._post_values_clause
     target = getattr(clause, "inferred_target_elements", None)
@@ -130,21 +135,20 @@ def _conflict_rows(state: ORMExecuteState, plan: Any, dml: Any, rows: list[dict[
     return found
 
 
-def _moves_existing(plan: Any, dml: Any) -> bool:
+def _moves_existing(plan: WritePlan, dml: Any) -> bool:
     clause = getattr(dml, "_post_values_clause", None)
     if clause is None or type(clause).__name__.endswith("DoNothing"):
         return False
     sets = getattr(clause, "update_values_to_set", None)
     if sets is None:
         sets = getattr(clause, "update", None)
-    if sets is None or plan.watched is None:
+    if sets is None or plan.watched_names is None:
         return True
     names = {_name(k) for k in (sets.keys() if isinstance(sets, dict) else [k for k, _ in sets])}
-    watched_cols = {c.key for k in plan.watched for c in plan.mapper.attrs[k].columns}
-    return bool(names & (set(plan.watched) | watched_cols))
+    return bool(names & plan.watched_names)
 
 
-def _selected_parents(state: ORMExecuteState, plan: Any, dml: Any) -> dict[Counter, Any]:
+def _selected_parents(state: ORMExecuteState, plan: WritePlan, dml: Any) -> dict[Counter, Any]:
     """For ``INSERT … FROM SELECT``: the distinct FK values the SELECT yields, per counter."""
     names = list(dml._select_names)
     sub = dml.select.subquery()
@@ -162,7 +166,7 @@ def _selected_parents(state: ORMExecuteState, plan: Any, dml: Any) -> dict[Count
     return out
 
 
-def run(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
+def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
     """Run the caller's INSERT and bring every counter it feeds up to date."""
     session = state.session
     recounts: Recounts = defaultdict(set)
@@ -201,7 +205,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
         exact = not upsert and counter.where is None
         if exact and counter.summed is None:
             per_parent: dict[Any, Any] = Tally(fk for fk in fks if fk is not None)
-        elif exact:
+        elif exact and counter.summed is not None:
             per_parent = defaultdict(int)
             for fk, v in zip(fks, _column_values(plan, rows, counter.summed), strict=True):
                 if v is UNKNOWN:
@@ -219,7 +223,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any) -> Result[Any]:
     return result
 
 
-def _warn(plan: Any, lost: Sequence[Counter]) -> None:
+def _warn(plan: WritePlan, lost: Sequence[Counter]) -> None:
     if lost:
         log.warning(
             "counterfill: INSERT into %s: cannot tell which parents of %s it touched "

@@ -22,6 +22,7 @@ writer and needs neither lock nor restriction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,18 +31,52 @@ from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
 from . import sql
-from .bulk import add_rows, chunks, new_deltas, settle, written
+from .deltas import add_rows, chunks, new_deltas, settle
+from .plan import Key, WritePlan
 
 log = logging.getLogger(__name__)
 
-Key = tuple[Any, ...]
+
+def _names(keys: Sequence[Any]) -> set[str]:
+    """Attribute and column names written by a statement's SET clause or parameters."""
+    out: set[str] = set()
+    for key in keys:
+        if isinstance(key, str):
+            out.add(key)
+        elif isinstance(getattr(key, "key", None), str):
+            out.add(key.key)
+            if isinstance(getattr(key, "name", None), str):
+                out.add(key.name)
+        else:
+            out.add("?")  # unrecognised target: assume it may matter
+    return out
 
 
-def _key_names(plan: Any) -> list[str]:
+def written(state: ORMExecuteState, dml: Any) -> set[str]:
+    """Names an UPDATE writes, from its ``values()`` and its parameters."""
+    keys: list[Any] = list(getattr(dml, "_values", None) or ())
+    params = state.parameters
+    for row in params if isinstance(params, list) else [params or {}]:
+        keys.extend(row)
+    return _names(keys)
+
+
+def may_change(state: ORMExecuteState, plan: WritePlan, dml: Any) -> bool:
+    """Whether an UPDATE can change what any row counts as (FK, ``where`` columns, summed value)."""
+    relevant = plan.watched_names
+    if relevant is None:
+        return True
+    known = {prop.key for prop in plan.mapper.column_attrs} | {c.key for c in plan.table.columns}
+    names = written(state, dml)
+    # Unknown names (bind parameters of the WHERE, hybrids) are treated as relevant.
+    return bool(names & relevant) or bool(names - known)
+
+
+def _key_names(plan: WritePlan) -> list[str]:
     return [plan.mapper.get_property_by_column(c).key for c in plan.pk_columns]
 
 
-def _param_keys(plan: Any, params: Any) -> list[Key] | None:
+def _param_keys(plan: WritePlan, params: Any) -> list[Key] | None:
     """Primary keys of a bulk UPDATE by primary key, or ``None`` if a row lacks one."""
     names = _key_names(plan)
     keys: list[Key] = []
@@ -57,7 +92,7 @@ def _multitable(where: Any, table: sa.Table) -> bool:
     return any(not f.is_derived_from(table) for f in froms)
 
 
-def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> bool:
+def _can_return(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> bool:
     # The caller's own RETURNING (or return_defaults) must not be disturbed.
     if wrapped or state.is_executemany or dml._returning or dml._return_defaults:
         return False
@@ -71,20 +106,20 @@ def _can_return(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> b
     )
 
 
-def _state_by_keys(session: Any, plan: Any, keys: list[Key], lock: bool) -> list[Any]:
+def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -> list[Any]:
     rows: list[Any] = []
     conn = session.connection(bind_arguments={"mapper": plan.mapper})
     name = conn.dialect.name
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
-        where = sql.key_restriction(plan.pk_columns, part, name)
+        where = sql.keys_in(plan.pk_columns, part, name)
         rows.extend(
             conn.execute(sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock))
         )
     return rows
 
 
-def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> list[Any]:
+def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool) -> list[Any]:
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
     stmt = sql.matching_state(
@@ -96,13 +131,13 @@ def _lock_matching(state: ORMExecuteState, plan: Any, dml: Any, lock: bool) -> l
     if not isinstance(params, list):  # one parameter set: rows come unique and in key order
         return list(state.session.execute(stmt, params or None).all())
     seen: dict[Key, Any] = {}
-    for p in params:
-        for row in state.session.execute(stmt, p or None).all():
+    for one in params:
+        for row in state.session.execute(stmt, one or None).all():
             seen.setdefault(tuple(row[: len(plan.pk_columns)]), row)
     return [seen[k] for k in sorted(seen)]
 
 
-def _warn_unseen(plan: Any, dml: Any, extra: int) -> None:
+def _warn_unseen(plan: WritePlan, dml: Any, extra: int) -> None:
     log.warning(
         "counterfill: %s on %s touched %d row(s) committed by another transaction after "
         "they were locked; their parents' counters may be off until `alembic counterfill "
@@ -129,7 +164,7 @@ def _rowless(result: Any) -> None:
         result.cursor_strategy = no_rows
 
 
-def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: Any) -> dict[str, Any]:
+def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: WritePlan) -> dict[str, Any]:
     """Execution options for a statement carrying our key restriction.
 
     The restriction cannot be evaluated in Python, so ``'auto'``/``'evaluate'``
@@ -143,7 +178,9 @@ def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: Any) -> dict[str, A
     return {"synchronize_session": "fetch" if loaded else False}
 
 
-def _delete_returning(state: ORMExecuteState, plan: Any, dml: Any, one_writer: bool) -> Result[Any]:
+def _delete_returning(
+    state: ORMExecuteState, plan: WritePlan, dml: Any, one_writer: bool
+) -> Result[Any]:
     """DELETE that reports what it deleted through RETURNING; nothing is read first.
 
     Elsewhere than SQLite a locking subquery, which shares the DELETE's
@@ -170,7 +207,7 @@ def _delete_returning(state: ORMExecuteState, plan: Any, dml: Any, one_writer: b
     return result
 
 
-def _by_primary_key(state: ORMExecuteState, plan: Any, keys: list[Key]) -> Result[Any]:
+def _by_primary_key(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
     """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
     deltas = new_deltas()
     add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=True), -1)
@@ -180,7 +217,7 @@ def _by_primary_key(state: ORMExecuteState, plan: Any, keys: list[Key]) -> Resul
     return result
 
 
-def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[Any]:
+def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Result[Any]:
     """Run the caller's UPDATE/DELETE and apply the counter deltas it caused."""
     session = state.session
     dialect = session.get_bind(mapper=plan.mapper).dialect
@@ -203,7 +240,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
     if restricted:
-        stmt = stmt.where(sql.key_restriction(plan.pk_columns, keys, dialect.name))
+        stmt = stmt.where(sql.keys_in(plan.pk_columns, keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
 
     if returning:  # an UPDATE: its RETURNING gives the new state, even of moved keys
@@ -220,7 +257,7 @@ def run(state: ORMExecuteState, plan: Any, dml: Any, wrapped: bool) -> Result[An
         return result
 
     result = state.invoke_statement(statement=stmt, execution_options=options)
-    if not is_delete and bool(written(state, plan, dml) & set(_key_names(plan))):
+    if not is_delete and bool(written(state, dml) & set(_key_names(plan))):
         log.warning(
             "counterfill: UPDATE of %s primary key without RETURNING cannot be followed; "
             "run `alembic counterfill verify --fix`",

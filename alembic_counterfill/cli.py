@@ -25,8 +25,8 @@ import sqlalchemy as sa
 
 from . import cli_backfill, progress
 from .config import Settings, from_alembic_config
-from .counters import Counter, select_counters
-from .errors import CounterfillError, UnknownCounterError
+from .counters import Counter
+from .errors import CounterfillError
 
 _META_KEY = "alembic_counterfill.launch"
 _DONE = (progress.ACTIVE, progress.FAILED)
@@ -174,21 +174,12 @@ def cli(
     ctx.obj = None  # the Settings, once a subcommand runs
 
 
-def _chosen(settings: Settings, names: Sequence[str]) -> list[Counter]:
-    """The named counters (all declared ones if none is named); an unknown name is a usage error."""
-    declared = settings.counters()
-    try:
-        return select_counters(declared, names) if names else declared
-    except UnknownCounterError as exc:  # exit 2 like enqueue and verify: the argument is wrong
-        raise click.BadParameter(str(exc), param_hint="COUNTER") from None
-
-
 def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.CounterStatus]:
     with settings.engine().connect() as connection:
         return progress.statuses(connection, keys)
 
 
-def describe(counter: Counter) -> str:
+def describe_counter(counter: Counter) -> str:
     """What a counter counts, e.g. ``COUNT(follows) BY follows.followed_id``."""
     child = counter.child_table.name
     what = (
@@ -244,7 +235,8 @@ def list_(settings: Settings, as_json: bool) -> None:
         return
     click.echo(
         _table(
-            ("COUNTER", "STATE", "COUNTS"), [(c.key, states[c.key], describe(c)) for c in counters]
+            ("COUNTER", "STATE", "COUNTS"),
+            [(c.key, states[c.key], describe_counter(c)) for c in counters],
         )
     )
 
@@ -303,7 +295,7 @@ def status(
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
-    keys = [c.key for c in _chosen(settings, counters)]
+    keys = [c.key for c in cli_backfill.chosen_counters(settings, counters)[1]]
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:

@@ -26,11 +26,16 @@ if TYPE_CHECKING:
     from .config import Settings
 
 
-def _counters(settings: Settings, names: Sequence[str]) -> tuple[list[Counter], list[Counter]]:
-    """(declared, named) counters; an unknown name is a usage error (exit 2) naming it."""
+def chosen_counters(
+    settings: Settings, names: Sequence[str]
+) -> tuple[list[Counter], list[Counter]]:
+    """(declared, named) counters, every declared one if none is named.
+
+    An unknown name is a usage error (exit 2) naming it.
+    """
     declared = settings.counters()
     try:
-        return declared, select_counters(declared, names)
+        return declared, (select_counters(declared, names) if names else declared)
     except UnknownCounterError as exc:
         raise click.BadParameter(str(exc), param_hint="COUNTER") from None
 
@@ -73,9 +78,11 @@ def enqueue(
     Re-running resumes: only batches that are not done are sent again. Without
     a broker_url (or with --inline) the batches run here, one after another.
     """
-    if counters and everything:
-        raise click.UsageError("give COUNTER names or --all, not both")
-    declared, named = _counters(settings, counters)
+    try:
+        planning.check_choice(counters, everything)
+    except CounterfillError as exc:  # exit 2: the arguments are wrong
+        raise click.UsageError(str(exc)) from None
+    declared, named = chosen_counters(settings, counters)
     engine = settings.engine()
     in_process = inline or not settings.broker_url
     planning_started = time.monotonic()
@@ -135,7 +142,7 @@ def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
         return [keys.split(",") for keys in rows]
 
 
-def _describe_plan(engine: Any, plan: planning.Plan) -> None:
+def _describe_plan(engine: Any, plan: planning.BackfillPlan) -> None:
     r = p.runs_table
     with engine.connect() as conn:
         runs = conn.execute(sa.select(r).where(r.c.id.in_(plan.run_ids)).order_by(r.c.id))
@@ -148,7 +155,7 @@ def _describe_plan(engine: Any, plan: planning.Plan) -> None:
             )
 
 
-def _run_here(settings: Settings, plan: planning.Plan, *, show: bool) -> None:
+def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) -> None:
     engine = settings.engine()
     counters = {c.key: c for c in settings.counters()}
     bar = monitor.Bar(sys.stderr, "backfill") if show else None
@@ -170,7 +177,7 @@ def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_
     """Run verify, print each drift, exit 1 on unrepaired drift."""
     shown = 0
 
-    def show(drift: verifying.Drift) -> None:
+    def show(drift: verifying.Finding) -> None:
         nonlocal shown
         if not as_json:
             if shown == 0:
@@ -204,7 +211,7 @@ def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bo
     Default: every active counter (pending ones are expected to be wrong until
     their backfill). Each drift prints as table, id, column, cached, actual.
     """
-    declared, named = _counters(settings, counters)
+    declared, named = chosen_counters(settings, counters)
     chosen = named
     if not counters:
         with settings.engine().connect() as conn:

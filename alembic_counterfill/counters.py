@@ -1,4 +1,8 @@
-"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects at mapper setup."""
+"""Resolve ``counter_cache()`` declarations into :class:`Counter` objects, and keep the registry.
+
+No event code lives here: :mod:`.events` calls :func:`resolve_mapper` from its
+``mapper_configured`` hook.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.orm import ColumnProperty, DeclarativeBase, Mapper, configure_mappers, registry
 from sqlalchemy.orm.attributes import QueryableAttribute
+from sqlalchemy.sql import visitors
 
 from .declaration import CounterSpec, spec_of
 from .errors import CounterDeclarationError, UnknownCounterError
@@ -54,6 +58,33 @@ class Counter:
     def name(self) -> str:
         """The counter column's name."""
         return self.column.name
+
+    def value_columns(self) -> list[sa.Column[Any]]:
+        """Child columns besides the FK whose change can change a row's contribution.
+
+        The summed column, then the child-table columns ``where=`` reads, in
+        expression order (a column may appear twice).
+        """
+        cols: list[sa.Column[Any]] = []
+        if self.summed is not None:
+            cols.append(self.summed)
+        if self.where is not None:
+            cols += [
+                el
+                for el in visitors.iterate(self.where)
+                if isinstance(el, sa.Column) and el.table is self.child_table
+            ]
+        return cols
+
+    @property
+    def reads_other_tables(self) -> bool:
+        """Whether ``where=`` reads a column of another table (then any write may matter)."""
+        if self.where is None:
+            return False
+        return any(
+            isinstance(el, sa.Column) and el.table is not self.child_table
+            for el in visitors.iterate(self.where)
+        )
 
     def __repr__(self) -> str:
         return f"<Counter {self.key}>"
@@ -300,6 +331,11 @@ def counters_of_table(table: Any) -> list[Counter]:
     return _by_table.get(table, [])
 
 
+def association_tables() -> list[sa.Table]:
+    """Every plain association table that feeds at least one counter."""
+    return list(_by_table)
+
+
 def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
     """Counters fed by rows of ``mapper`` (or of a mapper it inherits from)."""
     found: list[Counter] = []
@@ -308,28 +344,33 @@ def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
     return found
 
 
-@event.listens_for(Mapper, "mapper_configured")
-def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
+    """Resolve and register the not yet resolved counter columns of ``mapper``'s table.
+
+    Returns the counters resolved now (each registered under its child mapper,
+    or under its association table when no class maps it).
+    """
     table = mapper.local_table
     if not isinstance(table, sa.Table):
-        return
+        return []
+    found: list[Counter] = []
     for column in table.columns:
         spec = spec_of(column)
         if spec is None or spec.resolved is not None:
             continue
         counter = resolve(mapper, column, spec)
         spec.resolved = counter
-        # Imported here: listeners need counters, counters must not import listeners at top.
-        from . import listeners
-
         if counter.child_mapper is None:
             _by_table.setdefault(counter.child_table, []).append(counter)
-            from . import secondary
-
-            secondary.install()
         else:
             _by_child.setdefault(counter.child_mapper, []).append(counter)
-            listeners.install(counter.child_mapper)
+        found.append(counter)
+    return found
+
+
+def child_mappers() -> list[Mapper[Any]]:
+    """Every mapper that feeds at least one counter."""
+    return list(_by_child)
 
 
 def _metadata_of(target: Any) -> sa.MetaData:
@@ -360,7 +401,8 @@ def counters_of(target: Any) -> list[Counter]:
                     f"{table.name}.{column.name}: counter_cache() column is not mapped; "
                     "declare it on a mapped class and import the models before use"
                 )
-            found.append(spec.resolved)
+            counter: Counter = spec.resolved
+            found.append(counter)
     return sorted(found, key=lambda c: c.key)
 
 

@@ -1,16 +1,12 @@
-"""``counter_cache()``: declare a counter column whose spec travels in ``Column.info``."""
+"""The declaration: the counter spec that ``counter_cache()`` puts in ``Column.info``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import MappedColumn, mapped_column
-
-if TYPE_CHECKING:
-    from .counters import Counter
 
 #: The key under which a counter's :class:`CounterSpec` is stored in ``Column.info``.
 INFO_KEY = "counterfill"
@@ -31,55 +27,14 @@ class CounterSpec:
     target: Target
     where: Callable[[], Any] | None = None
     sum: str | Callable[[], Any] | None = None
-    resolved: Counter | None = field(default=None, repr=False)
+    # The resolved Counter, set at mapper configuration. Typed Any because this
+    # module sits below counters.py in the import layers (docs/architecture.md).
+    resolved: Any = field(default=None, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CounterSpec:
         # Column.info is copied when columns are copied onto declarative
         # classes; the spec is immutable user input, so sharing it is right.
         return self
-
-
-def counter_cache(
-    target: Target,
-    *,
-    where: Callable[[], Any] | None = None,
-    sum: str | Callable[[], Any] | None = None,  # noqa: A002 - public keyword
-    type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]] | None = None,
-    **column_kwargs: Any,
-) -> MappedColumn[Any]:
-    """Declare a counter cache column kept exact from the child table named by ``target``.
-
-    :param target: ``"Child.fk_attribute"`` (resolved through the declarative
-        registry) or ``lambda: Child.fk_attribute``.
-    :param where: zero-argument callable returning a SQL boolean expression on
-        the child; only matching child rows count.
-    :param sum: child attribute name (or callable returning it) whose values are
-        added up instead of counting rows.
-    :param type_: column type; ``Integer`` for counts, ``BigInteger`` for sums.
-    :param column_kwargs: passed on to :func:`sqlalchemy.orm.mapped_column`
-        (``name=``, ``doc=``, ``comment=`` ...).
-    """
-    if not (isinstance(target, str) or callable(target)):
-        raise TypeError(
-            "counter_cache() needs 'Child.fk_attribute' or a callable returning the attribute"
-        )
-    if where is not None and not callable(where):
-        raise TypeError("counter_cache(where=...) must be a zero-argument callable (a lambda)")
-    # Importing counters registers the mapper hook that resolves declarations;
-    # the Session hooks go in now so a first statement that is a bulk one is seen.
-    from . import counters  # noqa: F401
-    from .listeners import install_session_hooks
-
-    install_session_hooks()
-
-    if type_ is None:
-        type_ = sa.BigInteger() if sum is not None else sa.Integer()
-    info = dict(column_kwargs.pop("info", None) or {})
-    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum)
-    column_kwargs.setdefault("nullable", False)
-    column_kwargs.setdefault("server_default", "0")
-    column_kwargs.setdefault("insert_default", 0)
-    return mapped_column(type_, info=info, **column_kwargs)
 
 
 def spec_of(column: sa.Column[Any]) -> CounterSpec | None:

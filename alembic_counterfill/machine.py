@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sqlalchemy.orm import Session
 
+from .consistency import assert_counters_consistent
 from .counters import Counter, counters_of
-from .testing import assert_counters_consistent
 
 _INDEX = st.integers(min_value=0, max_value=10_000)
 
@@ -98,16 +98,7 @@ class CounterStateMachine(RuleBasedStateMachine):
         return sa.inspect(parent).identity[0] if sa.inspect(parent).identity else None
 
     def _watched(self, counter: Counter) -> list[sa.Column[Any]]:
-        cols: list[sa.Column[Any]] = []
-        if counter.summed is not None:
-            cols.append(counter.summed)
-        if counter.where is not None:
-            cols += [
-                el
-                for el in sa.sql.visitors.iterate(counter.where)
-                if isinstance(el, sa.Column) and el.table is counter.child_table
-            ]
-        return cols
+        return counter.value_columns()
 
     def _random_value(self, column: sa.Column[Any], data: st.DataObject) -> Any:
         if isinstance(column.type, sa.Boolean):

@@ -79,7 +79,7 @@ def boundaries(connection: Connection, pk: sa.Column[Any], batch_size: int) -> I
 
 
 @dataclass
-class Plan:
+class BackfillPlan:
     """What planning recorded: the runs to drive and the batches still to run."""
 
     run_ids: list[int] = field(default_factory=list)
@@ -89,6 +89,12 @@ class Plan:
     counter_keys: list[str] = field(default_factory=list)
 
 
+def check_choice(names: Sequence[str], everything: bool) -> None:
+    """Counter names or ``--all``, not both: raise :class:`~.errors.CounterfillError` otherwise."""
+    if names and everything:
+        raise CounterfillError("give counter names or --all, not both")
+
+
 def choose(
     connection: Connection, counters: Sequence[Counter], names: Sequence[str], everything: bool
 ) -> list[Counter]:
@@ -96,8 +102,7 @@ def choose(
 
     Raises :class:`~.errors.UnknownCounterError` naming an unknown counter.
     """
-    if names and everything:
-        raise CounterfillError("give counter names or --all, not both")
+    check_choice(names, everything)
     if names:
         return select_counters(counters, names)
     if everything:
@@ -106,7 +111,7 @@ def choose(
     return [c for c in counters if c.key in recorded and recorded[c.key]["state"] != p.ACTIVE]
 
 
-def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> Plan:
+def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> BackfillPlan:
     """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
 
     A counter whose recorded run is not done resumes that run (failed batches
@@ -126,7 +131,7 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
             sa.select(p.runs_table).where(p.runs_table.c.id.in_(run_ids))
         ).mappings()
     }
-    result = Plan(counter_keys=sorted(c.key for c in chosen))
+    result = BackfillPlan(counter_keys=sorted(c.key for c in chosen))
     fresh: dict[sa.Table, list[Counter]] = {}
     for counter in chosen:
         row = recorded.get(counter.key)

@@ -1,19 +1,20 @@
 """SQL builders: the only place that writes counting SQL (live deltas, recounts, truth).
 
-Everything here is built from SQLAlchemy constructs with bound parameters, so
-identifiers never reach SQL as text.
+Statements are built here and executed by their callers: nothing in this
+module touches a connection. Everything is built from SQLAlchemy constructs
+with bound parameters, so identifiers never reach SQL as text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Connection
 
-from .counters import Counter
+if TYPE_CHECKING:
+    from .counters import Counter
 
 
 def contribution(counter: Counter) -> sa.ColumnElement[Any]:
@@ -26,46 +27,6 @@ def contribution(counter: Counter) -> sa.ColumnElement[Any]:
     return value
 
 
-def pk_filter(
-    columns: Sequence[sa.Column[Any]], keys: Iterable[tuple[Any, ...]], dialect: str = ""
-) -> Any:
-    """``pk IN (...)`` for single or composite primary keys.
-
-    On PostgreSQL a single-column key becomes ``pk = ANY(:array)``: one
-    parameter instead of one per row, which keeps a 1,000-row read cheap.
-    """
-    keys = list(keys)
-    if len(columns) == 1:
-        values = [k[0] for k in keys]
-        if dialect == "postgresql":
-            array = sa.bindparam("pk_keys", values, type_=postgresql.ARRAY(columns[0].type))
-            return columns[0] == sa.any_(array)
-        return columns[0].in_(values)
-    return sa.tuple_(*columns).in_(keys)
-
-
-def child_state(
-    counters: Sequence[Counter],
-    pk_columns: Sequence[sa.Column[Any]],
-    keys: Iterable[tuple[Any, ...]],
-    *,
-    lock: bool,
-    dialect: str = "",
-) -> sa.Select[Any]:
-    """Select, per child row, the parent key and contribution for each counter (``k<i>``, ``v<i>``).
-
-    With ``lock`` the rows are read ``FOR UPDATE`` in key order, so the old
-    state is the committed one and concurrent writers of the same rows queue
-    behind us without deadlocking.
-    """
-    cols: list[Any] = []
-    for i, counter in enumerate(counters):
-        cols.append(counter.fk.label(f"k{i}"))
-        cols.append(contribution(counter).label(f"v{i}"))
-    stmt = sa.select(*cols).where(pk_filter(pk_columns, keys, dialect)).order_by(*pk_columns)
-    return stmt.with_for_update() if lock else stmt
-
-
 def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[bool]:
     cond: sa.ColumnElement[bool] = sa.true()
     if lo is not None:
@@ -76,28 +37,38 @@ def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[
 
 
 def _scope(
-    column: sa.ColumnElement[Any], lo: Any, hi: Any, ids: Sequence[Any] | None
+    column: sa.ColumnElement[Any], lo: Any, hi: Any, ids: Sequence[Any] | None, dialect: str = ""
 ) -> sa.ColumnElement[bool]:
     """``[lo, hi)``, narrowed to ``ids`` when given (verify re-checks single candidates)."""
     cond = _range(column, lo, hi)
     if ids is not None:
-        cond = sa.and_(cond, column.in_(list(ids)))
+        if dialect == "postgresql" and isinstance(column, sa.Column):
+            cond = sa.and_(cond, keys_in([column], [(x,) for x in ids], dialect))
+        else:
+            cond = sa.and_(cond, column.in_(list(ids)))
     return cond
 
 
 def lock_parents(
-    table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+    table: sa.Table,
+    pk: sa.Column[Any],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
+    dialect: str = "",
 ) -> sa.Select[Any]:
     """Lock the parent rows of ``[lo, hi)`` (or of ``ids``) in key order.
 
     ``FOR NO KEY UPDATE`` on PostgreSQL: it waits for writers that already
     applied a delta to these parents, yet does not block child inserts whose
     foreign-key checks take ``KEY SHARE`` locks. The statement returns the
-    number of rows locked.
+    number of rows locked. With ``dialect="postgresql"``, ``ids`` travel as one
+    array parameter (any number of parents in one statement).
     """
     inner = (
         sa.select(pk)
-        .where(_scope(pk, lo, hi, ids))
+        .where(_scope(pk, lo, hi, ids, dialect))
         .order_by(pk)
         .with_for_update(key_share=True)
         .subquery("locked")
@@ -154,9 +125,9 @@ def recount_range(
     those parents (verify's repairs).
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
-    p = table.alias("p")
-    p_pk = p.c[pk.key]
-    joined, truths = truth_columns(counters, p, p_pk, lo, hi, ids=ids)
+    parent = table.alias("p")
+    p_pk = parent.c[pk.key]
+    joined, truths = truth_columns(counters, parent, p_pk, lo, hi, ids=ids)
     truth = (
         sa.select(p_pk.label("pk"), *[t.label(f"t{i}") for i, t in enumerate(truths)])
         .select_from(joined)
@@ -200,61 +171,55 @@ def live_value(counter: Counter, parent_id: Any) -> sa.Select[Any]:
     return sa.select(agg).where(c.fk == parent_id)
 
 
-def apply_deltas(
-    connection: Connection,
-    table: sa.Table,
-    pk: sa.Column[Any],
-    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
-) -> None:
-    """Add ``deltas[parent_id][column]`` to each parent's counters atomically (``c = c + d``).
+def add_deltas(
+    table: sa.Table, pk: sa.Column[Any], columns: Sequence[sa.Column[Any]], *, dialect: str
+) -> sa.Update:
+    """UPDATE adding per-parent deltas to ``columns`` atomically (``c = c + d``, never read first).
 
-    Parents are locked in primary-key order so concurrent writers never
-    deadlock on them. PostgreSQL gets one ``UPDATE … FROM unnest(…)`` for the
-    whole table; SQLite (one writer at a time) an executemany.
+    PostgreSQL gets one ``UPDATE … FROM unnest(…)`` for every parent of the
+    table; other databases an executemany. Parameters come from
+    :func:`delta_parameters`.
     """
-    if not deltas:
-        return
-    ids = sorted(deltas)
-    columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
-    if connection.dialect.name == "postgresql":
-        if len(ids) > 1:
-            locked = (
-                sa.select(pk)
-                .where(pk == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))))
-                .order_by(pk)
-                .with_for_update(key_share=True)
-                .subquery("locked")
-            )
-            connection.execute(sa.select(sa.func.count()).select_from(locked), {"ids": ids})
-        params: dict[str, Any] = {"ids": ids}
+    if dialect == "postgresql":
         arrays = [sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))]
         for i, col in enumerate(columns):
-            params[f"d{i}"] = [deltas[x].get(col, 0) for x in ids]
             arrays.append(sa.bindparam(f"d{i}", type_=postgresql.ARRAY(col.type)))
         v = (
             sa.func.unnest(*arrays)
             .table_valued("pk", *[f"d{i}" for i in range(len(columns))])
             .render_derived(name="v")
         )
-        stmt = (
+        return (
             sa.update(table)
             .values({col.name: col + v.c[f"d{i}"] for i, col in enumerate(columns)})
             .where(pk == v.c.pk)
         )
-        connection.execute(stmt, params)
-        return
-    stmt = (
+    return (
         sa.update(table)
         .values({col.name: col + sa.bindparam(f"d{i}") for i, col in enumerate(columns)})
         .where(pk == sa.bindparam("pk_"))
     )
-    rows = [
+
+
+def delta_parameters(
+    ids: Sequence[Any],
+    columns: Sequence[sa.Column[Any]],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+    *,
+    dialect: str,
+) -> Any:
+    """The parameters of :func:`add_deltas` for parents ``ids`` (arrays, or one row per parent)."""
+    if dialect == "postgresql":
+        params: dict[str, Any] = {"ids": list(ids)}
+        for i, col in enumerate(columns):
+            params[f"d{i}"] = [deltas[x].get(col, 0) for x in ids]
+        return params
+    return [
         {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}} for x in ids
     ]
-    connection.execute(stmt, rows)
 
 
-# --- Bulk statements (alembic_counterfill.bulk) ---------------------------------------------
+# --- What child rows count as (live maintenance) -------------------------------------------
 
 
 def row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]]) -> list[Any]:
@@ -270,17 +235,20 @@ def row_state(counters: Sequence[Counter], pk_columns: Sequence[sa.Column[Any]])
     return cols
 
 
-def key_restriction(
-    pk_columns: Sequence[sa.Column[Any]], keys: Sequence[tuple[Any, ...]], dialect_name: str
+def keys_in(
+    pk_columns: Sequence[sa.Column[Any]], keys: Iterable[tuple[Any, ...]], dialect: str = ""
 ) -> sa.ColumnElement[bool]:
     """``pk`` is one of ``keys``: an array parameter per key column on PostgreSQL, else ``IN``.
 
     Arrays keep a statement over 100,000 keys within the driver's 65,535
-    bound-parameter limit; the anonymous parameters never collide with the
-    caller's own.
+    bound-parameter limit (and a 1,000-row read cheap); the anonymous
+    parameters never collide with the caller's own.
     """
-    if dialect_name != "postgresql":
-        return pk_filter(pk_columns, keys)
+    keys = list(keys)
+    if dialect != "postgresql":
+        if len(pk_columns) == 1:
+            return pk_columns[0].in_([k[0] for k in keys])
+        return sa.tuple_(*pk_columns).in_(keys)
     arrays = [
         sa.bindparam(None, [k[j] for k in keys], type_=postgresql.ARRAY(col.type))
         for j, col in enumerate(pk_columns)
@@ -337,3 +305,36 @@ def locked_among(
     if len(pk_columns) == 1:
         return pk_columns[0].in_(sub)
     return sa.tuple_(*pk_columns).in_(sub)
+
+
+# --- Association tables (alembic_counterfill.association) -----------------------------------
+
+
+def matching_links(
+    counters: Sequence[Counter], where: sa.ColumnElement[bool] | None, *, lock: bool = True
+) -> sa.Select[Any]:
+    """Select ``k<i>, v<i>`` (then the table's key as ``p<j>``) of association rows ``where`` matches.
+
+    All ``counters`` share one association table. Rows come in key order (the
+    FKs when the table has no primary key) and, with ``lock``, ``FOR UPDATE``,
+    so writers of the same rows queue instead of deadlocking.
+    """
+    table = counters[0].child_table
+    pk = list(table.primary_key.columns)
+    cols: list[Any] = []
+    for i, counter in enumerate(counters):
+        cols.append(counter.fk.label(f"k{i}"))
+        cols.append(contribution(counter).label(f"v{i}"))
+    cols += [col.label(f"p{j}") for j, col in enumerate(pk)]
+    stmt = sa.select(*cols)
+    if where is not None:
+        stmt = stmt.where(where)
+    stmt = stmt.order_by(*(pk or [c.fk for c in counters]))
+    return stmt.with_for_update() if lock else stmt
+
+
+def among(columns: Sequence[sa.Column[Any]], values: Sequence[tuple[Any, ...]]) -> Any:
+    """``(columns) IN (values)``: a plain ``IN`` for one column, a tuple ``IN`` for several."""
+    if len(columns) == 1:
+        return columns[0].in_([v[0] for v in values])
+    return sa.tuple_(*columns).in_(values)

@@ -22,7 +22,7 @@ from .planning import next_boundary
 
 
 @dataclass(frozen=True)
-class Drift:
+class Finding:
     """One cached value that differs from the truth (``fixed`` once repaired)."""
 
     counter: str
@@ -60,8 +60,8 @@ def verify(
     *,
     fix: bool = False,
     batch_size: int = 10_000,
-    on_drift: Callable[[Drift], None] | None = None,
-) -> list[Drift]:
+    on_drift: Callable[[Finding], None] | None = None,
+) -> list[Finding]:
     """Check ``counters`` against COUNT/SUM over their child tables; with ``fix``, repair them.
 
     Each parent table is scanned once for all its counters, ``batch_size``
@@ -71,7 +71,7 @@ def verify(
     groups: dict[sa.Table, list[Counter]] = {}
     for counter in counters:
         groups.setdefault(counter.parent_table, []).append(counter)
-    found: list[Drift] = []
+    found: list[Finding] = []
     for group in groups.values():
         group.sort(key=lambda c: c.key)
         for drift in _verify_table(engine, group, fix, batch_size):
@@ -83,9 +83,9 @@ def verify(
 
 def _verify_table(
     engine: sa.Engine, group: list[Counter], fix: bool, batch_size: int
-) -> list[Drift]:
+) -> list[Finding]:
     pk = group[0].parent_pk
-    found: list[Drift] = []
+    found: list[Finding] = []
     lo = None
     while True:
         with engine.connect() as conn:
@@ -99,10 +99,10 @@ def _verify_table(
         lo = hi
 
 
-def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool) -> list[Drift]:
+def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool) -> list[Finding]:
     """Confirm (and optionally repair) candidate drift while holding the parents' batch lock."""
     table, pk = group[0].parent_table, group[0].parent_pk
-    out: list[Drift] = []
+    out: list[Finding] = []
     with engine.connect() as conn:
         if conn.dialect.name != "sqlite":
             conn.execute(sql.lock_parents(table, pk, None, None, ids=ids))
@@ -113,7 +113,7 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                 cached, actual = _number(m[f"cached{i}"]), _number(m[f"actual{i}"])
                 if cached != actual:
                     out.append(
-                        Drift(counter.key, table.name, row.pk, counter.name, cached, actual, fix)
+                        Finding(counter.key, table.name, row.pk, counter.name, cached, actual, fix)
                     )
         if fix and rows:
             conn.execute(sql.recount_range(group, None, None, ids=[r.pk for r in rows]))

@@ -29,7 +29,7 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def _plan(engine: sa.Engine, batch_size: int = 50) -> planning.Plan:
+def _plan(engine: sa.Engine, batch_size: int = 50) -> planning.BackfillPlan:
     counters = counters_by_key()
     with engine.begin() as conn:
         return planning.plan(conn, [counters[k] for k in USER_COUNTERS], batch_size)

@@ -20,7 +20,7 @@ from alembic_counterfill.errors import CounterfillError, UnknownCounterError
 from alembic_counterfill.runner import run_inline
 
 
-def _plan(engine: sa.Engine, keys: list[str], batch_size: int = 50) -> planning.Plan:
+def _plan(engine: sa.Engine, keys: list[str], batch_size: int = 50) -> planning.BackfillPlan:
     counters = counters_by_key()
     with engine.begin() as conn:
         return planning.plan(conn, [counters[k] for k in keys], batch_size)

@@ -34,7 +34,7 @@ def _settings(url: str) -> Settings:
     )
 
 
-def _plan(engine: sa.Engine) -> planning.Plan:
+def _plan(engine: sa.Engine) -> planning.BackfillPlan:
     counters = counters_by_key()
     with engine.begin() as conn:
         return planning.plan(conn, [counters[k] for k in USER_COUNTERS], 50)

@@ -18,9 +18,10 @@ captured connection and turns what they really wrote into deltas:
   double remove can never decrement twice. UPDATE always recounts.
 
 ``Session.execute`` of a statement on a counted association table opens a
-capture for that one statement (:func:`run_statement`). Deltas are applied
-by the flush's own :func:`.bulk.settle`, coalesced with every other counter
-of the flush, parents locked in key order.
+capture for that one statement (:func:`run_statement`). A flush's deltas are
+applied by :mod:`.flush` together with every other counter of the flush
+(:func:`.deltas.settle`), parents locked in key order. The hooks are
+registered by :mod:`.events`.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
 from . import sql
-from .bulk import Deltas, Recounts, new_deltas, settle
-from .counters import Counter, counters_of_table
+from .counters import Counter, association_tables, counters_of_table
+from .deltas import Deltas, Recounts, new_deltas, settle
 from .errors import CounterfillWarning
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,6 @@ def _counted(elem: Any) -> list[Counter] | None:
     return counters_of_table(table) or None
 
 
-def _state_columns(counters: Sequence[Counter]) -> list[Any]:
-    cols: list[Any] = []
-    for i, counter in enumerate(counters):
-        cols.append(counter.fk.label(f"k{i}"))
-        cols.append(sql.contribution(counter).label(f"v{i}"))
-    return cols
-
-
 def _rows_of(multiparams: Any, params: Any) -> list[dict[str, Any]]:
     if multiparams:
         return list(multiparams)
@@ -133,24 +125,16 @@ def _read_matching(
     conn: sa.Connection, elem: Any, counters: Sequence[Counter], rows: list[dict[str, Any]]
 ) -> list[Any]:
     """Lock and read what each row the statement matches counts as, in key order."""
-    table: sa.Table = elem.table
-    pk = list(table.primary_key.columns)
-    order = pk or [c.fk for c in counters]
-    cols = _state_columns(counters) + [c.label(f"p{j}") for j, c in enumerate(pk)]
     keys = _unit_of_work_keys(elem, rows)
     if keys is not None:
         # One statement for the whole executemany: the rows named by their keys.
         values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
         found: list[Any] = []
         for i in range(0, len(values), 500):
-            part = values[i : i + 500]
-            cond = (
-                sa.tuple_(*keys).in_(part) if len(keys) > 1 else keys[0].in_([v[0] for v in part])
-            )
-            stmt = sa.select(*cols).where(cond).order_by(*order).with_for_update()
+            stmt = sql.matching_links(counters, sql.among(keys, values[i : i + 500]))
             found.extend(conn.execute(stmt).all())
         return found
-    stmt = sa.select(*cols).where(elem.whereclause).order_by(*order).with_for_update()
+    stmt = sql.matching_links(counters, elem.whereclause)
     if not rows:
         return list(conn.execute(stmt).all())
     found = []
@@ -159,7 +143,7 @@ def _read_matching(
     return found
 
 
-def _before_execute(
+def before_execute(
     conn: sa.Connection, elem: Any, multiparams: Any, params: Any, options: Any
 ) -> tuple[Any, Any, Any]:
     capture = _captures.get(conn) if _captures else None
@@ -176,14 +160,12 @@ def _before_execute(
         # Restrict a hand-written statement to the rows just locked: a row
         # committed after the read cannot be changed unseen.
         n = 2 * len(counters)
-        keys = [tuple(r[n:]) for r in old]
-        restrict = sa.tuple_(*pk).in_(keys) if len(pk) > 1 else pk[0].in_([k[0] for k in keys])
-        elem = elem.where(restrict)
+        elem = elem.where(sql.among(pk, [tuple(r[n:]) for r in old]))
     capture.pending.append((elem, old))
     return elem, multiparams, params
 
 
-def _after_execute(
+def after_execute(
     conn: sa.Connection, elem: Any, multiparams: Any, params: Any, options: Any, result: Any
 ) -> None:
     capture = _captures.get(conn) if _captures else None
@@ -376,34 +358,22 @@ def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
     return result
 
 
-# --- Registration ----------------------------------------------------------------------------
+# --- Mapper configuration ---------------------------------------------------------------------
 
 # Parent mappers of writable relationships over counted association tables.
 _secondary_parents: set[Mapper[Any]] = set()
-_installed = False
 
 
-def install() -> None:
-    """Register the engine-wide statement hooks once (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    event.listen(Engine, "before_execute", _before_execute, retval=True)
-    event.listen(Engine, "after_execute", _after_execute)
-    event.listen(Mapper, "after_configured", _after_configured)
-    _installed = True
-
-
-def _after_configured() -> None:
-    from .counters import _by_table
-
-    for counters in list(_by_table.values()):
-        for mapper in counters[0].parent_mapper.registry.mappers:
-            for rel in mapper.relationships:
-                if rel.secondary is None or rel.viewonly or rel.secondary not in _by_table:
-                    continue
-                _secondary_parents.add(rel.parent)
-                _check_cascade(rel)
+def after_configured() -> None:
+    """Find the relationships that write counted association tables; warn about DB cascades."""
+    tables = set(association_tables())
+    for table in tables:
+        for counter in counters_of_table(table):
+            for mapper in counter.parent_mapper.registry.mappers:
+                for rel in mapper.relationships:
+                    if rel.secondary in tables and not rel.viewonly:
+                        _secondary_parents.add(rel.parent)
+                        _check_cascade(rel)
 
 
 _warned: set[Any] = set()

@@ -1,0 +1,56 @@
+"""``counter_cache()``: the public way to declare a counter column.
+
+It builds the column with its spec (:mod:`.declaration`) and arms the
+library's SQLAlchemy events (:mod:`.events`), which is why it sits above them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import MappedColumn, mapped_column
+
+from . import events
+from .declaration import INFO_KEY, CounterSpec, Target
+
+
+def counter_cache(
+    target: Target,
+    *,
+    where: Callable[[], Any] | None = None,
+    sum: str | Callable[[], Any] | None = None,  # noqa: A002 - public keyword
+    type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]] | None = None,
+    **column_kwargs: Any,
+) -> MappedColumn[Any]:
+    """Declare a counter cache column kept exact from the child table named by ``target``.
+
+    :param target: ``"Child.fk_attribute"`` (resolved through the declarative
+        registry) or ``lambda: Child.fk_attribute``.
+    :param where: zero-argument callable returning a SQL boolean expression on
+        the child; only matching child rows count.
+    :param sum: child attribute name (or callable returning it) whose values are
+        added up instead of counting rows.
+    :param type_: column type; ``Integer`` for counts, ``BigInteger`` for sums.
+    :param column_kwargs: passed on to :func:`sqlalchemy.orm.mapped_column`
+        (``name=``, ``doc=``, ``comment=`` ...).
+    """
+    if not (isinstance(target, str) or callable(target)):
+        raise TypeError(
+            "counter_cache() needs 'Child.fk_attribute' or a callable returning the attribute"
+        )
+    if where is not None and not callable(where):
+        raise TypeError("counter_cache(where=...) must be a zero-argument callable (a lambda)")
+    # Declaring arms every hook: the mapper hook that resolves this declaration,
+    # and the Session hooks, so that a first statement that is a bulk one is seen.
+    events.install()
+
+    if type_ is None:
+        type_ = sa.BigInteger() if sum is not None else sa.Integer()
+    info = dict(column_kwargs.pop("info", None) or {})
+    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum)
+    column_kwargs.setdefault("nullable", False)
+    column_kwargs.setdefault("server_default", "0")
+    column_kwargs.setdefault("insert_default", 0)
+    return mapped_column(type_, info=info, **column_kwargs)

@@ -1,0 +1,191 @@
+"""Counter deltas of one write: accumulate them, apply them to the parents, expire loaded parents.
+
+Every write path ends here. Parent tables are visited in name order and
+parents in primary-key order, the order every flush and bulk statement locks
+them in, so two writers never deadlock on parents.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapper, Session
+
+from . import sql
+from .counters import Counter
+from .plan import WritePlan
+
+#: ``{parent_mapper: {parent_id: {counter: delta}}}``.
+Deltas = dict[Mapper[Any], dict[Any, dict[Counter, Any]]]
+#: Parents whose counters are set to their exact truth: ``{counter: {parent_id, ...}}``.
+Recounts = dict[Counter, set[Any]]
+#: Counter attributes of loaded parents to expire: ``{(parent_mapper, parent_id): {attr, ...}}``.
+Expiry = dict[tuple[Mapper[Any], Any], set[str]]
+
+#: Keys per ``IN (...)``: well under SQLite's 32,766 bound parameters per statement.
+CHUNK = 5000
+
+# Session.info key of the expiry scheduled by apply() for the end of the flush.
+_EXPIRE = "counterfill.expire"
+
+
+def new_deltas() -> Deltas:
+    """An empty, auto-vivifying delta map."""
+    return defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+
+
+def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most :data:`CHUNK` items."""
+    for i in range(0, len(items), CHUNK):
+        yield items[i : i + CHUNK]
+
+
+def add_rows(
+    deltas: Deltas, plan: WritePlan, rows: Iterable[Any], sign: int, prefix: str = ""
+) -> None:
+    """Add ``sign`` times each row's ``<prefix>k<i>``/``<prefix>v<i>`` (:func:`.sql.row_state`)."""
+    rows = rows if isinstance(rows, list) else list(rows)
+    if not rows:
+        return
+    fields = rows[0]._fields  # by label: RETURNING may order the columns its own way
+    for i, counter in enumerate(plan.counters):
+        pids = map(itemgetter(fields.index(f"{prefix}k{i}")), rows)
+        values = map(itemgetter(fields.index(f"{prefix}v{i}")), rows)
+        per_parent: dict[Any, Any]
+        if counter.summed is None:  # values are 0/1: let Counter tally them in C
+            per_parent = Tally(pid for pid, value in zip(pids, values, strict=True) if value)
+        else:
+            per_parent = defaultdict(int)
+            for pid, value in zip(pids, values, strict=True):
+                if value:
+                    per_parent[pid] += value
+        per_parent.pop(None, None)
+        target = deltas[counter.parent_mapper]
+        for parent_id, total in per_parent.items():
+            target[parent_id][counter] += sign * total
+
+
+def _table_name(mapper: Mapper[Any]) -> str:
+    return str(getattr(mapper.local_table, "name", ""))
+
+
+def apply(session: Session, deltas: Deltas) -> None:
+    """Apply per-parent deltas atomically (``c = c + d``) and schedule the parents' expiry.
+
+    Parent tables are visited in name order and parents in key order, so two
+    transactions always lock in the same order. :func:`expire_now` expires
+    the scheduled attributes (at the end of the flush, or right away).
+    """
+    expire = session.info.setdefault(_EXPIRE, defaultdict(set))
+    for parent_mapper in sorted(deltas, key=_table_name):
+        per_parent = {
+            pid: {c.column: d for c, d in ds.items() if d}
+            for pid, ds in deltas[parent_mapper].items()
+        }
+        per_parent = {pid: ds for pid, ds in per_parent.items() if ds}
+        if not per_parent:
+            continue
+        any_counter = next(iter(next(iter(deltas[parent_mapper].values()))))
+        connection = session.connection(bind_arguments={"mapper": parent_mapper})
+        _add_to_parents(connection, any_counter, per_parent)
+        for pid, ds in deltas[parent_mapper].items():
+            expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
+
+
+def _add_to_parents(connection: Connection, counter: Counter, per_parent: dict[Any, Any]) -> None:
+    # PostgreSQL: lock several parents in key order first, since the UPDATE
+    # itself visits them in whatever order its plan chooses. SQLite has one writer.
+    table, pk = counter.parent_table, counter.parent_pk
+    dialect = connection.dialect.name
+    ids = sorted(per_parent)
+    columns = sorted({col for d in per_parent.values() for col in d}, key=lambda c: c.name)
+    if dialect == "postgresql" and len(ids) > 1:
+        connection.execute(sql.lock_parents(table, pk, None, None, ids=ids, dialect=dialect))
+    connection.execute(
+        sql.add_deltas(table, pk, columns, dialect=dialect),
+        sql.delta_parameters(ids, columns, per_parent, dialect=dialect),
+    )
+
+
+def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -> None:
+    """Apply deltas and exact recounts parent table by parent table, then expire loaded parents.
+
+    For a bulk statement (no flush follows it): tables go in name order and
+    parents in key order, as :func:`apply` does.
+    """
+    wanted: dict[Mapper[Any], dict[Counter, set[Any]]] = defaultdict(dict)
+    for counter, ids in (recounts or {}).items():
+        ids = {x for x in ids if x is not None}
+        if ids:
+            wanted[counter.parent_mapper][counter] = ids
+    expire: Expiry = defaultdict(set)
+    for mapper in sorted(set(deltas) | set(wanted), key=_table_name):
+        if mapper in wanted:
+            # Deltas and recounts lock in two statements: lock the union first,
+            # in one key-ordered pass, or two passes could interleave out of order.
+            ids = set(deltas.get(mapper, ())).union(*wanted[mapper].values())
+            _lock(session, mapper, next(iter(wanted[mapper])), sorted(ids))
+        if deltas.get(mapper):
+            apply(session, {mapper: deltas[mapper]})
+        if mapper in wanted:
+            _recount(session, mapper, wanted[mapper], expire)
+    # Inside a flush, the flush's own after_flush_postexec expires them.
+    if not session._flushing:
+        expire_now(session, expire)
+
+
+def schedule_expiry(session: Session, recounts: Recounts) -> None:
+    """Expire recounted parents at the end of the flush, like :func:`apply` does for deltas."""
+    expire = session.info.setdefault(_EXPIRE, defaultdict(set))
+    for counter, ids in recounts.items():
+        for pid in ids:
+            expire[(counter.parent_mapper, pid)].add(counter.attr_key)
+
+
+def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
+        for part in chunks(ids):
+            conn.execute(
+                sql.lock_parents(counter.parent_table, counter.parent_pk, None, None, ids=part)
+            )
+
+
+def _recount(
+    session: Session, mapper: Mapper[Any], wanted: dict[Counter, set[Any]], expire: Expiry
+) -> None:
+    # The batch protocol: the parents are already locked (settle()); recount
+    # in new statements, whose snapshot includes every writer we waited for.
+    counters = sorted(wanted, key=lambda c: c.key)
+    ids = sorted(set().union(*wanted.values()))
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    for part in chunks(ids):
+        conn.execute(sql.recount_range(counters, None, None, ids=part))
+    for pid in ids:
+        expire[(mapper, pid)].update(c.attr_key for c in counters)
+
+
+def expire_now(session: Session, extra: Expiry | None = None) -> None:
+    """Expire counter attributes of loaded parents: those :func:`apply` scheduled, and ``extra``.
+
+    An expired attribute reloads on next access and is never written back, so
+    a parent's own flush cannot overwrite a counter with a stale value.
+    """
+    todo: Expiry = dict(extra or {})
+    for key, attrs in (session.info.pop(_EXPIRE, None) or {}).items():
+        todo.setdefault(key, set()).update(attrs)
+    identity_map = session.identity_map
+    for (mapper, pid), attrs in todo.items():
+        obj = identity_map.get(mapper.identity_key_from_primary_key((pid,)))
+        if obj is not None:
+            session.expire(obj, list(attrs))
+
+
+def forget(session: Session) -> None:
+    """Drop the expiry scheduled for this session (its transaction rolled back)."""
+    session.info.pop(_EXPIRE, None)

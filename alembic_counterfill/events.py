@@ -1,0 +1,81 @@
+"""Every SQLAlchemy event the library listens to, registered in one place.
+
+- ``mapper_configured`` (all mappers): resolve the counters a mapper declares
+  and attach the flush hooks to the child mappers that feed them;
+- Session flush events and ``after_soft_rollback``: :mod:`.flush`;
+- ``do_orm_execute``: ORM bulk statements, :mod:`.bulk`;
+- ``before_execute``/``after_execute`` on every Engine and ``after_configured``,
+  once a counter over a plain association table exists: :mod:`.association`
+  (the unit of work writes ``relationship(secondary=...)`` rows with
+  ``Connection.execute``, which no ORM event sees).
+
+:func:`install` runs when the first counter is declared, so that even a
+process whose first ORM statement is a bulk one is seen. New write paths add
+their registrations here (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Mapper, Session
+
+from . import association, bulk, flush
+from .counters import resolve_mapper
+from .plan import forget_plans
+
+_installed = False
+_child_mappers: set[Mapper[Any]] = set()
+_watching_links = False
+
+
+def install() -> None:
+    """Register the mapper and Session hooks once (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    event.listen(Mapper, "mapper_configured", _on_mapper_configured)
+    event.listen(Session, "before_flush", flush.before_flush)
+    event.listen(Session, "after_flush", flush.after_flush)
+    event.listen(Session, "after_flush_postexec", flush.after_flush_postexec)
+    event.listen(Session, "after_soft_rollback", flush.discard)
+    event.listen(Session, "do_orm_execute", bulk.on_execute)
+    _installed = True
+
+
+def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    for counter in resolve_mapper(mapper):
+        forget_plans()  # a new counter may change any cached write plan
+        if counter.child_mapper is None:
+            _watch_links()
+        else:
+            _watch_child(counter.child_mapper)
+
+
+def _watch_links() -> None:
+    """Follow the statements that write counted association tables (idempotent).
+
+    Engine-wide, since the unit of work's writes reach no ORM event; the
+    handlers return at once for statements on other tables or outside a
+    flush or ``Session.execute``.
+    """
+    global _watching_links
+    if _watching_links:
+        return
+    event.listen(Engine, "before_execute", association.before_execute, retval=True)
+    event.listen(Engine, "after_execute", association.after_execute)
+    event.listen(Mapper, "after_configured", association.after_configured)
+    _watching_links = True
+
+
+def _watch_child(child_mapper: Mapper[Any]) -> None:
+    """Attach the per-row flush hooks to a child mapper and its subclasses (idempotent)."""
+    if child_mapper in _child_mappers:
+        return
+    _child_mappers.add(child_mapper)
+    event.listen(child_mapper, "before_update", flush.before_update, propagate=True)
+    event.listen(child_mapper, "before_delete", flush.before_delete, propagate=True)
+    event.listen(child_mapper, "after_insert", flush.after_insert, propagate=True)
+    event.listen(child_mapper, "after_update", flush.after_update, propagate=True)
