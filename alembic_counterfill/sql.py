@@ -313,7 +313,7 @@ def locked_among(
 def matching_links(
     counters: Sequence[Counter], where: sa.ColumnElement[bool] | None, *, lock: bool = True
 ) -> sa.Select[Any]:
-    """Select ``k<i>, v<i>`` (then the table's key as ``p<j>``) of association rows ``where`` matches.
+    """Select ``k<i>, v<i>`` (then the key as ``p<j>``) of the association rows ``where`` matches.
 
     All ``counters`` share one association table. Rows come in key order (the
     FKs when the table has no primary key) and, with ``lock``, ``FOR UPDATE``,
