@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         ConfigurationError,
         CounterDeclarationError,
         CounterfillError,
+        CounterfillWarning,
         DatabaseError,
         UnknownCounterError,
     )
@@ -45,6 +46,8 @@ __all__ = [
     "UnknownCounterError",
     "BrokerError",
     "DatabaseError",
+    # warnings
+    "CounterfillWarning",
 ]
 
 _HOME = {
@@ -61,6 +64,7 @@ _HOME = {
     "UnknownCounterError": "errors",
     "BrokerError": "errors",
     "DatabaseError": "errors",
+    "CounterfillWarning": "errors",
 }
 
 
