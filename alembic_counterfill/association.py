@@ -280,15 +280,17 @@ def _inserted(
 
 def begin_flush(session: Session) -> None:
     """Open captures on the connections a flush may write association rows with."""
+    # A flush with nothing to write never reaches after_flush: drop what it opened.
+    discard(session)
     if not _secondary_parents:
         return
-    seen: set[int] = set()
+    opened: list[sa.Connection] = []
     for mapper in _secondary_parents:
         conn = session.connection(bind_arguments={"mapper": mapper})
-        if id(conn) not in seen:
-            seen.add(id(conn))
+        if not any(conn is c for c in opened):
             open_capture(conn)
-            session.info.setdefault(_OPEN, []).append(conn)
+            opened.append(conn)
+    session.info[_OPEN] = opened
 
 
 def end_flush(session: Session) -> Capture | None:
