@@ -5,6 +5,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Core install (SQLite, in-process backfills): all the demo needs on its own.
+CORE_STAMP := $(VENV)/.installed-core
+# Plus the drivers and brokers of the services the tests and the server demo use.
+SERVICES_STAMP := $(VENV)/.installed-services
+SERVICE_EXTRAS := postgresql,redis,rabbitmq
+# Plus the test and lint tools.
 STAMP := $(VENV)/.installed
 
 USERS ?= 100000
@@ -13,16 +19,24 @@ BROKER_URL ?=
 
 .PHONY: demo test lint services install clean
 
-$(STAMP): pyproject.toml
+$(CORE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest pytest-timeout greenlet "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10" "import-linter>=2.17"
+	$(PY) -m pip install --quiet -e .
+	touch $(CORE_STAMP)
+
+$(SERVICES_STAMP): $(CORE_STAMP)
+	$(PY) -m pip install --quiet -e '.[$(SERVICE_EXTRAS)]'
+	touch $(SERVICES_STAMP)
+
+$(STAMP): $(SERVICES_STAMP)
+	$(PY) -m pip install --quiet pytest pytest-timeout greenlet "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10" "import-linter>=2.17"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	@if [ -n "$(DATABASE_URL)$(BROKER_URL)" ]; then $(MAKE) --no-print-directory services; fi
+demo: $(CORE_STAMP)
+	@if [ -n "$(DATABASE_URL)$(BROKER_URL)" ]; then $(MAKE) --no-print-directory $(SERVICES_STAMP) services; fi
 	$(PY) -m example_project demo --users $(USERS) \
 		$(if $(DATABASE_URL),--database-url "$(DATABASE_URL)") \
 		$(if $(BROKER_URL),--broker-url "$(BROKER_URL)")

@@ -62,8 +62,11 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
     """
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss"):
-        import redis
-        from dramatiq.brokers.redis import RedisBroker
+        try:
+            import redis
+            from dramatiq.brokers.redis import RedisBroker
+        except ImportError as exc:
+            raise _missing_extra(url, "redis", exc) from None
 
         if sending:
             return RedisBroker(client=redis.Redis.from_url(url, socket_connect_timeout=5))
@@ -77,12 +80,22 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
 
         return _Broker(url=url)
     if scheme in ("amqp", "amqps"):
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+        try:
+            from dramatiq.brokers.rabbitmq import RabbitmqBroker
+        except ImportError as exc:
+            raise _missing_extra(url, "rabbitmq", exc) from None
 
         return RabbitmqBroker(url=url, confirm_delivery=sending)
     raise ConfigurationError(
         f"broker_url {redact(url)!r} has unsupported scheme {scheme!r}; "
         "use redis://, rediss:// or amqp:// (or leave broker_url out to run batches in-process)"
+    )
+
+
+def _missing_extra(url: str, extra: str, exc: ImportError) -> ConfigurationError:
+    return ConfigurationError(
+        f"broker_url {redact(url)!r} needs the {extra} client ({exc}); "
+        f"install it with pip install 'alembic_counterfill[{extra}]'"
     )
 
 

@@ -93,7 +93,7 @@ def run_batch(
         ).first()
         if row is None:
             raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-        if row.state == p.DONE:
+        if row.state == p.BATCH_DONE:
             conn.rollback()
             log.info("batch %d already done; duplicate delivery ignored", batch_id)
             return BatchOutcome(batch_id, row.run_id, applied=False)
@@ -104,7 +104,9 @@ def run_batch(
         if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             conn.execute(sql.lock_parents(table, pk, lo, hi))
         changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
-        finished = _finish(conn, batch_id, row.run_id, was_failed=row.state == p.FAILED, n=changed)
+        finished = _finish(
+            conn, batch_id, row.run_id, was_failed=row.state == p.BATCH_FAILED, n=changed
+        )
         conn.commit()
     seconds = time.monotonic() - started
     log.info(
@@ -127,7 +129,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
     conn.execute(
         sa.update(b)
         .where(b.c.id == batch_id)
-        .values(state=p.DONE, finished_at=now, rows_changed=n, error=None)
+        .values(state=p.BATCH_DONE, finished_at=now, rows_changed=n, error=None)
     )
     done, failed, total = conn.execute(
         sa.update(r)
@@ -140,7 +142,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
         .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
     ).one()
     if done >= total:
-        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.DONE, finished_at=now))
+        conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         conn.execute(
             sa.update(c)
             .where(c.c.run_id == run_id)
@@ -159,7 +161,7 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
 def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
     """Every batch has finished and some failed: the run and its counters are ``failed``."""
     r, c = p.runs_table, p.counters_table
-    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.FAILED, finished_at=now))
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_FAILED, finished_at=now))
     conn.execute(
         sa.update(c)
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
@@ -196,13 +198,13 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
             .values(error=error)
             .returning(b.c.state, b.c.run_id)
         ).first()
-        if row is None or row.state == p.DONE:
+        if row is None or row.state == p.BATCH_DONE:
             conn.rollback()
             return False
-        newly = row.state != p.FAILED
+        newly = row.state != p.BATCH_FAILED
         if newly:
             conn.execute(
-                sa.update(b).where(b.c.id == batch_id).values(state=p.FAILED, finished_at=now)
+                sa.update(b).where(b.c.id == batch_id).values(state=p.BATCH_FAILED, finished_at=now)
             )
             done, failed, total = conn.execute(
                 sa.update(r)

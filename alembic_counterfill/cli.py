@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import sqlalchemy as sa
 
 from . import cli_backfill, progress
-from .config import Settings, from_alembic_config
+from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
 
 _META_KEY = "alembic_counterfill.launch"
-_DONE = (progress.ACTIVE, progress.FAILED)
+_FINAL_STATES = (progress.ACTIVE, progress.FAILED)
 
 
 @dataclass
@@ -39,7 +37,6 @@ class Launch:
     alembic_config: Any = None  # alembic.config.Config when run as ``alembic counterfill``
     config: tuple[str, ...] = ()
     name: str | None = None
-    x: tuple[str, ...] = ()
     raiseerr: bool = False
     _settings: Settings | None = field(default=None, repr=False)
 
@@ -57,30 +54,14 @@ class Launch:
         from alembic.config import Config
 
         inherited = getattr(self.alembic_config, "cmd_opts", None)
-        toml, ini = _config_files(self.config or tuple(getattr(inherited, "config", None) or ()))
+        toml, ini = config_files(self.config or tuple(getattr(inherited, "config", None) or ()))
         options = Namespace(
             config=list(self.config) or getattr(inherited, "config", None),
             name=self.name or "alembic",
-            x=list(self.x) or getattr(inherited, "x", None),
+            x=getattr(inherited, "x", None),
             raiseerr=self.raiseerr,
         )
         return Config(file_=ini, toml_file=toml, ini_section=options.name, cmd_opts=options)
-
-
-def _config_files(given: Sequence[str]) -> tuple[str, str]:
-    """(pyproject.toml, ini) the way alembic's own command line chooses them."""
-    env = os.environ.get("ALEMBIC_CONFIG")
-    toml, ini = "pyproject.toml", "alembic.ini"
-    if env and Path(env).name == "pyproject.toml":
-        toml = env
-    elif env:
-        ini = env
-    for name in given:
-        if Path(name).name == "pyproject.toml":
-            toml = name
-        else:
-            ini = name
-    return toml, ini
 
 
 def _launch(ctx: click.Context) -> Launch:
@@ -158,7 +139,7 @@ def cli(
     ctx: click.Context,
     config: tuple[str, ...],
     name: str | None,
-    x: tuple[str, ...],
+    x: tuple[str, ...],  # accepted like alembic's -x; no command reads it
     raiseerr: bool,
 ) -> None:
     """Keep counter caches exact: see which counters need a backfill, run and verify backfills."""
@@ -168,7 +149,6 @@ def cli(
         alembic_config=alembic_config,
         config=config,
         name=name,
-        x=x,
         raiseerr=raiseerr or bool(getattr(inherited, "raiseerr", False)),
     )
     ctx.obj = None  # the Settings, once a subcommand runs
@@ -306,7 +286,7 @@ def status(
                 click.echo(json.dumps([s.as_json() for s in current]))
             else:
                 click.echo(render_statuses(current))
-            if not watch or all(s.state in _DONE for s in current):
+            if not watch or all(s.state in _FINAL_STATES for s in current):
                 return
             if not clear:
                 click.echo("")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 SECTION = "counterfill"
 #: Environment variable that overrides ``broker_url``.
 BROKER_ENV = "COUNTERFILL_BROKER_URL"
+#: The package extra that installs the driver of each database backend.
+DRIVER_EXTRAS = {"postgresql": "postgresql"}
 KEYS = frozenset({"metadata", "broker_url", "database_url", "batch_size", "queue"})
 
 
@@ -148,9 +151,15 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
     try:
         return sa.create_engine(parsed)
     except (ImportError, sa.exc.ArgumentError) as exc:
+        extra = DRIVER_EXTRAS.get(parsed.get_backend_name())
+        fix = (
+            f"install it with pip install 'alembic_counterfill[{extra}]'"
+            if extra and isinstance(exc, ImportError)
+            else "install the driver or fix the URL"
+        )
         raise ConfigurationError(
             f"cannot use database URL {parsed.render_as_string(hide_password=True)!r}: {exc}; "
-            "install the driver or fix the URL"
+            + fix
         ) from None
 
 
@@ -246,6 +255,26 @@ def _positive_int(value: Any, key: str, source: str) -> int:
     return number
 
 
+def config_files(given: Sequence[str]) -> tuple[str, str]:
+    """(pyproject.toml, ini) the way alembic's own command line chooses them.
+
+    Each file given (``-c``) sets its kind; ``$ALEMBIC_CONFIG`` and then
+    ``pyproject.toml`` / ``alembic.ini`` in the current directory fill the rest.
+    """
+    env = os.environ.get("ALEMBIC_CONFIG")
+    toml, ini = "pyproject.toml", "alembic.ini"
+    if env and Path(env).name == "pyproject.toml":
+        toml = env
+    elif env:
+        ini = env
+    for name in given:
+        if Path(name).name == "pyproject.toml":
+            toml = name
+        else:
+            ini = name
+    return toml, ini
+
+
 def load(config_file: str | None = None, name: str = "alembic") -> Settings:
     """Settings for a worker: ``config_file``, else ``$ALEMBIC_CONFIG``, else ./alembic.ini.
 
@@ -257,13 +286,10 @@ def load(config_file: str | None = None, name: str = "alembic") -> Settings:
     from alembic.config import Config
 
     chosen = config_file or os.environ.get("ALEMBIC_CONFIG")
-    ini: str | None = "alembic.ini"
-    toml = "pyproject.toml"
-    if chosen and Path(chosen).name == "pyproject.toml":
-        toml = chosen
-        ini = None if config_file else "alembic.ini"
-    elif chosen:
-        ini = chosen
+    toml, ini_file = config_files([config_file] if config_file else [])
+    ini: str | None = ini_file
+    if config_file and Path(config_file).name == "pyproject.toml":
+        ini = None  # a worker given only its pyproject.toml reads no ini file
     cfg = Config(
         file_=ini,
         toml_file=toml,

@@ -43,7 +43,7 @@ def read_progress(conn: Connection, run_ids: Sequence[int]) -> RunsProgress:
         out.batches_done += run["batches_done"]
         out.batches_failed += run["batches_failed"]
         out.rows_changed += run["rows_changed"]
-        out.finished = out.finished and run["state"] != p.RUNNING
+        out.finished = out.finished and run["state"] != p.RUN_RUNNING
         if run["table_name"] not in out.tables:
             out.tables.append(run["table_name"])
     return out
@@ -55,7 +55,7 @@ def failed_batches(conn: Connection, run_ids: Sequence[int], limit: int = 5) -> 
     return list(
         conn.execute(
             sa.select(b.c.id, b.c.lo, b.c.hi, b.c.error)
-            .where(b.c.run_id.in_(list(run_ids)), b.c.state == p.FAILED)
+            .where(b.c.run_id.in_(list(run_ids)), b.c.state == p.BATCH_FAILED)
             .order_by(b.c.finished_at, b.c.id)
             .limit(limit)
         )

@@ -138,7 +138,7 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
         run = runs.get(row["run_id"]) if row is not None else None
         if (
             run is not None
-            and run["state"] != p.DONE
+            and run["state"] != p.RUN_DONE
             and counter.key in run["counter_keys"].split(",")
         ):
             if run["id"] not in result.resumed_run_ids:
@@ -154,7 +154,7 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
     result.batch_ids = list(
         connection.execute(
             sa.select(b.c.id)
-            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.DONE)
+            .where(b.c.run_id.in_(result.run_ids), b.c.state != p.BATCH_DONE)
             .order_by(b.c.run_id, b.c.seq)
         ).scalars()
     )
@@ -165,14 +165,14 @@ def _resume(connection: Connection, run_id: int) -> None:
     b, r, c = p.batches_table, p.runs_table, p.counters_table
     reset = connection.execute(
         sa.update(b)
-        .where(b.c.run_id == run_id, b.c.state == p.FAILED)
+        .where(b.c.run_id == run_id, b.c.state == p.BATCH_FAILED)
         .values(state=p.BATCH_PENDING, finished_at=None)
     ).rowcount
     connection.execute(
         sa.update(r)
         .where(r.c.id == run_id)
         .values(
-            state=p.RUNNING,
+            state=p.RUN_RUNNING,
             finished_at=None,
             resumed_at=p.now(),
             batches_failed=r.c.batches_failed - reset,
@@ -197,7 +197,7 @@ def _new_run(
             table_name=table.name,
             counter_keys=",".join(c.key for c in group),
             batch_size=batch_size,
-            state=p.RUNNING,
+            state=p.RUN_RUNNING,
             created_at=now,
         )
         .returning(p.runs_table.c.id)
@@ -246,6 +246,6 @@ def mark_sent(connection: Connection, batch_ids: Sequence[int]) -> None:
         chunk = list(batch_ids[start : start + 5000])
         connection.execute(
             sa.update(b)
-            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.SENT]))
-            .values(state=p.SENT, sent_at=now)
+            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.BATCH_SENT]))
+            .values(state=p.BATCH_SENT, sent_at=now)
         )

@@ -20,10 +20,13 @@ bookkeeping = sa.MetaData()
 PENDING, BACKFILLING, ACTIVE, FAILED = "pending", "backfilling", "active", "failed"
 
 #: Run states: batches outstanding, all done, or all finished with some failed.
-RUNNING, DONE = "running", "done"
+RUN_RUNNING, RUN_DONE, RUN_FAILED = "running", "done", "failed"
 
 #: Batch states: planned, handed to the broker, applied, out of retries.
-BATCH_PENDING, SENT = "pending", "sent"
+BATCH_PENDING, BATCH_SENT, BATCH_DONE, BATCH_FAILED = "pending", "sent", "done", "failed"
+
+#: Older names of run and batch states (the library uses the prefixed ones above).
+RUNNING, DONE, SENT = RUN_RUNNING, RUN_DONE, BATCH_SENT
 
 counters_table = sa.Table(
     "counterfill_counters",
@@ -180,7 +183,7 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
             runs[run_row["id"]] = run_row
         failed = connection.execute(
             sa.select(batches_table.c.run_id, batches_table.c.error)
-            .where(batches_table.c.run_id.in_(run_ids), batches_table.c.state == "failed")
+            .where(batches_table.c.run_id.in_(run_ids), batches_table.c.state == BATCH_FAILED)
             .order_by(batches_table.c.finished_at)
         )
         for run_id, error in failed:
@@ -193,7 +196,7 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
             .join(rt, rt.c.id == b.c.run_id)
             .where(
                 b.c.run_id.in_(run_ids),
-                b.c.state == "done",
+                b.c.state == BATCH_DONE,
                 rt.c.resumed_at.is_not(None),
                 b.c.finished_at >= rt.c.resumed_at,
             )
