@@ -146,6 +146,11 @@ def _read_matching(
 def before_execute(
     conn: sa.Connection, elem: Any, multiparams: Any, params: Any, options: Any
 ) -> tuple[Any, Any, Any]:
+    """Before a DELETE/UPDATE of a counted association table: lock and read its rows.
+
+    Registered with ``retval=True``: a single-statement DELETE/UPDATE on a
+    table with a primary key comes back restricted to the rows it locked.
+    """
     capture = _captures.get(conn) if _captures else None
     if capture is None:
         return elem, multiparams, params
@@ -168,6 +173,7 @@ def before_execute(
 def after_execute(
     conn: sa.Connection, elem: Any, multiparams: Any, params: Any, options: Any, result: Any
 ) -> None:
+    """After a write to a counted association table: turn what it wrote into deltas."""
     capture = _captures.get(conn) if _captures else None
     if capture is None:
         return
@@ -198,7 +204,7 @@ def after_execute(
                 else:
                     _lost(elem, counter)
     table: sa.Table = elem.table
-    if isinstance(elem, sa.Delete) and rowcount > len(old) and not table.primary_key:
+    if isinstance(elem, sa.Delete) and rowcount > len(old):  # only when it was not restricted
         log.warning(
             "counterfill: DELETE on %s removed %d row(s) committed after they were read; "
             "their parents' counters may be off until `alembic counterfill verify --fix`",

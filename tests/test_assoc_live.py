@@ -10,8 +10,17 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 from assoc_models import Base, Post, Tag, User, assert_exact, followers, links, post_tags
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    selectinload,
+)
 from sqlalchemy.orm.exc import StaleDataError
+
+from alembic_counterfill import counter_cache
 
 
 @pytest.fixture
@@ -358,3 +367,64 @@ def test_async_session(pg_db: sa.Engine, pg_url: str) -> None:
     db = pg_db
     assert counts(db, 3)[0] == 0 and counts(db, 1)[1] == 0
     assert_exact(db)
+
+
+# --- the unit of work's UPDATE of association rows ---------------------------------------------
+
+
+def test_primary_key_change_with_passive_updates_false(sqlite_url: str) -> None:
+    """A parent's key change rewrites its links (``passive_updates=False``): counted by recount.
+
+    SQLite only: elsewhere the FK would need ``ON UPDATE CASCADE``, which makes
+    ``passive_updates=False`` pointless.
+    """
+
+    class B(DeclarativeBase):
+        pass
+
+    item_groups = sa.Table(
+        "item_groups",
+        B.metadata,
+        sa.Column("item_code", sa.ForeignKey("items.code"), primary_key=True),
+        sa.Column("group_id", sa.ForeignKey("groups.id"), primary_key=True),
+    )
+
+    class Group(B):
+        __tablename__ = "groups"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items_count: Mapped[int] = counter_cache("item_groups.group_id")
+
+    class Item(B):
+        __tablename__ = "items"
+        code: Mapped[str] = mapped_column(sa.String(10), primary_key=True)
+        groups_count: Mapped[int] = counter_cache(lambda: item_groups.c.item_code)
+        groups: Mapped[list[Group]] = relationship(secondary=item_groups, passive_updates=False)
+
+    engine = sa.create_engine(sqlite_url)
+    try:
+        B.metadata.create_all(engine)
+        with Session(engine) as s:
+            g1, g2 = Group(id=1), Group(id=2)
+            s.add(Item(code="a", groups=[g1, g2]))
+            s.add(Item(code="b", groups=[g1]))
+            s.commit()
+            item = s.get(Item, "a")
+            assert item is not None
+            item.code = "z"  # the unit of work UPDATEs item_groups.item_code a -> z
+            s.commit()
+        with engine.connect() as conn:
+            assert conn.execute(
+                sa.select(Item.code, Item.groups_count).order_by(Item.code)
+            ).all() == [
+                ("b", 1),
+                ("z", 2),
+            ]
+            assert conn.execute(
+                sa.select(Group.items_count).order_by(Group.id)
+            ).scalars().all() == [2, 1]
+            assert (
+                conn.execute(sa.select(sa.func.count()).select_from(item_groups)).scalar_one() == 3
+            )
+    finally:
+        engine.dispose()
+        B.registry.dispose()
