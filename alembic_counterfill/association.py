@@ -291,8 +291,11 @@ def begin_flush(session: Session) -> None:
     if not _secondary_parents:
         return
     opened: list[sa.Connection] = []
-    for mapper in _secondary_parents:
-        conn = session.connection(bind_arguments={"mapper": mapper})
+    for mapper in list(_secondary_parents):
+        try:
+            conn = session.connection(bind_arguments={"mapper": mapper})
+        except sa.exc.UnboundExecutionError:  # a mapper this session has no bind for
+            continue
         if not any(conn is c for c in opened):
             open_capture(conn)
             opened.append(conn)
@@ -368,8 +371,9 @@ def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
 
 # --- Mapper configuration ---------------------------------------------------------------------
 
-# Parent mappers of writable relationships over counted association tables.
-_secondary_parents: set[Mapper[Any]] = set()
+# Parent mappers of writable relationships over counted association tables
+# (weak: a disposed registry's mappers must be free to go).
+_secondary_parents: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
 def after_configured() -> None:
@@ -384,7 +388,7 @@ def after_configured() -> None:
                         _check_cascade(rel)
 
 
-_warned: set[Any] = set()
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _check_cascade(rel: Any) -> None:

@@ -428,3 +428,26 @@ def test_primary_key_change_with_passive_updates_false(sqlite_url: str) -> None:
     finally:
         engine.dispose()
         B.registry.dispose()
+
+
+def test_a_session_bound_per_mapper_elsewhere_still_flushes(sqlite_url: str) -> None:
+    """Capturing association writes must not ask an unrelated session for binds it lacks."""
+
+    class B(DeclarativeBase):
+        pass
+
+    class Thing(B):
+        __tablename__ = "things"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    sa.orm.configure_mappers()  # the association counters above are configured too
+    engine = sa.create_engine(sqlite_url)
+    try:
+        B.metadata.create_all(engine)
+        with Session(binds={Thing: engine}) as s:
+            s.add(Thing(id=1))
+            s.commit()
+            assert s.get(Thing, 1) is not None
+    finally:
+        engine.dispose()
+        B.registry.dispose()
