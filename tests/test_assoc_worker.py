@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from assoc_models import User, assert_exact, followers
+from assoc_project import KEYS, assoc_project, seed_behind_the_listeners
 from backfill_project import wait_for
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
-from test_assoc_backfill import KEYS, assoc_project, seed_behind_the_listeners
 
 from alembic_counterfill import progress
 
