@@ -309,6 +309,22 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         )
     summed = _resolve_sum(spec, parent, column, child)
     where = _resolve_where(spec, parent, column)
+    if child.mapper is None and where is not None:
+        others = sorted(
+            {
+                el.table.name
+                for el in visitors.iterate(where)
+                if isinstance(el, sa.Column) and el.table is not child.table
+            }
+        )
+        if others:
+            _fail(
+                parent,
+                column,
+                f"where= reads {', '.join(others)}, not only the association table {child.label}",
+                f"use only the columns of {child.label}, e.g. where=lambda: "
+                f"{child.label}.c.accepted.is_(True)",
+            )
     table = parent.local_table
     assert isinstance(table, sa.Table)
     return Counter(

@@ -156,6 +156,16 @@ def test_errors_on_association_columns() -> None:
     assert "sum='nothing' is not a column of followers" in msg
 
 
+def test_where_over_another_table_is_refused() -> None:
+    msg = error(
+        lambda t: counter_cache(
+            "followers.followed_id", where=lambda: t.metadata.tables["users"].c.id > 3
+        )
+    )
+    assert "where= reads users, not only the association table followers" in msg
+    assert "use only the columns of followers" in msg
+
+
 def test_warns_when_the_database_cascades_deletes_the_orm_leaves_to_it() -> None:
     with pytest.warns(CounterfillWarning, match="passive_deletes=True.*ON DELETE CASCADE"):
         resolved(
