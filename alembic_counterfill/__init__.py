@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         DatabaseError,
         UnknownCounterError,
     )
+    from .folding import configure_folding
     from .pause import paused
     from .read import counter_value
     from .testing import assert_counters_consistent
@@ -33,6 +34,7 @@ __all__ = [
     "counters_of",
     # live maintenance
     "paused",
+    "configure_folding",
     # reading during rollout
     "counter_value",
     # backfill workers in an app's own Dramatiq setup
@@ -55,6 +57,7 @@ _HOME = {
     "Counter": "counters",
     "counters_of": "counters",
     "paused": "pause",
+    "configure_folding": "folding",
     "counter_value": "read",
     "declare_actors": "actors",
     "assert_counters_consistent": "testing",

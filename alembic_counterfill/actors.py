@@ -14,18 +14,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dramatiq
 import sqlalchemy as sa
 from dramatiq.middleware import Middleware, Retries
 
-from .batch import BatchNotFound, describe, mark_failed, run_batch
+from .batch import BatchNotFound, describe, mark_failed, note_retry, run_batch
 from .counters import Counter
 from .errors import BrokerError, ConfigurationError
+from .urls import redact
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -41,17 +43,42 @@ MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 60_000
 TIME_LIMIT_MS = 300_000
 
+#: The fold actor's name: a message ``counterfill_fold()`` folds every buffered counter's deltas.
+FOLD_ACTOR = "counterfill_fold"
+
+#: Milliseconds between a worker's checks for deltas waiting to be folded.
+FOLD_INTERVAL_MS = 250
+
 #: Longest pause between polls of an idle Redis queue by a worker.
 IDLE_POLL_MS = 100
 
+#: Delay before a paused batch's message is looked at again.
+PAUSED_RECHECK_MS = 5_000
 
-def redact(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
+#: Delay before a batch that gave way to database signals is tried again.
+THROTTLED_RECHECK_MS = 1_000
+
+
+def _namespace(url: str) -> tuple[str, str]:
+    """Split the library's own ``?namespace=`` parameter off a Redis URL (redis-py rejects it)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    namespace = next((v for k, v in pairs if k == "namespace"), "dramatiq")
+    rest = urlencode([(k, v) for k, v in pairs if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace or "dramatiq"
+
+
+def _check_url(url: str) -> str:
+    """The URL's scheme; ConfigurationError when the URL (host, port) cannot be parsed."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"broker_url {redact(url)!r} is malformed ({exc}); write e.g. "
+            "redis://:password@host:6379/0 or amqp://user:password@host:5672/"
+        ) from None
+    return parts.scheme if "://" in url else ""
 
 
 def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
@@ -60,7 +87,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
     :param sending: the broker only sends (``enqueue``): fail fast when the
         server is unreachable and, on RabbitMQ, wait for publisher confirms.
     """
-    scheme = urlsplit(url).scheme
+    scheme = _check_url(url)
     if scheme in ("redis", "rediss"):
         try:
             import redis
@@ -68,8 +95,18 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
         except ImportError as exc:
             raise _missing_extra(url, "redis", exc) from None
 
+        # ``?namespace=name`` prefixes every Dramatiq key, so that several apps
+        # (or test runs) share one Redis database without touching each other.
+        url, namespace = _namespace(url)
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=5 if sending else None)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"broker_url {redact(url)!r} is not a valid Redis URL ({exc}); "
+                "write e.g. redis://:password@host:6379/0"
+            ) from None
         if sending:
-            return RedisBroker(client=redis.Redis.from_url(url, socket_connect_timeout=5))
+            return RedisBroker(client=client, namespace=namespace)
 
         class _Broker(RedisBroker):
             def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -78,7 +115,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
                 # polling every IDLE_POLL_MS costs Redis next to nothing.
                 return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
 
-        return _Broker(url=url)
+        return _Broker(client=client, namespace=namespace)
     if scheme in ("amqp", "amqps"):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -184,14 +221,72 @@ class _BatchLifecycle(Middleware):
                 message.options.get("retries", 0),
                 error,
             )
+            try:  # `enqueue --wait` and `status` show retries as they happen
+                note_retry(self.source.engine(), batch_id, error)
+            except Exception as exc:
+                log.warning("could not record the retry of batch %s: %s", batch_id, exc)
             return
         try:
             mark_failed(self.source.engine(), batch_id, error)
         except Exception as exc:  # the database may be what failed; the log keeps the error
             log.error("batch %s failed: %s (could not record it: %s)", batch_id, error, exc)
 
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        from .heartbeat import Heartbeat
+
+        try:
+            self.heartbeat = Heartbeat(self.source.engine(), self.source.settings.queue).start()
+        except Exception as exc:  # no heartbeat only makes `status` unsure, never stops batches
+            log.warning("worker heartbeat disabled: %s", exc)
+
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        heartbeat = getattr(self, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
         self.source.dispose()
+
+
+class _FoldTicker(Middleware):
+    """Sends ``counterfill_fold`` while buffered counters have deltas older than the interval.
+
+    One daemon thread per worker process, started at worker boot, reading
+    one cheap aggregate per deltas table each interval; with no buffered
+    counter declared it stops at once. Several processes may send a fold for
+    the same deltas: folds racing each other stay exact.
+    """
+
+    def __init__(self, source: Source, actor: dramatiq.Actor[Any, Any], interval_ms: int) -> None:
+        self.source = source
+        self.actor = actor
+        self.interval = interval_ms / 1000
+        self.stop = threading.Event()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        threading.Thread(target=self._tick, name="counterfill-fold-ticker", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self.stop.set()
+
+    def _tick(self) -> None:
+        from .fold import parent_tables, pending
+
+        last_sent = 0.0
+        while not self.stop.wait(self.interval):
+            try:
+                tables = parent_tables(self.source.counters().values())
+                if not tables:
+                    return
+                with self.source.engine().connect() as conn:
+                    ages = [pending(conn, t).oldest_seconds for t in tables]
+                now = time.monotonic()
+                due = any(a is not None and a >= self.interval for a in ages)
+                # A fold already sent is given a few intervals to run before another.
+                if due and now - last_sent >= 4 * self.interval:
+                    self.actor.send()
+                    last_sent = now
+            except Exception as exc:  # the database or broker may be down: keep ticking
+                log.warning("fold ticker: %s", describe(exc))
+                self.stop.wait(10 * self.interval)
 
 
 @dataclass
@@ -201,10 +296,47 @@ class BackfillActors:
     broker: dramatiq.Broker
     batch: dramatiq.Actor[Any, Any]
     source: Source
+    fold: dramatiq.Actor[Any, Any] | None = None
 
     def send(self, batch_ids: Iterable[int]) -> int:
         """Send one message per batch id to this actor's queue; return how many were sent."""
         return send_batches(self.broker, self.batch.queue_name, batch_ids)
+
+
+def _message(queue: str, batch_id: int) -> dramatiq.Message[Any]:
+    return dramatiq.Message(
+        queue_name=queue, actor_name=BATCH_ACTOR, args=(batch_id,), kwargs={}, options={}
+    )
+
+
+def queued_batch_ids(broker: dramatiq.Broker, queue: str) -> set[int] | None:
+    """Batch ids whose messages wait in ``queue`` (delayed ones too), if the broker can tell.
+
+    Redis keeps waiting message ids in a list per queue and their bodies in a
+    hash; a message a worker took (and perhaps lost by dying) is in neither
+    list, so it counts as not queued. RabbitMQ cannot list its messages:
+    ``None``, and ``enqueue`` re-sends every unfinished batch.
+    """
+    client = getattr(broker, "client", None)
+    namespace = getattr(broker, "namespace", None)
+    if client is None or namespace is None:
+        return None
+    found: set[int] = set()
+    for name in (queue, f"{queue}.DQ"):
+        key = f"{namespace}:{name}"
+        ids = client.lrange(key, 0, -1)
+        if not ids:
+            continue
+        for body in client.hmget(f"{key}.msgs", ids):
+            if body is None:
+                continue
+            try:
+                message = dramatiq.Message.decode(body)
+            except Exception:  # not ours to judge; the worker will reject it
+                continue
+            if message.actor_name == BATCH_ACTOR and message.args:
+                found.add(int(message.args[0]))
+    return found
 
 
 def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) -> int:
@@ -217,15 +349,7 @@ def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) 
     try:
         broker.declare_queue(queue)
         for batch_id in batch_ids:
-            broker.enqueue(
-                dramatiq.Message(
-                    queue_name=queue,
-                    actor_name=BATCH_ACTOR,
-                    args=(batch_id,),
-                    kwargs={},
-                    options={},
-                )
-            )
+            broker.enqueue(_message(queue, batch_id))
             sent += 1
     except Exception as exc:
         raise BrokerError(
@@ -243,8 +367,9 @@ def declare_actors(
     min_backoff: int = MIN_BACKOFF_MS,
     max_backoff: int = MAX_BACKOFF_MS,
     time_limit: int = TIME_LIMIT_MS,
+    fold_interval: int = FOLD_INTERVAL_MS,
 ) -> BackfillActors:
-    """Declare the backfill actor on ``broker`` (one call from an app's tasks module).
+    """Declare the backfill and fold actors on ``broker`` (one call from an app's tasks module).
 
     :param broker: the app's broker; it needs Dramatiq's default ``Retries``
         and ``TimeLimit`` middleware.
@@ -256,6 +381,8 @@ def declare_actors(
     :param max_backoff: longest retry delay in milliseconds.
     :param time_limit: milliseconds a batch may run; also its PostgreSQL
         ``statement_timeout``.
+    :param fold_interval: milliseconds between each worker process's checks
+        for deltas of buffered counters waiting to be folded.
     """
     if settings is None:
         from .config import load
@@ -264,7 +391,28 @@ def declare_actors(
     source = Source(settings)
 
     def counterfill_batch(batch_id: int) -> None:
-        run_batch(source.engine(), source.counters(), batch_id, statement_timeout_ms=time_limit)
+        outcome = run_batch(
+            source.engine(),
+            source.counters(),
+            batch_id,
+            statement_timeout_ms=time_limit,
+            pacing=settings.pacing,
+            throttle=settings.throttle,
+            # Half the time limit: a long range yields and is sent again rather
+            # than being killed by the time limit mid-transaction.
+            budget_seconds=time_limit / 2000,
+        )
+        if outcome.yielded is not None:
+            # Not done: paused, throttled or out of time. Leave it queued for
+            # later; its cursor in the database says where to continue.
+            delay = (
+                PAUSED_RECHECK_MS
+                if outcome.yielded == "paused"
+                else THROTTLED_RECHECK_MS
+                if outcome.yielded.startswith("throttled")
+                else None
+            )
+            broker.enqueue(_message(settings.queue, batch_id), delay=delay)
 
     actor: dramatiq.Actor[Any, Any] = dramatiq.actor(
         actor_name=BATCH_ACTOR,
@@ -283,4 +431,18 @@ def declare_actors(
         broker.add_middleware(lifecycle, before=Retries)
     else:
         broker.add_middleware(lifecycle)
-    return BackfillActors(broker, actor, source)
+
+    def counterfill_fold() -> None:
+        from .fold import fold
+
+        fold(source.engine(), source.counters().values())
+
+    folder: dramatiq.Actor[Any, Any] = dramatiq.actor(
+        actor_name=FOLD_ACTOR,
+        queue_name=settings.queue,
+        broker=broker,
+        max_retries=0,  # the ticker sends another while deltas wait
+        time_limit=time_limit,
+    )(counterfill_fold)
+    broker.add_middleware(_FoldTicker(source, folder, fold_interval))
+    return BackfillActors(broker, actor, source, folder)

@@ -7,20 +7,25 @@ one after another; it is applied once.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import progress as p
-from . import sql
+from . import signals, sql
 from .counters import Counter
 from .errors import ConfigurationError, CounterfillError
-from .planning import decode_key
+from .pacing import BACKOFF_SHRINK, History, Pacing
+from .pacing import next_size as next_size_after
+from .planning import decode_key, encode_key, key_text, next_boundary
+from .signals import Throttle
 
 log = logging.getLogger("alembic_counterfill.batch")
 
@@ -35,10 +40,38 @@ class BatchOutcome:
 
     batch_id: int
     run_id: int
-    applied: bool  # False: it was already done, nothing was written
+    applied: bool  # False: it was already done (or paused), nothing was written
     rows_changed: int = 0
     run_finished: bool = False  # this batch completed its run
     seconds: float = 0.0
+    #: Why the delivery stopped before the batch's range was done ("paused",
+    #: a throttle reason, "time budget"); None when the batch is done. The
+    #: caller delivers it again later.
+    yielded: str | None = None
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One transaction of a batch: what it found and did."""
+
+    kind: str  # applied, done, paused, lock timeout
+    run_id: int = 0
+    changed: int = 0
+    last: bool = False
+    run_finished: bool = False
+    waiters: str | None = None
+    table: sa.Table | None = None
+    rate_wait: float = 0.0
+
+
+#: Chunk kinds.
+_APPLIED, _ALREADY, _PAUSED, _LOCKED = "applied", "done", "paused", "lock timeout"
+
+#: Seconds between checks of autovacuum and replica lag within one delivery.
+HEALTH_EVERY = 5.0
+
+#: Longest single back-off sleep (seconds).
+MAX_SLEEP = 10.0
 
 
 def _run_counters(counters: Mapping[str, Counter], keys: str, batch_id: int) -> list[Counter]:
@@ -57,90 +90,369 @@ def run_batch(
     batch_id: int,
     *,
     statement_timeout_ms: int | None = None,
+    pacing: Pacing | None = None,
+    throttle: Throttle | None = None,
+    budget_seconds: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> BatchOutcome:
-    """Apply batch ``batch_id`` once, in one short transaction.
+    """Apply batch ``batch_id`` once, in short transactions of an adaptive size.
+
+    A batch is a planned key range; it is applied in one or more
+    transactions, each cutting the next piece of the range (its size chosen by
+    :mod:`.pacing` from the run's measured durations, unless ``--batch-size``
+    pinned it) and following DESIGN.md section 3:
 
     1. lock the batch row (an ``UPDATE``, which also takes SQLite's write lock
-       up front); if it is done already, stop;
-    2. lock the parent range in key order (PostgreSQL), waiting for writers
-       that already applied a delta to these parents;
+       up front); if it is done already, stop; read where the range's cursor is;
+    2. lock the piece's parents in key order (PostgreSQL), waiting at most the
+       throttle's ``lock_timeout`` for writers that already applied a delta;
     3. recount every counter of the run in one ``UPDATE`` (a new statement,
        so a new snapshot), writing only rows whose value differs;
-    4. mark the batch done and add its figures to the run; the batch that
-       brings ``batches_done`` to ``batches_total`` marks the run and its
-       counters active. The run row's update serialises concurrent batches,
-       so exactly one of them sees the final count.
+    4. move the cursor, or for the last piece mark the batch done; add its
+       figures to the run; the batch that brings ``batches_done`` to
+       ``batches_total`` marks the run and its counters active. The run row's
+       update serialises concurrent batches, so exactly one of them sees the
+       final count.
+
+    Between transactions it backs off on database signals (see
+    :mod:`.signals`) and stops early, returning ``yielded``, when the run is
+    paused or ``budget_seconds`` ran out: the cursor is saved, so the next
+    delivery continues where this one stopped.
 
     :param counters: declared counters by key.
-    :param statement_timeout_ms: PostgreSQL ``statement_timeout`` for the
+    :param statement_timeout_ms: PostgreSQL ``statement_timeout`` for each
         transaction, so a batch stuck on a lock ends even inside a C call.
+    :param pacing: target duration and bounds of the adaptive size.
+    :param throttle: which database signals to obey.
+    :param budget_seconds: longest time this delivery may take (None: no limit).
     """
+    pacing = pacing or Pacing()
+    throttle = throttle or Throttle()
     started = time.monotonic()
-    b, r = p.batches_table, p.runs_table
-    with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            # A batch is a short statement: JIT compilation (triggered by the
-            # planner's cost estimate of the recount) costs more than it saves.
-            settings = {"jit": "off"}
-            if statement_timeout_ms:
-                settings["statement_timeout"] = str(statement_timeout_ms)
-            conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
-        row = conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id)
-            .values(attempts=b.c.attempts + 1, started_at=p.now())
-            .returning(b.c.state, b.c.run_id, b.c.lo, b.c.hi)
-        ).first()
-        if row is None:
-            raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-        if row.state == p.BATCH_DONE:
-            conn.rollback()
-            log.info("batch %d already done; duplicate delivery ignored", batch_id)
-            return BatchOutcome(batch_id, row.run_id, applied=False)
-        keys = conn.execute(sa.select(r.c.counter_keys).where(r.c.id == row.run_id)).scalar_one()
-        chosen = _run_counters(counters, keys, batch_id)
-        table, pk = chosen[0].parent_table, chosen[0].parent_pk
-        lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
-        if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
-            conn.execute(sql.lock_parents(table, pk, lo, hi))
-        changed = conn.execute(sql.recount_range(chosen, lo, hi)).rowcount
-        finished = _finish(
-            conn, batch_id, row.run_id, was_failed=row.state == p.BATCH_FAILED, n=changed
+    changed, applied, first = 0, False, True
+    locked_in_a_row, next_health = 0, started + HEALTH_EVERY
+    run_id = 0
+    while True:
+        chunk = _one_transaction(
+            engine, counters, batch_id, pacing, throttle, statement_timeout_ms, first
         )
-        conn.commit()
-    seconds = time.monotonic() - started
+        first = False
+        run_id = chunk.run_id or run_id
+        seconds = time.monotonic() - started
+        if chunk.kind == _ALREADY:
+            if not applied:
+                log.info("batch %d already done; duplicate delivery ignored", batch_id)
+            return BatchOutcome(batch_id, run_id, applied, changed, False, seconds)
+        if chunk.kind == _PAUSED:
+            log.info("batch %d paused; left for later", batch_id)
+            return BatchOutcome(batch_id, run_id, applied, changed, False, seconds, "paused")
+        if chunk.kind == _LOCKED:
+            locked_in_a_row += 1
+            wait = min(MAX_SLEEP, 0.25 * 2**locked_in_a_row)
+            log.warning(
+                "batch %d throttled: its parent rows stayed locked by other sessions for "
+                "%d ms; backing off %.1fs with a smaller batch",
+                batch_id,
+                throttle.lock_timeout_ms,
+                wait,
+            )
+            if _out_of_budget(started, budget_seconds, wait):
+                return BatchOutcome(
+                    batch_id, run_id, applied, changed, False, seconds, "throttled: lock wait"
+                )
+            sleep(wait)
+            continue
+        locked_in_a_row = 0
+        applied = True
+        changed += chunk.changed
+        if chunk.last:
+            return BatchOutcome(batch_id, run_id, True, changed, chunk.run_finished, seconds)
+        wait = chunk.rate_wait
+        if chunk.waiters:
+            wait = max(wait, 0.2)  # let the waiting sessions through before the next piece
+        if chunk.table is not None and time.monotonic() >= next_health:
+            next_health = time.monotonic() + HEALTH_EVERY
+            reason = _health_pause(
+                engine, chunk.table, throttle, batch_id, run_id, sleep, started, budget_seconds
+            )
+            if reason is not None:
+                return BatchOutcome(
+                    batch_id, run_id, True, changed, False, seconds, f"throttled: {reason}"
+                )
+        if _out_of_budget(started, budget_seconds, wait):
+            return BatchOutcome(batch_id, run_id, True, changed, False, seconds, "time budget")
+        if wait > 0:
+            sleep(wait)
+
+
+def _out_of_budget(started: float, budget: float | None, wait: float) -> bool:
+    return budget is not None and time.monotonic() + wait - started >= budget
+
+
+def _health_pause(
+    engine: sa.Engine,
+    table: sa.Table,
+    throttle: Throttle,
+    batch_id: int,
+    run_id: int,
+    sleep: Callable[[float], None],
+    started: float,
+    budget: float | None,
+) -> str | None:
+    """Sleep while autovacuum or replica lag says so; return the reason if the budget ran out."""
+    pause = 1.0
+    while True:
+        with engine.connect() as conn:
+            reason = signals.health(conn, table, throttle)
+            if reason is None:
+                return None
+            _record_throttle(conn, run_id, reason)
+            conn.commit()
+        log.warning("batch %d throttled: %s; pausing %.1fs", batch_id, reason, pause)
+        if _out_of_budget(started, budget, pause):
+            return reason
+        sleep(pause)
+        pause = min(MAX_SLEEP, pause * 2)
+
+
+def _record_throttle(conn: Connection, run_id: int, reason: str) -> None:
+    r = p.runs_table
+    conn.execute(
+        sa.update(r).where(r.c.id == run_id).values(throttle_reason=reason, throttled_at=p.now())
+    )
+
+
+def _session_settings(
+    conn: Connection, statement_timeout_ms: int | None, throttle: Throttle
+) -> None:
+    if conn.dialect.name != "postgresql":
+        return
+    # A batch is a short statement: JIT compilation (triggered by the
+    # planner's cost estimate of the recount) costs more than it saves.
+    settings = {"jit": "off"}
+    if statement_timeout_ms:
+        settings["statement_timeout"] = str(statement_timeout_ms)
+    if throttle.lock_timeout_ms:
+        settings["lock_timeout"] = str(throttle.lock_timeout_ms)
+    conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
+
+
+_RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at")
+
+
+def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
+    """Lock the batch row and read it with its run's settings (None: no such batch).
+
+    One round trip on PostgreSQL (``UPDATE … FROM`` reads the run row without
+    locking it); SQLite cannot return another table's columns, so it reads
+    the run in a second statement.
+    """
+    b, r = p.batches_table, p.runs_table
+    mine = (b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
+    touch = {"attempts": b.c.attempts + (1 if first else 0), "started_at": p.now()}
+    if conn.dialect.name == "postgresql":
+        return conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id, r.c.id == b.c.run_id)
+            .values(touch)
+            .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS])
+        ).first()
+    row = conn.execute(
+        sa.update(b).where(b.c.id == batch_id).values(touch).returning(*mine)
+    ).first()
+    if row is None:
+        return None
+    run = conn.execute(
+        sa.select(*[r.c[name] for name in _RUN_SETTINGS]).where(r.c.id == row.run_id)
+    ).one()
+    return SimpleNamespace(**row._asdict(), **run._asdict())
+
+
+def _one_transaction(
+    engine: sa.Engine,
+    counters: Mapping[str, Counter],
+    batch_id: int,
+    pacing: Pacing,
+    throttle: Throttle,
+    statement_timeout_ms: int | None,
+    first: bool,
+) -> _Chunk:
+    """Apply the next piece of the batch's range in one transaction (steps 1-4 above)."""
+    b = p.batches_table
+    t0 = time.monotonic()
+    row: Any = None
+    with engine.connect() as conn:
+        _session_settings(conn, statement_timeout_ms, throttle)
+        try:
+            row = _lock_batch(conn, batch_id, first)
+            if row is None:
+                raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
+            if row.state == p.BATCH_DONE:
+                conn.rollback()
+                return _Chunk(_ALREADY, row.run_id)
+            run = row
+            if run.paused_at is not None:
+                conn.rollback()
+                return _Chunk(_PAUSED, row.run_id)
+            chosen = _run_counters(counters, run.counter_keys, batch_id)
+            table, pk = chosen[0].parent_table, chosen[0].parent_pk
+            lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
+            start = decode_key(pk, row.cursor) if row.cursor is not None else lo
+            size = run.chunk_size or run.batch_size
+            end, last = hi, True
+            if size < run.batch_size:
+                cut = next_boundary(conn, pk, start, size)
+                if cut is not None and (hi is None or cut < hi):
+                    end, last = cut, False
+            if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
+                parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
+            else:
+                parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
+            # Buffered counters: the recount also removes the range's pending deltas.
+            for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
+                n = conn.execute(stmt).rowcount
+            waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
+            seconds = time.monotonic() - t0
+            if last:
+                conn.execute(
+                    sa.update(b)
+                    .where(b.c.id == batch_id)
+                    .values(
+                        state=p.BATCH_DONE,
+                        finished_at=p.now(),
+                        rows_changed=b.c.rows_changed + n,
+                        error=None,
+                        cursor=None,
+                    )
+                )
+            else:
+                conn.execute(
+                    sa.update(b)
+                    .where(b.c.id == batch_id)
+                    .values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
+                )
+            finished, rate_wait, next_size = _advance_run(
+                conn,
+                row.run_id,
+                pacing,
+                size=size,
+                parents=parents,
+                seconds=seconds,
+                changed=n,
+                last=last,
+                was_failed=row.state == p.BATCH_FAILED,
+                waiters=waiters,
+            )
+            conn.commit()
+        except sa.exc.DBAPIError as exc:
+            if not signals.is_lock_timeout(exc):
+                raise
+            conn.rollback()
+            run_id = row.run_id if row is not None else 0  # None: a duplicate holds the batch
+            if run_id:
+                _shrink(conn, run_id, pacing, "parent rows locked by other sessions (lock_timeout)")
+                conn.commit()
+            return _Chunk(_LOCKED, run_id)
     log.info(
-        "batch %d %s [%s, %s) rows_changed=%d in %.3fs%s",
+        "batch %d %s [%s, %s) parents=%d rows_changed=%d in %.3fs%s%s%s%s",
         batch_id,
-        keys,
-        "-inf" if lo is None else lo,
-        "+inf" if hi is None else hi,
-        changed,
+        run.counter_keys,
+        key_text(start),
+        key_text(end, upper=True),
+        parents,
+        n,
         seconds,
+        "" if run.pinned or last else f"; next size {next_size}",
+        f"; throttled: {waiters}" if waiters else "",
+        "; batch done" if last else "",
         "; run complete" if finished else "",
     )
-    return BatchOutcome(batch_id, row.run_id, True, changed, finished, seconds)
+    return _Chunk(_APPLIED, row.run_id, n, last, finished, waiters, table, rate_wait)
 
 
-def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n: int) -> bool:
-    """Mark the batch done, add to the run's figures, complete the run if this was the last."""
-    b, r, c = p.batches_table, p.runs_table, p.counters_table
+def _count_parents(table: sa.Table, pk: sa.Column[Any], lo: Any, hi: Any) -> sa.Select[Any]:
+    """Parents in ``[lo, hi)`` (SQLite, where no lock statement counts them)."""
+    stmt = sa.select(sa.func.count()).select_from(table)
+    if lo is not None:
+        stmt = stmt.where(pk >= lo)
+    if hi is not None:
+        stmt = stmt.where(pk < hi)
+    return stmt
+
+
+def _advance_run(
+    conn: Connection,
+    run_id: int,
+    pacing: Pacing,
+    *,
+    size: int,
+    parents: int,
+    seconds: float,
+    changed: int,
+    last: bool,
+    was_failed: bool,
+    waiters: str | None,
+) -> tuple[bool, float, int]:
+    """Add one transaction's figures to the run; complete it if this was its last batch.
+
+    Returns (run finished, seconds to wait under the rate limit, next size).
+    The run row is locked here, at the end of the transaction, as the
+    ``UPDATE`` of the figures would lock it anyway.
+    """
+    r, c = p.runs_table, p.counters_table
     now = p.now()
-    conn.execute(
-        sa.update(b)
-        .where(b.c.id == batch_id)
-        .values(state=p.BATCH_DONE, finished_at=now, rows_changed=n, error=None)
+    run = (
+        conn.execute(sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True))
+        .mappings()
+        .one()
     )
+    values: dict[str, Any] = {
+        "rows_changed": r.c.rows_changed + changed,
+        "parents_done": sa.func.coalesce(r.c.parents_done, 0) + parents,
+        "last_batch_at": now,
+    }
+    if last:
+        values["batches_done"] = r.c.batches_done + 1
+        if was_failed:
+            values["batches_failed"] = r.c.batches_failed - 1
+    next_size = size
+    if not run["pinned"] and run["chunk_size"]:  # runs planned before 0.2 have none
+        bounds = _bounds(pacing, run["batch_size"])
+        step = next_size_after(
+            bounds,
+            size,
+            parents,
+            seconds,
+            History.loads(run["pacing_history"]),
+            back_off=waiters is not None,
+        )
+        # The last piece of a range is often short: it informs the estimate
+        # but does not by itself shrink the size.
+        next_size = step.size if not last or waiters else max(step.size, run["chunk_size"])
+        values["chunk_size"] = next_size
+        values["seconds_per_parent"] = step.seconds_per_parent
+        values["pacing_history"] = step.history.dumps()
+    if waiters:
+        values["throttle_reason"] = waiters
+        values["throttled_at"] = now
+    values.update(_window(run, now, parents))
+    rate_wait = 0.0
+    limit = run["max_rows_per_second"]
+    if limit and parents:
+        # A shared timeline on the run row: each piece books parents/limit
+        # seconds of it, and its worker waits until its booking ends.
+        slot = max(_aware(run["rate_next_at"]) if run["rate_next_at"] else now, now)
+        booked = slot + dt.timedelta(seconds=parents / limit)
+        values["rate_next_at"] = booked
+        rate_wait = (booked - now).total_seconds()
     done, failed, total = conn.execute(
         sa.update(r)
         .where(r.c.id == run_id)
-        .values(
-            batches_done=r.c.batches_done + 1,
-            batches_failed=r.c.batches_failed - (1 if was_failed else 0),
-            rows_changed=r.c.rows_changed + n,
-        )
+        .values(values)
         .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
     ).one()
+    if not last:
+        return False, rate_wait, next_size
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         conn.execute(
@@ -152,10 +464,47 @@ def _finish(conn: Connection, batch_id: int, run_id: int, *, was_failed: bool, n
                 activated_at=sa.func.coalesce(c.c.activated_at, now),
             )
         )
-        return True
+        return True, rate_wait, next_size
     if done + failed >= total:
         _fail_run(conn, run_id, now)
-    return False
+    return False, rate_wait, next_size
+
+
+def _bounds(pacing: Pacing, batch_size: int) -> Pacing:
+    """The controller's bounds for a run whose planned ranges hold ``batch_size`` parents."""
+    return replace(pacing, max_size=batch_size, min_size=min(pacing.min_size, batch_size))
+
+
+def _window(run: Any, now: dt.datetime, parents: int) -> dict[str, Any]:
+    """Recent-window rate: parents since the window opened; a window closes after
+    ``RATE_WINDOW_SECONDS`` and its rate is kept for ``status``."""
+    start = run["window_started_at"]
+    if start is None:
+        return {"window_started_at": now, "window_parents": parents}
+    elapsed = (now - _aware(start)).total_seconds()
+    total = (run["window_parents"] or 0) + parents
+    if elapsed >= p.RATE_WINDOW_SECONDS:
+        return {"window_rate": total / elapsed, "window_started_at": now, "window_parents": 0}
+    return {"window_parents": total}
+
+
+def _shrink(conn: Connection, run_id: int, pacing: Pacing, reason: str) -> None:
+    """Halve the run's adaptive size and record why (a piece could not get its locks)."""
+    r = p.runs_table
+    run = conn.execute(
+        sa.select(r.c.chunk_size, r.c.pinned, r.c.batch_size).where(r.c.id == run_id)
+    ).one()
+    values: dict[str, Any] = {"throttle_reason": reason, "throttled_at": p.now()}
+    if run.chunk_size and not run.pinned:
+        values["chunk_size"] = _bounds(pacing, run.batch_size).clamp(
+            run.chunk_size * BACKOFF_SHRINK
+        )
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(values))
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
 
 
 def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
@@ -217,3 +566,12 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
         conn.commit()
     log.error("batch %d failed: %s", batch_id, error)
     return newly
+
+
+def note_retry(engine: sa.Engine, batch_id: int, error: str) -> None:
+    """Record the error of an attempt that will be retried (``--wait`` and ``status`` show it)."""
+    b = p.batches_table
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(b).where(b.c.id == batch_id, b.c.state != p.BATCH_DONE).values(error=error)
+        )

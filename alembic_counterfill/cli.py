@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 import time
 from argparse import Namespace
@@ -21,13 +22,17 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from . import cli_backfill, progress
+from . import cli_backfill, cli_control, cli_fold, progress
 from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
+from .text import render_table
+from .urls import redact
 
 _META_KEY = "alembic_counterfill.launch"
-_FINAL_STATES = (progress.ACTIVE, progress.FAILED)
+#: ``ctx.meta`` key of the command prefix hints repeat (``alembic -c pg.ini counterfill``).
+PREFIX_KEY = "alembic_counterfill.prefix"
+_FINAL_STATES = (progress.ACTIVE, progress.FAILED, progress.PAUSED)
 
 
 @dataclass
@@ -62,6 +67,28 @@ class Launch:
             raiseerr=self.raiseerr,
         )
         return Config(file_=ini, toml_file=toml, ini_section=options.name, cmd_opts=options)
+
+
+def command_prefix(ctx: click.Context) -> str:
+    """How the user started this group, options kept: for hints like ``… status --watch``."""
+    launch = _launch(ctx)
+    words: list[str] = []
+    if launch.alembic_config is not None:
+        opts = getattr(launch.alembic_config, "cmd_opts", None)
+        words.append("alembic")
+        for given in getattr(opts, "config", None) or ():
+            words += ["-c", given]
+        name = getattr(opts, "name", None)
+        if name and name != "alembic":
+            words += ["-n", name]
+        words.append("counterfill")
+    else:
+        words.append("alembic-counterfill")
+    for given in launch.config:
+        words += ["-c", given]
+    if launch.name:
+        words += ["-n", launch.name]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _launch(ctx: click.Context) -> Launch:
@@ -114,7 +141,7 @@ def _database_message(ctx: click.Context, exc: sa.exc.DBAPIError) -> str:
     settings = _launch(ctx)._settings
     url = "the database"
     if settings is not None:
-        url = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
+        url = redact(settings.database_url)
     detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
     return (
         f"cannot use database {url}: {detail}; check sqlalchemy.url (or [counterfill] "
@@ -122,7 +149,20 @@ def _database_message(ctx: click.Context, exc: sa.exc.DBAPIError) -> str:
     )
 
 
-@click.group(cls=CounterfillGroup)
+_ENVIRONMENT = """\b
+Environment variables:
+  COUNTERFILL_BROKER_URL        broker URL, overrides [counterfill] broker_url
+  COUNTERFILL_BATCH_SIZE        enqueue --batch-size
+  COUNTERFILL_WAIT              enqueue --wait
+  COUNTERFILL_VERIFY            enqueue --verify
+  COUNTERFILL_MAX_ROWS_PER_SECOND  enqueue --max-rows-per-second
+  ALEMBIC_CONFIG                config file (also for workers: dramatiq has no -c)
+  COUNTERFILL_MAX_RETRIES, COUNTERFILL_MIN_BACKOFF, COUNTERFILL_MAX_BACKOFF,
+  COUNTERFILL_TIME_LIMIT        worker tuning (milliseconds for times)
+"""
+
+
+@click.group(cls=CounterfillGroup, epilog=_ENVIRONMENT)
 @click.option(
     "-c",
     "--config",
@@ -152,6 +192,7 @@ def cli(
         raiseerr=raiseerr or bool(getattr(inherited, "raiseerr", False)),
     )
     ctx.obj = None  # the Settings, once a subcommand runs
+    ctx.meta[PREFIX_KEY] = command_prefix(ctx)
 
 
 def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.CounterStatus]:
@@ -173,15 +214,6 @@ def describe_counter(counter: Counter) -> str:
             where = counter.where.compile()
         text += f" WHERE {where}"
     return text
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
-    lines = [headers, *rows]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip()
-        for line in lines
-    )
 
 
 @cli.command("list")
@@ -214,7 +246,7 @@ def list_(settings: Settings, as_json: bool) -> None:
         click.echo(f"no counters declared in {settings.metadata_path}")
         return
     click.echo(
-        _table(
+        render_table(
             ("COUNTER", "STATE", "COUNTS"),
             [(c.key, states[c.key], describe_counter(c)) for c in counters],
         )
@@ -232,8 +264,12 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{_duration(seconds)} ago"
+
+
 def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
-    """The human ``status`` table (with a last-error line under failed counters)."""
+    """The human ``status`` table, then notes: why batches back off, last errors, workers."""
     rows = [
         (
             s.counter,
@@ -241,15 +277,48 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
             f"{s.batches_done}/{s.batches_total}" if s.batches_total else "-",
             str(s.batches_failed) if s.batches_total else "-",
             f"{s.rows_changed:,}" if s.batches_total else "-",
-            f"{s.rate:.1f}/s" if s.rate else "-",
-            _duration(s.eta_seconds) if s.state == progress.BACKFILLING else "-",
+            f"{s.rate:,.0f}/s" if s.rate and s.activity else "-",
+            _duration(s.eta_seconds) if s.activity in ("running", "throttled") else "-",
+            s.activity or "-",
+            _ago(s.last_batch_seconds_ago) if s.batches_total else "-",
+            (f"{s.batch_size:,}" + (" pinned" if s.pinned else "")) if s.activity else "-",
         )
         for s in statuses
     ]
-    text = _table(("COUNTER", "STATE", "BATCHES", "FAILED", "ROWS CHANGED", "RATE", "ETA"), rows)
+    text = render_table(
+        (
+            "COUNTER",
+            "STATE",
+            "BATCHES",
+            "FAILED",
+            "ROWS CHANGED",
+            "RATE",
+            "ETA",
+            "ACTIVITY",
+            "LAST BATCH",
+            "SIZE",
+        ),
+        rows,
+    )
+    notes = [
+        f"throttled: {reason}" for reason in sorted({s.throttled for s in statuses if s.throttled})
+    ]
+    notes += [f"{s.counter}: {s.retrying} batch(es) retrying" for s in statuses if s.retrying]
+    busy = [s for s in statuses if s.activity]
+    if busy:
+        notes.append(f"workers alive: {busy[0].workers_alive}")
+        if any(s.activity == "stalled" for s in busy):
+            notes.append(
+                "stalled: no worker heartbeat and no batch lately; start workers "
+                "(dramatiq alembic_counterfill.worker) or run `enqueue --inline`"
+            )
+        if any(s.activity == "paused" for s in busy):
+            notes.append("paused: `resume` continues where the batches stopped")
     errors = [f"{s.counter}: {s.last_error}" for s in statuses if s.last_error]
     if errors:
-        text += "\n\nlast errors:\n" + "\n".join("  " + " ".join(e.split())[:200] for e in errors)
+        notes += ["", "last errors:"] + ["  " + " ".join(e.split())[:200] for e in errors]
+    if notes:
+        text += "\n\n" + "\n".join(notes)
     return text
 
 
@@ -275,17 +344,20 @@ def status(
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
-    keys = [c.key for c in cli_backfill.chosen_counters(settings, counters)[1]]
+    chosen = cli_backfill.chosen_counters(settings, counters)[1]
+    keys = [c.key for c in chosen]
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:
             current = _read_statuses(settings, keys)
+            with settings.engine().connect() as connection:
+                cli_fold.annotate(connection, current, chosen)
             if clear:
                 click.clear()
             if as_json:
                 click.echo(json.dumps([s.as_json() for s in current]))
             else:
-                click.echo(render_statuses(current))
+                click.echo(render_statuses(current) + cli_fold.render(current))
             if not watch or all(s.state in _FINAL_STATES for s in current):
                 return
             if not clear:
@@ -296,6 +368,8 @@ def status(
 
 
 cli_backfill.register(cli)
+cli_control.register(cli)
+cli_fold.register(cli)
 
 
 def run_from_alembic(alembic_config: Any, args: list[str]) -> None:

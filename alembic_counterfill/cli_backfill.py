@@ -15,15 +15,18 @@ from typing import TYPE_CHECKING, Any
 import click
 import sqlalchemy as sa
 
-from . import monitor, planning, runner
+from . import monitor, pacing, planning, runner
 from . import progress as p
 from . import verify as verifying
-from .actors import broker_from_url, ping, redact, send_batches
 from .counters import Counter, select_counters
 from .errors import CounterfillError, UnknownCounterError
+from .text import render_table
 
 if TYPE_CHECKING:
     from .config import Settings
+
+#: ``ctx.meta`` key where the group keeps the command prefix for hints (see cli.py).
+PREFIX_KEY = "alembic_counterfill.prefix"
 
 
 def chosen_counters(
@@ -40,6 +43,16 @@ def chosen_counters(
         raise click.BadParameter(str(exc), param_hint="COUNTER") from None
 
 
+def hint(command: str) -> str:
+    """``command`` prefixed the way the user started this one (``alembic -c pg.ini …``)."""
+    prefix = click.get_current_context().meta.get(PREFIX_KEY, "alembic counterfill")
+    return f"{prefix} {command}"
+
+
+#: Messages sent between two records of what was sent (a Ctrl-C loses at most this much).
+SEND_CHUNK = 500
+
+
 @click.command("enqueue")
 @click.argument("counters", nargs=-1, metavar="[COUNTER]...")
 @click.option(
@@ -48,18 +61,33 @@ def chosen_counters(
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    envvar="BATCH_SIZE",
+    envvar="COUNTERFILL_BATCH_SIZE",
+    show_envvar=True,
     default=None,
-    help="Parents per batch (env BATCH_SIZE; default: [counterfill] batch_size or 10000).",
+    help="Pin every batch transaction to N parents (default: adaptive, up to [counterfill] "
+    "batch_size or 10000 per planned range).",
 )
 @click.option(
-    "--wait", is_flag=True, envvar="WAIT", help="Show progress until done, then a summary."
+    "--max-rows-per-second",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="COUNTERFILL_MAX_ROWS_PER_SECOND",
+    show_envvar=True,
+    default=None,
+    help="Rate limit of the backfill, in parents per second, over all workers.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    envvar="COUNTERFILL_WAIT",
+    show_envvar=True,
+    help="Show progress until done, then a summary.",
 )
 @click.option(
     "--verify",
     "check",
     is_flag=True,
-    envvar="VERIFY",
+    envvar="COUNTERFILL_VERIFY",
+    show_envvar=True,
     help="After --wait, verify (implies --wait).",
 )
 @click.option("--inline", is_flag=True, help="Run the batches in this process, with no broker.")
@@ -69,14 +97,16 @@ def enqueue(
     counters: tuple[str, ...],
     everything: bool,
     batch_size: int | None,
+    max_rows_per_second: float | None,
     wait: bool,
     check: bool,
     inline: bool,
 ) -> None:
     """Plan and send backfills for counters that are not active (or the COUNTERs named).
 
-    Re-running resumes: only batches that are not done are sent again. Without
-    a broker_url (or with --inline) the batches run here, one after another.
+    Re-running resumes: only batches that are not done and whose messages are
+    not still queued are sent again. Without a broker_url (or with --inline)
+    the batches run here, one after another.
     """
     try:
         planning.check_choice(counters, everything)
@@ -88,8 +118,17 @@ def enqueue(
     planning_started = time.monotonic()
     broker = None
     if not in_process:
+        # Dramatiq is imported only when sending: status, verify and in-process
+        # runs start faster without it.
+        from .actors import broker_from_url, ping
+
         assert settings.broker_url is not None
         broker = broker_from_url(settings.broker_url, sending=True)
+    sizing = planning.Sizing(
+        pinned=batch_size is not None,
+        start=min(pacing.START_SIZE, settings.batch_size),
+        max_rows_per_second=max_rows_per_second or settings.max_rows_per_second,
+    )
     try:
         if broker is not None and settings.broker_url:
             ping(broker, settings.broker_url)  # before planning: a dead broker changes nothing
@@ -98,17 +137,10 @@ def enqueue(
             if not chosen:
                 click.echo("nothing to backfill: every counter is active (use --all to recount)")
                 return
-            plan = planning.plan(conn, chosen, batch_size or settings.batch_size)
-        _describe_plan(engine, plan)
+            plan = planning.plan(conn, chosen, batch_size or settings.batch_size, sizing)
+        _describe_plan(engine, plan, batch_size)
         if broker is not None and settings.broker_url:
-            sent = send_batches(broker, settings.queue, plan.batch_ids)
-            with engine.begin() as conn:
-                planning.mark_sent(conn, plan.batch_ids)
-            click.echo(
-                f"sent {sent} batches to queue {settings.queue!r} on "
-                f"{redact(settings.broker_url)} "
-                f"(planned and sent in {time.monotonic() - planning_started:.2f}s)"
-            )
+            _send(settings, broker, engine, plan, planning_started)
     finally:
         if broker is not None:
             broker.close()
@@ -116,23 +148,81 @@ def enqueue(
     if in_process:
         _run_here(settings, plan, show=wait or check)
     elif wait or check:
-        monitor.wait(engine, plan.run_ids, stream=sys.stderr)
+        try:
+            monitor.wait(engine, plan.run_ids, stream=sys.stderr)
+        except KeyboardInterrupt:
+            click.echo(
+                "\nstopped watching; the workers carry on. Follow with: " + hint("status --watch"),
+                err=True,
+            )
+            return
     else:
-        click.echo("follow with: alembic counterfill status --watch")
+        click.echo(f"follow with: {hint('status --watch')}")
         return
     with engine.connect() as conn:
         lines = monitor.summary(conn, plan.run_ids, time.monotonic() - started)
-        failed = monitor.read_progress(conn, plan.run_ids).batches_failed
+        pr = monitor.read_progress(conn, plan.run_ids)
     for line in lines:
         click.echo(line)
-    if failed:
+    if pr.paused and not pr.finished:
         raise CounterfillError(
-            f"{failed} batches failed (errors above and in `status`); fix the cause, "
-            "then run `enqueue` again to retry them"
+            f"the backfill is paused ({pr.remaining} batches left); "
+            f"continue it with `{hint('resume')}`"
+        )
+    if pr.batches_failed:
+        raise CounterfillError(
+            f"{pr.batches_failed} batches failed (errors above and in `status`); fix the cause, "
+            f"then run `{hint('enqueue')}` again to retry them"
         )
     if check:
         keys = {k for run in _run_keys(engine, plan.run_ids) for k in run}
         _report_drift(settings, [c for c in declared if c.key in keys], fix=False, as_json=False)
+
+
+def _send(
+    settings: Settings,
+    broker: Any,
+    engine: Any,
+    plan: planning.BackfillPlan,
+    planning_started: float,
+) -> None:
+    """Send the plan's batches (not those still queued), recording what was sent as it goes.
+
+    A Ctrl-C while sending records the messages already sent and says how to
+    send the rest; nothing is sent twice by the next ``enqueue``.
+    """
+    from .actors import queued_batch_ids, redact, send_batches
+
+    assert settings.broker_url is not None
+    queued = queued_batch_ids(broker, settings.queue)
+    to_send = [i for i in plan.batch_ids if queued is None or i not in queued]
+    skipped = len(plan.batch_ids) - len(to_send)
+    sent = 0
+    try:
+        for start in range(0, len(to_send), SEND_CHUNK):
+            chunk = to_send[start : start + SEND_CHUNK]
+            try:
+                send_batches(broker, settings.queue, chunk)
+            finally:
+                # Even when interrupted mid-chunk: messages that did go out
+                # must not be sent again; a batch marked sent whose message
+                # did not go out is re-sent by the next `enqueue`.
+                with engine.begin() as conn:
+                    planning.mark_sent(conn, chunk)
+            sent += len(chunk)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted: sent {sent} of {len(to_send)} batches; the plan is saved. "
+            f"Send the rest with: {hint('enqueue')}",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
+    note = f", {skipped} still queued from before" if skipped else ""
+    click.echo(
+        f"sent {sent} batches to queue {settings.queue!r} on "
+        f"{redact(settings.broker_url)}{note} "
+        f"(planned and sent in {time.monotonic() - planning_started:.2f}s)"
+    )
 
 
 def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
@@ -142,20 +232,33 @@ def _run_keys(engine: Any, run_ids: list[int]) -> list[list[str]]:
         return [keys.split(",") for keys in rows]
 
 
-def _describe_plan(engine: Any, plan: planning.BackfillPlan) -> None:
+def _describe_plan(engine: Any, plan: planning.BackfillPlan, batch_size: int | None) -> None:
     r = p.runs_table
     with engine.connect() as conn:
         runs = conn.execute(sa.select(r).where(r.c.id.in_(plan.run_ids)).order_by(r.c.id))
         for run in runs.mappings():
-            verb = "resuming" if run["id"] in plan.resumed_run_ids else "planned"
+            resumed = run["id"] in plan.resumed_run_ids
             left = run["batches_total"] - run["batches_done"]
+            if run["pinned"]:
+                size = f"{run['chunk_size'] or run['batch_size']:,} parents per transaction"
+            else:
+                size = f"adaptive size up to {run['batch_size']:,} parents"
             click.echo(
-                f"{verb} run {run['id']} on {run['table_name']} ({run['counter_keys']}): "
-                f"{left} of {run['batches_total']} batches to run"
+                f"{'resuming' if resumed else 'planned'} run {run['id']} on {run['table_name']} "
+                f"({run['counter_keys']}): {left} of {run['batches_total']} batches to run, "
+                f"{size}" + (" (paused)" if run["paused_at"] is not None else "")
             )
+            if resumed and batch_size is not None and batch_size > run["batch_size"]:
+                click.echo(
+                    f"  --batch-size {batch_size}: this run's ranges were planned at "
+                    f"{run['batch_size']:,} parents, so no transaction exceeds that; "
+                    "plan anew with `enqueue --all` after it ends to use bigger ones"
+                )
 
 
 def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) -> None:
+    from .heartbeat import Heartbeat
+
     engine = settings.engine()
     counters = {c.key: c for c in settings.counters()}
     bar = monitor.Bar(sys.stderr, "backfill") if show else None
@@ -166,30 +269,44 @@ def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) ->
                 bar.update(monitor.read_progress(conn, plan.run_ids))
 
     click.echo(f"running {len(plan.batch_ids)} batches in this process")
+    heartbeat = Heartbeat(engine, None).start()  # `status` shows this process as a worker
     try:
-        runner.run_inline(engine, counters, plan.batch_ids, on_batch=on_batch)
+        runner.run_inline(
+            engine,
+            counters,
+            plan.batch_ids,
+            on_batch=on_batch,
+            pacing=settings.pacing,
+            throttle=settings.throttle,
+        )
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        click.echo(
+            f"\ninterrupted: the batches done so far are saved. Continue with: {hint('enqueue')}",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
     finally:
+        heartbeat.stop()
         if bar is not None:
             bar.close()
 
 
 def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_json: bool) -> None:
-    """Run verify, print each drift, exit 1 on unrepaired drift."""
-    shown = 0
+    """Run verify, print the drifts as a table, exit 1 on unrepaired drift."""
 
-    def show(drift: verifying.Finding) -> None:
-        nonlocal shown
-        if not as_json:
-            if shown == 0:
-                click.echo("TABLE\tID\tCOLUMN\tCACHED\tACTUAL")
-            click.echo(f"{drift.table}\t{drift.id}\t{drift.column}\t{drift.cached}\t{drift.actual}")
-        shown += 1
-
-    found = verifying.verify(
-        settings.engine(), counters, fix=fix, batch_size=settings.batch_size, on_drift=show
-    )
+    found = verifying.verify(settings.engine(), counters, fix=fix, batch_size=settings.batch_size)
     if as_json:
         click.echo(json.dumps([d.as_json() for d in found]))
+    elif found:
+        click.echo(
+            render_table(
+                ("TABLE", "ID", "COLUMN", "CACHED", "ACTUAL"),
+                [(d.table, d.id, d.column, d.cached, d.actual) for d in found],
+            )
+        )
     keys = ", ".join(c.key for c in counters)
     if not found:
         click.echo(f"no drift in {keys}", err=True)

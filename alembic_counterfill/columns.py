@@ -22,6 +22,7 @@ def counter_cache(
     where: Callable[[], Any] | None = None,
     sum: str | Callable[[], Any] | None = None,  # noqa: A002 - public keyword
     type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]] | None = None,
+    buffered: bool = False,
     **column_kwargs: Any,
 ) -> MappedColumn[Any]:
     """Declare a counter cache column kept exact from the child table named by ``target``.
@@ -35,6 +36,10 @@ def counter_cache(
     :param sum: child attribute name (or callable returning it) whose values are
         added up instead of counting rows.
     :param type_: column type; ``Integer`` for counts, ``BigInteger`` for sums.
+    :param buffered: hot-parent mode: writers append deltas to an insert-only
+        deltas table instead of updating the parent row, and a fold moves them
+        into the column later. Exact through :func:`~.read.counter_value`; the
+        plain attribute lags by up to the fold interval (docs/increment-logic.md).
     :param column_kwargs: passed on to :func:`sqlalchemy.orm.mapped_column`
         (``name=``, ``doc=``, ``comment=`` ...).
     """
@@ -51,8 +56,11 @@ def counter_cache(
     if type_ is None:
         type_ = sa.BigInteger() if sum is not None else sa.Integer()
     info = dict(column_kwargs.pop("info", None) or {})
-    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum)
+    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum, buffered=buffered)
     column_kwargs.setdefault("nullable", False)
     column_kwargs.setdefault("server_default", "0")
     column_kwargs.setdefault("insert_default", 0)
-    return mapped_column(type_, info=info, **column_kwargs)
+    mapped = mapped_column(type_, info=info, **column_kwargs)
+    if buffered:
+        events.watch_buffered(mapped.column)
+    return mapped

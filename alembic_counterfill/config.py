@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from .errors import ConfigurationError, DatabaseError
+from .pacing import TARGET_SECONDS, Pacing
+from .signals import LOCK_TIMEOUT_MS, MAX_REPLICA_LAG_SECONDS, Throttle
+from .urls import redact
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -29,7 +32,22 @@ SECTION = "counterfill"
 BROKER_ENV = "COUNTERFILL_BROKER_URL"
 #: The package extra that installs the driver of each database backend.
 DRIVER_EXTRAS = {"postgresql": "postgresql"}
-KEYS = frozenset({"metadata", "broker_url", "database_url", "batch_size", "queue"})
+KEYS = frozenset(
+    {
+        "metadata",
+        "broker_url",
+        "database_url",
+        "batch_size",
+        "queue",
+        # Adaptive, throttled backfills (docs/backfilling.md).
+        "batch_seconds",
+        "max_rows_per_second",
+        "lock_timeout_ms",
+        "max_replica_lag_seconds",
+        "throttle_lock_waiters",
+        "throttle_autovacuum",
+    }
+)
 
 
 @dataclass
@@ -43,6 +61,9 @@ class Settings:
     :param queue: Dramatiq queue the batch messages go to.
     :param raiseerr: show full tracebacks instead of one-line errors (alembic's ``--raiseerr``).
     :param config_file: the file the settings came from (named in error messages).
+    :param pacing: target duration and bounds of adaptive batch transactions.
+    :param throttle: the database signals batches back off on.
+    :param max_rows_per_second: optional rate limit of a backfill (parents per second).
     """
 
     metadata_path: str
@@ -52,7 +73,20 @@ class Settings:
     queue: str = "counterfill"
     raiseerr: bool = False
     config_file: str | None = None
+    pacing: Pacing = field(default_factory=Pacing)
+    throttle: Throttle = field(default_factory=Throttle)
+    max_rows_per_second: float | None = None
     _engine: sa.Engine | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: never show a password.
+        broker = redact(self.broker_url) if self.broker_url else None
+        return (
+            f"Settings(metadata_path={self.metadata_path!r}, "
+            f"database_url={redact(self.database_url)!r}, broker_url={broker!r}, "
+            f"batch_size={self.batch_size!r}, queue={self.queue!r}, "
+            f"raiseerr={self.raiseerr!r}, config_file={self.config_file!r})"
+        )
 
     def target(self) -> Any:
         """Import and return the object named by ``metadata`` (``"package.module:attribute"``)."""
@@ -130,10 +164,11 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
     where = config_file or "the configuration"
     try:
         parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigurationError(
-            f"database URL in {where} is not a SQLAlchemy URL; set sqlalchemy.url "
-            f"(or [{SECTION}] database_url) to e.g. postgresql+psycopg://user@host/db"
+            f"database URL {redact(url)!r} in {where} is not a SQLAlchemy URL; set "
+            f"sqlalchemy.url (or [{SECTION}] database_url) to e.g. "
+            "postgresql+psycopg://user@host:5432/db"
         ) from None
     database = parsed.database
     if (
@@ -158,8 +193,7 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
             else "install the driver or fix the URL"
         )
         raise ConfigurationError(
-            f"cannot use database URL {parsed.render_as_string(hide_password=True)!r}: {exc}; "
-            + fix
+            f"cannot use database URL {redact(str(url))!r}: {exc}; " + fix
         ) from None
 
 
@@ -232,6 +266,20 @@ def from_alembic_config(cfg: Config) -> Settings:
             f"database_url in [{SECTION}] of {source}"
         )
     broker_url = os.environ.get(BROKER_ENV) or str(values.get("broker_url") or "").strip() or None
+    batch_seconds = _number(values.get("batch_seconds"), "batch_seconds", source, 0.1)
+
+    def setting(key: str, default: float, example: float) -> float:
+        if values.get(key) in (None, ""):
+            return default
+        return _number(values.get(key), key, source, example, zero=True)
+
+    throttle = Throttle(
+        lock_timeout_ms=int(setting("lock_timeout_ms", LOCK_TIMEOUT_MS, 2000)),
+        lock_waiters=_flag(values.get("throttle_lock_waiters"), "throttle_lock_waiters", source),
+        autovacuum=_flag(values.get("throttle_autovacuum"), "throttle_autovacuum", source),
+        max_replica_lag_seconds=setting("max_replica_lag_seconds", MAX_REPLICA_LAG_SECONDS, 30),
+    )
+    rate = values.get("max_rows_per_second")
     return Settings(
         metadata_path=metadata,
         database_url=database_url,
@@ -240,7 +288,40 @@ def from_alembic_config(cfg: Config) -> Settings:
         queue=str(values.get("queue") or "counterfill").strip(),
         raiseerr=bool(getattr(opts, "raiseerr", False)),
         config_file=source,
+        pacing=Pacing(target_seconds=batch_seconds or TARGET_SECONDS),
+        throttle=throttle,
+        max_rows_per_second=(
+            _number(rate, "max_rows_per_second", source, 5000) if rate not in (None, "") else None
+        ),
     )
+
+
+def _number(value: Any, key: str, source: str, example: float, *, zero: bool = False) -> float:
+    """A positive number (or zero when ``zero``) from the section; None/empty gives 0."""
+    if value is None or str(value).strip() == "":
+        return 0.0
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if number < 0 or (number == 0 and not zero):
+        raise ConfigurationError(
+            f"[{SECTION}] {key} in {source} is {value!r}; give a "
+            f"{'non-negative' if zero else 'positive'} number, e.g. {example:g}"
+        )
+    return number
+
+
+def _flag(value: Any, key: str, source: str) -> bool:
+    """A boolean key (default true): true/false, yes/no, on/off, 1/0."""
+    if value is None or isinstance(value, bool):
+        return True if value is None else value
+    text = str(value).strip().lower()
+    if text in ("", "1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"[{SECTION}] {key} in {source} is {value!r}; give true or false")
 
 
 def _positive_int(value: Any, key: str, source: str) -> int:
@@ -286,6 +367,11 @@ def load(config_file: str | None = None, name: str = "alembic") -> Settings:
     from alembic.config import Config
 
     chosen = config_file or os.environ.get("ALEMBIC_CONFIG")
+    if not chosen and not Path("alembic.ini").exists() and not Path("pyproject.toml").exists():
+        raise ConfigurationError(
+            f"no alembic.ini in {os.getcwd()}; start the worker in the project directory "
+            "or set ALEMBIC_CONFIG=/path/to/alembic.ini (dramatiq has no -c option)"
+        )
     toml, ini_file = config_files([config_file] if config_file else [])
     ini: str | None = ini_file
     if config_file and Path(config_file).name == "pyproject.toml":

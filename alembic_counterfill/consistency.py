@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.util import ClauseAdapter
 
+from . import sql
 from .counters import Counter, counters_of
 
 
@@ -47,9 +48,10 @@ def find_drift(bind: sa.Engine | sa.Connection | Session, target: Any) -> list[D
     counters = counters_of(target)
     for c in counters:
         truth = _truth(c)
+        cached = sql.cached_value(c)  # buffered counters: column + pending deltas
         stmt = (
-            sa.select(c.parent_pk, c.column, truth)
-            .where(c.column.is_distinct_from(truth))
+            sa.select(c.parent_pk, cached, truth)
+            .where(cached.is_distinct_from(truth))
             .order_by(c.parent_pk)
         )
         for pid, cached, actual in bind.execute(stmt):

@@ -23,12 +23,13 @@ class CounterSpec:
     ``table.c.fk_col`` for a plain association table); ``where`` a
     zero-argument callable returning a SQL boolean over the child's columns;
     ``sum`` a child attribute name or callable returning the attribute to add
-    up instead of counting rows.
+    up instead of counting rows; ``buffered`` the hot-parent mode (:mod:`.buffer`).
     """
 
     target: Target
     where: Callable[[], Any] | None = None
     sum: str | Callable[[], Any] | None = None
+    buffered: bool = False
     # The resolved Counter, set at mapper configuration. Typed Any because this
     # module sits below counters.py in the import layers (docs/architecture.md).
     resolved: Any = field(default=None, repr=False)

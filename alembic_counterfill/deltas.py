@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 
-from . import sql
+from . import buffer, folding, sql
 from .counters import Counter
 from .plan import WritePlan
 
@@ -92,9 +92,45 @@ def apply(session: Session, deltas: Deltas) -> None:
             continue
         any_counter = next(iter(next(iter(deltas[parent_mapper].values()))))
         connection = session.connection(bind_arguments={"mapper": parent_mapper})
-        _add_to_parents(connection, any_counter, per_parent)
+        table = any_counter.parent_table
+        buffered = buffer.deltas_of(table) is not None
+        if buffered:
+            # Buffered (hot-parent) counters append to their deltas table instead.
+            per_parent, appended = buffer.split(table, per_parent)
+            if appended:
+                _append(connection, table, appended)
+                folding.appended(session, table)
+        if per_parent:
+            _add_to_parents(connection, any_counter, per_parent)
+        # Outside a flush only parents loaded in this session need expiring (a
+        # bulk statement may touch 10,000 parents and load none). Inside one,
+        # parents the flush inserts join the identity map only after it.
+        loaded = None if session._flushing else _loaded_ids(session, parent_mapper)
         for pid, ds in deltas[parent_mapper].items():
+            if loaded is not None and pid not in loaded:
+                continue
+            if buffered:  # a buffered column did not change: nothing to reload
+                ds = {c: d for c, d in ds.items() if not buffer.is_buffered(c)}
             expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
+
+
+def _loaded_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
+    ident_cls = mapper.identity_key_from_primary_key((None,))[0]
+    keys = session.identity_map.keys()
+    return {k[1][0] for k in keys if k[0] is ident_cls}
+
+
+def _append(connection: Connection, parent: Any, per_parent: dict[Any, Any]) -> None:
+    """Append one deltas row per parent: an insert, which no other writer waits for."""
+    buffer.check_dialect(connection, parent)
+    deltas_table = buffer.deltas_of(parent)
+    assert deltas_table is not None
+    names = sorted({col.name for d in per_parent.values() for col in d})
+    rows = []
+    for pid in sorted(per_parent):
+        by_name = {col.name: d for col, d in per_parent[pid].items()}
+        rows.append({"parent_id": pid, **{n: by_name.get(n, 0) for n in names}})
+    connection.execute(sql.append_deltas(deltas_table), rows)
 
 
 def _add_to_parents(connection: Connection, counter: Counter, per_parent: dict[Any, Any]) -> None:
@@ -108,7 +144,7 @@ def _add_to_parents(connection: Connection, counter: Counter, per_parent: dict[A
         connection.execute(sql.lock_parents(table, pk, None, None, ids=ids, dialect=dialect))
     connection.execute(
         sql.add_deltas(table, pk, columns, dialect=dialect),
-        sql.delta_parameters(ids, columns, per_parent, dialect=dialect),
+        sql.delta_parameters(pk, ids, columns, per_parent, dialect=dialect),
     )
 
 
@@ -165,7 +201,11 @@ def _recount(
     ids = sorted(set().union(*wanted.values()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
-        conn.execute(sql.recount_range(counters, None, None, ids=part))
+        # Buffered counters: the recount also removes their pending deltas.
+        for stmt in sql.recount_statements(
+            counters, None, None, ids=part, dialect=conn.dialect.name
+        ):
+            conn.execute(stmt)
     for pid in ids:
         expire[(mapper, pid)].update(c.attr_key for c in counters)
 

@@ -7,7 +7,11 @@
 - ``before_execute``/``after_execute`` on every Engine and ``after_configured``,
   once a counter over a plain association table exists: :mod:`.association`
   (the unit of work writes ``relationship(secondary=...)`` rows with
-  ``Connection.execute``, which no ORM event sees).
+  ``Connection.execute``, which no ORM event sees);
+- ``after_commit`` / ``after_soft_rollback``: inline folds of buffered
+  counters, :mod:`.folding`;
+- ``after_parent_attach`` of buffered counter columns (and, for a primary
+  key declared after one, of every column): their deltas tables, :mod:`.buffer`.
 
 :func:`install` runs when the first counter is declared, so that even a
 process whose first ORM statement is a bulk one is seen. New write paths add
@@ -18,11 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, Session
 
-from . import association, bulk, flush
+from . import association, buffer, bulk, flush, folding
 from .counters import resolve_mapper
 from .plan import forget_plans
 
@@ -42,7 +47,21 @@ def install() -> None:
     event.listen(Session, "after_flush_postexec", flush.after_flush_postexec)
     event.listen(Session, "after_soft_rollback", flush.discard)
     event.listen(Session, "do_orm_execute", bulk.on_execute)
+    event.listen(Session, "after_commit", folding.after_commit)
+    event.listen(Session, "after_soft_rollback", folding.forget)
     _installed = True
+
+
+_watching_columns = False
+
+
+def watch_buffered(column: sa.Column[Any]) -> None:
+    """Build the deltas-table column of buffered counter ``column`` once it joins its table."""
+    global _watching_columns
+    event.listen(column, "after_parent_attach", buffer.attached)
+    if not _watching_columns:
+        event.listen(sa.Column, "after_parent_attach", buffer.any_column_attached)
+        _watching_columns = True
 
 
 def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:

@@ -6,6 +6,7 @@ batches run in Dramatiq workers on other machines or in this process.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import progress as p
+from .planning import range_text
 
 
 @dataclass
@@ -27,6 +29,11 @@ class RunsProgress:
     rows_changed: int = 0
     finished: bool = True  # every run is done or failed
     tables: list[str] = field(default_factory=list)
+    parents_done: int = 0  # parents recounted so far (pieces of batches included)
+    retrying: int = 0  # batches whose last attempt failed, to be retried
+    last_error: str | None = None  # of a retrying or failed batch
+    paused: bool = False  # some unfinished run is paused
+    throttled: str | None = None  # why batches backed off lately
 
     @property
     def remaining(self) -> int:
@@ -37,16 +44,39 @@ class RunsProgress:
 def read_progress(conn: Connection, run_ids: Sequence[int]) -> RunsProgress:
     """Add up the figures of ``run_ids``."""
     out = RunsProgress()
-    r = p.runs_table
+    r, b = p.runs_table, p.batches_table
+    recent = p.now() - dt.timedelta(seconds=p.THROTTLE_SHOWN_SECONDS)
     for run in conn.execute(sa.select(r).where(r.c.id.in_(list(run_ids)))).mappings():
         out.batches_total += run["batches_total"]
         out.batches_done += run["batches_done"]
         out.batches_failed += run["batches_failed"]
         out.rows_changed += run["rows_changed"]
-        out.finished = out.finished and run["state"] != p.RUN_RUNNING
+        out.parents_done += run["parents_done"] or 0
+        running = run["state"] == p.RUN_RUNNING
+        out.finished = out.finished and not running
+        out.paused = out.paused or (running and run["paused_at"] is not None)
+        throttled_at = run["throttled_at"]
+        if running and throttled_at is not None and _aware(throttled_at) >= recent:
+            out.throttled = run["throttle_reason"]
         if run["table_name"] not in out.tables:
             out.tables.append(run["table_name"])
+    retry = conn.execute(
+        sa.select(sa.func.count(), sa.func.max(b.c.error)).where(
+            b.c.run_id.in_(list(run_ids)),
+            b.c.state.in_([p.BATCH_PENDING, p.BATCH_SENT]),
+            b.c.error.is_not(None),
+        )
+    ).one()
+    out.retrying, out.last_error = retry[0], retry[1]
+    if out.batches_failed and out.last_error is None:
+        failed = failed_batches(conn, run_ids, limit=1)
+        out.last_error = failed[0].error if failed else None
     return out
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
 
 
 def failed_batches(conn: Connection, run_ids: Sequence[int], limit: int = 5) -> list[Any]:
@@ -100,6 +130,14 @@ class Bar:
         )
         if pr.batches_failed:
             text += f"  {pr.batches_failed} failed"
+        if pr.retrying:
+            text += f"  {pr.retrying} retrying"
+        if pr.throttled:
+            text += f"  throttled: {pr.throttled}"
+        if pr.paused:
+            text += "  PAUSED"
+        if (pr.retrying or pr.batches_failed) and pr.last_error:
+            text += f"  last error: {' '.join(pr.last_error.split())[:80]}"
         return text
 
     def update(self, pr: RunsProgress) -> None:
@@ -131,21 +169,23 @@ def wait(
     hint_after: float = 20.0,
     label: str = "backfill",
 ) -> RunsProgress:
-    """Draw progress until every run in ``run_ids`` is done or failed; return the final figures.
+    """Draw progress until every run in ``run_ids`` is done, failed or paused; return the figures.
 
     :param hint_after: seconds without any batch finishing before a hint that
         workers may not be running is printed (once).
     """
     bar = Bar(stream, label)
-    last_change, last_finished, hinted = time.monotonic(), -1, False
+    last_change, last_finished, hinted = time.monotonic(), (-1, -1), False
     try:
         while True:
             with engine.connect() as conn:
                 pr = read_progress(conn, run_ids)
             bar.update(pr)
-            if pr.finished:
+            if pr.finished or pr.paused:
                 return pr
-            finished = pr.batches_done + pr.batches_failed
+            # Progress is any piece committed, not only whole batches: an
+            # adaptive batch of a big range takes many transactions.
+            finished = (pr.batches_done + pr.batches_failed, pr.parents_done)
             if finished != last_finished:
                 last_change, last_finished = time.monotonic(), finished
             elif not hinted and time.monotonic() - last_change > hint_after:
@@ -168,5 +208,5 @@ def summary(conn: Connection, run_ids: Sequence[int], seconds: float) -> list[st
         f"{pr.rows_changed:,} rows changed in {seconds:.1f}s, {pr.batches_failed} failed"
     ]
     for row in failed_batches(conn, run_ids):
-        lines.append(f"  batch {row.id} [{row.lo}, {row.hi}) failed: {row.error}")
+        lines.append(f"  batch {row.id} {range_text(row.lo, row.hi)} failed: {row.error}")
     return lines

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from . import progress as p
 from .counters import Counter, select_counters
 from .errors import CounterfillError
+from .pacing import START_SIZE
 
 # Serialises concurrent planners (two `enqueue` at once must not both plan the
 # same counter); an arbitrary constant private to this library.
@@ -48,6 +49,20 @@ def decode_key(column: sa.Column[Any], text: str | None) -> Any:
     if kind is uuid.UUID:
         return uuid.UUID(value)
     return kind(value)
+
+
+def key_text(value: Any, *, upper: bool = False) -> str:
+    """A range bound for people: the key, or ``-inf``/``+inf`` for an open end."""
+    if value is None:
+        return "+inf" if upper else "-inf"
+    return str(value)
+
+
+def range_text(lo_text: str | None, hi_text: str | None) -> str:
+    """``[lo, hi)`` of a batch row's stored (JSON) bounds, open ends as ``-inf``/``+inf``."""
+    lo = json.loads(lo_text) if lo_text is not None else None
+    hi = json.loads(hi_text) if hi_text is not None else None
+    return f"[{key_text(lo)}, {key_text(hi, upper=True)})"
 
 
 def next_boundary(
@@ -111,13 +126,39 @@ def choose(
     return [c for c in counters if c.key in recorded and recorded[c.key]["state"] != p.ACTIVE]
 
 
-def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> BackfillPlan:
+@dataclass(frozen=True)
+class Sizing:
+    """How a run's transactions are sized.
+
+    :param pinned: an explicit ``--batch-size``: every transaction is one
+        whole planned range. Otherwise the size adapts (:mod:`.pacing`),
+        starting at ``start`` and never above the planned range.
+    :param max_rows_per_second: optional rate limit of the run (parents).
+    """
+
+    pinned: bool = False
+    start: int = START_SIZE
+    max_rows_per_second: float | None = None
+
+
+def plan(
+    connection: Connection,
+    chosen: Sequence[Counter],
+    batch_size: int,
+    sizing: Sizing | None = None,
+) -> BackfillPlan:
     """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
 
     A counter whose recorded run is not done resumes that run (failed batches
     are reset, done batches stay done); the others get one new run per parent
     table covering all of them, so a table is recounted in one pass.
+
+    :param batch_size: parents per planned range (a batch); with an adaptive
+        size, the upper bound of one transaction.
+    :param sizing: pinned or adaptive size, and the rate limit; a resumed run
+        takes a pinned size and the rate limit from it (its ranges stay as planned).
     """
+    sizing = sizing or Sizing()
     if batch_size < 1:
         raise CounterfillError(f"batch size must be at least 1, got {batch_size}")
     p.ensure_tables(connection)
@@ -146,9 +187,9 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
         else:
             fresh.setdefault(counter.parent_table, []).append(counter)
     for run_id in result.resumed_run_ids:
-        _resume(connection, run_id)
+        _resume(connection, run_id, sizing, batch_size)
     for group in fresh.values():
-        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded))
+        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded, sizing))
     result.run_ids = result.resumed_run_ids + result.new_run_ids
     b = p.batches_table
     result.batch_ids = list(
@@ -161,8 +202,16 @@ def plan(connection: Connection, chosen: Sequence[Counter], batch_size: int) -> 
     return result
 
 
-def _resume(connection: Connection, run_id: int) -> None:
+def _resume(connection: Connection, run_id: int, sizing: Sizing, batch_size: int) -> None:
     b, r, c = p.batches_table, p.runs_table, p.counters_table
+    values: dict[str, Any] = {}
+    if sizing.pinned:
+        # The ranges are cut already: a pinned size applies to each
+        # transaction, up to one whole range (`enqueue` says so).
+        planned = connection.execute(sa.select(r.c.batch_size).where(r.c.id == run_id)).scalar_one()
+        values = {"pinned": True, "chunk_size": min(batch_size, planned)}
+    if sizing.max_rows_per_second is not None:
+        values["max_rows_per_second"] = sizing.max_rows_per_second or None
     reset = connection.execute(
         sa.update(b)
         .where(b.c.run_id == run_id, b.c.state == p.BATCH_FAILED)
@@ -176,6 +225,7 @@ def _resume(connection: Connection, run_id: int) -> None:
             finished_at=None,
             resumed_at=p.now(),
             batches_failed=r.c.batches_failed - reset,
+            **values,
         )
     )
     connection.execute(
@@ -186,11 +236,16 @@ def _resume(connection: Connection, run_id: int) -> None:
 
 
 def _new_run(
-    connection: Connection, group: list[Counter], batch_size: int, recorded: dict[str, Any]
+    connection: Connection,
+    group: list[Counter],
+    batch_size: int,
+    recorded: dict[str, Any],
+    sizing: Sizing,
 ) -> int:
     group = sorted(group, key=lambda c: c.key)
     table, pk = group[0].parent_table, group[0].parent_pk
     now = p.now()
+    paused = any(c.key in recorded and recorded[c.key]["state"] == p.PAUSED for c in group)
     run_id = connection.execute(
         sa.insert(p.runs_table)
         .values(
@@ -199,6 +254,12 @@ def _new_run(
             batch_size=batch_size,
             state=p.RUN_RUNNING,
             created_at=now,
+            pinned=sizing.pinned,
+            chunk_size=batch_size if sizing.pinned else min(sizing.start, batch_size),
+            max_rows_per_second=sizing.max_rows_per_second,
+            parents_done=0,
+            # A counter paused before its run existed: the run starts paused.
+            paused_at=now if paused else None,
         )
         .returning(p.runs_table.c.id)
     ).scalar_one()
@@ -214,12 +275,22 @@ def _new_run(
         for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))
     ]
     connection.execute(sa.insert(p.batches_table), rows)
+    tail = sa.select(sa.func.count()).select_from(table)
+    if bounds[-2] is not None:
+        tail = tail.where(pk >= bounds[-2])
+    parents = (len(rows) - 1) * batch_size + connection.execute(tail).scalar_one()
     connection.execute(
-        sa.update(p.runs_table).where(p.runs_table.c.id == run_id).values(batches_total=len(rows))
+        sa.update(p.runs_table)
+        .where(p.runs_table.c.id == run_id)
+        .values(batches_total=len(rows), parents_total=parents)
     )
     c = p.counters_table
     for counter in group:
-        values = {"state": p.BACKFILLING, "run_id": run_id, "updated_at": now}
+        values = {
+            "state": p.PAUSED if paused else p.BACKFILLING,
+            "run_id": run_id,
+            "updated_at": now,
+        }
         if counter.key in recorded:
             connection.execute(sa.update(c).where(c.c.key == counter.key).values(values))
         else:

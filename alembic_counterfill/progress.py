@@ -28,6 +28,15 @@ BATCH_PENDING, BATCH_SENT, BATCH_DONE, BATCH_FAILED = "pending", "sent", "done",
 #: Older names of run and batch states (the library uses the prefixed ones above).
 RUNNING, DONE, SENT = RUN_RUNNING, RUN_DONE, BATCH_SENT
 
+#: A counter whose batches workers leave for later (``pause``/``resume``).
+PAUSED = "paused"
+
+#: Seconds since a worker's last heartbeat after which it counts as gone.
+WORKER_ALIVE_SECONDS = 30.0
+
+#: Seconds over which ``status`` measures the rate (recent, not since planning).
+RATE_WINDOW_SECONDS = 30.0
+
 counters_table = sa.Table(
     "counterfill_counters",
     bookkeeping,
@@ -62,6 +71,27 @@ runs_table = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     # Set when `enqueue` resumes the run: rate and ETA count from there.
     sa.Column("resumed_at", sa.DateTime(timezone=True), nullable=True),
+    # Adaptive batches (added in 0.2; `ensure_tables` adds them to older
+    # installs): the size the next batch transaction is cut with, whether an
+    # explicit --batch-size pinned it, and the controller's time estimate.
+    sa.Column("chunk_size", sa.Integer, nullable=True),
+    sa.Column("pinned", sa.Boolean, nullable=True),
+    sa.Column("seconds_per_parent", sa.Float, nullable=True),
+    sa.Column("pacing_history", sa.Text, nullable=True),  # JSON, see pacing.History
+    sa.Column("parents_total", sa.BigInteger, nullable=True),
+    sa.Column("parents_done", sa.BigInteger, nullable=True),
+    # Recent-window rate: parents since window_started_at, and the last full window's rate.
+    sa.Column("window_started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("window_parents", sa.BigInteger, nullable=True),
+    sa.Column("window_rate", sa.Float, nullable=True),
+    sa.Column("last_batch_at", sa.DateTime(timezone=True), nullable=True),
+    # Throttling: why the last batch backed off, and when.
+    sa.Column("throttle_reason", sa.Text, nullable=True),
+    sa.Column("throttled_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True),
+    # Rate limit (parents per second) and the earliest start of the next batch under it.
+    sa.Column("max_rows_per_second", sa.Float, nullable=True),
+    sa.Column("rate_next_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 batches_table = sa.Table(
@@ -82,6 +112,17 @@ batches_table = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("rows_changed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
+    # Where the next transaction of this range starts (JSON key; NULL = at lo).
+    sa.Column("cursor", sa.Text, nullable=True),
+)
+
+workers_table = sa.Table(
+    "counterfill_workers",
+    bookkeeping,
+    sa.Column("id", sa.String(255), primary_key=True),  # host:pid
+    sa.Column("queue", sa.String(255), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 TABLE_NAMES = frozenset(t.name for t in bookkeeping.tables.values())
@@ -93,8 +134,30 @@ def now() -> dt.datetime:
 
 
 def ensure_tables(connection: Connection) -> None:
-    """Create the bookkeeping tables if they are missing."""
+    """Create the bookkeeping tables if they are missing, and add columns newer versions need.
+
+    Schema changes are additive only (nullable columns), so tables created by
+    an older version are brought up to date in place by the next ``enqueue``,
+    ``pause``/``resume`` or worker start.
+    """
     bookkeeping.create_all(connection, checkfirst=True)
+    add_missing_columns(connection)
+
+
+def add_missing_columns(connection: Connection) -> None:
+    """``ALTER TABLE … ADD COLUMN`` for each bookkeeping column an older install lacks."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    inspector = sa.inspect(connection)
+    ops: Operations | None = None
+    for table in bookkeeping.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                if ops is None:
+                    ops = Operations(MigrationContext.configure(connection))
+                ops.add_column(table.name, column._copy())
 
 
 def has_tables(connection: Connection) -> bool:
@@ -123,6 +186,13 @@ def unrequest_statement(key: str) -> Any:
     return sa.delete(counters_table).where(counters_table.c.key == key)
 
 
+#: Seconds after which a throttle reason is no longer shown as current.
+THROTTLE_SHOWN_SECONDS = 60.0
+
+#: Seconds without a finished batch (and no live worker) after which a run is ``stalled``.
+STALLED_SECONDS = 15.0
+
+
 @dataclass
 class CounterStatus:
     """What ``status`` shows for one declared counter."""
@@ -133,13 +203,43 @@ class CounterStatus:
     batches_total: int = 0
     batches_failed: int = 0
     rows_changed: int = 0
-    rate: float | None = None  # batches per second
+    rate: float | None = None  # parents per second over the recent window
     eta_seconds: float | None = None
     last_error: str | None = None
+    #: Adaptive size of the next batch transaction (parents), and whether --batch-size pinned it.
+    batch_size: int | None = None
+    pinned: bool = False
+    parents_done: int | None = None
+    parents_total: int | None = None
+    #: Seconds since a batch transaction of the run last committed.
+    last_batch_seconds_ago: float | None = None
+    #: Why batches backed off recently (lock waiters, lock timeout, autovacuum, replica lag).
+    throttled: str | None = None
+    #: Batches whose last attempt failed and that will be retried.
+    retrying: int = 0
+    #: Worker processes with a recent heartbeat (all queues).
+    workers_alive: int = 0
+    #: running, throttled, stalled or paused while backfilling; None otherwise.
+    activity: str | None = None
+    max_rows_per_second: float | None = None
+    # Buffered counters only: delta rows waiting for a fold, and the oldest one's age.
+    pending_deltas: int | None = None
+    oldest_delta_seconds: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON object ``status --json`` prints for this counter."""
         return dict(self.__dict__)
+
+
+def alive_workers(connection: Connection) -> int:
+    """Worker processes whose heartbeat is recent (0 before any worker ran)."""
+    if not sa.inspect(connection).has_table(workers_table.name):
+        return 0
+    w = workers_table
+    since = now() - dt.timedelta(seconds=WORKER_ALIVE_SECONDS)
+    return connection.execute(
+        sa.select(sa.func.count()).select_from(w).where(w.c.seen_at >= since)
+    ).scalar_one()
 
 
 def counter_rows(connection: Connection) -> dict[str, Any]:
@@ -155,14 +255,16 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
 
 
-def _rate(run: Any, since_resume: int) -> float | None:
-    """Batches per second since the run started, or since it was last resumed."""
-    end = _aware(run["finished_at"] or now())
-    start, done = _aware(run["created_at"]), run["batches_done"]
-    if run["resumed_at"] is not None:
-        start, done = _aware(run["resumed_at"]), since_resume
-    elapsed = (end - start).total_seconds()
-    return done / elapsed if done and elapsed > 0 else None
+def _window_rate(run: Any, at: dt.datetime) -> float | None:
+    """Parents per second over the recent window (not since planning, not across a pause)."""
+    start = run["window_started_at"]
+    if start is None:
+        return None
+    elapsed = (at - _aware(start)).total_seconds()
+    parents = run["window_parents"] or 0
+    if elapsed < 5 and run["window_rate"]:
+        return float(run["window_rate"])  # the window just opened: the last full one
+    return parents / elapsed if parents and elapsed > 0 else None
 
 
 def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
@@ -175,34 +277,30 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
     run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
     runs: dict[int, Any] = {}
     errors: dict[int, str] = {}
-    since_resume: dict[int, int] = {}
+    retrying: dict[int, int] = {}
     if run_ids:
         for run_row in connection.execute(
             sa.select(runs_table).where(runs_table.c.id.in_(run_ids))
         ).mappings():
             runs[run_row["id"]] = run_row
+        b = batches_table
         failed = connection.execute(
-            sa.select(batches_table.c.run_id, batches_table.c.error)
-            .where(batches_table.c.run_id.in_(run_ids), batches_table.c.state == BATCH_FAILED)
-            .order_by(batches_table.c.finished_at)
+            sa.select(b.c.run_id, b.c.error)
+            .where(b.c.run_id.in_(run_ids), b.c.state == BATCH_FAILED)
+            .order_by(b.c.finished_at)
         )
         for run_id, error in failed:
             errors[run_id] = error
-        # A resumed run's rate counts only batches since the resume: the pause
-        # before it must not make the backfill look slow.
-        b, rt = batches_table, runs_table
-        for run_id, count in connection.execute(
-            sa.select(b.c.run_id, sa.func.count())
-            .join(rt, rt.c.id == b.c.run_id)
-            .where(
-                b.c.run_id.in_(run_ids),
-                b.c.state == BATCH_DONE,
-                rt.c.resumed_at.is_not(None),
-                b.c.finished_at >= rt.c.resumed_at,
-            )
+        for run_id, count, error in connection.execute(
+            sa.select(b.c.run_id, sa.func.count(), sa.func.max(b.c.error))
+            .where(b.c.run_id.in_(run_ids), b.c.state != BATCH_DONE, b.c.state != BATCH_FAILED)
+            .where(b.c.error.is_not(None))
             .group_by(b.c.run_id)
         ):
-            since_resume[run_id] = count
+            retrying[run_id] = count
+            errors.setdefault(run_id, error)
+    workers = alive_workers(connection) if run_ids else 0
+    at = now()
     out = []
     for key in keys:
         row = recorded.get(key)
@@ -212,14 +310,57 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
         st = CounterStatus(counter=key, state=row["state"])
         run = runs.get(row["run_id"]) if row["run_id"] is not None else None
         if run is not None:
-            st.batches_done = run["batches_done"]
-            st.batches_total = run["batches_total"]
-            st.batches_failed = run["batches_failed"]
-            st.rows_changed = run["rows_changed"]
+            _describe_run(st, run, at)
             st.last_error = errors.get(run["id"])
-            st.rate = _rate(run, since_resume.get(run["id"], 0))
-            remaining = st.batches_total - st.batches_done - st.batches_failed
-            if st.rate:
-                st.eta_seconds = remaining / st.rate if remaining > 0 else 0.0
+            st.retrying = retrying.get(run["id"], 0)
+            st.workers_alive = workers
+            if st.state in (BACKFILLING, PAUSED):
+                st.activity = _activity(st, run, at)
         out.append(st)
     return out
+
+
+def _describe_run(st: CounterStatus, run: Any, at: dt.datetime) -> None:
+    """Copy a run's figures into ``st``: batches, rows, size, rate, ETA, throttle."""
+    st.batches_done = run["batches_done"]
+    st.batches_total = run["batches_total"]
+    st.batches_failed = run["batches_failed"]
+    st.rows_changed = run["rows_changed"]
+    st.batch_size = run["chunk_size"] or run["batch_size"]
+    st.pinned = bool(run["pinned"])
+    st.parents_done = run["parents_done"]
+    st.parents_total = run["parents_total"]
+    st.max_rows_per_second = run["max_rows_per_second"]
+    if run["last_batch_at"] is not None:
+        st.last_batch_seconds_ago = max(0.0, (at - _aware(run["last_batch_at"])).total_seconds())
+    throttled_at = run["throttled_at"]
+    if (
+        throttled_at is not None
+        and run["state"] == RUN_RUNNING
+        and (at - _aware(throttled_at)).total_seconds() <= THROTTLE_SHOWN_SECONDS
+    ):
+        st.throttled = run["throttle_reason"]
+    if run["state"] != RUN_RUNNING:
+        return
+    st.rate = _window_rate(run, at)
+    if st.rate and st.parents_total is not None:
+        left = max(0, st.parents_total - (st.parents_done or 0))
+        st.eta_seconds = left / st.rate
+    elif st.batches_done >= st.batches_total:
+        st.eta_seconds = 0.0
+
+
+def _activity(st: CounterStatus, run: Any, at: dt.datetime) -> str:
+    """running, throttled, stalled or paused: is anything moving this backfill?
+
+    Stalled: no live worker heartbeat and no batch committed for
+    :data:`STALLED_SECONDS` (counted from the last batch, else from the
+    resume or the planning).
+    """
+    if st.state == PAUSED or run["paused_at"] is not None:
+        return "paused"
+    if st.throttled:
+        return "throttled"
+    last = run["last_batch_at"] or run["resumed_at"] or run["created_at"]
+    recent = (at - _aware(last)).total_seconds() < STALLED_SECONDS
+    return "running" if recent or st.workers_alive else "stalled"

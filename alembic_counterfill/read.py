@@ -25,8 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ColumnProperty, Mapper, Session
 
+from . import buffer, sql
 from . import progress as p
-from . import sql
 from .counters import Counter
 from .declaration import spec_of
 from .errors import UnknownCounterError
@@ -88,6 +88,9 @@ def is_trusted(session: Session, counter: Counter) -> bool:
 def counter_value(session: Session, obj: Any, attr: str) -> Any:
     """The value of counter ``attr`` on ``obj``: cached when trusted, else counted live.
 
+    A buffered (hot-parent) counter's cached value is its column plus its
+    pending deltas, read in one statement, so it is exact between folds.
+
     :param session: the session ``obj`` belongs to (used for the live count,
         so unflushed changes are flushed and counted).
     :param obj: a persistent instance of the parent model.
@@ -95,7 +98,10 @@ def counter_value(session: Session, obj: Any, attr: str) -> Any:
     """
     state = sa.inspect(obj)
     counter = counter_of(state.mapper, attr)
-    if is_trusted(session, counter):
-        return getattr(obj, attr)
     ident = state.mapper.primary_key_from_instance(obj)[0]
+    if is_trusted(session, counter):
+        if buffer.is_buffered(counter):
+            # Column + pending deltas in one statement: exact, whatever the fold lag.
+            return session.execute(sql.exact_value(counter, ident)).scalar_one()
+        return getattr(obj, attr)
     return session.execute(sql.live_value(counter, ident)).scalar_one()

@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import sqlalchemy as sa
 
-from .batch import BatchOutcome, describe, mark_failed, run_batch
+from .batch import BatchOutcome, describe, mark_failed, note_retry, run_batch
 from .counters import Counter
 from .errors import ConfigurationError
+from .pacing import Pacing
+from .signals import Throttle
 
 log = logging.getLogger("alembic_counterfill.runner")
 
@@ -29,21 +31,29 @@ def run_inline(
     attempts: int = 3,
     backoff: float = 0.5,
     on_batch: Callable[[BatchOutcome | None], None] | None = None,
+    pacing: Pacing | None = None,
+    throttle: Throttle | None = None,
 ) -> list[BatchOutcome]:
     """Run ``batch_ids`` here, in order; return the outcome of each batch that ran.
+
+    Stops early, leaving the rest for later, when a batch reports its run paused.
 
     :param attempts: tries per batch before it is marked failed.
     :param backoff: seconds before the first retry (doubles each time).
     :param on_batch: called after each batch with its outcome (``None`` when
         it was marked failed), e.g. to draw a progress bar.
+    :param pacing: target duration and bounds of adaptive transactions.
+    :param throttle: database signals to back off on.
     """
     outcomes: list[BatchOutcome] = []
     for batch_id in batch_ids:
-        outcome = _run_one(engine, counters, batch_id, attempts, backoff)
+        outcome = _run_one(engine, counters, batch_id, attempts, backoff, pacing, throttle)
         if outcome is not None:
             outcomes.append(outcome)
         if on_batch is not None:
             on_batch(outcome)
+        if outcome is not None and outcome.yielded == "paused":
+            break
     return outcomes
 
 
@@ -53,10 +63,12 @@ def _run_one(
     batch_id: int,
     attempts: int,
     backoff: float,
+    pacing: Pacing | None,
+    throttle: Throttle | None,
 ) -> BatchOutcome | None:
     for attempt in range(1, attempts + 1):
         try:
-            return run_batch(engine, counters, batch_id)
+            return run_batch(engine, counters, batch_id, pacing=pacing, throttle=throttle)
         except ConfigurationError as exc:  # retrying cannot help
             mark_failed(engine, batch_id, describe(exc))
             return None
@@ -65,5 +77,6 @@ def _run_one(
                 mark_failed(engine, batch_id, describe(exc))
                 return None
             log.warning("batch %d attempt %d failed, will retry: %s", batch_id, attempt, exc)
+            note_retry(engine, batch_id, describe(exc))
             time.sleep(backoff * 2 ** (attempt - 1))
     return None

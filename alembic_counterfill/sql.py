@@ -11,7 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+
+from . import buffer
+from .arrays import array_bind, array_param, array_value
 
 if TYPE_CHECKING:
     from .counters import Counter
@@ -153,10 +155,12 @@ def drift_rows(
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
     joined, truths = truth_columns(counters, table, pk, lo, hi, ids=ids)
+    # A buffered counter's cache is its column plus its pending deltas (same snapshot).
+    cached = [cached_value(c) for c in counters]
     cols: list[Any] = [pk.label("pk")]
-    for i, (c, t) in enumerate(zip(counters, truths, strict=True)):
-        cols += [c.column.label(f"cached{i}"), t.label(f"actual{i}")]
-    differs = sa.or_(*[c.column.is_distinct_from(t) for c, t in zip(counters, truths, strict=True)])
+    for i, (c, t) in enumerate(zip(cached, truths, strict=True)):
+        cols += [c.label(f"cached{i}"), t.label(f"actual{i}")]
+    differs = sa.or_(*[c.is_distinct_from(t) for c, t in zip(cached, truths, strict=True)])
     return sa.select(*cols).select_from(joined).where(_scope(pk, lo, hi, ids), differs).order_by(pk)
 
 
@@ -181,9 +185,9 @@ def add_deltas(
     :func:`delta_parameters`.
     """
     if dialect == "postgresql":
-        arrays = [sa.bindparam("ids", type_=postgresql.ARRAY(pk.type))]
+        arrays = [array_bind("ids", pk.type)]
         for i, col in enumerate(columns):
-            arrays.append(sa.bindparam(f"d{i}", type_=postgresql.ARRAY(col.type)))
+            arrays.append(array_bind(f"d{i}", col.type))
         v = (
             sa.func.unnest(*arrays)
             .table_valued("pk", *[f"d{i}" for i in range(len(columns))])
@@ -202,6 +206,7 @@ def add_deltas(
 
 
 def delta_parameters(
+    pk: sa.Column[Any],
     ids: Sequence[Any],
     columns: Sequence[sa.Column[Any]],
     deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
@@ -210,9 +215,9 @@ def delta_parameters(
 ) -> Any:
     """The parameters of :func:`add_deltas` for parents ``ids`` (arrays, or one row per parent)."""
     if dialect == "postgresql":
-        params: dict[str, Any] = {"ids": list(ids)}
+        params: dict[str, Any] = {"ids": array_value(ids, pk.type)}
         for i, col in enumerate(columns):
-            params[f"d{i}"] = [deltas[x].get(col, 0) for x in ids]
+            params[f"d{i}"] = array_value([deltas[x].get(col, 0) for x in ids], col.type)
         return params
     return [
         {"pk_": x, **{f"d{i}": deltas[x].get(col, 0) for i, col in enumerate(columns)}} for x in ids
@@ -249,10 +254,7 @@ def keys_in(
         if len(pk_columns) == 1:
             return pk_columns[0].in_([k[0] for k in keys])
         return sa.tuple_(*pk_columns).in_(keys)
-    arrays = [
-        sa.bindparam(None, [k[j] for k in keys], type_=postgresql.ARRAY(col.type))
-        for j, col in enumerate(pk_columns)
-    ]
+    arrays = [array_param([k[j] for k in keys], col.type) for j, col in enumerate(pk_columns)]
     if len(pk_columns) == 1:
         return pk_columns[0] == sa.any_(arrays[0])
     return sa.tuple_(*pk_columns).in_(sa.select(*[sa.func.unnest(a) for a in arrays]))
@@ -338,3 +340,152 @@ def among(columns: Sequence[sa.Column[Any]], values: Sequence[tuple[Any, ...]]) 
     if len(columns) == 1:
         return columns[0].in_([v[0] for v in values])
     return sa.tuple_(*columns).in_(values)
+
+
+# --- Buffered (hot-parent) counters: the deltas tables of :mod:`.buffer` -------------------
+
+
+def pending_deltas(counter: Counter, parent_pk: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The sum of ``counter``'s pending deltas for the parent row ``parent_pk`` (correlated)."""
+    table = buffer.deltas_of(counter.parent_table)
+    assert table is not None
+    d = table.alias("pending")
+    total = sa.select(sa.func.coalesce(sa.func.sum(d.c[counter.column.name]), 0))
+    return total.where(d.c.parent_id == parent_pk).scalar_subquery()
+
+
+def cached_value(
+    counter: Counter, parent_pk: sa.ColumnElement[Any] | None = None
+) -> sa.ColumnElement[Any]:
+    """What the cache says ``counter`` is: its column, plus pending deltas when buffered."""
+    if not buffer.is_buffered(counter):
+        return counter.column
+    pk = counter.parent_pk if parent_pk is None else parent_pk
+    return counter.column + pending_deltas(counter, pk)
+
+
+def exact_value(counter: Counter, parent_id: Any) -> sa.Select[Any]:
+    """Select one parent's column plus its pending deltas, in one statement (one snapshot)."""
+    return sa.select(cached_value(counter)).where(counter.parent_pk == parent_id)
+
+
+def append_deltas(deltas_table: sa.Table) -> sa.Insert:
+    """INSERT of delta rows (``parent_id``, counter columns), executed with a row per parent."""
+    return sa.insert(deltas_table)
+
+
+def discard_deltas(
+    counters: Sequence[Counter], lo: Any, hi: Any, ids: Sequence[Any] | None, dialect: str = ""
+) -> sa.Delete | sa.Update:
+    """Remove the pending deltas of ``counters`` for parents in the range.
+
+    Rows are deleted when the counters are all of the table's buffered ones;
+    otherwise only their columns are zeroed (the other counters' deltas stay).
+    """
+    table = buffer.deltas_of(counters[0].parent_table)
+    assert table is not None
+    where = _scope(table.c.parent_id, lo, hi, ids, dialect)
+    names = {c.column.name for c in counters if buffer.is_buffered(c)}
+    if names >= set(buffer.counter_names(counters[0].parent_table)):
+        return sa.delete(table).where(where)
+    return sa.update(table).where(where).values({n: 0 for n in sorted(names)})
+
+
+def recount_statements(
+    counters: Sequence[Counter],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
+    dialect: str = "",
+) -> list[Any]:
+    """The statements setting ``counters`` to their truth over the range; the LAST one's rowcount
+    is the rows changed.
+
+    Buffered counters also lose their pending deltas for the range, and on
+    PostgreSQL both happen in ONE statement (a data-modifying ``WITH``): one
+    snapshot in which each writer's child row and delta row are either both
+    visible (counted, delta removed) or both invisible (not counted, delta
+    kept). Two statements would lose or double-count the writers committing
+    between them. SQLite has one writer at a time, so two statements in the
+    caller's transaction see the same data.
+    """
+    recount = recount_range(counters, lo, hi, ids=ids)
+    if not any(buffer.is_buffered(c) for c in counters):
+        return [recount]
+    gone = discard_deltas(counters, lo, hi, ids, dialect)
+    if dialect == "postgresql":
+        table = buffer.deltas_of(counters[0].parent_table)
+        assert table is not None
+        return [recount.add_cte(gone.returning(table.c.id).cte("discarded"))]
+    return [gone, recount]
+
+
+def pending_parents(
+    deltas_table: sa.Table, limit: int, ids: Sequence[Any] | None
+) -> sa.Select[Any]:
+    """Up to ``limit`` parents with pending deltas, in key order (narrowed to ``ids``)."""
+    stmt = sa.select(deltas_table.c.parent_id).distinct().order_by(deltas_table.c.parent_id)
+    if ids is not None:
+        stmt = stmt.where(deltas_table.c.parent_id.in_(list(ids)))
+    return stmt.limit(limit)
+
+
+def fold_moved(
+    parent: sa.Table, deltas_table: sa.Table, chosen: Sequence[Any], dialect: str
+) -> list[Any]:
+    """The statements folding the pending deltas of parents ``chosen`` (already locked).
+
+    Each returns, when it returns rows, ``(deltas moved, oldest created_at)``.
+    PostgreSQL: ONE statement that deletes the rows and adds exactly what it
+    deleted (``WITH moved AS (DELETE … RETURNING …) … UPDATE parent … FROM
+    (SELECT sum(…) FROM moved GROUP BY parent_id)``). Other databases (one
+    writer at a time): add, count, delete, in the caller's transaction.
+    """
+    pk = next(iter(parent.primary_key.columns))
+    names = buffer.counter_names(parent)
+    d = deltas_table
+    if dialect == "postgresql":
+        ids = array_param(chosen, pk.type)
+        moved = (
+            sa.delete(d)
+            .where(d.c.parent_id == sa.any_(ids))
+            .returning(d.c.parent_id, d.c.created_at, *[d.c[n] for n in names])
+            .cte("moved")
+        )
+        sums = (
+            sa.select(moved.c.parent_id, *[sa.func.sum(moved.c[n]).label(n) for n in names])
+            .group_by(moved.c.parent_id)
+            .subquery("sums")
+        )
+        added = (
+            sa.update(parent)
+            .values({n: parent.c[n] + sums.c[n] for n in names})
+            .where(pk == sums.c.parent_id)
+            .returning(pk)
+            .cte("added")
+        )
+        summary = sa.select(sa.func.count(), sa.func.min(moved.c.created_at)).select_from(moved)
+        return [summary.add_cte(added)]
+    alias = d.alias("d")
+    add = (
+        sa.update(parent)
+        .where(pk.in_(list(chosen)))
+        .values(
+            {
+                n: parent.c[n]
+                + sa.select(sa.func.coalesce(sa.func.sum(alias.c[n]), 0))
+                .where(alias.c.parent_id == pk)
+                .scalar_subquery()
+                for n in names
+            }
+        )
+    )
+    where = d.c.parent_id.in_(list(chosen))
+    count = sa.select(sa.func.count(), sa.func.min(d.c.created_at)).where(where)
+    return [add, count, sa.delete(d).where(where)]
+
+
+def pending_summary(deltas_table: sa.Table) -> sa.Select[int, Any]:
+    """Select how many deltas are pending and the oldest one's ``created_at``."""
+    return sa.select(sa.func.count(), sa.func.min(deltas_table.c.created_at))

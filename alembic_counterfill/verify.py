@@ -116,6 +116,10 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                         Finding(counter.key, table.name, row.pk, counter.name, cached, actual, fix)
                     )
         if fix and rows:
-            conn.execute(sql.recount_range(group, None, None, ids=[r.pk for r in rows]))
+            # Buffered counters: the fix also removes the parents' pending deltas.
+            fixed = [r.pk for r in rows]
+            dialect = conn.dialect.name
+            for stmt in sql.recount_statements(group, None, None, ids=fixed, dialect=dialect):
+                conn.execute(stmt)
         conn.commit()
     return out

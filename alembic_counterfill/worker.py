@@ -12,12 +12,15 @@ process and disposed when the worker shuts down.
 
 Retries and the time limit can be tuned with ``COUNTERFILL_MAX_RETRIES``,
 ``COUNTERFILL_MIN_BACKOFF``, ``COUNTERFILL_MAX_BACKOFF`` and
-``COUNTERFILL_TIME_LIMIT`` (milliseconds).
+``COUNTERFILL_TIME_LIMIT`` (milliseconds); buffered counters' fold checks with
+``COUNTERFILL_FOLD_INTERVAL`` (milliseconds, default 250).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import dramatiq
 
@@ -32,6 +35,7 @@ TUNING = {
     "COUNTERFILL_MIN_BACKOFF": ("min_backoff", _actors.MIN_BACKOFF_MS),
     "COUNTERFILL_MAX_BACKOFF": ("max_backoff", _actors.MAX_BACKOFF_MS),
     "COUNTERFILL_TIME_LIMIT": ("time_limit", _actors.TIME_LIMIT_MS),
+    "COUNTERFILL_FOLD_INTERVAL": ("fold_interval", _actors.FOLD_INTERVAL_MS),
 }
 
 
@@ -43,7 +47,7 @@ def _tuning() -> dict[str, int]:
             value = int(raw) if raw else default
         except ValueError:
             value = -1
-        if value < 0 or (value == 0 and option == "time_limit"):
+        if value < 0 or (value == 0 and option in ("time_limit", "fold_interval")):
             raise ConfigurationError(f"{env}={raw!r} is not a valid number; give e.g. {default}")
         options[option] = value
     return options
@@ -62,10 +66,17 @@ def _configure() -> BackfillActors:
     return declare_actors(broker, settings, **_tuning())
 
 
+# Alembic logs each plugin it sets up at INFO, and Dramatiq shows INFO from
+# every worker process: noise in a worker's log, not news.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
 try:
     actors = _configure()
 except CounterfillError as exc:
-    # Dramatiq reports ImportError as "failed to import module" and exits 2.
-    raise ImportError(f"alembic_counterfill.worker: {exc}") from exc
+    # One line, not Dramatiq's "failed to import module" traceback (dozens of
+    # lines for a missing config file); exit status 2 like Dramatiq's import errors.
+    sys.stderr.write(f"alembic_counterfill.worker: {exc}\n")
+    sys.stderr.flush()
+    raise SystemExit(2) from None
 
 broker = actors.broker

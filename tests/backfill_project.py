@@ -157,6 +157,16 @@ def run_rows(engine: sa.Engine) -> list[Any]:
         return list(conn.execute(sa.select(progress.runs_table).order_by("id")).mappings())
 
 
+#: Environment variables that change `enqueue`; tests start with none set.
+ENV_DEFAULTS = (
+    "COUNTERFILL_BROKER_URL",
+    "COUNTERFILL_BATCH_SIZE",
+    "COUNTERFILL_WAIT",
+    "COUNTERFILL_VERIFY",
+    "COUNTERFILL_MAX_ROWS_PER_SECOND",
+)
+
+
 @dataclass
 class Project:
     """A directory with an alembic.ini whose ``[counterfill]`` section points at the test models."""
@@ -190,23 +200,14 @@ class Project:
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses: tests/ importable, no stray overrides."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("COUNTERFILL_BROKER_URL", "BATCH_SIZE", "WAIT", "VERIFY")
-        }
+        env = {k: v for k, v in os.environ.items() if k not in ENV_DEFAULTS}
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
         env["ALEMBIC_CONFIG"] = self.ini
         return env
 
     def cli(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
         """Run ``alembic-counterfill -c <ini> ARGS`` in this process (click's test runner)."""
-        base: dict[str, str | None] = {
-            "COUNTERFILL_BROKER_URL": None,
-            "BATCH_SIZE": None,
-            "WAIT": None,
-            "VERIFY": None,
-        }
+        base: dict[str, str | None] = dict.fromkeys(ENV_DEFAULTS)
         base.update(env or {})
         return CliRunner().invoke(cli, ["-c", self.ini, *args], env=base)
 
@@ -294,26 +295,43 @@ def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> An
         time.sleep(0.05)
 
 
+#: Backend pids of this process's lock holders: other test runs share the server.
+_HOLDERS: set[int] = set()
+
+
 def lock_users(engine: sa.Engine, ids: Sequence[int]) -> sa.Connection:
     """Hold ``FOR UPDATE`` locks on some users in an open transaction (caller rolls back)."""
     conn = engine.connect()
     conn.execute(
         sa.text("SELECT id FROM users WHERE id = ANY(:ids) FOR UPDATE"), {"ids": list(ids)}
     )
+    _HOLDERS.add(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
     return conn
 
 
 def blocked_backends(engine: sa.Engine) -> list[int]:
-    """PIDs of worker connections waiting on a lock."""
+    """PIDs of worker connections waiting, directly or not, on a lock this test holds.
+
+    Only those: workers of other test runs on the same server wait on locks too,
+    and a test must never act on (or terminate) their connections.
+    """
     with engine.connect() as conn:
-        return list(
-            conn.execute(
-                sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'counterfill-worker'"
-                    " AND wait_event_type = 'Lock'"
-                )
-            ).scalars()
-        )
+        rows = conn.execute(
+            sa.text(
+                "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'counterfill-worker' AND wait_event_type = 'Lock'"
+            )
+        ).all()
+    ours, found = set(_HOLDERS), []
+    changed = True
+    while changed:  # follow chains: a worker waiting on a worker waiting on our holder
+        changed = False
+        for pid, blockers in rows:
+            if pid not in ours and ours.intersection(blockers or ()):
+                ours.add(pid)
+                found.append(pid)
+                changed = True
+    return sorted(found)
 
 
 class Writers:

@@ -1,18 +1,26 @@
-"""Shared fixtures: real PostgreSQL, Redis and SQLite, each test isolated in its own schema/db.
+"""Shared fixtures: real PostgreSQL, Redis and SQLite, each test isolated in its own schema/keys.
 
-A test that needs a service fails (never skips) when the service is down and
-``CI=true``; outside CI it skips with the reason, so a laptop without Redis can
-still run the rest.
+A test that needs a service fails (never skips) when the service is down,
+under ``CI=true`` and under ``make test`` (``COUNTERFILL_TEST_SERVICES=required``);
+only a developer who opts out (``make test SERVICES=optional``, or plain
+``pytest`` outside CI) gets a skip with the reason.
+
+Hypothesis profiles: ``ci`` (derandomized, selected by ``CI=true``) and ``dev``
+(random, more examples; the default elsewhere). ``HYPOTHESIS_PROFILE`` picks one
+explicitly. See docs/testing.md.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, Phase, settings
 
 PG_ADMIN_URL = os.environ.get(
     "COUNTERFILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -21,10 +29,60 @@ REDIS_BASE = os.environ.get("COUNTERFILL_TEST_REDIS", "redis://127.0.0.1:6379")
 AMQP_URL = os.environ.get("COUNTERFILL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+# COUNTERFILL_TEST_GC=aggressive (make test-gc): collect garbage at nearly every
+# allocation, so that anything held only weakly (mapped classes in a declarative
+# registry, event listeners) disappears as early as it ever could.
+# Thresholds alone rarely trigger a full collection, so the entry points that
+# resolve counters or flush also collect first.
+def _collecting_first(fn):  # noqa: ANN001, ANN202 - a plain wrapper
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        gc.collect()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+if os.environ.get("COUNTERFILL_TEST_GC") == "aggressive":
+    from sqlalchemy.orm import Session, registry
+
+    import alembic_counterfill
+    import alembic_counterfill.counters
+
+    gc.set_threshold(1, 1, 1)
+    alembic_counterfill.counters_of = _collecting_first(alembic_counterfill.counters_of)
+    alembic_counterfill.counters.counters_of = alembic_counterfill.counters_of
+    registry.configure = _collecting_first(registry.configure)
+    Session.flush = _collecting_first(Session.flush)
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SERVICES_REQUIRED = IN_CI or os.environ.get("COUNTERFILL_TEST_SERVICES", "") == "required"
+
+# One key prefix per test run: the suite never touches another run's (or app's) Redis keys.
+RUN_ID = uuid.uuid4().hex[:10]
+
+# The state machines' examples are slow (real databases): no deadline, and the
+# too_slow check off; every other health check stays on. No explain phase: it
+# traces every line of SQLAlchemy and turns a found failure into a timeout.
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow],
+    "phases": _PHASES,
+    "print_blob": True,
+}
+settings.register_profile("ci", derandomize=True, **_COMMON)
+settings.register_profile("dev", **_COMMON)
+# A first failure, fast: no shrinking (for debugging a red run).
+settings.register_profile("quick", **{**_COMMON, "phases": (Phase.generate,)})
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "dev"))
+#: Examples per state-machine test are multiplied by this in the dev profile (longer, random).
+EXAMPLES_FACTOR = 1 if settings.default.derandomize else 2
+
+
 def unavailable(what: str, exc: BaseException) -> None:
-    """Fail in CI, skip elsewhere: a missing service must never pass silently in CI."""
+    """Fail when services are required (CI, make test), skip elsewhere: never pass silently."""
     msg = f"{what} unreachable: {exc}"
-    if os.environ.get("CI", "").lower() == "true":
+    if SERVICES_REQUIRED:
         pytest.fail(msg)
     pytest.skip(msg)
 
@@ -75,48 +133,53 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     eng.dispose()
 
 
-_redis_db = iter(range(1, 16))
+_redis_tests = iter(range(1, 1_000_000))
 
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    """A Redis URL on a database number of this test's own, flushed before and after."""
+    """A Redis URL whose Dramatiq keys carry a namespace of this test's own, deleted after it.
+
+    ``?namespace=`` is read by the library's broker factory (docs/cli.md): the
+    test never flushes a database, so a demo or another project sharing the
+    Redis server keeps its keys.
+    """
     import redis
 
+    namespace = f"cf-test-{RUN_ID}-{next(_redis_tests)}"
+    client = redis.Redis.from_url(REDIS_BASE)
     try:
-        db = next(_redis_db)
-    except StopIteration:  # more than 15 redis tests: recycle, flushing keeps them apart
-        globals()["_redis_db"] = iter(range(1, 16))
-        db = next(_redis_db)
-    url = f"{REDIS_BASE}/{db}"
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
+        client.ping()
     except Exception as exc:  # pragma: no cover
         unavailable("Redis", exc)
-    yield url
-    client.flushdb()
+    yield f"{REDIS_BASE.rstrip('/')}/0?namespace={namespace}"
+    delete_namespace(client, namespace)
     client.close()
+
+
+def delete_namespace(client: object, namespace: str) -> int:
+    """Delete every key of ``namespace`` (and only those); return how many there were."""
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=500))  # type: ignore[attr-defined]
+    if keys:
+        client.delete(*keys)  # type: ignore[attr-defined]
+    return len(keys)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def run_machine(request):  # noqa: ANN201 - returns the runner below
     """Run a CounterStateMachine subclass (with a ``url`` attribute) on this param's database."""
-    from hypothesis import HealthCheck, settings
-    from hypothesis.stateful import run_state_machine_as_test
-
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
 
-    def run(machine: type, *, max_examples: int, steps: int = 30) -> None:
+    def run(machine: type, *, max_examples: int, steps: int = 30) -> Any:
+        from alembic_counterfill.machine import run_counter_machine
+
         bound = type(machine.__name__, (machine,), {"url": url})
-        run_state_machine_as_test(
+        examples = max_examples * EXAMPLES_FACTOR
+        tally = run_counter_machine(
             bound,
-            settings=settings(
-                max_examples=max_examples,
-                stateful_step_count=steps,
-                deadline=None,
-                suppress_health_check=list(HealthCheck),
-            ),
+            settings=settings(max_examples=examples, stateful_step_count=steps),
         )
+        print(tally.report())  # shown with -s or -rP: what the run exercised
+        return tally
 
     return run

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +19,7 @@ from backfill_project import (
     seed,
     wait_for,
 )
+from races import Racer
 
 from alembic_counterfill import planning, progress
 from alembic_counterfill.batch import BatchNotFound, BatchOutcome, mark_failed, run_batch
@@ -58,27 +61,40 @@ def _all_at_once(calls: list[tuple[int]], engine: sa.Engine) -> list[BatchOutcom
     return outcomes
 
 
+def _in_batch(pg: sa.Engine, batch_id: int) -> Callable[[Any], bool]:
+    """Whether a user id lies in the batch's key range (read from its row, JSON bounds)."""
+    (b,) = [b for b in batch_rows(pg) if b["id"] == batch_id]
+    lo = json.loads(b["lo"]) if b["lo"] is not None else None
+    hi = json.loads(b["hi"]) if b["hi"] is not None else None
+    return lambda uid: (lo is None or uid >= lo) and (hi is None or uid < hi)
+
+
 def test_same_batch_delivered_twice_in_a_row_is_applied_once(pg: sa.Engine) -> None:
     seed(pg, users=100)
     plan = _plan(pg)
     counters = counters_by_key()
+    inside = _in_batch(pg, plan.batch_ids[0])
+    wrong = {d[0] for d in drift(pg) if inside(d[0])}  # the test's own COUNT/SUM
     first = run_batch(pg, counters, plan.batch_ids[0])
     second = run_batch(pg, counters, plan.batch_ids[0])
-    assert first.applied and first.rows_changed > 0
+    assert first.applied and first.rows_changed == len(wrong) > 0
     assert not second.applied and second.rows_changed == 0
     (run,) = run_rows(pg)
-    assert run["batches_done"] == 1 and run["rows_changed"] == first.rows_changed
+    assert run["batches_done"] == 1 and run["rows_changed"] == len(wrong)
+    assert [d for d in drift(pg) if inside(d[0])] == []  # exact once, not twice
 
 
 def test_same_batch_delivered_concurrently_is_applied_once(pg: sa.Engine) -> None:
     seed(pg, users=100)
     plan = _plan(pg)
+    inside = _in_batch(pg, plan.batch_ids[0])
+    wrong = {d[0] for d in drift(pg) if inside(d[0])}
     outcomes = _all_at_once([(plan.batch_ids[0],)] * 8, pg)
     assert sum(o.applied for o in outcomes) == 1
     (run,) = run_rows(pg)
     assert run["batches_done"] == 1
-    (applied,) = [o for o in outcomes if o.applied]
-    assert run["rows_changed"] == applied.rows_changed
+    assert run["rows_changed"] == len(wrong) == sum(o.rows_changed for o in outcomes)
+    assert [d for d in drift(pg) if inside(d[0])] == []
 
 
 def test_last_batches_committing_together_complete_the_run_exactly_once(pg: sa.Engine) -> None:
@@ -104,22 +120,25 @@ def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
     plan = _plan(pg)
     counters = counters_by_key()
     writer = pg.connect()
-    # A writer that has inserted a follow and applied its delta, not yet committed.
-    writer.execute(sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (3, 7)"))
-    writer.execute(sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = 7"))
-    result: list[BatchOutcome] = []
-    thread = threading.Thread(
-        target=lambda: result.append(run_batch(pg, counters, plan.batch_ids[0]))
-    )
-    thread.start()
-    wait_for(
-        lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
-    )
-    assert thread.is_alive() and not result
-    writer.commit()
-    writer.close()
-    thread.join(timeout=30)
-    assert result and result[0].applied
+    batch = None
+    try:  # a failure must not leave the writer's locks (and the batch thread) behind
+        # A writer that has inserted a follow and applied its delta, not yet committed.
+        writer.execute(sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (3, 7)"))
+        writer.execute(
+            sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = 7")
+        )
+        batch = Racer(lambda: run_batch(pg, counters, plan.batch_ids[0]), "batch").start()
+        wait_for(
+            lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
+        )
+        assert not batch.done.is_set()
+        writer.commit()
+    finally:
+        writer.rollback()
+        writer.close()
+        if batch is not None:
+            batch.done.wait(60)
+    assert batch.join().applied
     assert [d for d in drift(pg) if d[0] < 51] == []  # the batch saw the committed follow
 
 

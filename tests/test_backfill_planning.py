@@ -13,7 +13,7 @@ from backfill_project import USER_COUNTERS, batch_rows, counters_by_key, drift, 
 from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
 
-from alembic_counterfill import planning, progress
+from alembic_counterfill import heartbeat, planning, progress
 from alembic_counterfill.actors import BATCH_ACTOR, send_batches
 from alembic_counterfill.batch import mark_failed, run_batch
 from alembic_counterfill.errors import CounterfillError, UnknownCounterError
@@ -200,27 +200,41 @@ def test_batch_size_must_be_positive(engine: sa.Engine) -> None:
     assert run_rows(engine) == []
 
 
-def test_status_rate_of_a_resumed_run_counts_from_the_resume(engine: sa.Engine) -> None:
+def test_status_rate_and_eta_come_from_the_recent_window(engine: sa.Engine) -> None:
     seed(engine, users=250)
     counters = counters_by_key()
     plan = _plan(engine, USER_COUNTERS)
     run_inline(engine, counters, plan.batch_ids[:3])
-    again = _plan(engine, USER_COUNTERS)  # resumes the run
-    run_inline(engine, counters, again.batch_ids[:1])
     now = progress.now()
-    b, r = progress.batches_table, progress.runs_table
-    with engine.begin() as conn:  # an old run, paused for an hour, resumed 10 s ago
+    r = progress.runs_table
+    with engine.begin() as conn:  # planned two hours ago; 50 parents in the last 10 s
         conn.execute(
             sa.update(r).values(
-                created_at=now - dt.timedelta(hours=2), resumed_at=now - dt.timedelta(seconds=10)
+                created_at=now - dt.timedelta(hours=2),
+                window_started_at=now - dt.timedelta(seconds=10),
+                window_parents=50,
+                last_batch_at=now - dt.timedelta(seconds=1),
             )
         )
-        conn.execute(
-            sa.update(b)
-            .where(b.c.id.in_(plan.batch_ids[:3]))
-            .values(finished_at=now - dt.timedelta(hours=1))
-        )
         (status,) = progress.statuses(conn, ["users.posts_count"])
-    assert status.batches_done == 4 and status.batches_total == 5
-    assert status.rate is not None and 0.05 < status.rate < 0.2  # 1 batch in ~10 s
-    assert status.eta_seconds is not None and 5 < status.eta_seconds < 20
+    assert status.batches_done == 3 and status.batches_total == 5
+    assert status.parents_total == 250 and status.parents_done == 150
+    assert status.rate is not None and 4 < status.rate < 6  # 50 parents in ~10 s
+    assert status.eta_seconds is not None and 15 < status.eta_seconds < 25  # 100 left
+    assert status.activity == "running"
+
+
+def test_status_tells_a_stalled_run_from_a_running_one(engine: sa.Engine) -> None:
+    seed(engine, users=250)
+    plan = _plan(engine, USER_COUNTERS)
+    run_inline(engine, counters_by_key(), plan.batch_ids[:1])
+    now = progress.now()
+    r = progress.runs_table
+    with engine.begin() as conn:  # last batch 5 minutes ago, no worker heartbeat
+        conn.execute(sa.update(r).values(last_batch_at=now - dt.timedelta(minutes=5)))
+        (stalled,) = progress.statuses(conn, ["users.posts_count"])
+    assert stalled.activity == "stalled" and stalled.workers_alive == 0
+    heartbeat.beat(engine, "host:1", "counterfill")
+    with engine.connect() as conn:
+        (alive,) = progress.statuses(conn, ["users.posts_count"])
+    assert alive.activity == "running" and alive.workers_alive == 1

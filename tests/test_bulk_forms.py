@@ -414,6 +414,11 @@ def test_untrackable_insert_logs_a_warning(db: sa.Engine, caplog) -> None:  # no
         s.execute(sa.insert(Post).values(author_id=fk, likes=1))
         s.commit()
     assert "verify --fix" in caplog.text
+    # What the warning is about: user 1 drifted by exactly that post, nobody else did.
+    with db.connect() as conn:
+        t, c = truth(conn), cached(conn)
+    assert {u for u in t if t[u] != c[u]} <= {1}
+    assert t[1][2:4] == (1, 1)  # the independent truth sees the published post and its like
 
 
 def outcome(result: sa.Result) -> tuple[object, ...]:

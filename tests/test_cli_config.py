@@ -160,7 +160,17 @@ def test_target_accepts_metadata_and_registry(tmp_path: Path, monkeypatch, attri
     monkeypatch.setattr(sys, "path", list(sys.path))
     settings = config.Settings(f"{name}:{attribute}", "sqlite://", None, config_file=None)
     monkeypatch.chdir(tmp_path)
-    assert settings.target() is not None
+    target = settings.target()
+    module = sys.modules[name]
+    named = {
+        "PLAIN": module.PLAIN,
+        "REGISTRY": module.REGISTRY,
+        "Base.metadata": module.Base.metadata,
+    }
+    assert target is named[attribute]  # the very object named, not a stand-in
+    # Counters resolve through it: the base's metadata has one, the empty holders none.
+    expected = [f"{name}_shelves.books_count"] if attribute == "Base.metadata" else []
+    assert [c.key for c in settings.counters()] == expected
 
 
 def test_engine_is_created_once(tmp_path: Path) -> None:

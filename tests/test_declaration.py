@@ -12,6 +12,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from alembic_counterfill import CounterDeclarationError, counter_cache, counters_of
 from alembic_counterfill.declaration import spec_of
 
+# The declarative registry holds mapped classes weakly: local classes must be held
+# here, or a garbage collection between build() and counters_of() loses them.
+_HELD: list[type] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_held() -> Any:
+    yield
+    _HELD.clear()
+
 
 def build(parent_counter: Callable[[], Any], *, composite: bool = False) -> type:
     """Declare Parent/Child/Other on a fresh base; the counter comes from parent_counter()."""
@@ -39,6 +49,7 @@ def build(parent_counter: Callable[[], Any], *, composite: bool = False) -> type
         __tablename__ = "others"
         id: Mapped[int] = mapped_column(primary_key=True)
 
+    _HELD.extend([Base, Parent, Child, Other])
     return Base
 
 

@@ -60,4 +60,4 @@ def counter_mismatches_or_empty(engine: sa.Engine) -> list[tuple[Any, ...]]:
 
 
 def test_random_orm_traffic_keeps_the_example_counters_exact(run_machine) -> None:  # noqa: ANN001
-    run_machine(ExampleMachine, max_examples=20)
+    run_machine(ExampleMachine, max_examples=10)

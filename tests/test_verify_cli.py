@@ -43,9 +43,11 @@ def test_verify_reports_each_drift_then_fix_repairs_it(
     result = project.cli("verify")
     assert result.exit_code == 1
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split("\t") == ["TABLE", "ID", "COLUMN", "CACHED", "ACTUAL"]
-    expected = {f"users\t{uid}\t{col}\t{value}\t{truth[uid, col]}" for uid, col, value in CORRUPT}
-    assert set(lines[1:]) == expected
+    assert lines[0].split() == ["TABLE", "ID", "COLUMN", "CACHED", "ACTUAL"]  # status's style
+    expected = {
+        ("users", str(uid), col, str(value), str(truth[uid, col])) for uid, col, value in CORRUPT
+    }
+    assert {tuple(line.split()) for line in lines[1:]} == expected
     assert "3 drifted values" in result.stderr
 
     as_json = project.cli("verify", "--json")

@@ -11,6 +11,7 @@ import re
 from collections import Counter as Tally
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
@@ -29,12 +30,12 @@ from backfill_project import (
     states,
     wait_for,
 )
-from conftest import AMQP_URL, unavailable
+from conftest import AMQP_URL, REDIS_BASE, delete_namespace, unavailable
 
 from alembic_counterfill import planning, progress
 from alembic_counterfill.actors import broker_from_url, send_batches
 
-APPLIED = re.compile(r"batch (\d+) users\.\S+ \[")
+APPLIED = re.compile(r"batch (\d+) users\.\S+ \[.*; batch done")  # a range's last piece
 DUPLICATE = re.compile(r"batch (\d+) already done")
 
 
@@ -122,9 +123,13 @@ def test_redis_flushed_mid_backfill_then_enqueue_completes(
         try:
             assert project.cli("enqueue").exit_code == 0
             wait_for(lambda: len(blocked_backends(pg)) == 2, what="both worker threads to block")
-            client = redis.Redis.from_url(redis_url)
-            client.flushdb()  # every queued message is lost
-            assert client.llen(f"dramatiq:{project.queue}") == 0
+            namespace = parse_qs(urlsplit(redis_url).query)["namespace"][0]
+            client = redis.Redis.from_url(REDIS_BASE)
+            queued = client.llen(f"{namespace}:{project.queue}")
+            assert queued > 0  # messages wait behind the two blocked batches
+            # Every key of this test's namespace (queues, acks, heartbeats) is lost.
+            assert delete_namespace(client, namespace) > 0
+            client.close()
         finally:
             holder.rollback()
             holder.close()

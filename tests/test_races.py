@@ -1,0 +1,159 @@
+"""Deterministic races on PostgreSQL: each interleaving forced by a lock held on purpose.
+
+A third connection (or the first racer's open transaction) holds a row lock;
+the racers start and provably wait (pg_stat_activity); then the lock is
+released. Each test asserts no deadlock, no hang (racers are joined with a
+timeout) and exact counters against the test's own COUNT/SUM (``drift``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import backfill_models as m
+import pytest
+import sqlalchemy as sa
+from backfill_project import USER_COUNTERS, counters_by_key, drift, seed
+from races import Racer, holding, race_engine, wait_blocked, wait_until
+from sqlalchemy.orm import Session
+
+from alembic_counterfill import planning
+from alembic_counterfill.batch import run_batch
+from alembic_counterfill.verify import verify
+
+
+@pytest.fixture
+def eng(pg_url: str) -> Iterator[sa.Engine]:
+    engine = race_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+def _users_and_posts(
+    engine: sa.Engine, users: int = 3, posts: dict[int, int] | None = None
+) -> None:
+    """Tables, ``users`` users and posts through the ORM, so every counter starts exact."""
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([m.User(id=i, name=f"u{i}") for i in range(1, users + 1)])
+        s.flush()
+        for pid, author in (posts or {}).items():
+            s.add(m.Post(id=pid, author_id=author, published=True, likes=5))
+        s.commit()
+    assert drift(engine) == []
+
+
+def test_two_sessions_moving_one_post_to_different_authors(eng: sa.Engine) -> None:
+    """The second mover holds a stale copy (author 1) and must wait for the first's commit."""
+    _users_and_posts(eng, posts={1: 1})
+    second = Session(eng, expire_on_commit=False)
+    stale_post = second.get(m.Post, 1)
+    second.commit()  # ends its snapshot; the copy keeps author_id = 1
+    first = Session(eng)
+    racer = None
+    try:
+        first.get(m.Post, 1).author_id = 2
+        first.flush()  # holds the post row (and users 1, 2) until commit
+
+        def move_to_3() -> None:
+            stale_post.author_id = 3
+            second.commit()
+
+        racer = Racer(move_to_3, "second mover").start()
+        wait_blocked(eng, 1, racer)
+        first.commit()
+        racer.join()
+    finally:
+        first.close()
+        if racer is not None:
+            racer.done.wait(60)
+        second.close()
+    assert drift(eng) == []
+    with eng.connect() as conn:
+        counts = dict(conn.execute(sa.text("SELECT id, posts_count FROM users ORDER BY id")).all())
+    assert counts == {1: 0, 2: 0, 3: 1}
+
+
+def test_live_write_inside_a_running_batch_range(eng: sa.Engine) -> None:
+    """A batch holds users 1-9 and waits on user 10; a follow of user 5 waits on the batch."""
+    seed(eng, users=100)
+    counters = counters_by_key()
+    with eng.begin() as conn:
+        plan = planning.plan(conn, [counters[k] for k in USER_COUNTERS], 50)
+
+    def follow() -> None:
+        with Session(eng) as s:
+            s.add(m.Follow(follower_id=3, followed_id=5))
+            s.commit()
+
+    with holding(eng, "SELECT id FROM users WHERE id = 10 FOR NO KEY UPDATE"):
+        batch = Racer(lambda: run_batch(eng, counters, plan.batch_ids[0]), "batch").start()
+        wait_blocked(eng, 1, batch)
+        writer = Racer(follow, "writer").start()
+        wait_blocked(eng, 2, batch, writer)
+    assert batch.join().applied
+    writer.join()
+    assert [d for d in drift(eng) if d[0] <= 50] == []  # the batch's range is exact
+
+
+def test_bulk_delete_racing_an_orm_insert_into_its_where(eng: sa.Engine) -> None:
+    """An insert of a post by author 1 commits (or queues) just before DELETE ... author 1 runs."""
+    _users_and_posts(eng, posts={1: 1, 2: 1, 3: 2})
+    inserted: list[Racer] = []
+
+    def insert_post() -> None:
+        with Session(eng) as s:
+            s.add(m.Post(id=4, author_id=1, published=True, likes=7))
+            s.commit()
+
+    def before_delete(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if inserted or not statement.lstrip().upper().startswith("DELETE FROM POSTS"):
+            return
+        racer = Racer(insert_post, "inserter").start()
+        inserted.append(racer)
+        # Either the insert commits first, or it queues behind locks the bulk delete holds.
+        wait_until(lambda: racer.done.is_set() or _blocked(eng), "the insert to land or queue")
+
+    sa.event.listen(eng, "before_cursor_execute", before_delete)
+    try:
+        with Session(eng) as s:
+            s.execute(sa.delete(m.Post).where(m.Post.author_id == 1))
+            s.commit()
+    finally:
+        sa.event.remove(eng, "before_cursor_execute", before_delete)
+        for racer in inserted:
+            racer.done.wait(60)
+    assert inserted, "the bulk delete never ran a DELETE on posts"
+    inserted[0].join()
+    assert drift(eng) == []
+
+
+def _blocked(engine: sa.Engine) -> bool:
+    from races import lock_waiters
+
+    return lock_waiters(engine) > 0
+
+
+def test_verify_fix_racing_a_writer(eng: sa.Engine) -> None:
+    """verify --fix re-checks user 7 under lock: it waits for the writer, then fixes exactly."""
+    _users_and_posts(eng, users=10)
+    with eng.begin() as conn:  # drift on purpose, behind the library's back
+        conn.execute(sa.text("UPDATE users SET followers_count = 9 WHERE id = 7"))
+    writer = Session(eng)
+    racer = None
+    try:
+        writer.add(m.Follow(follower_id=1, followed_id=7))
+        writer.flush()  # its delta holds user 7's row until commit
+        counters = list(counters_by_key().values())
+        racer = Racer(lambda: verify(eng, counters, fix=True), "verify --fix").start()
+        wait_blocked(eng, 1, racer)
+        writer.commit()
+        findings = racer.join()
+    finally:
+        writer.close()
+        if racer is not None:
+            racer.done.wait(60)
+    assert drift(eng) == []
+    fixed = [(f.id, f.column, f.actual, f.fixed) for f in findings]
+    assert fixed == [(7, "followers_count", 1, True)]
