@@ -1,5 +1,5 @@
 # Quick start: `make demo` (the main job, end to end, on SQLite with no broker server)
-# and `make test` (the whole suite against real PostgreSQL, Redis and RabbitMQ).
+# and `make test` (the whole suite against real PostgreSQL, MariaDB, Redis and RabbitMQ).
 # Each target creates .venv and installs what it needs on a fresh machine.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 CORE_STAMP := $(VENV)/.installed-core
 # Plus the drivers and brokers of the services the tests and the server demo use.
 SERVICES_STAMP := $(VENV)/.installed-services
-SERVICE_EXTRAS := postgresql,redis,rabbitmq
+SERVICE_EXTRAS := postgresql,mysql,mysqlclient,redis,rabbitmq
 # Plus the test and lint tools.
 STAMP := $(VENV)/.installed
 
@@ -29,6 +29,7 @@ $(CORE_STAMP): pyproject.toml
 	touch $(CORE_STAMP)
 
 $(SERVICES_STAMP): $(CORE_STAMP)
+	@bash scripts/services.sh mysqlclient-deps
 	$(PY) -m pip install --quiet -e '.[$(SERVICE_EXTRAS)]'
 	touch $(SERVICES_STAMP)
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         CounterfillError,
         CounterfillWarning,
         DatabaseError,
+        DuplicateKeyError,
         UnknownCounterError,
     )
     from .folding import configure_folding
@@ -48,6 +49,7 @@ __all__ = [
     "UnknownCounterError",
     "BrokerError",
     "DatabaseError",
+    "DuplicateKeyError",
     # warnings
     "CounterfillWarning",
 ]
@@ -68,6 +70,7 @@ _HOME = {
     "BrokerError": "errors",
     "DatabaseError": "errors",
     "CounterfillWarning": "errors",
+    "DuplicateKeyError": "errors",
 }
 
 

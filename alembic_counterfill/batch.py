@@ -18,8 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import innodb, signals, sql
 from . import progress as p
-from . import signals, sql
 from .counters import Counter
 from .errors import ConfigurationError, CounterfillError
 from .pacing import BACKOFF_SHRINK, History, Pacing
@@ -225,6 +225,13 @@ def _record_throttle(conn: Connection, run_id: int, reason: str) -> None:
 def _session_settings(
     conn: Connection, statement_timeout_ms: int | None, throttle: Throttle
 ) -> None:
+    if innodb.is_innodb(conn.dialect):
+        # A fresh snapshot per statement: the recount sees what it waited for
+        # (docs/databases.md); and a lock wait bounded like a statement.
+        conn.execution_options(isolation_level=innodb.ISOLATION)
+        if statement_timeout_ms:
+            innodb.bound_lock_waits(conn, statement_timeout_ms)
+        return
     if conn.dialect.name != "postgresql":
         return
     # A batch is a short statement: JIT compilation (triggered by the
@@ -257,9 +264,9 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
             .values(touch)
             .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS])
         ).first()
-    row = conn.execute(
-        sa.update(b).where(b.c.id == batch_id).values(touch).returning(*mine)
-    ).first()
+    row = innodb.update_returning(
+        conn, sa.update(b).where(b.c.id == batch_id).values(touch), b.c.id == batch_id, *mine
+    )
     if row is None:
         return None
     run = conn.execute(
@@ -304,13 +311,21 @@ def _one_transaction(
                 cut = next_boundary(conn, pk, start, size)
                 if cut is not None and (hi is None or cut < hi):
                     end, last = cut, False
-            if conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
+            mysql = innodb.is_innodb(conn.dialect)
+            if mysql:
+                parents = innodb.lock_parents(conn, table, pk, start, end)
+            elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
                 parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
             else:
                 parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
-            # Buffered counters: the recount also removes the range's pending deltas.
-            for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
-                n = conn.execute(stmt).rowcount
+            if mysql:  # read the truth (no child locks), then write what differs
+                innodb.refuse_buffered(chosen)
+                wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
+                n = innodb.write_truths(conn, chosen, wrong)
+            else:
+                # Buffered counters: the recount also removes the range's pending deltas.
+                for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
+                    n = conn.execute(stmt).rowcount
             waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
             seconds = time.monotonic() - t0
             if last:
@@ -445,12 +460,14 @@ def _advance_run(
         booked = slot + dt.timedelta(seconds=parents / limit)
         values["rate_next_at"] = booked
         rate_wait = (booked - now).total_seconds()
-    done, failed, total = conn.execute(
-        sa.update(r)
-        .where(r.c.id == run_id)
-        .values(values)
-        .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
-    ).one()
+    done, failed, total = innodb.update_returning(
+        conn,
+        sa.update(r).where(r.c.id == run_id).values(values),
+        r.c.id == run_id,
+        r.c.batches_done,
+        r.c.batches_failed,
+        r.c.batches_total,
+    )
     if not last:
         return False, rate_wait, next_size
     if done >= total:
@@ -526,7 +543,12 @@ def describe(exc: BaseException) -> str:
     """
     orig = getattr(exc, "orig", None) if isinstance(exc, sa.exc.DBAPIError) else None
     cause = orig if isinstance(orig, BaseException) else exc
-    lines = str(cause).strip().splitlines()
+    args: tuple[Any, ...] = tuple(getattr(cause, "args", ()))
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        cause_text = f"{args[1]} (error {args[0]})"  # MySQL drivers: (code, message)
+    else:
+        cause_text = str(cause)
+    lines = cause_text.strip().splitlines()
     text = " ".join(lines[0].split()) if lines else repr(cause)
     return f"{type(cause).__name__}: {text}"[:1000]
 
@@ -541,12 +563,13 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
     b, r = p.batches_table, p.runs_table
     now = p.now()
     with engine.connect() as conn:
-        row = conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id)
-            .values(error=error)
-            .returning(b.c.state, b.c.run_id)
-        ).first()
+        row = innodb.update_returning(
+            conn,
+            sa.update(b).where(b.c.id == batch_id).values(error=error),
+            b.c.id == batch_id,
+            b.c.state,
+            b.c.run_id,
+        )
         if row is None or row.state == p.BATCH_DONE:
             conn.rollback()
             return False
@@ -555,12 +578,16 @@ def mark_failed(engine: sa.Engine, batch_id: int, error: str) -> bool:
             conn.execute(
                 sa.update(b).where(b.c.id == batch_id).values(state=p.BATCH_FAILED, finished_at=now)
             )
-            done, failed, total = conn.execute(
+            done, failed, total = innodb.update_returning(
+                conn,
                 sa.update(r)
                 .where(r.c.id == row.run_id)
-                .values(batches_failed=r.c.batches_failed + 1)
-                .returning(r.c.batches_done, r.c.batches_failed, r.c.batches_total)
-            ).one()
+                .values(batches_failed=r.c.batches_failed + 1),
+                r.c.id == row.run_id,
+                r.c.batches_done,
+                r.c.batches_failed,
+                r.c.batches_total,
+            )
             if done + failed >= total:
                 _fail_run(conn, row.run_id, now)
         conn.commit()

@@ -25,7 +25,7 @@ from sqlalchemy.orm import ORMExecuteState
 
 from . import sql
 from .counters import Counter
-from .deltas import Recounts, chunks, new_deltas, settle
+from .deltas import Recounts, chunks, lock_first, new_deltas, settle
 from .plan import WritePlan
 
 log = logging.getLogger(__name__)
@@ -171,11 +171,14 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
     session = state.session
     recounts: Recounts = defaultdict(set)
     deltas = new_deltas()
-    upsert = getattr(dml, "_post_values_clause", None) is not None
+    # INSERT IGNORE (MySQL) skips rows that collide, like ON CONFLICT DO NOTHING.
+    ignore = any("IGNORE" in str(prefix).upper() for prefix, _ in dml._prefixes)
+    upsert = getattr(dml, "_post_values_clause", None) is not None or ignore
     lost: list[Counter] = []
 
     if dml.select is not None:
         parents = _selected_parents(state, plan, dml)
+        lock_first(session, {c: ids for c, ids in parents.items() if ids is not UNKNOWN})
         result = state.invoke_statement()
         for counter, ids in parents.items():
             if ids is UNKNOWN:
@@ -196,6 +199,8 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
                 for i, counter in enumerate(plan.counters):
                     recounts[counter].add(row._mapping[f"k{i}"])
 
+    known = {c: set(_column_values(plan, rows, c.fk)) - {UNKNOWN} for c in plan.counters}
+    lock_first(session, {c: known[c] | recounts.get(c, set()) for c in plan.counters})
     result = state.invoke_statement()
     for counter in plan.counters:
         fks = _column_values(plan, rows, counter.fk)

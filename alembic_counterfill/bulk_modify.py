@@ -21,6 +21,7 @@ writer and needs neither lock nor restriction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,8 +31,8 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
-from . import sql
-from .deltas import add_rows, chunks, new_deltas, settle
+from . import innodb, sql
+from .deltas import add_rows, chunks, lock_first, new_deltas, settle
 from .plan import Key, WritePlan
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ def _can_return(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool
     if not plan.table.implicit_returning:
         return False
     dialect = state.session.get_bind(mapper=plan.mapper).dialect
+    if innodb.is_innodb(dialect):
+        # MariaDB's DELETE … RETURNING would lock through the statement's own
+        # scan, secondary index first; rows are locked by primary key instead.
+        return False
     if _multitable(dml.whereclause, plan.table):
         return False  # UPDATE..FROM / DELETE..USING: RETURNING support varies; re-read instead
     return bool(
@@ -110,20 +115,34 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
     rows: list[Any] = []
     conn = session.connection(bind_arguments={"mapper": plan.mapper})
     name = conn.dialect.name
+    # InnoDB: only a locking read sees past REPEATABLE READ's first snapshot.
+    mysql = innodb.is_innodb(conn.dialect)
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
         where = sql.keys_in(plan.pk_columns, part, name)
-        rows.extend(
-            conn.execute(sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock))
+        stmt = sql.matching_state(
+            plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
         )
+        rows.extend(conn.execute(stmt))
     return rows
 
 
 def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool) -> list[Any]:
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
+    where = dml.whereclause
+    by_key = lock and innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect)
+    if by_key:
+        keys = _matching_keys(state, plan, dml, entity)
+        if not keys:
+            return []
+        # Lock by primary key only: a locking scan of a secondary index would
+        # lock its entries before the rows, the reverse of a writer updating
+        # those rows by key, and InnoDB would deadlock the two.
+        key_match = innodb.key_match(plan.pk_columns, keys)
+        where = key_match if where is None else sa.and_(where, key_match)
     stmt = sql.matching_state(
-        plan.counters, plan.pk_columns, dml.whereclause, entity=entity, lock=lock
+        plan.counters, plan.pk_columns, where, entity=entity, lock=lock, by_primary_key=by_key
     )
     if entity is not None and dml._with_options:
         stmt = stmt.options(*dml._with_options)  # with_loader_criteria() and friends
@@ -135,6 +154,93 @@ def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool
         for row in state.session.execute(stmt, one or None).all():
             seen.setdefault(tuple(row[: len(plan.pk_columns)]), row)
     return [seen[k] for k in sorted(seen)]
+
+
+def _matching_keys(state: ORMExecuteState, plan: WritePlan, dml: Any, entity: Any) -> list[Key]:
+    """Primary keys of the rows the statement's WHERE matches now, without locking, sorted."""
+    probe = sa.select(*plan.pk_columns)
+    if entity is not None:
+        probe = probe.select_from(entity).options(*dml._with_options)
+    if dml.whereclause is not None:
+        probe = probe.where(dml.whereclause)
+    params = state.parameters
+    found: set[Key] = set()
+    for one in params if isinstance(params, list) else [params]:
+        found.update(tuple(row) for row in state.session.execute(probe, one or None))
+    return sorted(found)
+
+
+def _by_locked_keys(
+    stmt: Any, plan: WritePlan, keys: list[Key], is_delete: bool, dialect: str, many: bool
+) -> Any:
+    """The caller's statement on InnoDB, reaching its rows by primary key only.
+
+    The rows were locked by key and matched the WHERE under the lock, so the
+    key list alone selects them. Any scan of another index (or, on a small
+    table, of the whole table) would lock entries of rows other writers hold
+    and deadlock with them; an UPDATE also gets an index hint, a DELETE (which
+    takes none) is left only the key list as its WHERE and a ``LIMIT`` of as
+    many rows, which makes MariaDB choose the primary key's ranges.
+    """
+    if not keys:
+        stmt = stmt._clone()
+        stmt._where_criteria = (sa.false(),)
+        return stmt
+    restriction = innodb.key_match(plan.pk_columns, keys, expanding=not many)
+    if not is_delete:
+        return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
+    stmt = stmt._clone()
+    stmt._where_criteria = (restriction,)
+    if stmt._returning:  # MariaDB's DELETE … RETURNING takes no LIMIT before it
+        return stmt
+    return stmt.with_dialect_options(mysql_limit=len(keys))
+
+
+def _set_parents(state: ORMExecuteState, plan: WritePlan, dml: Any) -> dict[Any, set[Any]]:
+    """The parent keys an UPDATE's SET clause or parameters give literally, per counter."""
+    out: dict[Any, set[Any]] = {}
+    for counter in plan.counters:
+        found = out.setdefault(counter, set())
+        for value in _fk_values(state, plan, dml, counter):
+            if isinstance(value, sa.BindParameter) and value.callable is None:
+                value = value.value
+            if not isinstance(value, sa.ClauseElement) and value is not None:
+                found.add(value)
+    return out
+
+
+def _fk_values(state: ORMExecuteState, plan: WritePlan, dml: Any, counter: Any) -> list[Any]:
+    """What an UPDATE's SET clause and parameters assign to ``counter``'s FK (raw)."""
+    names = {counter.fk.key, counter.fk.name}
+    with contextlib.suppress(Exception):  # unmapped FK column: only its name can set it
+        names.add(plan.mapper.get_property_by_column(counter.fk).key)
+    params = state.parameters
+    rows = params if isinstance(params, list) else [params or {}]
+    values = {getattr(k, "key", k): v for k, v in (getattr(dml, "_values", None) or {}).items()}
+    return [source[name] for source in [values, *rows] for name in names & set(source)]
+
+
+def _sets_fk_literally(state: ORMExecuteState, plan: WritePlan, dml: Any) -> bool:
+    """Whether the UPDATE leaves every FK alone or sets it to literal values only."""
+    for counter in plan.counters:
+        for value in _fk_values(state, plan, dml, counter):
+            if isinstance(value, sa.BindParameter):
+                if value.callable is not None:
+                    return False
+            elif isinstance(value, sa.ClauseElement):
+                return False
+    return True
+
+
+def _parents(plan: WritePlan, rows: list[Any], extra: dict[Any, set[Any]]) -> dict[Any, set[Any]]:
+    """Parents named by :func:`.sql.row_state` rows, plus ``extra``, per counter."""
+    out = {c: set(extra.get(c, ())) for c in plan.counters}
+    for row in rows:
+        for i, counter in enumerate(plan.counters):
+            parent = row._mapping[f"k{i}"]
+            if parent is not None:
+                out[counter].add(parent)
+    return out
 
 
 def _warn_unseen(plan: WritePlan, dml: Any, extra: int) -> None:
@@ -210,7 +316,9 @@ def _delete_returning(
 def _by_primary_key(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
     """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
     deltas = new_deltas()
-    add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=True), -1)
+    old = _state_by_keys(state.session, plan, keys, lock=True)
+    add_rows(deltas, plan, old, -1)
+    lock_first(state.session, _parents(plan, old, _set_parents(state, plan, state.statement)))
     result = state.invoke_statement()
     add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=False), +1)
     settle(state.session, deltas)
@@ -237,9 +345,13 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     keys = [tuple(row[:n_pk]) for row in old]
     deltas = new_deltas()
     add_rows(deltas, plan, old, -1)
+    lock_first(session, _parents(plan, old, _set_parents(state, plan, dml)))
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
-    if restricted:
+    if restricted and innodb.is_innodb(dialect):
+        stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name, state.is_executemany)
+        options = _fetch_instead_of_evaluate(state, plan)
+    elif restricted:
         stmt = stmt.where(sql.keys_in(plan.pk_columns, keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
 
@@ -258,6 +370,11 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
 
     result = state.invoke_statement(statement=stmt, execution_options=options)
     if not is_delete and bool(written(state, dml) & set(_key_names(plan))):
+        if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
+            # Keys moved and there is no UPDATE … RETURNING: recount every
+            # parent the rows had or were given (all locked already).
+            settle(session, new_deltas(), _parents(plan, old, _set_parents(state, plan, dml)))
+            return result
         log.warning(
             "counterfill: UPDATE of %s primary key without RETURNING cannot be followed; "
             "run `alembic counterfill verify --fix`",

@@ -6,6 +6,7 @@ it without importing :mod:`.testing` (which loads the machine on demand).
 
 from __future__ import annotations
 
+import decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,8 +56,15 @@ def find_drift(bind: sa.Engine | sa.Connection | Session, target: Any) -> list[D
             .order_by(c.parent_pk)
         )
         for pid, cached, actual in bind.execute(stmt):
-            found.append(Drift((c.parent_table.name, pid, c.column.name, cached, actual)))
+            found.append(Drift((c.parent_table.name, pid, c.column.name, cached, _whole(actual))))
     return sorted(found, key=lambda d: (d[0], str(d[1]), d[2]))
+
+
+def _whole(value: Any) -> Any:
+    # MariaDB/MySQL (and PostgreSQL for bigint) return SUM as a Decimal; show whole values as ints.
+    if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 def assert_counters_consistent(bind: sa.Engine | sa.Connection | Session, target: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 
-from . import buffer, folding, sql
+from . import buffer, folding, innodb, sql
 from .counters import Counter
 from .plan import WritePlan
 
@@ -137,6 +137,9 @@ def _add_to_parents(connection: Connection, counter: Counter, per_parent: dict[A
     # PostgreSQL: lock several parents in key order first, since the UPDATE
     # itself visits them in whatever order its plan chooses. SQLite has one writer.
     table, pk = counter.parent_table, counter.parent_pk
+    if innodb.is_innodb(connection.dialect):
+        innodb.apply_deltas(connection, table, pk, per_parent)
+        return
     dialect = connection.dialect.name
     ids = sorted(per_parent)
     columns = sorted({col for d in per_parent.values() for col in d}, key=lambda c: c.name)
@@ -183,9 +186,32 @@ def schedule_expiry(session: Session, recounts: Recounts) -> None:
             expire[(counter.parent_mapper, pid)].add(counter.attr_key)
 
 
+def lock_first(session: Session, parents: dict[Counter, set[Any]]) -> None:
+    """On InnoDB, lock these parents exclusively, by table name and key, before a child write.
+
+    A child INSERT or FK move takes a shared lock on its parent for the
+    foreign-key check; writers holding it that then want the exclusive lock
+    for their delta deadlock (InnoDB has no ``FOR NO KEY UPDATE``). Elsewhere
+    this does nothing: the deltas lock the parents afterwards.
+    """
+    by_table: dict[Mapper[Any], tuple[Counter, set[Any]]] = {}
+    for counter, ids in parents.items():
+        slot = by_table.setdefault(counter.parent_mapper, (counter, set()))
+        slot[1].update(x for x in ids if x is not None)
+    for mapper in sorted(by_table, key=_table_name):
+        counter, ids = by_table[mapper]
+        conn = session.connection(bind_arguments={"mapper": mapper})
+        if not innodb.is_innodb(conn.dialect):
+            return
+        if ids:
+            innodb.lock_parent_keys(conn, counter.parent_table, counter.parent_pk, ids)
+
+
 def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
     conn = session.connection(bind_arguments={"mapper": mapper})
-    if conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
+    if innodb.is_innodb(conn.dialect):
+        innodb.lock_parent_keys(conn, counter.parent_table, counter.parent_pk, ids)
+    elif conn.dialect.name != "sqlite":  # SQLite has one writer: nothing to wait for
         for part in chunks(ids):
             conn.execute(
                 sql.lock_parents(counter.parent_table, counter.parent_pk, None, None, ids=part)
@@ -201,6 +227,10 @@ def _recount(
     ids = sorted(set().union(*wanted.values()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
+        if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read may be stale
+            innodb.refuse_buffered(counters)
+            innodb.recount_in_transaction(conn, counters, part, sql.contribution)
+            continue
         # Buffered counters: the recount also removes their pending deltas.
         for stmt in sql.recount_statements(
             counters, None, None, ids=part, dialect=conn.dialect.name

@@ -33,3 +33,11 @@ class DatabaseError(CounterfillError):
 
 class CounterfillWarning(UserWarning):
     """A model setup that counters cannot follow exactly (e.g. database-side cascades)."""
+
+
+class DuplicateKeyError(CounterfillError):
+    """A new row's key exists already: the cause of an IntegrityError raised before the INSERT.
+
+    On MariaDB/MySQL a flush reports it without waiting when the row appeared
+    while the flush waited for its locks (see docs/databases.md).
+    """

@@ -17,10 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from . import association, sql
+from . import association, innodb, sql
 from . import deltas as _deltas
+from .errors import DuplicateKeyError
 from .pause import is_paused
 from .plan import Key, WritePlan, plan_for
 
@@ -30,7 +32,13 @@ _STASH = "counterfill.flush"
 def _read(connection: sa.Connection, plan: WritePlan, keys: set[Key], *, lock: bool) -> list[Any]:
     dialect = connection.dialect.name
     where = sql.keys_in(plan.pk_columns, keys, dialect)
-    stmt = sql.matching_state(plan.counters, plan.pk_columns, where, lock=lock)
+    # InnoDB's REPEATABLE READ would answer a plain read from the transaction's
+    # first snapshot (a row deleted since would still count): a locking read,
+    # by primary key only, sees the latest rows, which we hold anyway.
+    mysql = innodb.is_innodb(connection.dialect)
+    stmt = sql.matching_state(
+        plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
+    )
     return list(connection.execute(stmt).all())
 
 
@@ -72,8 +80,146 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
             continue
         if obj in deleted or plan.may_change(st):
             wanted[plan].add(tuple(st.key[1]))
-    for plan, keys in wanted.items():
+    for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
+    if _on_innodb(session, wanted):
+        _lock_before_writes(session, state)
+
+
+def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
+    classes = {type(o) for o in session.new}  # per class, not per object: flushes can be large
+    mappers = {p.mapper for p in wanted} | {sa.inspect(cls) for cls in classes}
+    plans = [p for p in map(plan_for, mappers) if p is not None]
+    return any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans)
+
+
+def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]:
+    """The attribute key mapping each column on ``mapper`` (None: unmapped)."""
+    out: list[str | None] = []
+    for col in columns:
+        try:
+            out.append(mapper.get_property_by_column(col).key)
+        except Exception:  # an unmapped column: nothing in the session can name it
+            out.append(None)
+    return out
+
+
+def _lock_before_writes(session: Session, state: _FlushState) -> None:
+    """On InnoDB, take every lock this flush's writes will need, children first, then parents.
+
+    InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
+    INSERT's foreign-key check takes a *shared* lock on the parent, and two
+    writers holding it that then both want the exclusive lock for their delta
+    deadlock. So before the flush writes, a writer locks, in one global order:
+
+    1. the children it changes or deletes (already read ``FOR UPDATE`` in key
+       order by :meth:`_FlushState.capture`), and the existing rows its new
+       children's explicit primary keys collide with (an INSERT's
+       duplicate-key check would otherwise wait for them while we hold parents);
+    2. every parent those rows and the new or moved children name, exclusively,
+       by table name and then key (:func:`.deltas.lock_first`).
+
+    Parents found only during the flush (keys synced from objects flushed in
+    the same flush) are locked when the deltas are applied.
+    """
+    parents: dict[Any, set[Any]] = defaultdict(set)
+    for plan, rows in state.old.items():
+        for row in rows:
+            for i, counter in enumerate(plan.counters):
+                parents[counter].add(row._mapping[f"k{i}"])
+    colliding: dict[WritePlan, set[Key]] = defaultdict(set)
+    keys_of: dict[type, tuple[WritePlan, list[str | None], list[str | None]] | None] = {}
+    for obj in (*session.new, *session.dirty):
+        cls = type(obj)
+        if cls not in keys_of:  # plan and attribute keys once per class, not per object
+            child_plan = plan_for(sa.inspect(cls))
+            keys_of[cls] = (
+                None
+                if child_plan is None
+                else (
+                    child_plan,
+                    _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters]),
+                    _attribute_keys(child_plan.mapper, child_plan.pk_columns),
+                )
+            )
+        found = keys_of[cls]
+        if found is None:
+            continue
+        child_plan, fk_keys, pk_keys = found
+        st: InstanceState[Any] = instance_state(obj)
+        values = st.dict
+        for counter, fk_key in zip(child_plan.counters, fk_keys, strict=True):
+            value = values.get(fk_key) if fk_key is not None else None
+            parents[counter].add(value if value is not None else _related_key(st, counter))
+        if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
+            colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+    locked: dict[WritePlan, set[Key]] = {}
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        locked[plan] = _lock_existing(session, plan, keys)
+    _deltas.lock_first(session, parents)
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        _refuse_late_collisions(session, plan, keys - locked[plan])
+
+
+def _related_key(st: InstanceState[Any], counter: Any) -> Any:
+    """The key of the parent a child points at through a many-to-one (FK not synced yet)."""
+    for rel in st.mapper.relationships:
+        if rel.direction.name == "MANYTOONE" and counter.fk in rel.local_columns:
+            target = st.dict.get(rel.key)
+            if target is not None:
+                identity = sa.inspect(target).identity
+                if identity is not None and len(identity) == 1:
+                    return identity[0]
+    return None
+
+
+def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> set[Key]:
+    """Lock the existing child rows with these keys (returned); probe first, so no gap is locked.
+
+    A locking read of a key that does not exist would lock the gap under
+    REPEATABLE READ and make two inserters into it deadlock.
+    """
+    connection = session.connection(bind_arguments={"mapper": plan.mapper})
+    probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
+    existing = {tuple(row) for row in connection.execute(probe)}
+    if existing:
+        stmt = (
+            sa.select(*plan.pk_columns)
+            .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+            .where(innodb.key_match(plan.pk_columns, existing))
+            .order_by(*plan.pk_columns)
+            .with_for_update()
+        )
+        connection.execute(stmt).all()
+    return existing
+
+
+def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
+    """Fail fast, as a duplicate key, if a row with a new child's key appeared while we waited.
+
+    Such a row was committed between our probe and our parent lock. If a
+    writer is deleting it, that writer waits for our parents and our INSERT's
+    duplicate-key check would wait for it: a deadlock. Since we hold the
+    parents, no such delete can commit before our INSERT, so the INSERT is a
+    duplicate in any serial order; report it as one without waiting. Only
+    under ``READ COMMITTED``, whose plain read shows rows committed since.
+    """
+    if not keys:
+        return
+    connection = session.connection(bind_arguments={"mapper": plan.mapper})
+    if not innodb.reads_latest(connection):
+        return
+    probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
+    appeared = sorted(tuple(row) for row in connection.execute(probe))
+    if appeared:
+        raise sa.exc.IntegrityError(
+            f"INSERT INTO {plan.table.name}",
+            {"key": appeared[0]},
+            DuplicateKeyError(
+                f"duplicate key {appeared[0]!r} in {plan.table.name}: the row was "
+                "committed by another transaction while this flush waited for locks"
+            ),
+        )
 
 
 def _old_key(target: Any) -> tuple[_FlushState, WritePlan, InstanceState[Any]] | None:

@@ -16,14 +16,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import innodb
 from . import progress as p
 from .counters import Counter, select_counters
 from .errors import CounterfillError
 from .pacing import START_SIZE
 
 # Serialises concurrent planners (two `enqueue` at once must not both plan the
-# same counter); an arbitrary constant private to this library.
+# same counter); an arbitrary constant private to this library, and its
+# GET_LOCK name on MariaDB/MySQL (named locks there are server-wide: the name
+# carries the database so that two databases on one server plan independently).
 _PLANNING_LOCK = 0x636F756E74657266
+_PLANNING_LOCK_NAME = "counterfill.planning"
 
 
 def encode_key(value: Any) -> str | None:
@@ -164,6 +168,9 @@ def plan(
     p.ensure_tables(connection)
     if connection.dialect.name == "postgresql":
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
+    elif innodb.is_innodb(connection.dialect):
+        database = connection.execute(sa.select(sa.func.database())).scalar()
+        innodb.hold_named_lock(connection, f"{_PLANNING_LOCK_NAME}.{database}"[:64])
     recorded = p.counter_rows(connection)
     run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
     runs = {
@@ -246,9 +253,10 @@ def _new_run(
     table, pk = group[0].parent_table, group[0].parent_pk
     now = p.now()
     paused = any(c.key in recorded and recorded[c.key]["state"] == p.PAUSED for c in group)
-    run_id = connection.execute(
-        sa.insert(p.runs_table)
-        .values(
+    # inserted_primary_key: RETURNING where the database has it, else the
+    # driver's last insert id (MySQL has no INSERT … RETURNING).
+    inserted = connection.execute(
+        sa.insert(p.runs_table).values(
             table_name=table.name,
             counter_keys=",".join(c.key for c in group),
             batch_size=batch_size,
@@ -261,8 +269,9 @@ def _new_run(
             # A counter paused before its run existed: the run starts paused.
             paused_at=now if paused else None,
         )
-        .returning(p.runs_table.c.id)
-    ).scalar_one()
+    ).inserted_primary_key
+    assert inserted is not None
+    run_id = int(inserted[0])
     bounds = [None, *boundaries(connection, pk, batch_size), None]
     rows = [
         {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from . import buffer
+from . import buffer, innodb
 from .arrays import array_bind, array_param, array_value
 
 if TYPE_CHECKING:
@@ -117,14 +117,19 @@ def truth_columns(
 
 
 def recount_range(
-    counters: Sequence[Counter], lo: Any, hi: Any, *, ids: Sequence[Any] | None = None
+    counters: Sequence[Counter],
+    lo: Any,
+    hi: Any,
+    *,
+    ids: Sequence[Any] | None = None,
 ) -> sa.Update:
     """One UPDATE setting every counter of one parent table to its truth over ``[lo, hi)``.
 
     All counters of the table are written in one pass (one row version per
     parent, not one per counter), and only rows whose value differs are
     written; the rowcount is rows changed. ``ids`` narrows the range to
-    those parents (verify's repairs).
+    those parents (verify's repairs). MariaDB/MySQL use :func:`drift_rows`
+    and :func:`.innodb.write_truths` instead.
     """
     table, pk = counters[0].parent_table, counters[0].parent_pk
     parent = table.alias("p")
@@ -250,6 +255,9 @@ def keys_in(
     parameters never collide with the caller's own.
     """
     keys = list(keys)
+    if dialect in innodb.DIALECTS:  # no row constructors: MariaDB would scan the table
+        match: sa.ColumnElement[bool] = innodb.key_match(pk_columns, keys)
+        return match
     if dialect != "postgresql":
         if len(pk_columns) == 1:
             return pk_columns[0].in_([k[0] for k in keys])
@@ -267,8 +275,12 @@ def matching_state(
     *,
     entity: Any = None,
     lock: bool,
+    by_primary_key: bool = False,
 ) -> sa.Select[Any]:
     """Select :func:`row_state` of the child rows matching ``where``, in primary-key order.
+
+    ``by_primary_key`` (MariaDB/MySQL, ``where`` restricted to keys) forces
+    the primary key's index, so a locking read locks only those rows.
 
     With ``lock`` the rows are read ``FOR UPDATE`` (of the child table only), so
     concurrent writers of the same rows queue in key order instead of
@@ -281,6 +293,8 @@ def matching_state(
     if where is not None:
         stmt = stmt.where(where)
     stmt = stmt.order_by(*pk_columns)
+    if by_primary_key:
+        stmt = stmt.with_hint(pk_columns[0].table, innodb.BY_PRIMARY_KEY)
     return stmt.with_for_update(of=pk_columns[0].table) if lock else stmt
 
 

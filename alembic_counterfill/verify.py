@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import sql
+from . import innodb, sql
 from .counters import Counter
 from .planning import next_boundary
 
@@ -88,7 +88,7 @@ def _verify_table(
     found: list[Finding] = []
     lo = None
     while True:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             hi = next_boundary(conn, pk, lo, batch_size)
             candidates = [r.pk for r in conn.execute(sql.drift_rows(group, lo, hi))]
             conn.rollback()
@@ -99,12 +99,22 @@ def _verify_table(
         lo = hi
 
 
+def _connect(engine: sa.Engine) -> sa.Connection:
+    """A connection for verify; ``READ COMMITTED`` on MariaDB/MySQL, like a batch's."""
+    conn = engine.connect()
+    if innodb.is_innodb(conn.dialect):
+        conn.execution_options(isolation_level=innodb.ISOLATION)
+    return conn
+
+
 def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool) -> list[Finding]:
     """Confirm (and optionally repair) candidate drift while holding the parents' batch lock."""
     table, pk = group[0].parent_table, group[0].parent_pk
     out: list[Finding] = []
-    with engine.connect() as conn:
-        if conn.dialect.name != "sqlite":
+    with _connect(engine) as conn:
+        if innodb.is_innodb(conn.dialect):
+            innodb.lock_parents(conn, table, pk, None, None, ids=ids)
+        elif conn.dialect.name != "sqlite":
             conn.execute(sql.lock_parents(table, pk, None, None, ids=ids))
         rows = conn.execute(sql.drift_rows(group, None, None, ids=ids)).all()
         for row in rows:
@@ -116,10 +126,14 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                         Finding(counter.key, table.name, row.pk, counter.name, cached, actual, fix)
                     )
         if fix and rows:
-            # Buffered counters: the fix also removes the parents' pending deltas.
-            fixed = [r.pk for r in rows]
-            dialect = conn.dialect.name
-            for stmt in sql.recount_statements(group, None, None, ids=fixed, dialect=dialect):
-                conn.execute(stmt)
+            if innodb.is_innodb(conn.dialect):  # the truths just read, under the parents' lock
+                innodb.refuse_buffered(group)
+                innodb.write_truths(conn, group, rows)
+            else:
+                # Buffered counters: the fix also removes the parents' pending deltas.
+                fixed = [r.pk for r in rows]
+                dialect = conn.dialect.name
+                for stmt in sql.recount_statements(group, None, None, ids=fixed, dialect=dialect):
+                    conn.execute(stmt)
         conn.commit()
     return out

@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
     )
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of the idle phase")
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=None,
+        help="batch_seconds of the adaptive phase (default: the library's, 0.03)",
+    )
     args = parser.parse_args(argv)
 
     users = args.users
@@ -136,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, tuple[float, float, int]] = {}
     seconds: dict[str, float] = {}
+    target = f"batch_seconds = {args.batch_seconds}\n" if args.batch_seconds else ""
     phases = {
-        "adaptive": ((), ""),
+        "adaptive": ((), target),
         "pinned": (("--batch-size", "10000"), UNTHROTTLED),
     }
     bf.reset(engine)

@@ -3,6 +3,9 @@
 Run by hand (PostgreSQL must be up):
 
     .venv/bin/python bench/live_overhead.py [--url URL] [--rounds 30]
+    .venv/bin/python bench/live_overhead.py --url mysql+pymysql://root@127.0.0.1:3306/  # MariaDB
+
+(On MariaDB each side gets a database of its own instead of a schema.)
 
 Two cases, each measured on a counted schema and on the same schema without
 counters: 1,000 mapped ``follows`` rows added, and 1,000 links appended to
@@ -98,7 +101,13 @@ class PFollow(Plain):
     followed_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
 
 
+def is_mysql(url: str) -> bool:
+    return sa.make_url(url).get_backend_name() in ("mysql", "mariadb")
+
+
 def engine_for(url: str, schema: str) -> sa.Engine:
+    if is_mysql(url):
+        return sa.create_engine(sa.make_url(url).set(database=schema))
     return sa.create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
 
 
@@ -203,7 +212,7 @@ def main() -> None:
         plain.dispose()
         with admin.begin() as conn:
             for schema in schemas:
-                conn.execute(sa.schema.DropSchema(schema, cascade=True))
+                conn.execute(sa.schema.DropSchema(schema, cascade=not is_mysql(args.url)))
         admin.dispose()
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Make sure PostgreSQL, Redis and RabbitMQ answer on 127.0.0.1; start (or install) them if not.
+# Make sure PostgreSQL, MariaDB, Redis and RabbitMQ answer on 127.0.0.1; start (or install) them if not.
 set -euo pipefail
 
 pg_up()     { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 redis_up()  { (exec 3<>/dev/tcp/127.0.0.1/6379 && printf 'PING\r\n' >&3 && head -c 5 <&3 | grep -q PONG) 2>/dev/null; }
 amqp_up()   { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+# The tests connect as root with an empty password over TCP (Debian's root uses unix_socket auth).
+mariadb_up() { mysql --protocol=TCP -h 127.0.0.1 -P 3306 -uroot -e 'select 1' >/dev/null 2>&1; }
 wait_for()  { for _ in $(seq 1 60); do "$1" && return 0; sleep 1; done; echo "services: $2 did not come up" >&2; return 1; }
 
 apt_updated=""
@@ -12,6 +14,12 @@ apt_install() {
   [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+# `services.sh mysqlclient-deps`: only the headers mysqlclient (mysql+mysqldb) builds against.
+if [ "${1:-}" = "mysqlclient-deps" ]; then
+  pkg-config --exists mysqlclient 2>/dev/null || apt_install pkg-config default-libmysqlclient-dev build-essential
+  exit 0
+fi
 
 if ! pg_up; then
   command -v pg_ctlcluster >/dev/null || apt_install postgresql
@@ -34,4 +42,12 @@ if ! amqp_up; then
   rabbitmq-server -detached || true
   wait_for amqp_up RabbitMQ
 fi
-echo "services: PostgreSQL, Redis and RabbitMQ are up"
+if ! mariadb_up; then
+  command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || apt_install mariadb-server
+  service mariadb start >/dev/null 2>&1 || (mysqld_safe --bind-address=127.0.0.1 >/dev/null 2>&1 &)
+  for _ in $(seq 1 60); do mysql -uroot -e 'select 1' >/dev/null 2>&1 && break; sleep 1; done
+  # Let root in over TCP with an empty password, as the test setup expects (a no-op when it can already).
+  mariadb_up || mysql -uroot -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD('') OR unix_socket; FLUSH PRIVILEGES;"
+  wait_for mariadb_up MariaDB
+fi
+echo "services: PostgreSQL, MariaDB, Redis and RabbitMQ are up"

@@ -115,7 +115,7 @@ def seed(
         ]
         if rows:
             conn.execute(sa.insert(m.Post), rows)
-        org_ids = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(orgs)]
+        org_ids = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(orgs)]
         if org_ids:
             conn.execute(
                 sa.insert(m.Org), [{"id": o, "members_count": rng.randrange(3)} for o in org_ids]
@@ -302,11 +302,17 @@ _HOLDERS: set[int] = set()
 def lock_users(engine: sa.Engine, ids: Sequence[int]) -> sa.Connection:
     """Hold ``FOR UPDATE`` locks on some users in an open transaction (caller rolls back)."""
     conn = engine.connect()
-    conn.execute(
-        sa.text("SELECT id FROM users WHERE id = ANY(:ids) FOR UPDATE"), {"ids": list(ids)}
+    stmt = sa.text("SELECT id FROM users WHERE id IN :ids FOR UPDATE").bindparams(
+        sa.bindparam("ids", expanding=True)
     )
-    _HOLDERS.add(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+    conn.execute(stmt, {"ids": list(ids)})
+    pid = "connection_id()" if is_mariadb(engine) else "pg_backend_pid()"
+    _HOLDERS.add(conn.execute(sa.text(f"SELECT {pid}")).scalar_one())
     return conn
+
+
+def is_mariadb(engine: sa.Engine) -> bool:
+    return engine.dialect.name in ("mysql", "mariadb")
 
 
 def blocked_backends(engine: sa.Engine) -> list[int]:
@@ -315,6 +321,18 @@ def blocked_backends(engine: sa.Engine) -> list[int]:
     Only those: workers of other test runs on the same server wait on locks too,
     and a test must never act on (or terminate) their connections.
     """
+    if is_mariadb(engine):  # sessions of this test's own database only
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.text(
+                        "SELECT t.trx_mysql_thread_id FROM information_schema.innodb_trx t "
+                        "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+                        "WHERE t.trx_state = 'LOCK WAIT' AND p.db = database() "
+                        "AND t.trx_mysql_thread_id <> connection_id()"
+                    )
+                ).scalars()
+            )
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
@@ -332,6 +350,50 @@ def blocked_backends(engine: sa.Engine) -> list[int]:
                 found.append(pid)
                 changed = True
     return sorted(found)
+
+
+def terminate(engine: sa.Engine, pid: int) -> None:
+    """End another session from the server side, as an operator or a failover would."""
+    with engine.connect() as conn:
+        if is_mariadb(engine):
+            conn.execute(sa.text("KILL :pid"), {"pid": pid})
+        else:
+            assert conn.execute(sa.select(sa.func.pg_terminate_backend(pid))).scalar()
+
+
+#: What a worker's log says when the server ended its connection.
+TERMINATED = {"postgresql": "terminating connection", "mysql": "Lost connection"}
+
+
+def make_read_only(engine: sa.Engine, user_id: int) -> None:
+    """Make every UPDATE of user ``user_id`` fail (a trigger named ``no_<id>``)."""
+    name, message = f"no_{int(user_id)}", f"user {int(user_id)} is read-only"
+    with engine.begin() as conn:
+        if is_mariadb(engine):
+            conn.execute(
+                sa.text(
+                    f"CREATE TRIGGER {name} BEFORE UPDATE ON users FOR EACH ROW "
+                    f"BEGIN IF NEW.id = {int(user_id)} THEN "
+                    f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'; END IF; END"
+                )
+            )
+            return
+        conn.execute(
+            sa.text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"RAISE EXCEPTION '{message}'; END $$;"
+                f"CREATE TRIGGER {name} BEFORE UPDATE ON users FOR EACH ROW "
+                f"WHEN (NEW.id = {int(user_id)}) EXECUTE FUNCTION {name}()"
+            )
+        )
+
+
+def make_writable(engine: sa.Engine, user_id: int) -> None:
+    """Drop the trigger of :func:`make_read_only`."""
+    name = f"no_{int(user_id)}"
+    with engine.begin() as conn:
+        on = "" if is_mariadb(engine) else " ON users"
+        conn.execute(sa.text(f"DROP TRIGGER {name}{on}"))
 
 
 class Writers:

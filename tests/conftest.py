@@ -1,4 +1,4 @@
-"""Shared fixtures: real PostgreSQL, Redis and SQLite, each test isolated in its own schema/keys.
+"""Shared fixtures: real PostgreSQL, MariaDB, Redis and SQLite, each test in its own schema/db/keys.
 
 A test that needs a service fails (never skips) when the service is down,
 under ``CI=true`` and under ``make test`` (``COUNTERFILL_TEST_SERVICES=required``);
@@ -12,6 +12,7 @@ explicitly. See docs/testing.md.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import uuid
@@ -27,6 +28,23 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_BASE = os.environ.get("COUNTERFILL_TEST_REDIS", "redis://127.0.0.1:6379")
 AMQP_URL = os.environ.get("COUNTERFILL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+MARIADB_ADMIN_URL = os.environ.get(
+    "COUNTERFILL_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/?charset=utf8mb4"
+)
+
+#: Every database the library supports; ``db_url`` runs a test once on each.
+DATABASES = ["sqlite", "postgresql", "mariadb"]
+#: The server databases (concurrency, workers): ``server_url`` runs a test on each.
+SERVERS = ["postgresql", "mariadb"]
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether a database error is a deadlock (PostgreSQL 40P01, MariaDB/MySQL 1213)."""
+    orig = getattr(exc, "orig", None)
+    if type(orig).__name__ == "DeadlockDetected":
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1213
 
 
 # COUNTERFILL_TEST_GC=aggressive (make test-gc): collect garbage at nearly every
@@ -111,18 +129,67 @@ def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
         conn.execute(sa.schema.DropSchema(schema, cascade=True))
 
 
+@pytest.fixture(scope="session")
+def mariadb_admin() -> Iterator[sa.Engine]:
+    """An engine on the MariaDB server, used to create and drop per-test databases."""
+    engine = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        unavailable("MariaDB", exc)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def mariadb_url(mariadb_admin: sa.Engine) -> Iterator[str]:
+    """A MariaDB URL on a fresh database of this test's own."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with mariadb_admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    url = mariadb_admin.url.set(database=name)
+    yield url.render_as_string(hide_password=False)
+    drop_mariadb_database(mariadb_admin, name)
+
+
+def drop_mariadb_database(admin: sa.Engine, name: str) -> None:
+    """Drop a test database, first ending sessions a failed test left open on it.
+
+    A session idle in a transaction holds a metadata lock that would make the
+    DROP wait forever.
+    """
+    with admin.connect() as conn:
+        ids = conn.execute(
+            sa.text("select id from information_schema.processlist where db = :db"), {"db": name}
+        ).scalars()
+        for session_id in ids:
+            with contextlib.suppress(sa.exc.DBAPIError):  # it ended meanwhile
+                conn.execute(sa.text("kill :id"), {"id": session_id})
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+
+
+def server_url_of(request: pytest.FixtureRequest, name: str) -> str:
+    """The per-test URL fixture of database ``name`` (one of :data:`DATABASES`)."""
+    return request.getfixturevalue(f"{'pg' if name == 'postgresql' else name}_url")
+
+
+@pytest.fixture(params=SERVERS)
+def server_url(request: pytest.FixtureRequest) -> str:
+    """Run the test once on PostgreSQL and once on MariaDB (databases with concurrent writers)."""
+    return server_url_of(request, request.param)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     """A file-backed SQLite database of this test's own."""
     return f"sqlite:///{tmp_path / 'test.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DATABASES)
 def db_url(request) -> str:
-    """Run the test once on SQLite and once on PostgreSQL."""
-    if request.param == "sqlite":
-        return request.getfixturevalue("sqlite_url")
-    return request.getfixturevalue("pg_url")
+    """Run the test once on SQLite, once on PostgreSQL and once on MariaDB."""
+    return server_url_of(request, request.param)
 
 
 @pytest.fixture
@@ -165,10 +232,10 @@ def delete_namespace(client: object, namespace: str) -> int:
     return len(keys)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DATABASES)
 def run_machine(request):  # noqa: ANN201 - returns the runner below
     """Run a CounterStateMachine subclass (with a ``url`` attribute) on this param's database."""
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    url = server_url_of(request, request.param)
 
     def run(machine: type, *, max_examples: int, steps: int = 30) -> Any:
         from alembic_counterfill.machine import run_counter_machine

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL
+from conftest import DATABASES, MARIADB_ADMIN_URL, PG_ADMIN_URL, drop_mariadb_database
 from projects import Project, body, init_template, make_project
+from sqlalchemy.engine import make_url
 
 COUNTERS = ("followers_count", "posts_count", "likes_total")
 
@@ -43,8 +44,8 @@ def _counter_rows(engine: sa.Engine) -> dict[str, str]:
     with engine.connect() as conn:
         if not sa.inspect(conn).has_table("counterfill_counters"):
             return {}
-        rows = conn.execute(sa.text("select key, state from counterfill_counters"))
-        return dict(rows.all())
+        t = sa.table("counterfill_counters", sa.column("key"), sa.column("state"))
+        return dict(conn.execute(sa.select(t.c.key, t.c.state)).all())
 
 
 def _user_columns(engine: sa.Engine) -> list[str]:
@@ -64,12 +65,17 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_template(tmp_path_factory.mktemp("alembic-init"))
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=DATABASES)
 def story(request: pytest.FixtureRequest, template: Path, tmp_path_factory) -> Iterator[Story]:
     root = tmp_path_factory.mktemp(request.param)
-    schema = None
+    schema = database = None
     if request.param == "sqlite":
         url = f"sqlite:///{root / 'app.db'}"
+    elif request.param == "mariadb":
+        database = f"t_{uuid.uuid4().hex[:12]}"
+        with request.getfixturevalue("mariadb_admin").connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {database} CHARACTER SET utf8mb4")
+        url = make_url(MARIADB_ADMIN_URL).set(database=database).render_as_string(False)
     else:
         admin = request.getfixturevalue("pg_admin")
         schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -86,6 +92,8 @@ def story(request: pytest.FixtureRequest, template: Path, tmp_path_factory) -> I
         if schema is not None:
             with request.getfixturevalue("pg_admin").connect() as conn:
                 conn.execute(sa.schema.DropSchema(schema, cascade=True))
+        if database is not None:
+            drop_mariadb_database(request.getfixturevalue("mariadb_admin"), database)
 
 
 def _walk(s: Story) -> None:
@@ -190,7 +198,8 @@ def test_offline_upgrade_renders_plain_sql_and_writes_nothing(story: Story) -> N
     sql = story.out["upgrade_sql"]
     assert sql.count("CREATE TABLE IF NOT EXISTS counterfill_counters") == 1
     assert "CREATE TABLE IF NOT EXISTS counterfill_batches" in sql
-    assert "CREATE INDEX IF NOT EXISTS ix_counterfill_batches_run_id" in sql
+    if not story.project.db_url.startswith("mysql"):  # MySQL 8: no CREATE INDEX IF NOT EXISTS
+        assert "CREATE INDEX IF NOT EXISTS ix_counterfill_batches_run_id" in sql
     for column in COUNTERS:
         assert f"VALUES ('users.{column}', 'users', '{column}', NULL, 'pending'," in sql
     # Plain SQL: no bind parameter left for a driver to fill.

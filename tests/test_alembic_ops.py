@@ -128,6 +128,40 @@ def test_offline_renders_ddl_once_and_literal_statements(dialect: str) -> None:
     assert ":key" not in sql and "%(" not in sql
 
 
+def test_offline_mysql_script_is_plain_mysql() -> None:
+    op, buffer = _offline("mysql")
+    op.request_counter_backfill("users", "followers_count")
+    op.cancel_counter_backfill("users", "followers_count")
+    sql = buffer.getvalue()
+    assert sql.count("CREATE TABLE IF NOT EXISTS counterfill_batches") == 1
+    assert "CREATE INDEX" not in sql  # MySQL 8 has no IF NOT EXISTS there; InnoDB indexes FKs
+    assert "`key` VARCHAR(255) NOT NULL" in sql and "AUTO_INCREMENT" in sql
+    assert (
+        "VALUES ('users.followers_count', 'users', 'followers_count', NULL, 'pending', "
+        "now(), now());"
+    ) in sql
+    assert (
+        "DELETE FROM counterfill_counters "
+        "WHERE counterfill_counters.`key` = 'users.followers_count';" in sql
+    )
+    assert ":key" not in sql and "%(" not in sql and "%s" not in sql
+
+
+def test_offline_mysql_script_runs_on_mariadb(mariadb_url: str) -> None:
+    op, buffer = _offline("mysql")
+    op.request_counter_backfill("users", "followers_count")
+    engine = sa.create_engine(mariadb_url)
+    try:
+        with engine.begin() as conn:
+            for statement in buffer.getvalue().split(";\n"):
+                if statement.strip():
+                    conn.exec_driver_sql(statement.replace("%", "%%"))
+        with engine.connect() as conn:
+            assert progress.counter_rows(conn)["users.followers_count"]["state"] == "pending"
+    finally:
+        engine.dispose()
+
+
 def test_offline_escapes_quotes_in_names() -> None:
     op, buffer = _offline("postgresql", literal_binds=True)
     op.request_counter_backfill("o'neil", "count:x")

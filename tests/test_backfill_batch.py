@@ -26,8 +26,8 @@ from alembic_counterfill.batch import BatchNotFound, BatchOutcome, mark_failed, 
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=20)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url, pool_size=20)
     yield engine
     engine.dispose()
 
@@ -128,9 +128,7 @@ def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
             sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = 7")
         )
         batch = Racer(lambda: run_batch(pg, counters, plan.batch_ids[0]), "batch").start()
-        wait_for(
-            lambda: _waiting_on_locks(pg, "FOR NO KEY UPDATE"), what="the batch to wait for user 7"
-        )
+        wait_for(lambda: _waiting_on_locks(pg), what="the batch to wait for user 7")
         assert not batch.done.is_set()
         writer.commit()
     finally:
@@ -142,8 +140,17 @@ def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
     assert [d for d in drift(pg) if d[0] < 51] == []  # the batch saw the committed follow
 
 
-def _waiting_on_locks(engine: sa.Engine, text: str) -> int:
+def _waiting_on_locks(engine: sa.Engine) -> int:
+    """Sessions waiting for a row lock in the batch's parent-locking statement."""
     with engine.connect() as conn:
+        if engine.dialect.name != "postgresql":  # MariaDB: FOR UPDATE
+            return conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM information_schema.innodb_trx "
+                    "WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE '%FOR UPDATE%'"
+                )
+            ).scalar_one()
+        text = "FOR NO KEY UPDATE"
         return conn.execute(
             sa.text(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -158,7 +165,8 @@ def test_statement_timeout_bounds_a_batch_and_failure_is_recorded(pg: sa.Engine)
     plan = _plan(pg)
     holder = lock_users(pg, [10])
     try:
-        with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+        timed_out = "statement timeout" if pg.dialect.name == "postgresql" else "Lock wait timeout"
+        with pytest.raises(sa.exc.OperationalError, match=timed_out):
             run_batch(pg, counters_by_key(), plan.batch_ids[0], statement_timeout_ms=300)
     finally:
         holder.rollback()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from hypothesis import strategies as st
 from hypothesis.stateful import rule
 from social import Post, SocialMachine, User
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from alembic_counterfill import exercised as ex
 from alembic_counterfill.counters import Counter
@@ -149,11 +149,18 @@ class BulkMachine(SocialMachine):
             params[-1]["likes"] = likes
         if len({p["id"] for p in params}) != len(params):
             return
-        ins = module.insert(Post)
-        stmt = ins.on_conflict_do_update(
-            index_elements=["id"],
-            set_={"author_id": ins.excluded.author_id, "published": ins.excluded.published},
-        )
+        stmt: Any
+        if self.engine.dialect.name in ("mysql", "mariadb"):
+            mins = mysql.insert(Post)
+            stmt = mins.on_duplicate_key_update(
+                author_id=mins.inserted.author_id, published=mins.inserted.published
+            )
+        else:
+            ins = module.insert(Post)
+            stmt = ins.on_conflict_do_update(
+                index_elements=["id"],
+                set_={"author_id": ins.excluded.author_id, "published": ins.excluded.published},
+            )
         self._run(stmt, params)
 
 

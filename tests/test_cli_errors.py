@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL
+from conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL
 from projects import ALEMBIC, ALEMBIC_COUNTERFILL, clean_env, ini_value
 
 from alembic_counterfill import progress
@@ -241,6 +241,23 @@ def test_database_that_does_not_exist(setup: Setup, pg_admin: sa.Engine) -> None
     _assert_one_line_error(
         _run(setup, CONSOLE_STATUS), 'database "counterfill_no_such_db" does not exist'
     )
+
+
+def _mariadb_url(**parts: object) -> str:
+    return sa.engine.make_url(MARIADB_ADMIN_URL).set(**parts).render_as_string(False)
+
+
+def test_unreachable_mariadb(setup: Setup) -> None:
+    setup.write_ini(url=_mariadb_url(port=1, database="app"))
+    line = _assert_one_line_error(
+        _run(setup, ALEMBIC_STATUS), "cannot use database mysql+pymysql://", "check sqlalchemy.url"
+    )
+    assert ":1/" in line
+
+
+def test_mariadb_database_that_does_not_exist(setup: Setup, mariadb_admin: sa.Engine) -> None:
+    setup.write_ini(url=_mariadb_url(database="counterfill_no_such_db"))
+    _assert_one_line_error(_run(setup, CONSOLE_STATUS), "Unknown database 'counterfill_no_such_db'")
 
 
 def test_url_that_is_not_a_url(setup: Setup) -> None:

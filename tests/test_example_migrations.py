@@ -19,6 +19,7 @@ from alembic import command
 from alembic.config import Config
 
 import example_project
+from alembic_counterfill import progress
 
 MIGRATIONS = Path(example_project.__file__).parent / "migrations"
 COUNTERS = ["users.followers_count", "users.following_count", "users.posts_count"]
@@ -83,7 +84,7 @@ def test_migrations_upgrade_and_downgrade(db_url: str, tmp_path: Path) -> None:
         assert columns(engine, "users") == {"id", "username"}
         with engine.connect() as conn:
             # The downgrade withdrew the backfill requests along with the columns.
-            pending = conn.execute(sa.text("select key from counterfill_counters")).all()
+            pending = conn.execute(sa.select(progress.counters_table.c.key)).all()
         assert pending == []
 
         command.upgrade(cfg, "head")  # and up again after a downgrade

@@ -91,12 +91,14 @@ def test_verify_scans_in_ranges_and_checks_every_counter_of_a_table(db: sa.Engin
     assert drift(db) == []
 
 
-def test_verify_fix_racing_live_writes_reports_only_real_drift(tmp_path: Path, pg_url: str) -> None:
-    engine = sa.create_engine(pg_url, pool_size=10)
+def test_verify_fix_racing_live_writes_reports_only_real_drift(
+    tmp_path: Path, server_url: str
+) -> None:
+    engine = sa.create_engine(server_url, pool_size=10)
     try:
         users = 3000
         seed(engine, users=users)
-        project = Project(tmp_path / "p", pg_url, batch_size=200)
+        project = Project(tmp_path / "p", server_url, batch_size=200)
         assert project.cli("enqueue").exit_code == 0
         injected = [(uid, "followers_count", 10_000 + uid) for uid in range(5, users, 150)]
         _corrupt(engine, injected)

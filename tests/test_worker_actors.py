@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import dramatiq
 import pytest
 import sqlalchemy as sa
-from backfill_project import USER_COUNTERS, batch_rows, counters_by_key, drift, run_rows, seed
+from backfill_project import (
+    USER_COUNTERS,
+    batch_rows,
+    counters_by_key,
+    drift,
+    make_read_only,
+    run_rows,
+    seed,
+)
 from dramatiq.brokers.stub import StubBroker
 
 from alembic_counterfill import planning, progress
@@ -19,8 +27,8 @@ from alembic_counterfill.config import Settings
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url)
     yield engine
     engine.dispose()
 
@@ -61,10 +69,10 @@ def test_importing_the_library_binds_no_actor_to_any_broker() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_one_call_declares_the_actor_on_an_apps_broker(pg_url: str, pg: sa.Engine) -> None:
+def test_one_call_declares_the_actor_on_an_apps_broker(server_url: str, pg: sa.Engine) -> None:
     seed(pg, users=260)
     broker = StubBroker()
-    settings = _settings(pg_url)
+    settings = _settings(server_url)
     actors = declare_actors(broker, settings)
     assert broker.get_actor(BATCH_ACTOR).queue_name == settings.queue
     plan = _plan(pg)
@@ -77,20 +85,12 @@ def test_one_call_declares_the_actor_on_an_apps_broker(pg_url: str, pg: sa.Engin
 
 
 def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
-    pg_url: str, pg: sa.Engine, caplog: pytest.LogCaptureFixture
+    server_url: str, pg: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     seed(pg, users=120)
-    with pg.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION no_60() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'user 60 is read-only'; END $$;"
-                "CREATE TRIGGER no_60 BEFORE UPDATE ON users FOR EACH ROW "
-                "WHEN (NEW.id = 60) EXECUTE FUNCTION no_60()"
-            )
-        )
+    make_read_only(pg, 60)
     broker = StubBroker()
-    settings = _settings(pg_url)
+    settings = _settings(server_url)
     actors = declare_actors(broker, settings, max_retries=2, min_backoff=10, max_backoff=50)
     plan = _plan(pg)
     actors.send(plan.batch_ids)
@@ -99,7 +99,8 @@ def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
     assert len(retried) == 2  # max_retries=2, with backoff, then marked failed
     failed = [b for b in batch_rows(pg) if b["state"] == progress.FAILED]
     assert [b["id"] for b in failed] == [plan.batch_ids[1]]  # [51, 101)
-    assert failed[0]["error"].startswith("RaiseException: user 60 is read-only")
+    prefix = "RaiseException" if pg.dialect.name == "postgresql" else "OperationalError"
+    assert failed[0]["error"].startswith(f"{prefix}: user 60 is read-only")
     (run,) = run_rows(pg)
     assert run["state"] == progress.FAILED and run["batches_failed"] == 1
     with pg.connect() as conn:
@@ -108,14 +109,14 @@ def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
 
 
 def test_a_batch_whose_counter_is_no_longer_declared_fails_without_retries(
-    pg_url: str, pg: sa.Engine
+    server_url: str, pg: sa.Engine
 ) -> None:
     seed(pg, users=40)
     plan = _plan(pg)
     with pg.begin() as conn:
         conn.execute(sa.update(progress.runs_table).values(counter_keys="users.gone_count"))
     broker = StubBroker()
-    settings = _settings(pg_url)
+    settings = _settings(server_url)
     actors = declare_actors(broker, settings, max_retries=5, min_backoff=10_000)
     actors.send(plan.batch_ids[:1])
     _work(broker, settings.queue)  # would wait 10 s if it were retried

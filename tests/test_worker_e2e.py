@@ -17,6 +17,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from backfill_project import (
+    TERMINATED,
     USER_COUNTERS,
     Project,
     Writers,
@@ -25,9 +26,12 @@ from backfill_project import (
     counters_by_key,
     drift,
     lock_users,
+    make_read_only,
+    make_writable,
     run_rows,
     seed,
     states,
+    terminate,
     wait_for,
 )
 from conftest import AMQP_URL, REDIS_BASE, delete_namespace, unavailable
@@ -40,15 +44,15 @@ DUPLICATE = re.compile(r"batch (\d+) already done")
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=12)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url, pool_size=12)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def project(tmp_path: Path, pg_url: str, redis_url: str) -> Project:
-    return Project(tmp_path / "project", pg_url, broker_url=redis_url)
+def project(tmp_path: Path, server_url: str, redis_url: str) -> Project:
+    return Project(tmp_path / "project", server_url, broker_url=redis_url)
 
 
 def _applied(*logs: str) -> Tally[int]:
@@ -61,11 +65,11 @@ def _run_done(engine: sa.Engine) -> bool:
 
 
 def test_live_orm_writes_during_backfill_leave_no_drift_and_no_deadlock(
-    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+    tmp_path: Path, server_url: str, redis_url: str, pg: sa.Engine
 ) -> None:
     users = 6000
     seed(pg, users=users, follows=4, posts=2)
-    project = Project(tmp_path / "p", pg_url, broker_url=redis_url, batch_size=40)
+    project = Project(tmp_path / "p", server_url, broker_url=redis_url, batch_size=40)
     with project.worker() as worker, Writers(pg, users) as writers:
         wait_for(lambda: writers.writes >= 30 or writers.errors, what="writers to get going")
         writers.counting.set()
@@ -181,14 +185,13 @@ def test_killed_database_connection_is_retried_and_the_run_completes(
         try:
             assert project.cli("enqueue").exit_code == 0
             (pid,) = wait_for(lambda: blocked_backends(pg), what="the batch to block")
-            with pg.connect() as conn:
-                assert conn.execute(sa.select(sa.func.pg_terminate_backend(pid))).scalar()
+            terminate(pg, pid)
         finally:
             holder.rollback()
             holder.close()
         wait_for(lambda: _run_done(pg), what="the run to complete after the retry")
         log = worker.log
-    assert "will retry" in log and "terminating connection" in log
+    assert "will retry" in log and TERMINATED[pg.dialect.name] in log
     assert drift(pg) == []
     assert all(b["state"] == progress.DONE for b in batch_rows(pg))
 
@@ -197,15 +200,7 @@ def test_batch_out_of_retries_is_marked_failed_then_enqueue_retries_it(
     project: Project, pg: sa.Engine
 ) -> None:
     seed(pg, users=200)
-    with pg.begin() as conn:  # every write to user 77 fails until the trigger is dropped
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION no_77() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'user 77 is read-only'; END $$;"
-                "CREATE TRIGGER no_77 BEFORE UPDATE ON users FOR EACH ROW "
-                "WHEN (NEW.id = 77) EXECUTE FUNCTION no_77()"
-            )
-        )
+    make_read_only(pg, 77)  # every write to user 77 fails until the trigger is dropped
     tuning = {"COUNTERFILL_MAX_RETRIES": "2", "COUNTERFILL_MIN_BACKOFF": "50"}
     with project.worker(**tuning) as worker:
         failed = project.cli("enqueue", "--wait")
@@ -216,8 +211,7 @@ def test_batch_out_of_retries_is_marked_failed_then_enqueue_retries_it(
         followers = status["users.followers_count"]
         assert followers["state"] == progress.FAILED and followers["batches_failed"] == 1
         assert "user 77 is read-only" in followers["last_error"]
-        with pg.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER no_77 ON users"))
+        make_writable(pg, 77)
         result = project.cli("enqueue", "--wait")
     assert result.exit_code == 0, result.output
     assert "resuming run" in result.output and "1 of 4 batches" in result.output
@@ -226,10 +220,10 @@ def test_batch_out_of_retries_is_marked_failed_then_enqueue_retries_it(
 
 
 def test_broker_unreachable_leaves_counters_pending_and_a_later_enqueue_works(
-    tmp_path: Path, pg_url: str, pg: sa.Engine, redis_url: str
+    tmp_path: Path, server_url: str, pg: sa.Engine, redis_url: str
 ) -> None:
     seed(pg, users=100)
-    project = Project(tmp_path / "p", pg_url, broker_url="redis://127.0.0.1:1/0")
+    project = Project(tmp_path / "p", server_url, broker_url="redis://127.0.0.1:1/0")
     result = project.cli("enqueue")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -242,7 +236,7 @@ def test_broker_unreachable_leaves_counters_pending_and_a_later_enqueue_works(
     assert drift(pg) == []
 
 
-def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, pg_url: str, pg: sa.Engine) -> None:
+def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, server_url: str, pg: sa.Engine) -> None:
     import pika
 
     try:
@@ -250,7 +244,7 @@ def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, pg_url: str, pg: sa.Eng
     except Exception as exc:
         unavailable("RabbitMQ", exc)
     seed(pg, users=400)
-    project = Project(tmp_path / "p", pg_url, broker_url=AMQP_URL)
+    project = Project(tmp_path / "p", server_url, broker_url=AMQP_URL)
     try:
         with project.worker():
             result = project.cli("enqueue", "--wait", "--verify")

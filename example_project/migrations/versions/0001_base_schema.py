@@ -58,8 +58,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Downgrade schema."""
-    op.drop_index(op.f("ix_posts_author_id"), table_name="posts")
+    # Dropping a table drops its indexes; MySQL/MariaDB refuse to drop an
+    # index on its own while a foreign key still needs it.
     op.drop_table("posts")
-    op.drop_index(op.f("ix_follows_followed_id"), table_name="follows")
     op.drop_table("follows")
     op.drop_table("users")
