@@ -12,6 +12,13 @@ SERVICES_STAMP := $(VENV)/.installed-services
 SERVICE_EXTRAS := postgresql,mysql,mysqlclient,redis,rabbitmq
 # Plus the test and lint tools.
 STAMP := $(VENV)/.installed
+# A second virtualenv with every dependency at the lowest version pyproject.toml allows.
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+TEST_DEPS := pytest pytest-timeout "hypothesis>=6.100" asyncpg aiosqlite greenlet
+
+OLDEST_TESTS ?= tests/test_live.py tests/test_bulk_forms.py tests/test_orm_writes.py \
+	tests/test_orm_inheritance.py tests/test_async_sessions.py tests/test_alembic_end_to_end.py
 
 USERS ?= 100000
 DATABASE_URL ?=
@@ -20,7 +27,7 @@ BROKER_URL ?=
 # as CI=true does; a developer opts out explicitly with `make test SERVICES=optional`.
 SERVICES ?= required
 
-.PHONY: demo test test-gc lint services install clean
+.PHONY: demo test test-gc test-oldest lint services install clean
 
 $(CORE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +41,17 @@ $(SERVICES_STAMP): $(CORE_STAMP)
 	touch $(SERVICES_STAMP)
 
 $(STAMP): $(SERVICES_STAMP)
-	$(PY) -m pip install --quiet pytest pytest-timeout greenlet "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10" "import-linter>=2.17"
+	$(PY) -m pip install --quiet $(TEST_DEPS) "ruff>=0.6" "mypy>=1.10" "import-linter>=2.17"
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml scripts/oldest_pins.py
+	@bash scripts/services.sh mysqlclient-deps
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON) scripts/oldest_pins.py > $(OLDEST)/constraints.txt
+	$(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/constraints.txt \
+		-e '.[$(SERVICE_EXTRAS)]' $(TEST_DEPS)
+	touch $(OLDEST_STAMP)
 
 install: $(STAMP)
 
@@ -54,7 +70,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy alembic_counterfill
 	$(VENV)/bin/lint-imports
 
-test: $(STAMP) services lint
+test: $(STAMP) services lint test-oldest
 	COUNTERFILL_TEST_SERVICES=$(SERVICES) $(VENV)/bin/pytest -q
 
 # Declarations and live maintenance with a garbage collection before every
@@ -63,5 +79,12 @@ test-gc: $(STAMP) services
 	COUNTERFILL_TEST_SERVICES=$(SERVICES) COUNTERFILL_TEST_GC=aggressive $(VENV)/bin/pytest -q \
 		tests/test_declaration.py tests/test_live.py
 
+# The live, bulk and alembic end-to-end tests against the oldest allowed dependencies.
+test-oldest: $(OLDEST_STAMP) services
+	$(OLDEST)/bin/python -c "from importlib.metadata import version as v; \
+		print('oldest:', *(f'{p} {v(p)}' for p in \
+		('sqlalchemy', 'alembic', 'dramatiq', 'psycopg', 'psycopg-binary', 'click')))"
+	$(OLDEST)/bin/pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
 clean:
-	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(OLDEST) demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

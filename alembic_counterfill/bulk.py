@@ -40,7 +40,7 @@ def on_execute(state: ORMExecuteState) -> Result[Any] | None:
         # A plain association table (relationship(secondary=...)) has no plan.
         return association.run_statement(state, dml) if association.handles(dml) else None
     desc_table = dml.entity_description.get("table")
-    if desc_table is not None and desc_table is not plan.table:
+    if desc_table is not None and desc_table not in set(plan.mapper.tables):
         log.warning(
             "counterfill: %s on %s (joined inheritance) is not tracked; run verify",
             type(dml).__name__,

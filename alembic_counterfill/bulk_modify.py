@@ -31,9 +31,9 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
-from . import innodb, sql
+from . import innodb, sql, sqlite_lock
 from .deltas import add_rows, chunks, lock_first, new_deltas, settle
-from .plan import Key, WritePlan
+from .plan import Key, WritePlan, reads_several_tables
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ def _names(keys: Sequence[Any]) -> set[str]:
 def written(state: ORMExecuteState, dml: Any) -> set[str]:
     """Names an UPDATE writes, from its ``values()`` and its parameters."""
     keys: list[Any] = list(getattr(dml, "_values", None) or ())
+    # SQLAlchemy 2.0 keeps ordered_values() apart from values(); 2.1 merged them.
+    keys.extend(k for k, _ in getattr(dml, "_ordered_values", None) or ())
     params = state.parameters
     for row in params if isinstance(params, list) else [params or {}]:
         keys.extend(row)
@@ -99,6 +101,8 @@ def _can_return(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool
         return False
     if not plan.table.implicit_returning:
         return False
+    if reads_several_tables(plan):
+        return False  # joined inheritance: RETURNING cannot name the other table's columns
     dialect = state.session.get_bind(mapper=plan.mapper).dialect
     if innodb.is_innodb(dialect):
         # MariaDB's DELETE … RETURNING would lock through the statement's own
@@ -120,10 +124,16 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
         where = sql.keys_in(plan.pk_columns, part, name)
+        several = reads_several_tables(plan)  # a joined subclass: read through its join
         stmt = sql.matching_state(
-            plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
+            plan.counters,
+            plan.pk_columns,
+            where,
+            entity=plan.mapper if several else None,
+            lock=lock or mysql,
+            by_primary_key=mysql,
         )
-        rows.extend(conn.execute(stmt))
+        rows.extend(session.execute(stmt) if several else conn.execute(stmt))
     return rows
 
 
@@ -329,7 +339,9 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     """Run the caller's UPDATE/DELETE and apply the counter deltas it caused."""
     session = state.session
     dialect = session.get_bind(mapper=plan.mapper).dialect
-    one_writer = dialect.name == "sqlite"  # no concurrent writer can slip in between
+    one_writer = dialect.name == "sqlite"  # no concurrent writer can slip in between...
+    if one_writer:  # ...once we hold SQLite's write lock, before reading old state
+        sqlite_lock.begin_write(session.connection(bind_arguments={"mapper": plan.mapper}))
     is_delete = isinstance(dml, sa.Delete)
     returning = _can_return(state, plan, dml, wrapped)
     if not is_delete and state.is_executemany:

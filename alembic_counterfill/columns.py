@@ -32,10 +32,11 @@ def counter_cache(
         table used as ``relationship(secondary=...)``, ``"table.fk_column"``
         or ``lambda: table.c.fk_column``.
     :param where: zero-argument callable returning a SQL boolean expression on
-        the child; only matching child rows count.
+        the child's own columns; only matching child rows count.
     :param sum: child attribute name (or callable returning it) whose values are
         added up instead of counting rows.
-    :param type_: column type; ``Integer`` for counts, ``BigInteger`` for sums.
+    :param type_: column type; ``Integer`` for counts; for sums the summed column's
+        type (``Numeric(p, s)`` and ``Float`` as they are, integers as ``BigInteger``).
     :param buffered: hot-parent mode: writers append deltas to an insert-only
         deltas table instead of updating the parent row, and a fold moves them
         into the column later. Exact through :func:`~.read.counter_value`; the
@@ -53,14 +54,20 @@ def counter_cache(
     # and the Session hooks, so that a first statement that is a bulk one is seen.
     events.install()
 
+    default_type = type_ is None and sum is not None
     if type_ is None:
+        # A sum's final type follows the summed column, known at mapper configuration.
         type_ = sa.BigInteger() if sum is not None else sa.Integer()
     info = dict(column_kwargs.pop("info", None) or {})
-    info[INFO_KEY] = CounterSpec(target=target, where=where, sum=sum, buffered=buffered)
+    info[INFO_KEY] = CounterSpec(
+        target=target, where=where, sum=sum, buffered=buffered, default_type=default_type
+    )
     column_kwargs.setdefault("nullable", False)
     column_kwargs.setdefault("server_default", "0")
     column_kwargs.setdefault("insert_default", 0)
     mapped = mapped_column(type_, info=info, **column_kwargs)
+    if default_type:
+        events.configure_before_create(mapped.column)
     if buffered:
         events.watch_buffered(mapped.column)
     return mapped

@@ -6,8 +6,11 @@ No event code lives here: :mod:`.events` calls :func:`resolve_mapper` from its
 
 from __future__ import annotations
 
+import copy
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,21 +18,12 @@ from sqlalchemy.orm import ColumnProperty, DeclarativeBase, Mapper, configure_ma
 from sqlalchemy.orm.attributes import QueryableAttribute
 from sqlalchemy.sql import visitors
 
+from . import inheritance
 from .declaration import CounterSpec, spec_of
-from .errors import CounterDeclarationError, UnknownCounterError
+from .errors import CounterDeclarationError, CounterfillWarning, UnknownCounterError
 
 # Counters fed by each child mapper (mappers have no ``info`` dict of their own).
 _by_child: dict[Mapper[Any], list[Counter]] = {}
-# Counters fed by rows of a plain association table (no mapper), by table.
-_by_table: dict[sa.Table, list[Counter]] = {}
-
-#: How to name a target, repeated by every declaration error that is about one.
-TARGET_HINT = (
-    "name the FK attribute of a class mapped on the same declarative base "
-    '("Follow.followed_id", lambda: Follow.followed_id) or, for a relationship(secondary=...) '
-    'association Table in its MetaData, the table column ("followers.followed_id", '
-    "lambda: followers.c.followed_id)"
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,46 +117,10 @@ def _attribute(value: Any) -> tuple[Mapper[Any], str] | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Child:
-    """The resolved child: a mapped class, or a plain association table (``mapper`` None)."""
-
-    mapper: Mapper[Any] | None
-    table: sa.Table
-
-    @property
-    def label(self) -> str:
-        return self.mapper.class_.__name__ if self.mapper is not None else self.table.name
-
-    def column(self, name: str) -> sa.Column[Any] | None:
-        if self.mapper is not None:
-            return _column_of(self.mapper, name)
-        col = self.table.c.get(name)
-        return col if isinstance(col, sa.Column) else None
-
-
-def _mapper_of_table(parent: Mapper[Any], table: sa.Table) -> Mapper[Any] | None:
-    """The class mapped onto ``table`` in the parent's registry, if any: its flushes are seen."""
-    for mapper in parent.registry.mappers:
-        if mapper.local_table is table and not mapper.inherits:
-            return mapper
-    return None
-
-
-def _table_child(parent: Mapper[Any], column: sa.Column[Any]) -> tuple[_Child, str]:
-    table = column.table
-    assert isinstance(table, sa.Table)
-    mapper = _mapper_of_table(parent, table)
-    if mapper is not None:
-        return _Child(mapper, table), mapper.get_property_by_column(column).key
-    return _Child(None, table), column.key
-
-
 def _resolve_target(
     spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]
-) -> tuple[_Child, sa.Column[Any]]:
+) -> tuple[Mapper[Any], sa.Column[Any]]:
     target = spec.target
-    child: _Child | None = None
     if isinstance(target, str):
         cls_name, _, attr = target.rpartition(".")
         if not cls_name or not attr:
@@ -170,21 +128,9 @@ def _resolve_target(
                 parent,
                 column,
                 f"counter_cache({target!r}) is not 'Child.fk_attribute'",
-                'write it as counter_cache("Follow.followed_id"), or "followers.followed_id" '
-                "for an association table",
+                'write it as counter_cache("Follow.followed_id")',
             )
-        mapper = _find_class(parent, cls_name)
-        if mapper is not None:
-            child = _Child(mapper, mapper.local_table)  # type: ignore[arg-type]
-        else:
-            # A mapped class name wins; otherwise a table in the parent's MetaData.
-            metadata: sa.MetaData = parent.local_table.metadata  # type: ignore[attr-defined]
-            table = metadata.tables.get(cls_name)
-            if table is not None:
-                child = _Child(_mapper_of_table(parent, table), table)
-                col = table.c.get(attr)
-                if child.mapper is not None and col is not None:
-                    attr = child.mapper.get_property_by_column(col).key
+        child = _find_class(parent, cls_name)
         if child is None:
             _fail(
                 parent,
@@ -193,29 +139,25 @@ def _resolve_target(
                 "(nor a table of that name in the parent's MetaData)",
                 TARGET_HINT,
             )
+        assert child is not None
     else:
-        value = _call(target, parent, column, "the target callable")
-        found = _attribute(value)
-        if found is not None:
-            mapper, attr = found
-            child = _Child(mapper, mapper.local_table)  # type: ignore[arg-type]
-        elif isinstance(value, sa.Column) and isinstance(value.table, sa.Table):
-            child, attr = _table_child(parent, value)
-        else:
+        found = _attribute(_call(target, parent, column, "the target callable"))
+        if found is None:
             _fail(
                 parent,
                 column,
                 "the target callable did not return a mapped attribute or a table column",
                 TARGET_HINT,
             )
-    assert child is not None
-    fk = child.column(attr)
+        assert found is not None
+        child, attr = found
+    fk = _column_of(child, attr)
     if fk is None:
         _fail(
             parent,
             column,
-            f"{child.label} has no column attribute {attr!r}",
-            f"name a column of {child.label} holding the parent's id",
+            f"{child.class_.__name__} has no column attribute {attr!r}",
+            f"name a mapped column of {child.class_.__name__} holding the parent's id",
         )
     assert fk is not None
     return child, fk
@@ -234,44 +176,50 @@ def _call(fn: Callable[[], Any], parent: Mapper[Any], column: sa.Column[Any], wh
 
 
 def _resolve_sum(
-    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: _Child
+    spec: CounterSpec,
+    parent: Mapper[Any],
+    column: sa.Column[Any],
+    child: Mapper[Any],
+    fk_table: sa.TableClause,
 ) -> sa.Column[Any] | None:
     if spec.sum is None:
         return None
-    summed: sa.Column[Any] | None
     if isinstance(spec.sum, str):
-        summed = child.column(spec.sum)
+        summed = _column_of(child, spec.sum)
         label = spec.sum
     else:
-        value = _call(spec.sum, parent, column, "sum=")
-        found = _attribute(value)
-        if found is not None:
-            summed, label = _column_of(*found), found[1]
-        elif isinstance(value, sa.Column):
-            summed, label = value, value.key
-        else:
-            summed, label = None, repr(spec.sum)
-        if summed is not None and summed.table is not child.table:
-            summed = None
+        found = _attribute(_call(spec.sum, parent, column, "sum="))
+        summed = _column_of(*found) if found else None
+        label = found[1] if found else repr(spec.sum)
     if summed is None:
         _fail(
             parent,
             column,
-            f"sum={label!r} is not a column of {child.label}",
-            f"name a numeric column of {child.label}",
+            f"sum={label!r} is not a column of {child.class_.__name__}",
+            f"name a numeric column attribute of {child.class_.__name__}",
         )
     assert summed is not None
-    if not isinstance(summed.type, sa.Integer | sa.Numeric):
+    if not isinstance(summed.type, sa.Integer | sa.Numeric | sa.Float):
         _fail(
             parent,
             column,
             f"sum={label!r} is not numeric ({summed.type})",
             "sum an Integer or Numeric column, or count rows with where=",
         )
+    if summed.table is not fk_table:
+        _fail(
+            parent,
+            column,
+            f"sum={label!r} is a column of table {summed.table.name!r}, not of "
+            f"{child.class_.__name__}'s table {fk_table.name!r} that holds the FK",
+            f"sum a column of {fk_table.name!r}, or count rows with where=",
+        )
     return summed
 
 
-def _resolve_where(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]) -> Any:
+def _resolve_where(
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any], child: Mapper[Any]
+) -> Any:
     if spec.where is None:
         return None
     expr = _call(spec.where, parent, column, "where=")
@@ -284,7 +232,172 @@ def _resolve_where(spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any
             f"where= returned {type(expr).__name__}, not a SQL expression",
             "return a boolean expression, e.g. where=lambda: Post.published.is_(True)",
         )
+    foreign = inheritance.tables_of(expr) - inheritance.hierarchy_tables(child)
+    if foreign:
+        names = ", ".join(sorted(repr(t.name) for t in foreign))
+        _fail(
+            parent,
+            column,
+            f"where= uses table {names}, not only {child.class_.__name__}'s own columns "
+            "(a change there would move counters unseen)",
+            f"filter on columns of {child.class_.__name__}, e.g. copy the flag onto it",
+        )
     return expr
+
+
+def sum_type(summed: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
+    """A sum's default column type: Numeric(p, s) and Float as summed, integers as BigInteger."""
+    if isinstance(summed.type, sa.Numeric | sa.Float):
+        return copy.copy(summed.type)  # keeps precision, scale and asdecimal
+    return sa.BigInteger()
+
+
+# Counters fed by rows of a plain association table (no mapper), by table.
+_by_table: dict[sa.Table, list[Counter]] = {}
+
+#: How to name a target, repeated by the declaration errors about one.
+TARGET_HINT = (
+    "name the FK attribute of a class mapped on the same declarative base "
+    '("Follow.followed_id", lambda: Follow.followed_id) or, for a relationship(secondary=...) '
+    'association Table in its MetaData, the table column ("followers.followed_id", '
+    "lambda: followers.c.followed_id)"
+)
+
+
+def _mapper_of_table(parent: Mapper[Any], table: sa.Table) -> Mapper[Any] | None:
+    """The class mapped onto ``table`` in the parent's registry, if any: its flushes are seen."""
+    for mapper in parent.registry.mappers:
+        if mapper.local_table is table and not mapper.inherits:
+            return mapper
+    return None
+
+
+def _table_target(
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]
+) -> tuple[sa.Table, str] | CounterSpec | None:
+    """A plain association table target as ``(table, column name)``.
+
+    A table that a class maps gives the spec rewritten to name that class;
+    ``None`` leaves the target to the mapped-class resolution.
+    """
+    target = spec.target
+    if isinstance(target, str):
+        name, _, attr = target.rpartition(".")
+        if not name or not attr or _find_class(parent, name) is not None:
+            return None
+        metadata: sa.MetaData = parent.local_table.metadata  # type: ignore[attr-defined]
+        table = metadata.tables.get(name)
+        if table is None:
+            return None
+    else:
+        value = _call(target, parent, column, "the target callable")
+        if not isinstance(value, sa.Column) or not isinstance(value.table, sa.Table):
+            return None
+        table, attr = value.table, value.key
+    mapper = _mapper_of_table(parent, table)
+    col = table.c.get(attr)
+    if mapper is not None and col is not None:
+        key = mapper.get_property_by_column(col).key
+        return replace(spec, target=f"{mapper.class_.__name__}.{key}")
+    return table, attr
+
+
+def _resolve_association(
+    spec: CounterSpec,
+    parent: Mapper[Any],
+    column: sa.Column[Any],
+    parent_pk: sa.Column[Any],
+    table: sa.Table,
+    attr: str,
+) -> Counter:
+    """Resolve a counter over a plain association table (the child has no class)."""
+    fk = table.c.get(attr)
+    if not isinstance(fk, sa.Column):
+        _fail(
+            parent,
+            column,
+            f"{table.name} has no column attribute {attr!r}",
+            f"name a column of {table.name} holding the parent's id",
+        )
+    assert isinstance(fk, sa.Column)
+    if not any(fk_ref.column is parent_pk for fk_ref in fk.foreign_keys):
+        _fail(
+            parent,
+            column,
+            f"{table.name}.{fk.key} has no ForeignKey to {parent_pk.table.name}.{parent_pk.name}",
+            f'declare it as sa.Column(..., sa.ForeignKey("{parent_pk.table.name}.'
+            f'{parent_pk.name}"))',
+        )
+    summed: Any = None
+    if spec.sum is not None:
+        value: Any = (
+            table.c.get(spec.sum)
+            if isinstance(spec.sum, str)
+            else _call(spec.sum, parent, column, "sum=")
+        )
+        if isinstance(value, QueryableAttribute):
+            value = value.expression
+        label = spec.sum if isinstance(spec.sum, str) else getattr(value, "key", repr(spec.sum))
+        if not isinstance(value, sa.Column) or value.table is not table:
+            _fail(
+                parent,
+                column,
+                f"sum={label!r} is not a column of {table.name}",
+                f"name a numeric column of {table.name}",
+            )
+        if not isinstance(value.type, sa.Integer | sa.Numeric):
+            _fail(
+                parent,
+                column,
+                f"sum={label!r} is not numeric ({value.type})",
+                "sum an Integer or Numeric column, or count rows with where=",
+            )
+        summed = value
+    where: Any = None
+    if spec.where is not None:
+        where = _call(spec.where, parent, column, "where=")
+        if hasattr(where, "__clause_element__"):
+            where = where.__clause_element__()
+        if not isinstance(where, sa.ColumnElement):
+            _fail(
+                parent,
+                column,
+                f"where= returned {type(where).__name__}, not a SQL expression",
+                "return a boolean expression, e.g. "
+                f"where=lambda: {table.name}.c.accepted.is_(True)",
+            )
+        others = sorted(
+            {
+                el.table.name
+                for el in visitors.iterate(where)
+                if isinstance(el, sa.Column) and el.table is not table
+            }
+        )
+        if others:
+            _fail(
+                parent,
+                column,
+                f"where= reads {', '.join(others)}, not only the association table {table.name}",
+                f"use only the columns of {table.name}, e.g. where=lambda: "
+                f"{table.name}.c.accepted.is_(True)",
+            )
+    if spec.sum is not None and spec.default_type and summed is not None:
+        column.type = sum_type(summed)
+    parent_table = parent.local_table
+    assert isinstance(parent_table, sa.Table)
+    return Counter(
+        key=f"{parent_table.name}.{column.name}",
+        parent_mapper=parent,
+        parent_table=parent_table,
+        parent_pk=parent_pk,
+        column=column,
+        attr_key=parent.get_property_by_column(column).key,
+        child_mapper=None,
+        child_table=table,
+        fk=fk,
+        where=where,
+        summed=summed,
+    )
 
 
 def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> Counter:
@@ -299,32 +412,30 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         )
     parent_pk = pks[0]
     assert isinstance(parent_pk, sa.Column)
+    found = _table_target(spec, parent, column)
+    if isinstance(found, CounterSpec):  # a table that a class maps: count through the class
+        spec = found
+    elif found is not None:
+        return _resolve_association(spec, parent, column, parent_pk, *found)
     child, fk = _resolve_target(spec, parent, column)
     if not any(fk_ref.column is parent_pk for fk_ref in fk.foreign_keys):
         _fail(
             parent,
             column,
-            f"{child.label}.{fk.key} has no ForeignKey to {parent_pk.table.name}.{parent_pk.name}",
+            f"{child.class_.__name__}.{fk.key} has no ForeignKey to {parent_pk.table.name}."
+            f"{parent_pk.name}",
             f'declare it as mapped_column(ForeignKey("{parent_pk.table.name}.{parent_pk.name}"))',
         )
-    summed = _resolve_sum(spec, parent, column, child)
-    where = _resolve_where(spec, parent, column)
-    if child.mapper is None and where is not None:
-        others = sorted(
-            {
-                el.table.name
-                for el in visitors.iterate(where)
-                if isinstance(el, sa.Column) and el.table is not child.table
-            }
-        )
-        if others:
-            _fail(
-                parent,
-                column,
-                f"where= reads {', '.join(others)}, not only the association table {child.label}",
-                f"use only the columns of {child.label}, e.g. where=lambda: "
-                f"{child.label}.c.accepted.is_(True)",
-            )
+    child_table = fk.table
+    assert isinstance(child_table, sa.Table)
+    summed = _resolve_sum(spec, parent, column, child, child_table)
+    where = _resolve_where(spec, parent, column, child)
+    # One expression over the counting table: the subclass's rows only, then where=.
+    conds = [c for c in (inheritance.restriction(child, child_table), where) if c is not None]
+    if conds:
+        where = inheritance.localize(child, child_table, inheritance.plain(sa.and_(*conds)))
+    if spec.sum is not None and spec.default_type and summed is not None:
+        column.type = sum_type(summed)
     table = parent.local_table
     assert isinstance(table, sa.Table)
     return Counter(
@@ -334,8 +445,8 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         parent_pk=parent_pk,
         column=column,
         attr_key=parent.get_property_by_column(column).key,
-        child_mapper=child.mapper,
-        child_table=child.table,
+        child_mapper=child,
+        child_table=child_table,
         fk=fk,
         where=where,
         summed=summed,
@@ -353,28 +464,69 @@ def association_tables() -> list[sa.Table]:
 
 
 def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
-    """Counters fed by rows of ``mapper`` (or of a mapper it inherits from)."""
-    found: list[Counter] = []
-    for m in mapper.iterate_to_root():
-        found.extend(_by_child.get(m, ()))
-    return found
+    """Counters that rows written through ``mapper`` may feed, ordered by key.
+
+    Every counter declared on a class of ``mapper``'s inheritance hierarchy
+    whose counting table is one of ``mapper``'s tables: a statement on the
+    base class may write rows of any subclass, and each counter's ``where``
+    already restricts it to its own class's rows.
+    """
+    tables = set(mapper.tables)
+    found = [
+        c
+        for m in mapper.base_mapper.self_and_descendants
+        for c in _by_child.get(m, ())
+        if c.child_table in tables
+    ]
+    return sorted(found, key=lambda c: c.key)
+
+
+# Mappers whose counters failed to resolve: configured again (and failing) until fixed.
+_failed: weakref.WeakKeyDictionary[Mapper[Any], CounterDeclarationError] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def retry_failed(mapper: Mapper[Any]) -> None:
+    """Let a mapper whose counters failed to resolve be configured (and resolved) again.
+
+    SQLAlchemy would answer the retry with a generic "mappers failed to
+    initialize"; the declaration is resolved again instead, and fails again
+    with its own message unless it was fixed (a late import, say).
+    """
+    if mapper in _failed and _failed[mapper] is getattr(mapper, "_configure_failed", None):
+        mapper.__dict__.pop("_configure_failed", None)
 
 
 def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
     """Resolve and register the not yet resolved counter columns of ``mapper``'s table.
 
-    Returns the counters resolved now (each registered under its child mapper,
-    or under its association table when no class maps it).
+    All or nothing: on a :class:`CounterDeclarationError` none of the mapper's
+    counters is registered and the mapper is left unconfigured, so every
+    later configuration (the next request, the next test, the CLI) resolves it
+    again and fails again until the declaration is fixed. SQLAlchemy marks the
+    mapper configured before its ``mapper_configured`` hook runs; without
+    this, the next configuration would succeed and the application would run
+    with counters nobody maintains. Returns the counters resolved now.
     """
     table = mapper.local_table
     if not isinstance(table, sa.Table):
         return []
+    pending = [
+        (column, spec)
+        for column in table.columns
+        if (spec := spec_of(column)) is not None and spec.resolved is None
+    ]
+    try:
+        resolved = [(spec, resolve(mapper, column, spec)) for column, spec in pending]
+    except CounterDeclarationError as exc:
+        mapper.configured = False
+        mapper.registry._new_mappers = True
+        _failed[mapper] = exc
+        raise
+    _failed.pop(mapper, None)
     found: list[Counter] = []
-    for column in table.columns:
-        spec = spec_of(column)
-        if spec is None or spec.resolved is not None:
-            continue
-        counter = resolve(mapper, column, spec)
+    for spec, counter in resolved:
         spec.resolved = counter
         if counter.child_mapper is None:
             _by_table.setdefault(counter.child_table, []).append(counter)
@@ -382,6 +534,46 @@ def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
             _by_child.setdefault(counter.child_mapper, []).append(counter)
         found.append(counter)
     return found
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_database_cascades() -> None:
+    """Warn once per counter and relationship whose children a database cascade deletes unseen."""
+    for counters in list(_by_child.values()):
+        for counter in counters:
+            for mapper in counter.parent_mapper.registry.mappers:
+                for rel in mapper.relationships:
+                    _warn_cascade(counter, rel)
+
+
+def _warn_cascade(counter: Counter, rel: Any) -> None:
+    if not rel.passive_deletes or rel.direction.name != "ONETOMANY":
+        return
+    if counter.child_table not in set(rel.mapper.tables):
+        return
+    # CASCADE deletes counted rows; SET NULL matters only when it empties the counter's FK.
+    fks = [
+        fk
+        for col in rel.remote_side
+        for fk in getattr(col, "foreign_keys", ())
+        if (fk.ondelete or "").upper() == "CASCADE"
+        or ((fk.ondelete or "").upper() == "SET NULL" and fk.parent is counter.fk)
+    ]
+    key = (counter.key, str(rel))
+    if not fks or key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"{counter.parent_mapper.class_.__name__}.{counter.attr_key}: deleting a "
+        f"{rel.parent.class_.__name__} changes {rel.mapper.class_.__name__} rows through the "
+        f"database's ON DELETE {fks[0].ondelete.upper()} ({rel} has passive_deletes=True), "
+        "which the ORM does not see, so the counter drifts; drop passive_deletes=True, or run "
+        "`alembic counterfill verify --fix` after such deletes",
+        CounterfillWarning,
+        stacklevel=2,
+    )
 
 
 def child_mappers() -> list[Mapper[Any]]:

@@ -30,6 +30,8 @@ class CounterSpec:
     where: Callable[[], Any] | None = None
     sum: str | Callable[[], Any] | None = None
     buffered: bool = False
+    #: No ``type_=`` given for a sum: the column takes the summed column's type at resolution.
+    default_type: bool = False
     # The resolved Counter, set at mapper configuration. Typed Any because this
     # module sits below counters.py in the import layers (docs/architecture.md).
     resolved: Any = field(default=None, repr=False)

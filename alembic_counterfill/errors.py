@@ -31,13 +31,17 @@ class DatabaseError(CounterfillError):
     """The database cannot be reached or lacks what the library needs."""
 
 
-class CounterfillWarning(UserWarning):
-    """A model setup that counters cannot follow exactly (e.g. database-side cascades)."""
-
-
 class DuplicateKeyError(CounterfillError):
     """A new row's key exists already: the cause of an IntegrityError raised before the INSERT.
 
     On MariaDB/MySQL a flush reports it without waiting when the row appeared
     while the flush waited for its locks (see docs/databases.md).
+    """
+
+
+class CounterfillWarning(UserWarning):
+    """Something a counter cannot see or will not honour (a database cascade, a counter assignment).
+
+    Not an error: the application keeps running, and the message says what to
+    change or which command repairs the counters.
     """

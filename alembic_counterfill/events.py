@@ -1,13 +1,19 @@
 """Every SQLAlchemy event the library listens to, registered in one place.
 
-- ``mapper_configured`` (all mappers): resolve the counters a mapper declares
-  and attach the flush hooks to the child mappers that feed them;
+- ``before_mapper_configured`` / ``mapper_configured`` (all mappers): resolve
+  the counters a mapper declares (a failed declaration is resolved again at
+  every configuration), attach the flush hooks to the child mappers that feed
+  them and make the counter attributes read-only (:mod:`.readonly`);
+- ``after_configured``: warn about database cascades the ORM does not see;
 - Session flush events and ``after_soft_rollback``: :mod:`.flush`;
 - ``do_orm_execute``: ORM bulk statements, :mod:`.bulk`;
 - ``before_execute``/``after_execute`` on every Engine and ``after_configured``,
   once a counter over a plain association table exists: :mod:`.association`
   (the unit of work writes ``relationship(secondary=...)`` rows with
   ``Connection.execute``, which no ORM event sees);
+- the legacy bulk methods of ``Session``, which fire no event: :mod:`.legacy_bulk`;
+- ``before_create`` of a table with a sum counter: configure the mappers
+  first, so that the column has its final type.
 - ``after_commit`` / ``after_soft_rollback``: inline folds of buffered
   counters, :mod:`.folding`;
 - ``after_parent_attach`` of buffered counter columns (and, for a primary
@@ -25,10 +31,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Mapper, Session, configure_mappers
 
-from . import association, buffer, bulk, flush, folding
-from .counters import resolve_mapper
+from . import association, buffer, bulk, flush, folding, legacy_bulk, readonly
+from .counters import resolve_mapper, retry_failed, warn_database_cascades
 from .plan import forget_plans
 
 _installed = False
@@ -41,7 +47,10 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    event.listen(Mapper, "before_mapper_configured", _on_before_mapper_configured)
     event.listen(Mapper, "mapper_configured", _on_mapper_configured)
+    event.listen(Mapper, "after_configured", warn_database_cascades)
+    event.listen(Session, "before_flush", readonly.discard_assignments)
     event.listen(Session, "before_flush", flush.before_flush)
     event.listen(Session, "after_flush", flush.after_flush)
     event.listen(Session, "after_flush_postexec", flush.after_flush_postexec)
@@ -49,7 +58,12 @@ def install() -> None:
     event.listen(Session, "do_orm_execute", bulk.on_execute)
     event.listen(Session, "after_commit", folding.after_commit)
     event.listen(Session, "after_soft_rollback", folding.forget)
+    legacy_bulk.install()
     _installed = True
+
+
+def _on_before_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    retry_failed(mapper)
 
 
 _watching_columns = False
@@ -71,6 +85,7 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
             _watch_links()
         else:
             _watch_child(counter.child_mapper)
+        _protect(counter.parent_mapper, counter.attr_key)
 
 
 def _watch_links() -> None:
@@ -90,11 +105,37 @@ def _watch_links() -> None:
 
 
 def _watch_child(child_mapper: Mapper[Any]) -> None:
-    """Attach the per-row flush hooks to a child mapper and its subclasses (idempotent)."""
-    if child_mapper in _child_mappers:
+    """Attach the per-row flush hooks to a child's hierarchy (idempotent).
+
+    Once per hierarchy, on its base mapper and propagated to every subclass:
+    hooks on a subclass too would fire twice for its rows.
+    """
+    base = child_mapper.base_mapper
+    if base in _child_mappers:
         return
-    _child_mappers.add(child_mapper)
-    event.listen(child_mapper, "before_update", flush.before_update, propagate=True)
-    event.listen(child_mapper, "before_delete", flush.before_delete, propagate=True)
-    event.listen(child_mapper, "after_insert", flush.after_insert, propagate=True)
-    event.listen(child_mapper, "after_update", flush.after_update, propagate=True)
+    _child_mappers.add(base)
+    event.listen(base, "before_update", flush.before_update, propagate=True)
+    event.listen(base, "before_delete", flush.before_delete, propagate=True)
+    event.listen(base, "after_insert", flush.after_insert, propagate=True)
+    event.listen(base, "after_update", flush.after_update, propagate=True)
+
+
+def _protect(parent: Mapper[Any], attr_key: str) -> None:
+    """Make a counter attribute read-only: no merge copies it, an assignment warns."""
+    if readonly.protect(parent, attr_key):
+        attr = parent.class_manager[attr_key]
+        event.listen(attr, "set", readonly.warn_assignment, propagate=True)
+
+
+def configure_before_create(column: sa.Column[Any]) -> None:
+    """Configure the mappers before ``CREATE TABLE`` of ``column``'s table (a sum's final type)."""
+    event.listen(column, "after_parent_attach", _configure_before_create)
+
+
+def _configure_before_create(column: sa.Column[Any], table: Any) -> None:
+    if isinstance(table, sa.Table) and not event.contains(table, "before_create", _configure):
+        event.listen(table, "before_create", _configure)
+
+
+def _configure(*args: Any, **kwargs: Any) -> None:
+    configure_mappers()

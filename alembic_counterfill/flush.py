@@ -20,11 +20,11 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from . import association, innodb, sql
+from . import association, innodb, sql, sqlite_lock
 from . import deltas as _deltas
 from .errors import DuplicateKeyError
 from .pause import is_paused
-from .plan import Key, WritePlan, plan_for
+from .plan import Key, WritePlan, plan_for, plans_for
 
 _STASH = "counterfill.flush"
 
@@ -56,6 +56,7 @@ class _FlushState:
         if not keys:
             return
         self.captured[plan] |= keys
+        sqlite_lock.begin_write(connection)  # several SQLite writers: read under the lock
         self.old[plan].extend(_read(connection, plan, keys, lock=True))
 
 
@@ -75,11 +76,14 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
         st: InstanceState[Any] = sa.inspect(obj)
-        plan = plan_for(st.mapper)
-        if plan is None or st.key is None:
+        if st.key is None:
             continue
-        if obj in deleted or plan.may_change(st):
-            wanted[plan].add(tuple(st.key[1]))
+        for plan in plans_for(st.mapper):
+            if obj in deleted or plan.may_change(st):
+                wanted[plan].add(tuple(st.key[1]))
+        for child in _collection_changes(st):
+            for plan in plans_for(child.mapper):
+                wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
     if _on_innodb(session, wanted):
@@ -222,43 +226,67 @@ def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -
         )
 
 
-def _old_key(target: Any) -> tuple[_FlushState, WritePlan, InstanceState[Any]] | None:
+def _collection_changes(st: InstanceState[Any]) -> list[InstanceState[Any]]:
+    """Persistent children added to or removed from ``st``'s one-to-many collections.
+
+    The unit of work sets their FK during the flush; reading their old state
+    here keeps moves through a collection (``board.pins.append(pin)``) to one
+    statement per child table, like FK moves. Unloaded collections are not
+    loaded (their history is empty).
+    """
+    out: list[InstanceState[Any]] = []
+    for rel in st.mapper.relationships:
+        if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
+            continue
+        hist = st.attrs[rel.key].history
+        for child in (*hist.added, *hist.deleted):
+            child_state: InstanceState[Any] = sa.inspect(child)
+            if child_state.key is not None:
+                out.append(child_state)
+    return out
+
+
+def _found(target: Any) -> tuple[_FlushState, list[WritePlan], InstanceState[Any]] | None:
     st: InstanceState[Any] = sa.inspect(target)
     session = st.session
     stash = _stash(session) if session is not None else None
-    plan = plan_for(st.mapper)
-    if stash is None or plan is None or st.key is None:
+    plans = plans_for(st.mapper)
+    if stash is None or not plans or st.key is None:
         return None
-    return stash, plan, st
+    return stash, plans, st
 
 
 def before_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Read the old state of a row whose FK the unit of work itself changes."""
-    # Rows changed during the flush itself (FKs synced from relationships) were
-    # not visible in before_flush; read them here, one row at a time (rare).
-    found = _old_key(target)
+    # Rows changed during the flush in ways before_flush could not see (an FK
+    # synced from a relationship without a backref) are read here, one row at
+    # a time (rare).
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        if plan.may_change(st):
-            stash.capture(connection, plan, {tuple(st.key[1])})
+        for plan in plans:
+            if plan.may_change(st):
+                stash.capture(connection, plan, {tuple(st.key[1])})
 
 
 def before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Read the old state of a row deleted during the flush (cascades) if not read yet."""
-    found = _old_key(target)
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        stash.capture(connection, plan, {tuple(st.key[1])})
+        for plan in plans:
+            stash.capture(connection, plan, {tuple(st.key[1])})
 
 
 def after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Note an inserted row: its state off the object, or its key to re-read."""
     st: InstanceState[Any] = sa.inspect(target)
     stash = _stash(st.session) if st.session is not None else None
-    plan = plan_for(st.mapper)
-    if stash is not None and plan is not None:
+    if stash is None:
+        return
+    for plan in plans_for(st.mapper):
         row = plan.inserted_row(st)
         if row is not None:
             stash.inserted[plan].append(row)
@@ -270,12 +298,15 @@ def after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) ->
     """Note an updated row whose old state was read, to re-read it after the flush."""
     # Only rows whose old state was read can have moved a contribution; the
     # ORM calls this hook for every dirty object, even with no net change.
-    found = _old_key(target)
+    # (Rows read before the flush are re-read after it in any case; this adds
+    # their new key when the primary key itself changed.)
+    found = _found(target)
     if found:
-        stash, plan, st = found
+        stash, plans, st = found
         assert st.key is not None
-        if tuple(st.key[1]) in stash.captured[plan]:
-            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+        for plan in plans:
+            if tuple(st.key[1]) in stash.captured[plan]:
+                stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
 
 
 def after_flush(session: Session, flush_context: UOWTransaction) -> None:

@@ -67,18 +67,34 @@ class WritePlan:
         return any(attrs[k].history.has_changes() for k in self.watched)
 
 
-_plans: dict[Mapper[Any], WritePlan | None] = {}
+_plans: dict[Mapper[Any], list[WritePlan]] = {}
+
+
+def _relationship_keys(mapper: Mapper[Any], columns: set[sa.Column[Any]]) -> set[str]:
+    """Many-to-one relationships that set one of ``columns`` (``pin.board = other``).
+
+    Watching them lets the flush read the old state of rows moved through a
+    relationship in its one batched statement, like FK moves, instead of one
+    row at a time while the unit of work syncs the FK; it also catches
+    ``post_update`` relationships, whose UPDATE fires no mapper event.
+    """
+    return {
+        rel.key
+        for rel in mapper.relationships
+        if rel.direction.name == "MANYTOONE" and set(rel.local_columns) & columns
+    }
 
 
 def _watched(mapper: Mapper[Any], counters: list[Counter]) -> frozenset[str] | None:
-    """Attribute keys of the FK, summed and ``where=`` columns; ``None``: any write may matter."""
+    """Attribute keys of the FK, summed and ``where=`` columns and of the relationships setting
+    the FK; ``None``: any write may matter."""
     columns: set[sa.Column[Any]] = set()
     for c in counters:
         if c.reads_other_tables:
             return None
         columns.add(c.fk)
         columns.update(c.value_columns())
-    keys = set()
+    keys = _relationship_keys(mapper, columns)
     for col in columns:
         try:
             keys.add(mapper.get_property_by_column(col).key)
@@ -92,7 +108,9 @@ def _names(mapper: Mapper[Any], watched: frozenset[str] | None) -> frozenset[str
         return None
     out = set(watched)
     for key in watched:
-        for col in mapper.attrs[key].columns:
+        prop: Any = mapper.attrs[key]
+        # Column attributes, and the FK columns of watched relationships.
+        for col in getattr(prop, "columns", None) or prop.local_columns:
             out |= {col.key, col.name}
     return frozenset(out)
 
@@ -114,30 +132,83 @@ def _direct(
     return out
 
 
-def plan_for(mapper: Mapper[Any]) -> WritePlan | None:
-    """The write plan for rows of ``mapper``, or ``None`` when it feeds no counter."""
+def _table_pk(mapper: Mapper[Any], table: sa.Table) -> list[sa.Column[Any]]:
+    """``table``'s own columns for ``mapper``'s primary key, in identity-key order.
+
+    A joined-inheritance subclass's identity is its base table's key; rows of
+    another table of the class are read by that table's equivalent key columns.
+    """
+    out: list[sa.Column[Any]] = []
+    for col in mapper.primary_key:
+        by_table = {c.table: c for c in mapper.get_property_by_column(col).columns}
+        found = by_table.get(table)
+        assert isinstance(found, sa.Column)
+        out.append(found)
+    return out
+
+
+def _plan(
+    mapper: Mapper[Any], table: sa.Table, counters: list[Counter], *, one_table: bool
+) -> WritePlan:
+    watched = _watched(mapper, counters) if one_table else None
+    fields = [f"{kv}{i}" for i in range(len(counters)) for kv in "kv"]
+    return WritePlan(
+        mapper,
+        table,
+        counters,
+        _table_pk(mapper, table),
+        watched,
+        _names(mapper, watched),
+        _direct(mapper, counters) if one_table else None,
+        namedtuple("Inserted", fields),
+    )
+
+
+def plans_for(mapper: Mapper[Any]) -> list[WritePlan]:
+    """One write plan per table holding counted FKs that rows of ``mapper`` feed (flushes).
+
+    A joined-inheritance subclass may feed counters through its base table's
+    FK and through its own table's: the flush reads each table by its key.
+    """
     if mapper in _plans:
         return _plans[mapper]
-    counters = counters_of_child(mapper)
-    plan = None
-    if counters:
-        table = counters[0].child_table
-        counters = [c for c in counters if c.child_table is table]
-        pk_columns = [c for c in mapper.primary_key if isinstance(c, sa.Column)]
-        watched = _watched(mapper, counters)
-        fields = [f"{kv}{i}" for i in range(len(counters)) for kv in "kv"]
-        plan = WritePlan(
-            mapper,
-            table,
-            counters,
-            pk_columns,
-            watched,
-            _names(mapper, watched),
-            _direct(mapper, counters),
-            namedtuple("Inserted", fields),
-        )
-    _plans[mapper] = plan
+    by_table: dict[sa.Table, list[Counter]] = {}
+    for counter in counters_of_child(mapper):
+        by_table.setdefault(counter.child_table, []).append(counter)
+    plans = [
+        _plan(mapper, table, counters, one_table=True)
+        for table, counters in sorted(by_table.items(), key=lambda kv: kv[0].name)
+    ]
+    _plans[mapper] = plans
+    return plans
+
+
+_statement_plans: dict[Mapper[Any], WritePlan | None] = {}
+
+
+def plan_for(mapper: Mapper[Any]) -> WritePlan | None:
+    """The write plan of ``mapper``'s bulk statements, or ``None`` when it feeds no counter.
+
+    A statement writes through the mapped class: when its counters' FKs lie in
+    several tables of a joined subclass, this one plan covers all of them, on
+    the subclass's own table, and its rows are read through the class's join.
+    """
+    if mapper in _statement_plans:
+        return _statement_plans[mapper]
+    plans = plans_for(mapper)
+    plan = plans[0] if len(plans) == 1 else None
+    if len(plans) > 1:
+        counters = sorted((c for p in plans for c in p.counters), key=lambda c: c.key)
+        table = mapper.local_table
+        assert isinstance(table, sa.Table)
+        plan = _plan(mapper, table, counters, one_table=False)
+    _statement_plans[mapper] = plan
     return plan
+
+
+def reads_several_tables(plan: WritePlan) -> bool:
+    """Whether the plan's counters read another table than the plan's (a joined subclass)."""
+    return any(c.child_table is not plan.table or c.reads_other_tables for c in plan.counters)
 
 
 def plan_for_statement(dml: Any) -> WritePlan | None:
@@ -159,3 +230,4 @@ def plan_for_statement(dml: Any) -> WritePlan | None:
 def forget_plans() -> None:
     """Drop every cached plan: a newly resolved counter may change any of them."""
     _plans.clear()
+    _statement_plans.clear()

@@ -236,6 +236,12 @@ def delete_namespace(client: object, namespace: str) -> int:
 def run_machine(request):  # noqa: ANN201 - returns the runner below
     """Run a CounterStateMachine subclass (with a ``url`` attribute) on this param's database."""
     url = server_url_of(request, request.param)
+    if request.param == "postgresql":
+        # The machine's sessions share one thread: a write waiting on the other's lock
+        # would wait forever. A lock timeout turns that bug into a failure.
+        parsed = sa.make_url(url)
+        options = f"{parsed.query.get('options', '')} -c lock_timeout=20s".strip()
+        url = parsed.update_query_dict({"options": options}).render_as_string(hide_password=False)
 
     def run(machine: type, *, max_examples: int, steps: int = 30) -> Any:
         from alembic_counterfill.machine import run_counter_machine

@@ -1,5 +1,7 @@
 """Deterministic races: hold a row lock from a third connection, start the racers, release.
 
+PostgreSQL and MariaDB.
+
 Every helper here ends what it started: lock holders roll back and close in
 ``finally``; racers run in daemon threads joined with a timeout, so a test that
 fails (or a library that deadlocks) fails the test instead of hanging the
@@ -66,26 +68,41 @@ def holding(engine: sa.Engine, sql: str, params: dict[str, Any] | None = None) -
         conn.close()
 
 
-def race_engine(pg_url: str, **kw: Any) -> sa.Engine:
-    """An engine whose connections carry an application_name of their own.
+def race_engine(url: str, **kw: Any) -> sa.Engine:
+    """An engine whose lock waits :func:`lock_waiters` can tell from other test runs'.
 
-    Other test runs share the server: :func:`lock_waiters` counts only ours.
+    PostgreSQL: connections carry an ``application_name`` of their own.
+    MariaDB: each test has a database of its own (``database()``).
     """
-    name = f"race-{uuid.uuid4().hex[:10]}"
-    url = sa.make_url(pg_url).update_query_dict({"application_name": name})
-    return sa.create_engine(url, pool_size=10, **kw)
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        parsed = parsed.update_query_dict({"application_name": f"race-{uuid.uuid4().hex[:10]}"})
+    return sa.create_engine(parsed, pool_size=10, **kw)
 
 
 def lock_waiters(engine: sa.Engine) -> int:
-    """How many of this engine's backends wait for a lock right now (PostgreSQL)."""
+    """How many of this engine's sessions wait for a lock right now."""
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            return conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND application_name = :app"
+                ),
+                {"app": engine.url.query["application_name"]},
+            ).scalar_one()
         return conn.execute(
             sa.text(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND application_name = :app"
-            ),
-            {"app": engine.url.query["application_name"]},
+                "SELECT count(*) FROM information_schema.innodb_trx t "
+                "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+                "WHERE t.trx_state = 'LOCK WAIT' AND p.db = database()"
+            )
         ).scalar_one()
+
+
+def row_lock(engine: sa.Engine) -> str:
+    """The clause a lock holder uses: a parent row lock that still lets FK checks through."""
+    return "FOR NO KEY UPDATE" if engine.dialect.name == "postgresql" else "FOR UPDATE"
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = JOIN_TIMEOUT) -> Any:

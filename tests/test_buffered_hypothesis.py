@@ -31,6 +31,9 @@ class BufferedMachine(CounterStateMachine):
     def fold(self) -> None:
         if not self.committed_state_readable():
             return
+        # The fold locks parents from a connection of its own, in this one thread:
+        # the main session must not hold row locks (from its deltas) meanwhile.
+        self._commit(self.session)
         folding.fold(self.engine, counters_of(Base), chunk=2)
         assert column_drift(self.engine) == []
 
