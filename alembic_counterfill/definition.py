@@ -63,6 +63,8 @@ def canonical_sql(expr: sa.ColumnElement[Any]) -> str:
 def _subclass_filter(counter: Counter) -> str | None:
     """The discriminator filter of a single-table-inheritance child, or None."""
     mapper = counter.child_mapper
+    if mapper is None:  # a plain association table: no class, no discriminator
+        return None
     if not mapper.single or mapper.polymorphic_on is None or mapper.inherits is None:
         return None
     identities = sorted(
