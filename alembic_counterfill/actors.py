@@ -24,9 +24,9 @@ import dramatiq
 import sqlalchemy as sa
 from dramatiq.middleware import Middleware, Retries
 
-from .batch import BatchNotFound, describe, mark_failed, note_retry, run_batch
+from .batch import BatchNotFound, describe, mark_failed, mark_refused, note_retry, run_batch
 from .counters import Counter
-from .errors import BrokerError, ConfigurationError
+from .errors import BrokerError, ConfigurationError, DefinitionMismatch
 from .urls import redact
 
 if TYPE_CHECKING:
@@ -391,17 +391,26 @@ def declare_actors(
     source = Source(settings)
 
     def counterfill_batch(batch_id: int) -> None:
-        outcome = run_batch(
-            source.engine(),
-            source.counters(),
-            batch_id,
-            statement_timeout_ms=time_limit,
-            pacing=settings.pacing,
-            throttle=settings.throttle,
-            # Half the time limit: a long range yields and is sent again rather
-            # than being killed by the time limit mid-transaction.
-            budget_seconds=time_limit / 2000,
-        )
+        try:
+            outcome = run_batch(
+                source.engine(),
+                source.counters(),
+                batch_id,
+                statement_timeout_ms=time_limit,
+                pacing=settings.pacing,
+                throttle=settings.throttle,
+                # Half the time limit: a long range yields and is sent again rather
+                # than being killed by the time limit mid-transaction.
+                budget_seconds=time_limit / 2000,
+            )
+        except DefinitionMismatch as exc:
+            # Rolling deploy: this worker's models differ from the planner's.
+            # Not a failure and not a retry: send the batch again later, for
+            # whichever worker runs the matching models, backing off each time.
+            refusals = mark_refused(source.engine(), batch_id, describe(exc))
+            delay = min(max_backoff, min_backoff * 2 ** min(max(refusals - 1, 0), 16))
+            broker.enqueue(_message(settings.queue, batch_id), delay=delay)
+            return
         if outcome.yielded is not None:
             # Not done: paused, throttled or out of time. Leave it queued for
             # later; its cursor in the database says where to continue.

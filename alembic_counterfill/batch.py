@@ -18,10 +18,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import innodb, signals, sql
+from . import definition, innodb, signals, sql
 from . import progress as p
 from .counters import Counter
-from .errors import ConfigurationError, CounterfillError
+from .errors import CounterfillError, DefinitionMismatch
 from .pacing import BACKOFF_SHRINK, History, Pacing
 from .pacing import next_size as next_size_after
 from .planning import decode_key, encode_key, key_text, next_boundary
@@ -74,14 +74,34 @@ HEALTH_EVERY = 5.0
 MAX_SLEEP = 10.0
 
 
-def _run_counters(counters: Mapping[str, Counter], keys: str, batch_id: int) -> list[Counter]:
-    missing = [k for k in keys.split(",") if k not in counters]
+def _run_counters(counters: Mapping[str, Counter], run: Any, batch_id: int) -> list[Counter]:
+    """The counters of the batch's run, as this process's models define them.
+
+    Raises :class:`~.errors.DefinitionMismatch` when these models lack one of
+    them or define it differently from the models that planned the run (an
+    old worker during a rolling deploy): the batch is left for a worker
+    running the same definitions.
+    """
+    keys = run.counter_keys.split(",")
+    missing = [k for k in keys if k not in counters]
     if missing:
-        raise ConfigurationError(
-            f"batch {batch_id} recounts {', '.join(missing)}, which the models no longer declare; "
-            "restore the declaration or run `enqueue` again to plan a new backfill"
+        raise DefinitionMismatch(
+            f"batch {batch_id} recounts {', '.join(missing)}, which this worker's models do not "
+            "declare; left for a worker running the current models (or run `enqueue` again "
+            "to plan a new backfill if the counter was removed)"
         )
-    return [counters[k] for k in keys.split(",")]
+    chosen = [counters[k] for k in keys]
+    planned = p.run_fingerprints({"fingerprints": run.fingerprints})
+    differ = [
+        c.key for c in chosen if c.key in planned and definition.fingerprint(c) != planned[c.key]
+    ]
+    if differ:
+        raise DefinitionMismatch(
+            f"batch {batch_id} was planned under another definition of {', '.join(differ)} "
+            "than this worker's models; left for a worker running the models that planned it "
+            "(deploy the same code to every worker)"
+        )
+    return chosen
 
 
 def run_batch(
@@ -244,7 +264,7 @@ def _session_settings(
     conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
 
 
-_RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at")
+_RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at", "fingerprints")
 
 
 def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
@@ -262,7 +282,7 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
             sa.update(b)
             .where(b.c.id == batch_id, r.c.id == b.c.run_id)
             .values(touch)
-            .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS])
+            .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS], r.c.state.label("run_state"))
         ).first()
     row = innodb.update_returning(
         conn, sa.update(b).where(b.c.id == batch_id).values(touch), b.c.id == batch_id, *mine
@@ -270,7 +290,9 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
     if row is None:
         return None
     run = conn.execute(
-        sa.select(*[r.c[name] for name in _RUN_SETTINGS]).where(r.c.id == row.run_id)
+        sa.select(*[r.c[name] for name in _RUN_SETTINGS], r.c.state.label("run_state")).where(
+            r.c.id == row.run_id
+        )
     ).one()
     return SimpleNamespace(**row._asdict(), **run._asdict())
 
@@ -298,10 +320,14 @@ def _one_transaction(
                 conn.rollback()
                 return _Chunk(_ALREADY, row.run_id)
             run = row
+            if run.run_state in (p.RUN_CANCELLED, p.RUN_SUPERSEDED):
+                conn.rollback()
+                log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.run_state)
+                return _Chunk(_ALREADY, row.run_id)
             if run.paused_at is not None:
                 conn.rollback()
                 return _Chunk(_PAUSED, row.run_id)
-            chosen = _run_counters(counters, run.counter_keys, batch_id)
+            chosen = _run_counters(counters, run, batch_id)
             table, pk = chosen[0].parent_table, chosen[0].parent_pk
             lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
             start = decode_key(pk, row.cursor) if row.cursor is not None else lo
@@ -357,6 +383,7 @@ def _one_transaction(
                 last=last,
                 was_failed=row.state == p.BATCH_FAILED,
                 waiters=waiters,
+                counters=chosen,
             )
             conn.commit()
         except sa.exc.DBAPIError as exc:
@@ -407,6 +434,7 @@ def _advance_run(
     last: bool,
     was_failed: bool,
     waiters: str | None,
+    counters: list[Counter],
 ) -> tuple[bool, float, int]:
     """Add one transaction's figures to the run; complete it if this was its last batch.
 
@@ -472,15 +500,21 @@ def _advance_run(
         return False, rate_wait, next_size
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
-        conn.execute(
-            sa.update(c)
-            .where(c.c.run_id == run_id)
-            .values(
-                state=p.ACTIVE,
-                updated_at=now,
-                activated_at=sa.func.coalesce(c.c.activated_at, now),
+        # Completing records each counter's definition (the one the run was
+        # planned under, which these models share) as what its column follows.
+        for counter in counters:
+            parts = definition.definition(counter)
+            conn.execute(
+                sa.update(c)
+                .where(c.c.run_id == run_id, c.c.key == counter.key)
+                .values(
+                    state=p.ACTIVE,
+                    updated_at=now,
+                    activated_at=sa.func.coalesce(c.c.activated_at, now),
+                    fingerprint=definition.fingerprint_of(parts),
+                    definition=definition.encode(parts),
+                )
             )
-        )
         return True, rate_wait, next_size
     if done + failed >= total:
         _fail_run(conn, run_id, now)
@@ -533,6 +567,26 @@ def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
         .values(state=p.FAILED, updated_at=now)
     )
+
+
+def mark_refused(engine: sa.Engine, batch_id: int, error: str) -> int:
+    """Record that a worker refused ``batch_id`` (another definition); return the refusal count.
+
+    The batch stays to be run: it is neither done nor failed, and ``status``
+    shows it waiting for a worker running the matching models.
+    """
+    b = p.batches_table
+    with engine.begin() as conn:
+        row = innodb.update_returning(
+            conn,
+            sa.update(b)
+            .where(b.c.id == batch_id, b.c.state != p.BATCH_DONE)
+            .values(refusals=b.c.refusals + 1, error=error),
+            b.c.id == batch_id,
+            b.c.refusals,
+        )
+    log.warning("batch %d refused: %s", batch_id, error)
+    return int(row.refusals) if row is not None else 0
 
 
 def describe(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from . import cli_backfill, cli_control, cli_fold, progress
+from . import cli_backfill, cli_control, cli_fold, definition, progress
 from .config import Settings, config_files, from_alembic_config
 from .counters import Counter
 from .errors import CounterfillError
@@ -32,7 +32,7 @@ from .urls import redact
 _META_KEY = "alembic_counterfill.launch"
 #: ``ctx.meta`` key of the command prefix hints repeat (``alembic -c pg.ini counterfill``).
 PREFIX_KEY = "alembic_counterfill.prefix"
-_FINAL_STATES = (progress.ACTIVE, progress.FAILED, progress.PAUSED)
+_FINAL_STATES = (progress.ACTIVE, progress.FAILED, progress.PAUSED, progress.UNKNOWN)
 
 
 @dataclass
@@ -195,9 +195,29 @@ def cli(
     ctx.meta[PREFIX_KEY] = command_prefix(ctx)
 
 
-def _read_statuses(settings: Settings, keys: list[str]) -> list[progress.CounterStatus]:
+def _read_statuses(settings: Settings, counters: Sequence[Counter]) -> list[progress.CounterStatus]:
+    """Each counter's status, flagged when its column is missing or its definition changed."""
     with settings.engine().connect() as connection:
-        return progress.statuses(connection, keys)
+        found = progress.statuses(
+            connection, [c.key for c in counters], definition.fingerprints(list(counters))
+        )
+        missing = set(progress.missing_columns(connection, counters))
+    for st in found:
+        if st.counter in missing:
+            st.hint = (
+                "the column is not in this database: run `alembic upgrade head` "
+                "(is sqlalchemy.url the right database?)"
+            )
+    return found
+
+
+def _state_label(st: progress.CounterStatus) -> str:
+    return f"{st.state} (definition changed)" if st.definition_changed else st.state
+
+
+def _hints(statuses: Sequence[progress.CounterStatus]) -> str:
+    hints = [f"  {s.counter}: {s.hint}" for s in statuses if s.hint]
+    return "\n\nnext steps:\n" + "\n".join(hints) if hints else ""
 
 
 def describe_counter(counter: Counter) -> str:
@@ -222,7 +242,8 @@ def describe_counter(counter: Counter) -> str:
 def list_(settings: Settings, as_json: bool) -> None:
     """List the declared counters, what each one counts, and its state."""
     counters = settings.counters()
-    states = {s.counter: s.state for s in _read_statuses(settings, [c.key for c in counters])}
+    found = {s.counter: s for s in _read_statuses(settings, counters)}
+    states = {k: s.state for k, s in found.items()}
     if as_json:
         click.echo(
             json.dumps(
@@ -236,6 +257,8 @@ def list_(settings: Settings, as_json: bool) -> None:
                         "foreign_key": c.fk.name,
                         "sum": c.summed.name if c.summed is not None else None,
                         "where": c.where is not None,
+                        "definition_changed": found[c.key].definition_changed,
+                        "hint": found[c.key].hint,
                     }
                     for c in counters
                 ]
@@ -248,8 +271,9 @@ def list_(settings: Settings, as_json: bool) -> None:
     click.echo(
         render_table(
             ("COUNTER", "STATE", "COUNTS"),
-            [(c.key, states[c.key], describe_counter(c)) for c in counters],
+            [(c.key, _state_label(found[c.key]), describe_counter(c)) for c in counters],
         )
+        + _hints(list(found.values()))
     )
 
 
@@ -273,7 +297,7 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
     rows = [
         (
             s.counter,
-            s.state,
+            _state_label(s),
             f"{s.batches_done}/{s.batches_total}" if s.batches_total else "-",
             str(s.batches_failed) if s.batches_total else "-",
             f"{s.rows_changed:,}" if s.batches_total else "-",
@@ -319,7 +343,7 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
         notes += ["", "last errors:"] + ["  " + " ".join(e.split())[:200] for e in errors]
     if notes:
         text += "\n\n" + "\n".join(notes)
-    return text
+    return text + _hints(statuses)
 
 
 @cli.command("status")
@@ -339,17 +363,16 @@ def render_statuses(statuses: Sequence[progress.CounterStatus]) -> str:
 def status(
     settings: Settings, counters: tuple[str, ...], as_json: bool, watch: bool, interval: float
 ) -> None:
-    """Show each counter's state (pending, backfilling, active, failed) and backfill progress.
+    """Show each counter's state (unknown, pending, backfilling, active, failed) and progress.
 
     COUNTERS (keys like users.followers_count) narrow the output; default: all declared.
     With --json --watch, each refresh prints one JSON array on its own line.
     """
     chosen = cli_backfill.chosen_counters(settings, counters)[1]
-    keys = [c.key for c in chosen]
     clear = watch and not as_json and sys.stdout.isatty()
     try:
         while True:
-            current = _read_statuses(settings, keys)
+            current = _read_statuses(settings, chosen)
             with settings.engine().connect() as connection:
                 cli_fold.annotate(connection, current, chosen)
             if clear:
@@ -365,6 +388,54 @@ def status(
             time.sleep(interval)
     except KeyboardInterrupt:  # Ctrl-C is how a watch normally ends
         return
+
+
+@cli.command("cancel")
+@click.argument("counters", nargs=-1, metavar="[COUNTER]...")
+@click.pass_obj
+def cancel(settings: Settings, counters: tuple[str, ...]) -> None:
+    """End the unfinished backfill runs of the COUNTERs named (default: every unfinished run).
+
+    Batches still queued are skipped when delivered. Counters of an ended run
+    go back to pending (or stay active if they were exact before a recount);
+    `enqueue` plans a fresh run. COUNTER may also name a counter the models no
+    longer declare.
+    """
+    declared = {c.key for c in settings.counters()}
+    r = progress.runs_table
+    with settings.engine().begin() as conn:
+        if not progress.has_tables(conn):
+            click.echo("nothing to cancel: no backfill was ever planned in this database")
+            return
+        recorded = set(progress.counter_rows(conn))
+        unknown = [k for k in counters if k not in declared | recorded]
+        if unknown:
+            known = ", ".join(sorted(declared | recorded)) or "none"
+            raise click.BadParameter(
+                f"unknown counter {unknown[0]!r}; known counters: {known}", param_hint="COUNTER"
+            )
+        runs = conn.execute(
+            sa.select(r.c.id, r.c.table_name, r.c.counter_keys)
+            .where(r.c.state.not_in(progress.RUN_ENDED))
+            .order_by(r.c.id)
+        ).all()
+        ended = [
+            run for run in runs if not counters or set(counters) & set(run.counter_keys.split(","))
+        ]
+        if ended:
+            conn.execute(
+                sa.update(r)
+                .where(r.c.id.in_([run.id for run in ended]))
+                .values(state=progress.RUN_CANCELLED, finished_at=progress.now())
+            )
+            conn.execute(progress.release_statement())
+    if not ended:
+        named = ", ".join(counters) if counters else "any counter"
+        click.echo(f"nothing to cancel: {named} has no unfinished run")
+        return
+    for run in ended:
+        click.echo(f"cancelled run {run.id} on {run.table_name} ({run.counter_keys})")
+    click.echo("run `alembic counterfill enqueue` to plan a fresh backfill")
 
 
 cli_backfill.register(cli)

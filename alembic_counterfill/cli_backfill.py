@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import sqlalchemy as sa
 
-from . import monitor, pacing, planning, runner
+from . import definition, monitor, pacing, planning, runner
 from . import progress as p
 from . import verify as verifying
 from .counters import Counter, select_counters
@@ -114,6 +114,7 @@ def enqueue(
         raise click.UsageError(str(exc)) from None
     declared, named = chosen_counters(settings, counters)
     engine = settings.engine()
+    _require_columns(engine, named if counters else declared)
     in_process = inline or not settings.broker_url
     planning_started = time.monotonic()
     broker = None
@@ -135,9 +136,14 @@ def enqueue(
         with engine.begin() as conn:
             chosen = named if counters else planning.choose(conn, declared, (), everything)
             if not chosen:
-                click.echo("nothing to backfill: every counter is active (use --all to recount)")
+                click.echo(
+                    "nothing to backfill: no counter is pending (name counters, e.g. unknown "
+                    "ones, or use --all to recount)"
+                )
                 return
-            plan = planning.plan(conn, chosen, batch_size or settings.batch_size, sizing)
+            plan = planning.plan(
+                conn, chosen, batch_size or settings.batch_size, sizing, declared=declared
+            )
         _describe_plan(engine, plan, batch_size)
         if broker is not None and settings.broker_url:
             _send(settings, broker, engine, plan, planning_started)
@@ -177,6 +183,17 @@ def enqueue(
     if check:
         keys = {k for run in _run_keys(engine, plan.run_ids) for k in run}
         _report_drift(settings, [c for c in declared if c.key in keys], fix=False, as_json=False)
+
+
+def _require_columns(engine: Any, counters: Sequence[Counter]) -> None:
+    """Refuse to work on counters whose column the database lacks (migration not run)."""
+    with engine.connect() as conn:
+        missing = p.missing_columns(conn, counters)
+    if missing:
+        raise CounterfillError(
+            f"{', '.join(missing)}: the column is not in the database; run "
+            "`alembic upgrade head` first (or check sqlalchemy.url)"
+        )
 
 
 def _send(
@@ -296,8 +313,20 @@ def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) ->
 
 def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_json: bool) -> None:
     """Run verify, print the drifts as a table, exit 1 on unrepaired drift."""
-
-    found = verifying.verify(settings.engine(), counters, fix=fix, batch_size=settings.batch_size)
+    engine = settings.engine()
+    _require_columns(engine, counters)
+    found = verifying.verify(engine, counters, fix=fix, batch_size=settings.batch_size)
+    # A counter found exact (or repaired) is known to be exact: one without a
+    # record (unknown) is recorded active under its current definition.
+    wrong = {d.counter for d in found if not d.fixed}
+    exact = [c for c in counters if c.key not in wrong]
+    if exact:
+        parts = {}
+        for c in exact:
+            described = definition.definition(c)
+            parts[c.key] = (definition.fingerprint_of(described), definition.encode(described))
+        with engine.begin() as conn:
+            p.record_active(conn, exact, parts)
     if as_json:
         click.echo(json.dumps([d.as_json() for d in found]))
     elif found:
@@ -325,16 +354,19 @@ def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_
 def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bool) -> None:
     """Compare cached counters with COUNT/SUM over their child tables; exit 1 on drift.
 
-    Default: every active counter (pending ones are expected to be wrong until
-    their backfill). Each drift prints as table, id, column, cached, actual.
+    Default: every active or unknown counter (pending ones are expected to be
+    wrong until their backfill). Each drift prints as table, id, column,
+    cached, actual. A counter with no record found exact (or fixed) is
+    recorded as active.
     """
     declared, named = chosen_counters(settings, counters)
     chosen = named
     if not counters:
         with settings.engine().connect() as conn:
             states = {s.counter: s.state for s in p.statuses(conn, [c.key for c in declared])}
-        chosen = [c for c in declared if states[c.key] == p.ACTIVE]
-        skipped = [c.key for c in declared if states[c.key] != p.ACTIVE]
+        ready = (p.ACTIVE, p.UNKNOWN)
+        chosen = [c for c in declared if states[c.key] in ready]
+        skipped = [c.key for c in declared if states[c.key] not in ready]
         if skipped:
             click.echo(f"skipped (not active yet): {', '.join(skipped)}", err=True)
         if not chosen:

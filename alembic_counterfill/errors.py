@@ -31,6 +31,10 @@ class DatabaseError(CounterfillError):
     """The database cannot be reached or lacks what the library needs."""
 
 
+class DefinitionMismatch(CounterfillError):
+    """A batch was planned under counter definitions other than this process's models'."""
+
+
 class DuplicateKeyError(CounterfillError):
     """A new row's key exists already: the cause of an IntegrityError raised before the INSERT.
 

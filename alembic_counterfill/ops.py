@@ -9,14 +9,20 @@ transaction, so schema migration and data backfill stay decoupled.
 
 from __future__ import annotations
 
+import logging
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import sqlalchemy as sa
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from . import progress
+
+# A child of alembic's logger: alembic.ini's default logging shows it at INFO
+# next to "Running upgrade ..." lines, where the next step should be read.
+log = logging.getLogger("alembic.counterfill")
 
 # Migration contexts (one per ``alembic upgrade --sql`` run) whose script
 # already creates the bookkeeping tables: emit the DDL once, not once per op.
@@ -33,10 +39,19 @@ class _CounterRequestOp(MigrateOperation):
 
     op_name = ""  # the op's name in migrations and diff tuples
 
-    def __init__(self, table_name: str, column_name: str, *, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        schema: str | None = None,
+        reason: Sequence[str] = (),
+    ) -> None:
         self.table_name = table_name
         self.column_name = column_name
         self.schema = schema
+        # Why autogenerate proposed the op (rendered as comments; not executed).
+        self.reason = list(reason)
 
     @property
     def key(self) -> str:
@@ -77,8 +92,19 @@ class RequestCounterBackfillOp(_CounterRequestOp):
         """
         operations.invoke(cls(table_name, column_name, schema=schema))
 
-    def reverse(self) -> CancelCounterBackfillOp:
-        """The downgrade: forget the request."""
+    def reverse(self) -> _CounterRequestOp:
+        """The downgrade: forget the request, or request again after a definition change.
+
+        A redefined counter holds values of the new definition once its
+        backfill ran: going back to the old definition needs a backfill too.
+        """
+        if self.reason:
+            return RequestCounterBackfillOp(
+                self.table_name,
+                self.column_name,
+                schema=self.schema,
+                reason=["the previous definition needs a backfill again"],
+            )
         return CancelCounterBackfillOp(self.table_name, self.column_name, schema=self.schema)
 
 
@@ -106,14 +132,26 @@ class CancelCounterBackfillOp(_CounterRequestOp):
 
     def reverse(self) -> RequestCounterBackfillOp:
         """The reverse of forgetting is asking again."""
-        return RequestCounterBackfillOp(self.table_name, self.column_name, schema=self.schema)
+        return RequestCounterBackfillOp(
+            self.table_name, self.column_name, schema=self.schema, reason=self.reason
+        )
 
 
 @Operations.implementation_for(RequestCounterBackfillOp)
 def request_counter_backfill(operations: Operations, operation: RequestCounterBackfillOp) -> None:
-    """Write the pending request, creating the bookkeeping tables first if needed."""
+    """Write the pending request, creating the bookkeeping tables first if needed.
+
+    The definition recorded is the one of the models env.py hands to alembic
+    (``target_metadata``): the code being deployed, which will backfill.
+    """
+    fingerprint, parts = _definition_of(operations, operation)
     statements = progress.request_statements(
-        operation.key, operation.table_name, operation.column_name, operation.schema
+        operation.key,
+        operation.table_name,
+        operation.column_name,
+        operation.schema,
+        fingerprint=fingerprint,
+        definition=parts,
     )
     if operations.migration_context.as_sql:
         _emit_ddl(operations)
@@ -128,14 +166,48 @@ def request_counter_backfill(operations: Operations, operation: RequestCounterBa
         progress.ensure_tables(operations.get_bind())
     for statement in statements:
         _execute(operations, statement)
+    log.info(
+        "counter %s is pending: after deploying, run `alembic counterfill enqueue` to backfill it",
+        operation.key,
+    )
 
 
 @Operations.implementation_for(CancelCounterBackfillOp)
 def cancel_counter_backfill(operations: Operations, operation: CancelCounterBackfillOp) -> None:
-    """Delete the counter's recorded row (nothing to do when no request was ever recorded)."""
+    """Delete the counter's recorded row and end its unfinished run (nothing if none recorded)."""
     if not operations.migration_context.as_sql and not progress.has_tables(operations.get_bind()):
         return
-    _execute(operations, progress.unrequest_statement(operation.key))
+    for statement in progress.unrequest_statements(operation.key):
+        _execute(operations, statement)
+
+
+def _definition_of(
+    operations: Operations, operation: _CounterRequestOp
+) -> tuple[str | None, str | None]:
+    """(fingerprint, definition JSON) of the counter in env.py's models; Nones if not declared."""
+    target = operations.migration_context.opts.get("target_metadata")
+    metadatas = target if isinstance(target, list | tuple) else [target]
+    from sqlalchemy.orm import configure_mappers
+
+    from . import definition
+    from .declaration import spec_of
+
+    for metadata in metadatas:
+        if not isinstance(metadata, sa.MetaData):
+            continue
+        for table in metadata.tables.values():
+            if table.name != operation.table_name:
+                continue
+            column = table.columns.get(operation.column_name)
+            spec = spec_of(column) if column is not None else None
+            if spec is None:
+                continue
+            configure_mappers()
+            if spec.resolved is None:
+                continue
+            parts = definition.definition(spec.resolved)
+            return definition.fingerprint_of(parts), definition.encode(parts)
+    return None, None
 
 
 def _emit_ddl(operations: Operations) -> None:
@@ -158,6 +230,10 @@ def _execute(operations: Operations, statement: Any) -> None:
         operations.execute(statement)
         return
     # Offline scripts must be plain SQL whether or not env.py passed literal_binds=True:
-    # render the values inline here; escaping ":" keeps text() from seeing bind names.
-    sql = str(statement.compile(dialect=context.dialect, compile_kwargs={"literal_binds": True}))
-    operations.execute(sa.text(sql.replace(":", "\\:")))
+    # render the values inline here, on the named paramstyle, and write the text as
+    # alembic writes its own statements. (Going through text() and op.execute()
+    # would double every "%" in a value on "format" dialects such as PostgreSQL's.)
+    dialect = cast(Any, type(context.dialect))(paramstyle="named")
+    sql = str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    impl = context.impl
+    impl.static_output(sql.replace("\t", "    ").strip() + impl.command_terminator)

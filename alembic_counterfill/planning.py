@@ -7,6 +7,8 @@ at any point leaves either nothing or a complete plan that ``enqueue`` resumes.
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import json
 import uuid
 from collections.abc import Iterator, Sequence
@@ -16,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import innodb
+from . import definition, innodb
 from . import progress as p
 from .counters import Counter, select_counters
 from .errors import CounterfillError
@@ -30,13 +32,52 @@ _PLANNING_LOCK = 0x636F756E74657266
 _PLANNING_LOCK_NAME = "counterfill.planning"
 
 
+#: Python types of primary keys that planning can cut into ranges: ordered by
+#: the database, and stored as JSON text that decodes to an equal value.
+KEY_TYPES: tuple[type, ...] = (
+    int,
+    str,
+    float,
+    decimal.Decimal,
+    dt.datetime,
+    dt.date,
+    dt.time,
+    uuid.UUID,
+)
+
+
+def key_type(column: sa.Column[Any]) -> type | None:
+    """The Python type of ``column``'s values if planning supports it as a key, else None."""
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return None
+    if kind is bool:
+        return None
+    return kind if any(issubclass(kind, t) for t in KEY_TYPES) else None
+
+
+def check_key(counter: Counter) -> None:
+    """Refuse a counter whose parent key cannot be cut into ranges, naming the fix."""
+    pk = counter.parent_pk
+    if key_type(pk) is None:
+        raise CounterfillError(
+            f"cannot backfill {counter.key}: primary key {pk.table.name}.{pk.name} has type "
+            f"{pk.type}, which cannot be cut into key ranges; give {pk.table.name} an integer, "
+            "string, decimal, date/time or UUID primary key (or fill the counter with "
+            "`verify --fix`)"
+        )
+
+
 def encode_key(value: Any) -> str | None:
     """Store a primary-key bound as JSON text (``None`` = open end)."""
     if value is None:
         return None
     if isinstance(value, bool | int | float | str):
         return json.dumps(value)
-    return json.dumps(str(value))  # UUID, Decimal, dates: their text form round-trips
+    if isinstance(value, dt.date | dt.time):  # datetime is a date
+        return json.dumps(value.isoformat())
+    return json.dumps(str(value))  # UUID, Decimal: their text form round-trips
 
 
 def decode_key(column: sa.Column[Any], text: str | None) -> Any:
@@ -44,15 +85,18 @@ def decode_key(column: sa.Column[Any], text: str | None) -> Any:
     if text is None:
         return None
     value = json.loads(text)
-    try:
-        kind = column.type.python_type
-    except NotImplementedError:
-        return value
-    if isinstance(value, kind):
+    kind = key_type(column)
+    if kind is None or isinstance(value, kind) and not isinstance(value, bool):
         return value
     if kind is uuid.UUID:
         return uuid.UUID(value)
-    return kind(value)
+    if issubclass(kind, dt.datetime):
+        return dt.datetime.fromisoformat(value)
+    if issubclass(kind, dt.date):
+        return dt.date.fromisoformat(value)
+    if issubclass(kind, dt.time):
+        return dt.time.fromisoformat(value)
+    return kind(value)  # type: ignore[call-arg]  # int, str, float, Decimal
 
 
 def key_text(value: Any, *, upper: bool = False) -> str:
@@ -150,27 +194,36 @@ def plan(
     chosen: Sequence[Counter],
     batch_size: int,
     sizing: Sizing | None = None,
+    *,
+    declared: Sequence[Counter] | None = None,
 ) -> BackfillPlan:
     """Record runs and batches for ``chosen`` in the caller's transaction; resume unfinished runs.
 
     A counter whose recorded run is not done resumes that run (failed batches
     are reset, done batches stay done); the others get one new run per parent
-    table covering all of them, so a table is recounted in one pass.
+    table covering all of them, so a table is recounted in one pass. A run
+    that can no longer finish as planned (one of its counters is no longer
+    declared, or is defined differently from when it was planned) is
+    ``superseded``: its still-declared counters join the new runs.
 
     :param batch_size: parents per planned range (a batch); with an adaptive
         size, the upper bound of one transaction.
     :param sizing: pinned or adaptive size, and the rate limit; a resumed run
         takes a pinned size and the rate limit from it (its ranges stay as planned).
+    :param declared: every counter the models declare, to tell removed
+        counters from counters merely not chosen; without it, only a changed
+        definition supersedes a run.
     """
     sizing = sizing or Sizing()
     if batch_size < 1:
         raise CounterfillError(f"batch size must be at least 1, got {batch_size}")
+    for counter in chosen:
+        check_key(counter)
     p.ensure_tables(connection)
-    if connection.dialect.name == "postgresql":
-        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
-    elif innodb.is_innodb(connection.dialect):
-        database = connection.execute(sa.select(sa.func.database())).scalar()
-        innodb.hold_named_lock(connection, f"{_PLANNING_LOCK_NAME}.{database}"[:64])
+    _lock_planning(connection)
+    known = {c.key: c for c in (declared if declared is not None else chosen)}
+    known.update((c.key, c) for c in chosen)
+    current = definition.fingerprints(known)
     recorded = p.counter_rows(connection)
     run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
     runs = {
@@ -181,22 +234,36 @@ def plan(
     }
     result = BackfillPlan(counter_keys=sorted(c.key for c in chosen))
     fresh: dict[sa.Table, list[Counter]] = {}
-    for counter in chosen:
+    todo = list(chosen)
+    superseded: set[int] = set()
+    while todo:
+        counter = todo.pop(0)
+        if any(counter in group for group in fresh.values()):
+            continue
         row = recorded.get(counter.key)
         run = runs.get(row["run_id"]) if row is not None else None
         if (
             run is not None
-            and run["state"] != p.RUN_DONE
+            and run["state"] not in p.RUN_ENDED
             and counter.key in run["counter_keys"].split(",")
+            and run["id"] not in superseded
         ):
-            if run["id"] not in result.resumed_run_ids:
-                result.resumed_run_ids.append(run["id"])
-        else:
-            fresh.setdefault(counter.parent_table, []).append(counter)
+            if _still_valid(run, current, complete=declared is not None):
+                if run["id"] not in result.resumed_run_ids:
+                    result.resumed_run_ids.append(run["id"])
+                continue
+            superseded.add(run["id"])
+            # Its other declared counters were requested too: plan them anew.
+            todo.extend(known[k] for k in run["counter_keys"].split(",") if k in known)
+        fresh.setdefault(counter.parent_table, []).append(counter)
+    for run_id in sorted(superseded):
+        _supersede(connection, run_id)
     for run_id in result.resumed_run_ids:
         _resume(connection, run_id, sizing, batch_size)
     for group in fresh.values():
-        result.new_run_ids.append(_new_run(connection, group, batch_size, recorded, sizing))
+        result.new_run_ids.append(
+            _new_run(connection, group, batch_size, recorded, sizing, current)
+        )
     result.run_ids = result.resumed_run_ids + result.new_run_ids
     b = p.batches_table
     result.batch_ids = list(
@@ -207,6 +274,50 @@ def plan(
         ).scalars()
     )
     return result
+
+
+def _lock_planning(connection: Connection) -> None:
+    """Serialise planners, so two concurrent ``enqueue`` plan one run between them.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: a write that
+    changes nothing, which takes the database's write lock before anything is
+    read (pysqlite starts the transaction only at the first write, so reads
+    before it would see a state another planner is about to change).
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PLANNING_LOCK)))
+    elif innodb.is_innodb(connection.dialect):
+        database = connection.execute(sa.select(sa.func.database())).scalar()
+        innodb.hold_named_lock(connection, f"{_PLANNING_LOCK_NAME}.{database}"[:64])
+    elif connection.dialect.name == "sqlite":
+        r = p.runs_table
+        connection.execute(sa.update(r).where(sa.false()).values(state=r.c.state))
+
+
+def _still_valid(run: Any, current: dict[str, str], *, complete: bool) -> bool:
+    """Whether every counter of ``run`` is declared, with the definition it was planned under.
+
+    :param complete: ``current`` lists every declared counter, so a key
+        missing from it was removed (else it may merely not be known here).
+    """
+    planned = p.run_fingerprints(run)
+    for key in run["counter_keys"].split(","):
+        if key not in current:
+            if complete:
+                return False
+            continue
+        if planned and planned.get(key) != current[key]:
+            return False
+    return True
+
+
+def _supersede(connection: Connection, run_id: int) -> None:
+    """End ``run_id`` unfinished: its batches are skipped if still delivered."""
+    r = p.runs_table
+    connection.execute(
+        sa.update(r).where(r.c.id == run_id).values(state=p.RUN_SUPERSEDED, finished_at=p.now())
+    )
+    connection.execute(p.release_statement())
 
 
 def _resume(connection: Connection, run_id: int, sizing: Sizing, batch_size: int) -> None:
@@ -248,6 +359,7 @@ def _new_run(
     batch_size: int,
     recorded: dict[str, Any],
     sizing: Sizing,
+    current: dict[str, str],
 ) -> int:
     group = sorted(group, key=lambda c: c.key)
     table, pk = group[0].parent_table, group[0].parent_pk
@@ -262,6 +374,7 @@ def _new_run(
             batch_size=batch_size,
             state=p.RUN_RUNNING,
             created_at=now,
+            fingerprints=json.dumps({c.key: current[c.key] for c in group}, sort_keys=True),
             pinned=sizing.pinned,
             chunk_size=batch_size if sizing.pinned else min(sizing.start, batch_size),
             max_rows_per_second=sizing.max_rows_per_second,
@@ -303,15 +416,15 @@ def _new_run(
         if counter.key in recorded:
             connection.execute(sa.update(c).where(c.c.key == counter.key).values(values))
         else:
-            # No row means the counter was created with its table and is
-            # exact already: remember it as active for the read helper.
+            # No row: the counter's state is unknown (its column may never
+            # have been filled), so the read helper counts live until the
+            # run completes.
             connection.execute(
                 sa.insert(c).values(
                     key=counter.key,
                     table_name=table.name,
                     column_name=counter.name,
                     schema_name=table.schema,
-                    activated_at=now,
                     **values,
                 )
             )

@@ -7,11 +7,14 @@ row says so, and ``enqueue`` re-sends whatever is not.
 from __future__ import annotations
 
 import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 #: MetaData of the library's own tables; never part of the user's models.
 bookkeeping = sa.MetaData()
@@ -19,8 +22,16 @@ bookkeeping = sa.MetaData()
 #: Counter states, in lifecycle order.
 PENDING, BACKFILLING, ACTIVE, FAILED = "pending", "backfilling", "active", "failed"
 
+#: A declared counter with no record: never requested, backfilled or verified.
+UNKNOWN = "unknown"
+
 #: Run states: batches outstanding, all done, or all finished with some failed.
 RUN_RUNNING, RUN_DONE, RUN_FAILED = "running", "done", "failed"
+
+#: Run states of runs that ended unfinished: by ``cancel``, or replaced by a new
+#: run because a counter of theirs was removed or redefined.
+RUN_CANCELLED, RUN_SUPERSEDED = "cancelled", "superseded"
+RUN_ENDED = (RUN_DONE, RUN_CANCELLED, RUN_SUPERSEDED)
 
 #: Batch states: planned, handed to the broker, applied, out of retries.
 BATCH_PENDING, BATCH_SENT, BATCH_DONE, BATCH_FAILED = "pending", "sent", "done", "failed"
@@ -53,6 +64,10 @@ counters_table = sa.Table(
     # that was active keeps it set, so the read helper can keep trusting the
     # live-maintained cache while the recount runs.
     sa.Column("activated_at", sa.DateTime(timezone=True), nullable=True),
+    # The definition (see definition.py) the column's values follow: recorded
+    # when a backfill is requested and when one completes.
+    sa.Column("fingerprint", sa.String(64), nullable=True),
+    sa.Column("definition", sa.Text, nullable=True),  # JSON: the parts, to say what changed
 )
 
 runs_table = sa.Table(
@@ -71,6 +86,9 @@ runs_table = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     # Set when `enqueue` resumes the run: rate and ETA count from there.
     sa.Column("resumed_at", sa.DateTime(timezone=True), nullable=True),
+    # JSON {counter key: fingerprint} of the models that planned the run: a
+    # worker whose models differ refuses its batches.
+    sa.Column("fingerprints", sa.Text, nullable=True),
     # Adaptive batches (added in 0.2; `ensure_tables` adds them to older
     # installs): the size the next batch transaction is cut with, whether an
     # explicit --batch-size pinned it, and the controller's time estimate.
@@ -112,6 +130,8 @@ batches_table = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("rows_changed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
+    # Deliveries refused by workers whose models define the counters differently.
+    sa.Column("refusals", sa.Integer, nullable=False, server_default="0"),
     # Where the next transaction of this range starts (JSON key; NULL = at lo).
     sa.Column("cursor", sa.Text, nullable=True),
 )
@@ -133,6 +153,11 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+# Serialises creation of the bookkeeping tables on PostgreSQL, where two
+# concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog.
+_DDL_LOCK = 0x636F756E74646466
+
+
 def ensure_tables(connection: Connection) -> None:
     """Create the bookkeeping tables if they are missing, and add columns newer versions need.
 
@@ -140,7 +165,19 @@ def ensure_tables(connection: Connection) -> None:
     an older version are brought up to date in place by the next ``enqueue``,
     ``pause``/``resume`` or worker start.
     """
-    bookkeeping.create_all(connection, checkfirst=True)
+    # CREATE ... IF NOT EXISTS, serialised on PostgreSQL by a transaction-scoped
+    # advisory lock: several processes creating them at once do not collide
+    # (two concurrent IF NOT EXISTS can still clash on PostgreSQL's catalog).
+    inspector = sa.inspect(connection)
+    if not all(inspector.has_table(t.name) for t in bookkeeping.sorted_tables):
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK)))
+        for table in bookkeeping.sorted_tables:
+            connection.execute(CreateTable(table, if_not_exists=True))
+            if connection.dialect.name in ("mysql", "mariadb"):
+                continue  # MySQL 8 has no CREATE INDEX IF NOT EXISTS; InnoDB indexes FKs
+            for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+                connection.execute(CreateIndex(index, if_not_exists=True))
     add_missing_columns(connection)
 
 
@@ -165,9 +202,22 @@ def has_tables(connection: Connection) -> bool:
     return sa.inspect(connection).has_table(counters_table.name)
 
 
-def request_statements(key: str, table: str, column: str, schema: str | None) -> list[Any]:
-    """Statements recording ``key`` as pending (delete + insert: portable, renders offline)."""
+def request_statements(
+    key: str,
+    table: str,
+    column: str,
+    schema: str | None,
+    *,
+    fingerprint: str | None = None,
+    definition: str | None = None,
+) -> list[Any]:
+    """Statements recording ``key`` as pending (delete + insert: portable, renders offline).
+
+    An unfinished run of the counter is ended first (``superseded``): it was
+    planned for what the column meant before this request.
+    """
     return [
+        *end_runs_statements(key, RUN_SUPERSEDED),
         sa.delete(counters_table).where(counters_table.c.key == key),
         sa.insert(counters_table).values(
             key=key,
@@ -177,13 +227,50 @@ def request_statements(key: str, table: str, column: str, schema: str | None) ->
             state=PENDING,
             requested_at=now(),
             updated_at=now(),
+            fingerprint=fingerprint,
+            definition=definition,
         ),
     ]
 
 
-def unrequest_statement(key: str) -> Any:
-    """Statement removing the request (and any state) recorded for ``key``."""
-    return sa.delete(counters_table).where(counters_table.c.key == key)
+def end_runs_statements(key: str, state: str) -> list[Any]:
+    """Statements ending the unfinished run of counter ``key``, in SQL only (renders offline).
+
+    The counters of that run go back to ``active`` if they were exact before
+    the run (a recount), else to ``pending``; ``enqueue`` plans anew.
+    """
+    r, c = runs_table, counters_table
+    its_run = sa.select(c.c.run_id).where(c.c.key == key).scalar_subquery()
+    return [
+        sa.update(r)
+        .where(r.c.id == its_run, r.c.state.not_in(RUN_ENDED))
+        .values(state=state, finished_at=sa.func.now()),
+        release_statement(),
+    ]
+
+
+def release_statement() -> Any:
+    """Detach counters from runs that ended unfinished (``active`` if exact before, else pending).
+
+    A counter attached to a cancelled or superseded run is never a valid
+    state, so this touches only counters that need it, whichever run ended.
+    """
+    r, c = runs_table, counters_table
+    ended = sa.select(r.c.id).where(r.c.state.in_([RUN_CANCELLED, RUN_SUPERSEDED]))
+    back = sa.case((c.c.activated_at.is_not(None), ACTIVE), else_=PENDING)
+    return (
+        sa.update(c)
+        .where(c.c.run_id.in_(ended))
+        .values(state=back, run_id=None, updated_at=sa.func.now())
+    )
+
+
+def unrequest_statements(key: str) -> list[Any]:
+    """Statements removing the request (and any state) recorded for ``key``, ending its run."""
+    return [
+        *end_runs_statements(key, RUN_CANCELLED),
+        sa.delete(counters_table).where(counters_table.c.key == key),
+    ]
 
 
 #: Seconds after which a throttle reason is no longer shown as current.
@@ -206,6 +293,12 @@ class CounterStatus:
     rate: float | None = None  # parents per second over the recent window
     eta_seconds: float | None = None
     last_error: str | None = None
+    # The running code defines the counter differently from the recorded definition.
+    definition_changed: bool = False
+    # Batches refused by workers whose models define the counters differently.
+    batches_waiting: int = 0
+    # What to do next, when the state needs an action (unknown, changed, missing column).
+    hint: str | None = None
     #: Adaptive size of the next batch transaction (parents), and whether --batch-size pinned it.
     batch_size: int | None = None
     pinned: bool = False
@@ -267,16 +360,23 @@ def _window_rate(run: Any, at: dt.datetime) -> float | None:
     return parents / elapsed if parents and elapsed > 0 else None
 
 
-def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
+def statuses(
+    connection: Connection, keys: list[str], fingerprints: Mapping[str, str] | None = None
+) -> list[CounterStatus]:
     """Status of each declared counter key, in the given order.
 
-    A counter with no recorded row was never requested: it is ``active``
-    (maintained live since it was declared, e.g. created with its table).
+    A counter with no recorded row is ``unknown``: nothing says its column
+    was ever filled (created with its table, or added by a migration that
+    did not request a backfill). ``verify`` or ``enqueue`` records it.
+
+    :param fingerprints: the running code's definition of each counter, to
+        flag ``definition_changed`` against the recorded one.
     """
     recorded = counter_rows(connection)
     run_ids = {r["run_id"] for r in recorded.values() if r["run_id"] is not None}
     runs: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    waiting: dict[int, int] = {}
     retrying: dict[int, int] = {}
     if run_ids:
         for run_row in connection.execute(
@@ -299,16 +399,45 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
         ):
             retrying[run_id] = count
             errors.setdefault(run_id, error)
+    if run_ids:
+        b = batches_table
+        for run_id, count in connection.execute(
+            sa.select(b.c.run_id, sa.func.count())
+            .where(b.c.run_id.in_(run_ids), b.c.state != BATCH_DONE, b.c.refusals > 0)
+            .group_by(b.c.run_id)
+        ):
+            waiting[run_id] = count
     workers = alive_workers(connection) if run_ids else 0
     at = now()
     out = []
     for key in keys:
         row = recorded.get(key)
         if row is None:
-            out.append(CounterStatus(counter=key, state=ACTIVE))
+            out.append(
+                CounterStatus(
+                    counter=key,
+                    state=UNKNOWN,
+                    hint="no backfill was requested or verified: run `alembic counterfill "
+                    f"verify {key}` (or `enqueue {key}`); check that env.py enables the "
+                    "alembic_counterfill autogenerate plugin in both configure() calls",
+                )
+            )
             continue
         st = CounterStatus(counter=key, state=row["state"])
         run = runs.get(row["run_id"]) if row["run_id"] is not None else None
+        current = fingerprints.get(key) if fingerprints is not None else None
+        run_fp = run_fingerprints(run).get(key) if run is not None else None
+        # What the column is (being) filled with: the running backfill's
+        # definition, else the recorded one.
+        running = run is not None and run["state"] == RUN_RUNNING
+        meant = run_fp if running and run_fp is not None else row["fingerprint"]
+        if current is not None and meant is not None and meant != current:
+            st.definition_changed = True
+            st.hint = (
+                "definition changed since last backfill: generate the migration "
+                "(alembic revision --autogenerate) and upgrade, then run "
+                f"`alembic counterfill enqueue {key}`"
+            )
         if run is not None:
             _describe_run(st, run, at)
             st.last_error = errors.get(run["id"])
@@ -316,8 +445,84 @@ def statuses(connection: Connection, keys: list[str]) -> list[CounterStatus]:
             st.workers_alive = workers
             if st.state in (BACKFILLING, PAUSED):
                 st.activity = _activity(st, run, at)
+            st.batches_waiting = waiting.get(run["id"], 0)
+            if st.batches_waiting and st.hint is None:
+                st.hint = (
+                    f"{st.batches_waiting} batches refused by workers running another "
+                    "definition of this run's counters: deploy the current models to the workers"
+                )
         out.append(st)
     return out
+
+
+def run_fingerprints(run: Any) -> dict[str, str]:
+    """The ``{counter key: fingerprint}`` a run was planned under (empty if unrecorded)."""
+    text = run["fingerprints"]
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def missing_columns(connection: Connection, counters: Sequence[Any]) -> list[str]:
+    """Keys of ``counters`` whose column is not in the database (its migration has not run)."""
+    inspector = sa.inspect(connection)
+    columns: dict[tuple[str | None, str], set[str]] = {}
+    missing = []
+    for counter in counters:
+        table = counter.parent_table
+        where = (table.schema, table.name)
+        if where not in columns:
+            found = inspector.has_table(table.name, schema=table.schema)
+            columns[where] = (
+                {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
+                if found
+                else set()
+            )
+        if counter.name not in columns[where]:
+            missing.append(counter.key)
+    return missing
+
+
+def record_active(
+    connection: Connection, counters: Sequence[Any], parts: Mapping[str, Any]
+) -> None:
+    """Record verified-exact counters that had no record (or no definition) as ``active``.
+
+    :param counters: counters found exact (or repaired) by ``verify``.
+    :param parts: ``{key: (fingerprint, definition JSON)}`` of their current definitions.
+    """
+    ensure_tables(connection)
+    c = counters_table
+    recorded = counter_rows(connection)
+    stamp = now()
+    for counter in counters:
+        fingerprint, text = parts[counter.key]
+        row = recorded.get(counter.key)
+        if row is None:
+            table = counter.parent_table
+            connection.execute(
+                sa.insert(c).values(
+                    key=counter.key,
+                    table_name=table.name,
+                    column_name=counter.name,
+                    schema_name=table.schema,
+                    state=ACTIVE,
+                    updated_at=stamp,
+                    activated_at=stamp,
+                    fingerprint=fingerprint,
+                    definition=text,
+                )
+            )
+        elif row["state"] == ACTIVE and row["fingerprint"] is None:
+            connection.execute(
+                sa.update(c)
+                .where(c.c.key == counter.key)
+                .values(fingerprint=fingerprint, definition=text, updated_at=stamp)
+            )
 
 
 def _describe_run(st: CounterStatus, run: Any, at: dt.datetime) -> None:

@@ -7,12 +7,14 @@ as the migration adding it::
 
     followers = counter_value(session, user, "followers_count")
 
-Until the counter's first backfill completes (``pending``, ``backfilling``,
-``failed``) the value is computed from the child table; from then on it is
-the cached column. A recount of a counter that was already active
-(``enqueue --all``) keeps reading the cache, which live maintenance keeps
-exact throughout. The state is looked up at most every few seconds per
-database and counter.
+Until the counter's first backfill completes (``unknown``, ``pending``,
+``backfilling``, ``failed``) the value is computed from the child table; from
+then on it is the cached column. A counter whose definition changed is
+``pending`` again and read live until its new backfill completes (also when
+the recorded definition differs from the running code's). A recount of a
+counter that was already active (``enqueue --all``) keeps reading the
+cache, which live maintenance keeps exact throughout. The state is looked up
+at most every few seconds per database and counter.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ColumnProperty, Mapper, Session
 
-from . import buffer, sql
+from . import buffer, definition, sql
 from . import progress as p
 from .counters import Counter
 from .declaration import spec_of
@@ -57,12 +59,22 @@ def counter_of(mapper: Mapper[Any], attr: str) -> Counter:
     return spec.resolved
 
 
-def _lookup(conn: Connection, key: str) -> bool:
+def _lookup(conn: Connection, counter: Counter) -> bool:
+    # No record means unknown: the column may never have been filled (e.g. the
+    # autogenerate plugin was not enabled), so count live until verify or a
+    # backfill records the counter. A recorded definition other than this
+    # code's means the column follows another meaning: count live too.
     if not p.has_tables(conn):
-        return True  # nothing was ever requested: every counter is live-maintained
+        return False
     c = p.counters_table
-    row = conn.execute(sa.select(c.c.state, c.c.activated_at).where(c.c.key == key)).first()
-    return row is None or row.state == p.ACTIVE or row.activated_at is not None
+    row = conn.execute(
+        sa.select(c.c.state, c.c.activated_at, c.c.fingerprint).where(c.c.key == counter.key)
+    ).first()
+    if row is None:
+        return False
+    if row.fingerprint is not None and row.fingerprint != definition.fingerprint(counter):
+        return False
+    return row.state == p.ACTIVE or row.activated_at is not None
 
 
 def is_trusted(session: Session, counter: Counter) -> bool:
@@ -77,9 +89,9 @@ def is_trusted(session: Session, counter: Counter) -> bool:
     if isinstance(bind, sa.Engine):
         # A connection of its own: a lookup must never disturb the session's transaction.
         with bind.connect() as conn:
-            trusted = _lookup(conn, counter.key)
+            trusted = _lookup(conn, counter)
     else:
-        trusted = _lookup(bind, counter.key)
+        trusted = _lookup(bind, counter)
     with _cache_lock:
         _cache[cache_key] = (now + CACHE_SECONDS, trusted)
     return trusted

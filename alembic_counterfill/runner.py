@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import sqlalchemy as sa
 
-from .batch import BatchOutcome, describe, mark_failed, note_retry, run_batch
+from .batch import BatchOutcome, describe, mark_failed, mark_refused, note_retry, run_batch
 from .counters import Counter
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DefinitionMismatch
 from .pacing import Pacing
 from .signals import Throttle
 
@@ -69,6 +69,10 @@ def _run_one(
     for attempt in range(1, attempts + 1):
         try:
             return run_batch(engine, counters, batch_id, pacing=pacing, throttle=throttle)
+        except DefinitionMismatch as exc:
+            # Planned by other models: leave it (not failed) for a process running them.
+            mark_refused(engine, batch_id, describe(exc))
+            return None
         except ConfigurationError as exc:  # retrying cannot help
             mark_failed(engine, batch_id, describe(exc))
             return None

@@ -176,6 +176,7 @@ class Project:
     broker_url: str | None = None
     queue: str = field(default_factory=lambda: f"cf_{uuid.uuid4().hex[:10]}")
     batch_size: int = 50
+    metadata: str = "backfill_models:Base"
 
     def __post_init__(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ class Project:
             f"sqlalchemy.url = {self.database_url.replace('%', '%%')}",
             "",
             "[counterfill]",
-            "metadata = backfill_models:Base",
+            f"metadata = {self.metadata}",
             f"queue = {self.queue}",
             f"batch_size = {self.batch_size}",
         ]

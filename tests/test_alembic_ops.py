@@ -117,7 +117,7 @@ def test_offline_renders_ddl_once_and_literal_statements(dialect: str) -> None:
     now = "now()" if dialect == "postgresql" else "CURRENT_TIMESTAMP"
     assert (
         "VALUES ('users.followers_count', 'users', 'followers_count', NULL, 'pending', "
-        f"{now}, {now});"
+        f"{now}, {now}, NULL, NULL);"
     ) in sql
     deletes = [line for line in sql.splitlines() if line.startswith("DELETE")]
     assert [line.rsplit("= ", 1)[1] for line in deletes] == [
@@ -138,7 +138,7 @@ def test_offline_mysql_script_is_plain_mysql() -> None:
     assert "`key` VARCHAR(255) NOT NULL" in sql and "AUTO_INCREMENT" in sql
     assert (
         "VALUES ('users.followers_count', 'users', 'followers_count', NULL, 'pending', "
-        "now(), now());"
+        "now(), now(), NULL, NULL);"
     ) in sql
     assert (
         "DELETE FROM counterfill_counters "
@@ -227,3 +227,15 @@ def test_compare_removes_every_op_on_bookkeeping_tables() -> None:
     )
     autogen.compare(None, upgrade, {None})
     assert upgrade.ops == [kept]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_offline_request_records_the_definition_with_percent_signs_intact(dialect: str) -> None:
+    import definition_models
+
+    op, buffer = _offline(dialect, target_metadata=definition_models.Base.metadata)
+    op.request_counter_backfill("boards", "drafts_count")
+    sql = buffer.getvalue()
+    assert "'e4dc553d60b1c1dd'" in sql  # the fingerprint of the models' definition
+    # One "%" per "%" of the LIKE pattern: no paramstyle doubling in a plain SQL script.
+    assert "NOT LIKE ''%''''draft''''%''" in sql

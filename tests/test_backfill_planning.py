@@ -174,7 +174,7 @@ def test_choose_pending_all_or_named(engine: sa.Engine) -> None:
     seed(engine, users=10)
     counters = list(counters_by_key().values())
     with engine.begin() as conn:
-        for stmt in [progress.unrequest_statement("users.likes_total")]:
+        for stmt in progress.unrequest_statements("users.likes_total"):
             conn.execute(stmt)  # never requested again: active
         pending = planning.choose(conn, counters, (), False)
         everything = planning.choose(conn, counters, (), True)

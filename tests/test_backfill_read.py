@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from backfill_project import USER_COUNTERS, counters_by_key, seed
 from sqlalchemy.orm import Session
 
-from alembic_counterfill import planning, read
+from alembic_counterfill import definition, planning, progress, read
 from alembic_counterfill.errors import UnknownCounterError
 from alembic_counterfill.runner import run_inline
 
@@ -76,15 +76,28 @@ def test_a_recount_of_an_active_counter_keeps_reading_the_cache(engine: sa.Engin
         assert read.counter_value(session, user, "followers_count") == 4242
 
 
-def test_counters_never_requested_are_read_from_the_cache(engine: sa.Engine) -> None:
-    m.Base.metadata.create_all(engine)  # no bookkeeping tables at all
+def test_unknown_counters_are_counted_live_until_recorded(engine: sa.Engine) -> None:
+    m.Base.metadata.create_all(engine)  # no bookkeeping tables at all: every counter unknown
     with Session(engine) as session:
         session.add(m.User(id=1))
         session.commit()
+        # A column never filled (e.g. the autogenerate plugin was missing): 5 is wrong.
+        session.execute(sa.update(m.User).values(followers_count=5))
         # Counters are read-only to the ORM: a Core UPDATE sets one deliberately.
         session.execute(sa.update(m.User.__table__).values(followers_count=5))
         session.commit()
         user = session.get(m.User, 1)
+        assert read.counter_value(session, user, "followers_count") == 0
+        # Recorded active (what a clean `verify` does): the cache is trusted.
+        counter = read.counter_of(sa.inspect(m.User), "followers_count")
+        parts = definition.definition(counter)
+        with engine.begin() as conn:
+            progress.record_active(
+                conn,
+                [counter],
+                {counter.key: (definition.fingerprint_of(parts), definition.encode(parts))},
+            )
+        read.clear_cache()
         assert read.counter_value(session, user, "followers_count") == 5
 
 

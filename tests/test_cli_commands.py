@@ -97,10 +97,13 @@ def test_console_script_offers_alembics_global_options(project: Project) -> None
 def test_list_shows_every_declared_counter_and_what_it_counts(project: Project, engine) -> None:
     result = project.alembic("counterfill", "list")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    table, _, hints = result.stdout.partition("\n\n")
+    lines = table.splitlines()
     assert lines[0].split() == ["COUNTER", "STATE", "COUNTS"]
     assert [line.split()[0] for line in lines[1:]] == KEYS
-    assert "forums.topics_count    active   COUNT(topics) BY topics.forum_id" in lines[1]
+    # Created with its table, never requested nor verified: unknown, with the fix.
+    assert "forums.topics_count    unknown  COUNT(topics) BY topics.forum_id" in lines[1]
+    assert "forums.topics_count: no backfill was requested or verified" in hints
 
 
 def test_list_json_through_the_console_script(project: Project, engine) -> None:
@@ -118,7 +121,7 @@ def test_status_json_has_the_documented_fields(project: Project, engine) -> None
     for item in data:
         assert {"counter", "state", "batches_done", "batches_total"} <= set(item)
     assert _states(project.alembic("counterfill", "status", "--json")) == {
-        "forums.topics_count": "active",
+        "forums.topics_count": "unknown",
         "users.followers_count": "pending",
         "users.likes_total": "pending",
         "users.posts_count": "pending",
@@ -182,7 +185,7 @@ def test_watch_refreshes_until_every_counter_is_active_or_failed(
     ) as proc:
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())
-        assert {d["state"] for d in first} == {"active", "pending"}
+        assert {d["state"] for d in first} == {"unknown", "pending"}
         time.sleep(0.3)
         assert proc.poll() is None  # still watching: some counters are pending
         with engine.begin() as conn:
@@ -196,7 +199,7 @@ def test_watch_refreshes_until_every_counter_is_active_or_failed(
         assert proc.wait(timeout=30) == 0
     last = json.loads(rest.strip().splitlines()[-1])
     assert {d["counter"]: d["state"] for d in last}["users.likes_total"] == "failed"
-    assert {d["state"] for d in last} == {"active", "failed"}
+    assert {d["state"] for d in last} == {"active", "failed", "unknown"}
 
 
 def test_watch_stops_at_once_when_nothing_is_pending(project: Project, engine) -> None:

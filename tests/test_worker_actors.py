@@ -106,19 +106,3 @@ def test_a_batch_out_of_retries_is_marked_failed_with_its_error(
     with pg.connect() as conn:
         assert {r["state"] for r in progress.counter_rows(conn).values()} == {progress.FAILED}
     assert [(uid, col) for uid, col, *_ in drift(pg) if not 51 <= uid < 101] == []
-
-
-def test_a_batch_whose_counter_is_no_longer_declared_fails_without_retries(
-    server_url: str, pg: sa.Engine
-) -> None:
-    seed(pg, users=40)
-    plan = _plan(pg)
-    with pg.begin() as conn:
-        conn.execute(sa.update(progress.runs_table).values(counter_keys="users.gone_count"))
-    broker = StubBroker()
-    settings = _settings(server_url)
-    actors = declare_actors(broker, settings, max_retries=5, min_backoff=10_000)
-    actors.send(plan.batch_ids[:1])
-    _work(broker, settings.queue)  # would wait 10 s if it were retried
-    (failed,) = [b for b in batch_rows(pg) if b["state"] == progress.FAILED]
-    assert "users.gone_count" in failed["error"] and "no longer declare" in failed["error"]

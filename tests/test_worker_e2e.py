@@ -84,7 +84,12 @@ def test_live_orm_writes_during_backfill_leave_no_drift_and_no_deadlock(
     assert all(b["attempts"] == 1 for b in batches)  # no batch retried (no deadlock there)
     assert "deadlock" not in worker.log.lower()
     status = json.loads(project.cli("status", "--json").output)
-    assert {s["state"] for s in status} == {progress.ACTIVE}
+    by_key = {s["counter"]: s["state"] for s in status}
+    # orgs.members_count was never requested nor backfilled here: unknown, not active.
+    assert by_key == {
+        **dict.fromkeys(USER_COUNTERS, progress.ACTIVE),
+        "orgs.members_count": "unknown",
+    }
     users_status = [s for s in status if s["counter"] in USER_COUNTERS]
     assert all(s["batches_done"] == s["batches_total"] == 150 for s in users_status)
 
@@ -256,3 +261,36 @@ def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, server_url: str, pg: sa
         for name in (project.queue, f"{project.queue}.DQ", f"{project.queue}.XQ"):
             channel.queue_delete(name)
         connection.close()
+
+
+def test_old_models_worker_refuses_a_new_runs_batches_and_new_code_completes_them(
+    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+) -> None:
+    """Rolling deploy: a worker still on the old models must not recount with them."""
+    seed(pg, users=400)
+    new = Project(tmp_path / "new", pg_url, broker_url=redis_url)
+    old = Project(
+        tmp_path / "old",
+        pg_url,
+        broker_url=redis_url,
+        queue=new.queue,
+        metadata="backfill_models_old:Base",
+    )
+    with old.worker(COUNTERFILL_MIN_BACKOFF="200", COUNTERFILL_MAX_BACKOFF="400") as stale:
+        assert new.cli("enqueue").exit_code == 0
+        wait_for(
+            lambda: sum(1 for b in batch_rows(pg) if b["refusals"]) >= 3,
+            what="the old worker to refuse batches",
+        )
+        assert all(b["state"] != progress.DONE for b in batch_rows(pg))
+        status = json.loads(new.cli("status", "--json").output)
+        posts = next(s for s in status if s["counter"] == "users.posts_count")
+        assert posts["state"] == progress.BACKFILLING and posts["batches_waiting"] >= 3
+        assert "refused by workers running another definition" in posts["hint"]
+        with new.worker() as current:
+            wait_for(lambda: _run_done(pg), timeout=120, what="the new worker to finish the run")
+    assert "refused" in stale.log and "another definition of users.posts_count" in stale.log
+    assert _applied(stale.log) == Tally()  # the old worker applied nothing
+    assert sorted(_applied(current.log)) == sorted(b["id"] for b in batch_rows(pg))
+    assert drift(pg) == []  # exact under the new definition (published posts)
+    assert set(states(pg).values()) == {progress.ACTIVE}
