@@ -146,8 +146,9 @@ def _waiting_on_locks(engine: sa.Engine) -> int:
         if engine.dialect.name != "postgresql":  # MariaDB: FOR UPDATE
             return conn.execute(
                 sa.text(
-                    "SELECT count(*) FROM information_schema.innodb_trx "
-                    "WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE '%FOR UPDATE%'"
+                    "SELECT count(*) FROM information_schema.innodb_trx t "
+                    "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+                    "WHERE t.trx_state = 'LOCK WAIT' AND p.db = database()"
                 )
             ).scalar_one()
         text = "FOR NO KEY UPDATE"
