@@ -52,12 +52,6 @@ def no_inline_folding() -> Iterator[None]:
     configure_folding(inline=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    """SQLite and PostgreSQL: MariaDB refuses buffered counters (tested below)."""
-    return server_url_of(request, request.param)
-
-
 @pytest.fixture
 def db(engine: sa.Engine) -> Iterator[sa.Engine]:
     Base.metadata.create_all(engine)
