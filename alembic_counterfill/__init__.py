@@ -69,8 +69,8 @@ _HOME = {
     "UnknownCounterError": "errors",
     "BrokerError": "errors",
     "DatabaseError": "errors",
-    "DuplicateKeyError": "errors",
     "CounterfillWarning": "errors",
+    "DuplicateKeyError": "errors",
 }
 
 

@@ -5,7 +5,8 @@ The ``do_orm_execute`` hook (registered by :mod:`.events`) sees
 with a WHERE, and bulk UPDATE by primary key, unless :func:`.pause.paused` is
 in effect, and hands them to :mod:`.bulk_insert` or :mod:`.bulk_modify`,
 which run the caller's statement and settle the deltas like a flush's
-(:mod:`.deltas`). Core ``Connection.execute`` and raw SQL never reach a
+(:mod:`.deltas`); statements on a counted association table go to
+:mod:`.association`. Core ``Connection.execute`` and raw SQL never reach a
 session hook: ``alembic counterfill verify --fix`` repairs what they change.
 """
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 
-from . import bulk_insert, bulk_modify
+from . import association, bulk_insert, bulk_modify
 from .pause import is_paused
 from .plan import plan_for_statement
 
@@ -36,7 +37,8 @@ def on_execute(state: ORMExecuteState) -> Result[Any] | None:
         return None
     plan = plan_for_statement(dml)
     if plan is None:
-        return None
+        # A plain association table (relationship(secondary=...)) has no plan.
+        return association.run_statement(state, dml) if association.handles(dml) else None
     desc_table = dml.entity_description.get("table")
     if desc_table is not None and desc_table not in set(plan.mapper.tables):
         log.warning(

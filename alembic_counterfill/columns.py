@@ -28,7 +28,9 @@ def counter_cache(
     """Declare a counter cache column kept exact from the child table named by ``target``.
 
     :param target: ``"Child.fk_attribute"`` (resolved through the declarative
-        registry) or ``lambda: Child.fk_attribute``.
+        registry) or ``lambda: Child.fk_attribute``; for a plain association
+        table used as ``relationship(secondary=...)``, ``"table.fk_column"``
+        or ``lambda: table.c.fk_column``.
     :param where: zero-argument callable returning a SQL boolean expression on
         the child's own columns; only matching child rows count.
     :param sum: child attribute name (or callable returning it) whose values are

@@ -10,7 +10,7 @@ import copy
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,7 +32,8 @@ class Counter:
 
     ``key`` is ``"<parent table>.<column>"``. ``where`` is a SQL boolean over the
     child table (or ``None``); ``summed`` the child column added up (``None``
-    counts rows).
+    counts rows). ``child_mapper`` is ``None`` when the child is a plain
+    association ``Table`` (``relationship(secondary=...)``) that no class maps.
     """
 
     key: str
@@ -41,7 +42,7 @@ class Counter:
     parent_pk: sa.Column[Any]
     column: sa.Column[Any]
     attr_key: str
-    child_mapper: Mapper[Any]
+    child_mapper: Mapper[Any] | None
     child_table: sa.Table
     fk: sa.Column[Any]
     where: sa.ColumnElement[bool] | None
@@ -134,8 +135,9 @@ def _resolve_target(
             _fail(
                 parent,
                 column,
-                f"counter_cache({target!r}) names unknown class {cls_name!r}",
-                "use the name of a class mapped on the same declarative base",
+                f"counter_cache({target!r}) names unknown class {cls_name!r} "
+                "(nor a table of that name in the parent's MetaData)",
+                TARGET_HINT,
             )
         assert child is not None
     else:
@@ -144,8 +146,8 @@ def _resolve_target(
             _fail(
                 parent,
                 column,
-                "the target callable did not return a mapped attribute",
-                "return the child's FK attribute, e.g. lambda: Follow.followed_id",
+                "the target callable did not return a mapped attribute or a table column",
+                TARGET_HINT,
             )
         assert found is not None
         child, attr = found
@@ -250,6 +252,154 @@ def sum_type(summed: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
     return sa.BigInteger()
 
 
+# Counters fed by rows of a plain association table (no mapper), by table.
+_by_table: dict[sa.Table, list[Counter]] = {}
+
+#: How to name a target, repeated by the declaration errors about one.
+TARGET_HINT = (
+    "name the FK attribute of a class mapped on the same declarative base "
+    '("Follow.followed_id", lambda: Follow.followed_id) or, for a relationship(secondary=...) '
+    'association Table in its MetaData, the table column ("followers.followed_id", '
+    "lambda: followers.c.followed_id)"
+)
+
+
+def _mapper_of_table(parent: Mapper[Any], table: sa.Table) -> Mapper[Any] | None:
+    """The class mapped onto ``table`` in the parent's registry, if any: its flushes are seen."""
+    for mapper in parent.registry.mappers:
+        if mapper.local_table is table and not mapper.inherits:
+            return mapper
+    return None
+
+
+def _table_target(
+    spec: CounterSpec, parent: Mapper[Any], column: sa.Column[Any]
+) -> tuple[sa.Table, str] | CounterSpec | None:
+    """A plain association table target as ``(table, column name)``.
+
+    A table that a class maps gives the spec rewritten to name that class;
+    ``None`` leaves the target to the mapped-class resolution.
+    """
+    target = spec.target
+    if isinstance(target, str):
+        name, _, attr = target.rpartition(".")
+        if not name or not attr or _find_class(parent, name) is not None:
+            return None
+        metadata: sa.MetaData = parent.local_table.metadata  # type: ignore[attr-defined]
+        table = metadata.tables.get(name)
+        if table is None:
+            return None
+    else:
+        value = _call(target, parent, column, "the target callable")
+        if not isinstance(value, sa.Column) or not isinstance(value.table, sa.Table):
+            return None
+        table, attr = value.table, value.key
+    mapper = _mapper_of_table(parent, table)
+    col = table.c.get(attr)
+    if mapper is not None and col is not None:
+        key = mapper.get_property_by_column(col).key
+        return replace(spec, target=f"{mapper.class_.__name__}.{key}")
+    return table, attr
+
+
+def _resolve_association(
+    spec: CounterSpec,
+    parent: Mapper[Any],
+    column: sa.Column[Any],
+    parent_pk: sa.Column[Any],
+    table: sa.Table,
+    attr: str,
+) -> Counter:
+    """Resolve a counter over a plain association table (the child has no class)."""
+    fk = table.c.get(attr)
+    if not isinstance(fk, sa.Column):
+        _fail(
+            parent,
+            column,
+            f"{table.name} has no column attribute {attr!r}",
+            f"name a column of {table.name} holding the parent's id",
+        )
+    assert isinstance(fk, sa.Column)
+    if not any(fk_ref.column is parent_pk for fk_ref in fk.foreign_keys):
+        _fail(
+            parent,
+            column,
+            f"{table.name}.{fk.key} has no ForeignKey to {parent_pk.table.name}.{parent_pk.name}",
+            f'declare it as sa.Column(..., sa.ForeignKey("{parent_pk.table.name}.'
+            f'{parent_pk.name}"))',
+        )
+    summed: Any = None
+    if spec.sum is not None:
+        value: Any = (
+            table.c.get(spec.sum)
+            if isinstance(spec.sum, str)
+            else _call(spec.sum, parent, column, "sum=")
+        )
+        if isinstance(value, QueryableAttribute):
+            value = value.expression
+        label = spec.sum if isinstance(spec.sum, str) else getattr(value, "key", repr(spec.sum))
+        if not isinstance(value, sa.Column) or value.table is not table:
+            _fail(
+                parent,
+                column,
+                f"sum={label!r} is not a column of {table.name}",
+                f"name a numeric column of {table.name}",
+            )
+        if not isinstance(value.type, sa.Integer | sa.Numeric):
+            _fail(
+                parent,
+                column,
+                f"sum={label!r} is not numeric ({value.type})",
+                "sum an Integer or Numeric column, or count rows with where=",
+            )
+        summed = value
+    where: Any = None
+    if spec.where is not None:
+        where = _call(spec.where, parent, column, "where=")
+        if hasattr(where, "__clause_element__"):
+            where = where.__clause_element__()
+        if not isinstance(where, sa.ColumnElement):
+            _fail(
+                parent,
+                column,
+                f"where= returned {type(where).__name__}, not a SQL expression",
+                "return a boolean expression, e.g. "
+                f"where=lambda: {table.name}.c.accepted.is_(True)",
+            )
+        others = sorted(
+            {
+                el.table.name
+                for el in visitors.iterate(where)
+                if isinstance(el, sa.Column) and el.table is not table
+            }
+        )
+        if others:
+            _fail(
+                parent,
+                column,
+                f"where= reads {', '.join(others)}, not only the association table {table.name}",
+                f"use only the columns of {table.name}, e.g. where=lambda: "
+                f"{table.name}.c.accepted.is_(True)",
+            )
+    if spec.sum is not None and spec.default_type and summed is not None:
+        column.type = sum_type(summed)
+    parent_table = parent.local_table
+    assert isinstance(parent_table, sa.Table)
+    return Counter(
+        key=f"{parent_table.name}.{column.name}",
+        parent_mapper=parent,
+        parent_table=parent_table,
+        parent_pk=parent_pk,
+        column=column,
+        attr_key=parent.get_property_by_column(column).key,
+        child_mapper=None,
+        child_table=table,
+        fk=fk,
+        where=where,
+        summed=summed,
+    )
+
+
 def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> Counter:
     """Resolve one declaration on ``parent``; raise :class:`CounterDeclarationError` on mistakes."""
     pks = parent.primary_key
@@ -262,6 +412,11 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         )
     parent_pk = pks[0]
     assert isinstance(parent_pk, sa.Column)
+    found = _table_target(spec, parent, column)
+    if isinstance(found, CounterSpec):  # a table that a class maps: count through the class
+        spec = found
+    elif found is not None:
+        return _resolve_association(spec, parent, column, parent_pk, *found)
     child, fk = _resolve_target(spec, parent, column)
     if not any(fk_ref.column is parent_pk for fk_ref in fk.foreign_keys):
         _fail(
@@ -296,6 +451,16 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         where=where,
         summed=summed,
     )
+
+
+def counters_of_table(table: Any) -> list[Counter]:
+    """Counters fed by rows of the plain association table ``table`` (none if it is mapped)."""
+    return _by_table.get(table, [])
+
+
+def association_tables() -> list[sa.Table]:
+    """Every plain association table that feeds at least one counter."""
+    return list(_by_table)
 
 
 def counters_of_child(mapper: Mapper[Any]) -> list[Counter]:
@@ -363,7 +528,10 @@ def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
     found: list[Counter] = []
     for spec, counter in resolved:
         spec.resolved = counter
-        _by_child.setdefault(counter.child_mapper, []).append(counter)
+        if counter.child_mapper is None:
+            _by_table.setdefault(counter.child_table, []).append(counter)
+        else:
+            _by_child.setdefault(counter.child_mapper, []).append(counter)
         found.append(counter)
     return found
 

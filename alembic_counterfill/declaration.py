@@ -19,10 +19,11 @@ class CounterSpec:
     """What the user declared; resolved into a :class:`~.counters.Counter` at mapper configuration.
 
     ``target`` is ``"Child.fk_attr"`` or a zero-argument callable returning the
-    child's mapped FK attribute; ``where`` a zero-argument callable returning a
-    SQL boolean over the child's columns; ``sum`` a child attribute name or
-    callable returning the attribute to add up instead of counting rows;
-    ``buffered`` the hot-parent mode (:mod:`.buffer`).
+    child's mapped FK attribute (or ``"table.fk_col"`` / a callable returning
+    ``table.c.fk_col`` for a plain association table); ``where`` a
+    zero-argument callable returning a SQL boolean over the child's columns;
+    ``sum`` a child attribute name or callable returning the attribute to add
+    up instead of counting rows; ``buffered`` the hot-parent mode (:mod:`.buffer`).
     """
 
     target: Target

@@ -178,6 +178,14 @@ def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -
         expire_now(session, expire)
 
 
+def schedule_expiry(session: Session, recounts: Recounts) -> None:
+    """Expire recounted parents at the end of the flush, like :func:`apply` does for deltas."""
+    expire = session.info.setdefault(_EXPIRE, defaultdict(set))
+    for counter, ids in recounts.items():
+        for pid in ids:
+            expire[(counter.parent_mapper, pid)].add(counter.attr_key)
+
+
 def lock_first(session: Session, parents: dict[Counter, set[Any]]) -> None:
     """On InnoDB, lock these parents exclusively, by table name and key, before a child write.
 

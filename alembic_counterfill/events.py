@@ -7,6 +7,10 @@
 - ``after_configured``: warn about database cascades the ORM does not see;
 - Session flush events and ``after_soft_rollback``: :mod:`.flush`;
 - ``do_orm_execute``: ORM bulk statements, :mod:`.bulk`;
+- ``before_execute``/``after_execute`` on every Engine and ``after_configured``,
+  once a counter over a plain association table exists: :mod:`.association`
+  (the unit of work writes ``relationship(secondary=...)`` rows with
+  ``Connection.execute``, which no ORM event sees);
 - the legacy bulk methods of ``Session``, which fire no event: :mod:`.legacy_bulk`;
 - ``before_create`` of a table with a sum counter: configure the mappers
   first, so that the column has its final type.
@@ -26,14 +30,16 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, Session, configure_mappers
 
-from . import buffer, bulk, flush, folding, legacy_bulk, readonly
+from . import association, buffer, bulk, flush, folding, legacy_bulk, readonly
 from .counters import resolve_mapper, retry_failed, warn_database_cascades
 from .plan import forget_plans
 
 _installed = False
 _child_mappers: set[Mapper[Any]] = set()
+_watching_links = False
 
 
 def install() -> None:
@@ -75,8 +81,27 @@ def watch_buffered(column: sa.Column[Any]) -> None:
 def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
     for counter in resolve_mapper(mapper):
         forget_plans()  # a new counter may change any cached write plan
-        _watch_child(counter.child_mapper)
+        if counter.child_mapper is None:
+            _watch_links()
+        else:
+            _watch_child(counter.child_mapper)
         _protect(counter.parent_mapper, counter.attr_key)
+
+
+def _watch_links() -> None:
+    """Follow the statements that write counted association tables (idempotent).
+
+    Engine-wide, since the unit of work's writes reach no ORM event; the
+    handlers return at once for statements on other tables or outside a
+    flush or ``Session.execute``.
+    """
+    global _watching_links
+    if _watching_links:
+        return
+    event.listen(Engine, "before_execute", association.before_execute, retval=True)
+    event.listen(Engine, "after_execute", association.after_execute)
+    event.listen(Mapper, "after_configured", association.after_configured)
+    _watching_links = True
 
 
 def _watch_child(child_mapper: Mapper[Any]) -> None:

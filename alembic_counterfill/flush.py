@@ -20,8 +20,8 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
+from . import association, innodb, sql, sqlite_lock
 from . import deltas as _deltas
-from . import innodb, sql, sqlite_lock
 from .errors import DuplicateKeyError
 from .pause import is_paused
 from .plan import Key, WritePlan, plan_for, plans_for
@@ -71,6 +71,7 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
         return
     state = _FlushState()
     session.info[_STASH] = state
+    association.begin_flush(session)
     wanted: dict[WritePlan, set[Key]] = defaultdict(set)
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
@@ -309,11 +310,12 @@ def after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) ->
 
 
 def after_flush(session: Session, flush_context: UOWTransaction) -> None:
-    """Read the new state, and apply new minus old per parent."""
+    """Read the new state, and apply new minus old per parent (association rows included)."""
+    links = association.end_flush(session)
     stash = session.info.pop(_STASH, None)
     if stash is None:
         return
-    deltas = _deltas.new_deltas()
+    deltas = links.deltas if links is not None else _deltas.new_deltas()
     plans = set(stash.captured) | set(stash.touched) | set(stash.inserted)
     for plan in plans:
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
@@ -322,7 +324,12 @@ def after_flush(session: Session, flush_context: UOWTransaction) -> None:
         keys = stash.captured.get(plan, set()) | stash.touched.get(plan, set())
         if keys:
             _deltas.add_rows(deltas, plan, _read(connection, plan, keys, lock=False), +1)
-    _deltas.apply(session, deltas)
+    if links is not None and links.recounts:
+        # One key-ordered pass for deltas and recounts; the flush's end expires them all.
+        _deltas.settle(session, deltas, links.recounts)
+        _deltas.schedule_expiry(session, links.recounts)
+    else:
+        _deltas.apply(session, deltas)
 
 
 def after_flush_postexec(session: Session, flush_context: UOWTransaction) -> None:
@@ -332,5 +339,6 @@ def after_flush_postexec(session: Session, flush_context: UOWTransaction) -> Non
 
 def discard(session: Session, *args: Any) -> None:
     """Forget this flush's state (the transaction rolled back)."""
+    association.discard(session)
     session.info.pop(_STASH, None)
     _deltas.forget(session)

@@ -323,6 +323,39 @@ def locked_among(
     return sa.tuple_(*pk_columns).in_(sub)
 
 
+# --- Association tables (alembic_counterfill.association) -----------------------------------
+
+
+def matching_links(
+    counters: Sequence[Counter], where: sa.ColumnElement[bool] | None, *, lock: bool = True
+) -> sa.Select[Any]:
+    """Select ``k<i>, v<i>`` (then the key as ``p<j>``) of the association rows ``where`` matches.
+
+    All ``counters`` share one association table. Rows come in key order (the
+    FKs when the table has no primary key) and, with ``lock``, ``FOR UPDATE``,
+    so writers of the same rows queue instead of deadlocking.
+    """
+    table = counters[0].child_table
+    pk = list(table.primary_key.columns)
+    cols: list[Any] = []
+    for i, counter in enumerate(counters):
+        cols.append(counter.fk.label(f"k{i}"))
+        cols.append(contribution(counter).label(f"v{i}"))
+    cols += [col.label(f"p{j}") for j, col in enumerate(pk)]
+    stmt = sa.select(*cols)
+    if where is not None:
+        stmt = stmt.where(where)
+    stmt = stmt.order_by(*(pk or [c.fk for c in counters]))
+    return stmt.with_for_update() if lock else stmt
+
+
+def among(columns: Sequence[sa.Column[Any]], values: Sequence[tuple[Any, ...]]) -> Any:
+    """``(columns) IN (values)``: a plain ``IN`` for one column, a tuple ``IN`` for several."""
+    if len(columns) == 1:
+        return columns[0].in_([v[0] for v in values])
+    return sa.tuple_(*columns).in_(values)
+
+
 # --- Buffered (hot-parent) counters: the deltas tables of :mod:`.buffer` -------------------
 
 

@@ -255,4 +255,5 @@ def run_machine(request):  # noqa: ANN201 - returns the runner below
         print(tally.report())  # shown with -s or -rP: what the run exercised
         return tally
 
+    run.url = url  # type: ignore[attr-defined]  # which database this param runs on
     return run

@@ -23,12 +23,31 @@ from buffered_models import (
     pending_count,
     rows,
 )
+from conftest import server_url_of
 from sqlalchemy.orm import Session
 
-from alembic_counterfill import CounterDeclarationError, counter_cache, counter_value, counters_of
+from alembic_counterfill import (
+    CounterDeclarationError,
+    counter_cache,
+    counter_value,
+    counters_of,
+    innodb,
+)
 from alembic_counterfill import fold as folding
+from alembic_counterfill.errors import ConfigurationError
 from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.testing import find_drift
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Buffered counters are not supported on MariaDB/MySQL yet (docs/databases.md)."""
+    return server_url_of(request, request.param)
+
+
+def test_buffered_counters_are_refused_on_mariadb_recounts() -> None:
+    with pytest.raises(ConfigurationError, match="not supported on MariaDB/MySQL"):
+        innodb.refuse_buffered(counters_of(Base))
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +56,12 @@ def no_inline_folding() -> Iterator[None]:
     configure_folding(inline=False)
     yield
     configure_folding(inline=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """SQLite and PostgreSQL: MariaDB refuses buffered counters (tested below)."""
+    return server_url_of(request, request.param)
 
 
 @pytest.fixture
@@ -299,5 +324,27 @@ def test_autogenerate_creates_the_deltas_table(sqlite_url: str) -> None:
         assert [o.table_name for o in created] == ["counterfill_deltas_users"]
         names = [c.name for c in created[0].columns if isinstance(c, sa.Column)]
         assert set(names) >= {"parent_id", "followers_count", "posts_count", "likes_total"}
+    finally:
+        engine.dispose()
+
+
+def test_mariadb_refuses_buffered_writes_and_folds_with_nothing_written(mariadb_url: str) -> None:
+    from alembic_counterfill.errors import DatabaseError
+
+    engine = sa.create_engine(mariadb_url)
+    try:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add(User(id=1))
+            s.commit()
+            s.add(Follow(follower_id=1, followed_id=1))
+            with pytest.raises(DatabaseError, match="declare them without buffered=True"):
+                s.commit()
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM follows")) == 0
+            assert conn.scalar(sa.text("SELECT count(*) FROM counterfill_deltas_users")) == 0
+            assert conn.scalar(sa.text("SELECT following_count FROM users")) == 0
+        with pytest.raises(DatabaseError, match="not supported on mysql"):
+            fold_all(engine)
     finally:
         engine.dispose()

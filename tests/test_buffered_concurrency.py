@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,21 +195,23 @@ def test_a_killed_fold_loses_and_repeats_nothing(
     ini.write_text(ini.read_text().replace("backfill_models:Base", "buffered_models:Base"))
     holder = pg.connect()
     holder.execute(sa.text("SELECT id FROM users WHERE id = 2 FOR UPDATE"))
+    # Its own application_name: other tests share this database and its locks.
+    app = f"cf_fold_{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
         [str(BIN / "alembic-counterfill"), "-c", project.ini, "fold"],
-        env=project.env(),
+        env={**project.env(), "PGAPPNAME": app},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: _waiting_on_lock(pg), what="the fold to wait for the lock")
+        wait_for(lambda: _backends(pg, app, waiting=True), what="the fold to wait for the lock")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         holder.rollback()
         holder.close()
     # The killed backend's transaction is rolled back once the server notices.
-    wait_for(lambda: not _waiting_on_lock(pg), what="the killed fold's backend to go")
+    wait_for(lambda: not _backends(pg, app), what="the killed fold's backend to go")
     assert pending_count(pg) == before
     assert drift(pg) == []
     result = project.cli("fold")
@@ -219,16 +222,16 @@ def test_a_killed_fold_loses_and_repeats_nothing(
         assert s.get(User, 1).followers_count == 5  # type: ignore[union-attr]
 
 
-def _waiting_on_lock(engine: sa.Engine) -> bool:
+def _backends(engine: sa.Engine, app: str, *, waiting: bool = False) -> int:
+    """Backends of application ``app`` (only those waiting on a lock, with ``waiting``)."""
+    cond = " AND wait_event_type = 'Lock'" if waiting else ""
     with engine.connect() as conn:
-        return bool(
+        return int(
             conn.scalar(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND query ILIKE '%users.id = ANY%FOR NO KEY UPDATE%'"
-                )
+                sa.text(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = :a{cond}"),
+                {"a": app},
             )
+            or 0
         )
 
 

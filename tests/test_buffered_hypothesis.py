@@ -29,11 +29,10 @@ class BufferedMachine(CounterStateMachine):
 
     @rule()
     def fold(self) -> None:
-        if not self.committed_state_readable():
-            return
-        # The fold locks parents from a connection of its own, in this one thread:
-        # the main session must not hold row locks (from its deltas) meanwhile.
+        # Commit first: either session's uncommitted unbuffered deltas hold
+        # parent locks the fold would wait for (this test is single-threaded).
         self._commit(self.session)
+        self._commit(self.stale)
         folding.fold(self.engine, counters_of(Base), chunk=2)
         assert column_drift(self.engine) == []
 
@@ -50,5 +49,9 @@ def no_inline_folding() -> Iterator[None]:
     configure_folding(inline=True)
 
 
+# MariaDB refuses buffered counters (tests/test_buffered.py).
+@pytest.mark.parametrize("run_machine", ["sqlite", "postgresql"], indirect=True)
 def test_random_orm_traffic_keeps_buffered_counters_exact(run_machine) -> None:  # noqa: ANN001
+    if "mysql" in run_machine.url:
+        pytest.skip("buffered counters are not supported on MariaDB/MySQL yet (docs/databases.md)")
     run_machine(BufferedMachine, max_examples=15)

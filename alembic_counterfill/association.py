@@ -1,0 +1,411 @@
+"""Live maintenance for plain association tables (``relationship(secondary=...)``).
+
+The unit of work writes association rows with ``Connection.execute`` from its
+many-to-many dependency processor: no mapper event or ``do_orm_execute`` sees
+them. A flush therefore opens a :class:`Capture` on its connections; a
+``before_execute``/``after_execute`` pair on every engine notices the INSERT,
+DELETE and UPDATE statements on counted association tables that run on a
+captured connection and turns what they really wrote into deltas:
+
+- INSERT: each parameter row adds its contribution (plain counts and sums
+  whose value the row carries); ``where=``, and values only the database knows,
+  recount the touched parents exactly instead;
+- DELETE and UPDATE: the matching rows are read first, locked ``FOR UPDATE``
+  in key order, so a concurrent writer cannot change them before the
+  statement; the delta is minus what those rows counted as. When the real
+  rowcount disagrees (a row committed after the read, on a table without a
+  primary key to restrict by) the touched parents are recounted, so a stale
+  double remove can never decrement twice. UPDATE always recounts.
+
+``Session.execute`` of a statement on a counted association table opens a
+capture for that one statement (:func:`run_statement`). A flush's deltas are
+applied by :mod:`.flush` together with every other counter of the flush
+(:func:`.deltas.settle`), parents locked in key order. The hooks are
+registered by :mod:`.events`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+
+from . import sql
+from .counters import Counter, association_tables, counters_of_table
+from .deltas import Deltas, Recounts, new_deltas, settle
+from .errors import CounterfillWarning
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Capture:
+    """Deltas and recounts collected from the association-table statements of one flush."""
+
+    deltas: Deltas = field(default_factory=new_deltas)
+    recounts: Recounts = field(default_factory=lambda: defaultdict(set))
+    # Rows read by before_execute, popped by the matching after_execute.
+    pending: list[tuple[Any, list[Any]]] = field(default_factory=list)
+
+    def add(self, counters: Sequence[Counter], rows: Iterable[Any], sign: int) -> None:
+        """Add ``sign`` times each ``(k0, v0, k1, v1 ...)`` row to the deltas."""
+        for row in rows:
+            for i, counter in enumerate(counters):
+                parent, value = row[2 * i], row[2 * i + 1]
+                if parent is not None and value:
+                    self.deltas[counter.parent_mapper][parent][counter] += sign * value
+
+    def recount(self, counters: Sequence[Counter], rows: Iterable[Any]) -> None:
+        """Recount the parents each ``(k0, v0, k1, v1 ...)`` row belongs to."""
+        for row in rows:
+            for i, counter in enumerate(counters):
+                if row[2 * i] is not None:
+                    self.recounts[counter].add(row[2 * i])
+
+
+_captures: weakref.WeakKeyDictionary[sa.Connection, Capture] = weakref.WeakKeyDictionary()
+
+
+def open_capture(connection: sa.Connection) -> Capture:
+    """Start collecting association-table writes made on ``connection`` (afresh)."""
+    capture = _captures[connection] = Capture()
+    return capture
+
+
+def close_capture(connection: sa.Connection) -> Capture | None:
+    """Stop collecting on ``connection`` and return what was collected."""
+    return _captures.pop(connection, None)
+
+
+def _counted(elem: Any) -> list[Counter] | None:
+    if not getattr(elem, "is_dml", False):
+        return None
+    table = getattr(elem, "table", None)
+    if not isinstance(table, sa.Table):
+        return None
+    return counters_of_table(table) or None
+
+
+def _rows_of(multiparams: Any, params: Any) -> list[dict[str, Any]]:
+    if multiparams:
+        return list(multiparams)
+    return [params] if params else []
+
+
+def _unit_of_work_keys(elem: Any, rows: list[dict[str, Any]]) -> list[sa.Column[Any]] | None:
+    """The columns of a ``col = :col AND ...`` WHERE (the unit of work's DELETE), else None."""
+    where = elem.whereclause
+    if where is None or not rows:
+        return None
+    terms = list(where.clauses) if isinstance(where, sa.BooleanClauseList) else [where]
+    cols: list[sa.Column[Any]] = []
+    for term in terms:
+        left, right = getattr(term, "left", None), getattr(term, "right", None)
+        if getattr(term, "operator", None) is not sa.sql.operators.eq:
+            return None
+        if not isinstance(left, sa.Column) or not isinstance(right, sa.BindParameter):
+            return None
+        if right.key != left.key or left.table is not elem.table:
+            return None
+        cols.append(left)
+    if not all(all(c.key in row for c in cols) for row in rows):
+        return None
+    return cols
+
+
+def _read_matching(
+    conn: sa.Connection, elem: Any, counters: Sequence[Counter], rows: list[dict[str, Any]]
+) -> list[Any]:
+    """Lock and read what each row the statement matches counts as, in key order."""
+    keys = _unit_of_work_keys(elem, rows)
+    if keys is not None:
+        # One statement for the whole executemany: the rows named by their keys.
+        values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
+        found: list[Any] = []
+        for i in range(0, len(values), 500):
+            stmt = sql.matching_links(counters, sql.among(keys, values[i : i + 500]))
+            found.extend(conn.execute(stmt).all())
+        return found
+    stmt = sql.matching_links(counters, elem.whereclause)
+    if not rows:
+        return list(conn.execute(stmt).all())
+    found = []
+    for row in rows:  # a hand-written executemany: rare, read per parameter set
+        found.extend(conn.execute(stmt, row).all())
+    return found
+
+
+def before_execute(
+    conn: sa.Connection, elem: Any, multiparams: Any, params: Any, options: Any
+) -> tuple[Any, Any, Any]:
+    """Before a DELETE/UPDATE of a counted association table: lock and read its rows.
+
+    Registered with ``retval=True``: a single-statement DELETE/UPDATE on a
+    table with a primary key comes back restricted to the rows it locked.
+    """
+    capture = _captures.get(conn) if _captures else None
+    if capture is None:
+        return elem, multiparams, params
+    counters = _counted(elem)
+    if counters is None or isinstance(elem, sa.Insert):
+        return elem, multiparams, params
+    rows = _rows_of(multiparams, params)
+    old = _read_matching(conn, elem, counters, rows)
+    pk = list(elem.table.primary_key.columns)
+    single = not multiparams
+    if single and pk and conn.dialect.name != "sqlite" and not elem._returning:
+        # Restrict a hand-written statement to the rows just locked: a row
+        # committed after the read cannot be changed unseen.
+        n = 2 * len(counters)
+        elem = elem.where(sql.among(pk, [tuple(r[n:]) for r in old]))
+    capture.pending.append((elem, old))
+    return elem, multiparams, params
+
+
+def after_execute(
+    conn: sa.Connection, elem: Any, multiparams: Any, params: Any, options: Any, result: Any
+) -> None:
+    """After a write to a counted association table: turn what it wrote into deltas."""
+    capture = _captures.get(conn) if _captures else None
+    if capture is None:
+        return
+    counters = _counted(elem)
+    if counters is None:
+        return
+    rows = _rows_of(multiparams, params)
+    if isinstance(elem, sa.Insert):
+        _inserted(capture, elem, counters, rows)
+        return
+    pending = capture.pending.pop() if capture.pending else None
+    if pending is None or pending[0] is not elem:
+        log.warning("counterfill: lost track of a statement on %s; run verify", elem.table.name)
+        return
+    old = pending[1]
+    rowcount = getattr(result, "rowcount", -1)
+    if isinstance(elem, sa.Delete) and rowcount in (-1, None, len(old)):
+        capture.add(counters, old, -1)
+        return
+    # An UPDATE, or a DELETE that met rows it did not read: recount every parent involved.
+    capture.recount(counters, old)
+    for counter in counters:
+        capture.recounts[counter] |= {r[counter.fk.key] for r in rows if counter.fk.key in r}
+        for key, value in (getattr(elem, "_values", None) or {}).items():
+            if getattr(key, "key", key) == counter.fk.key:
+                if isinstance(value, sa.BindParameter) and value.callable is None:
+                    capture.recounts[counter].add(value.value)
+                else:
+                    _lost(elem, counter)
+    table: sa.Table = elem.table
+    if isinstance(elem, sa.Delete) and rowcount > len(old):  # only when it was not restricted
+        log.warning(
+            "counterfill: DELETE on %s removed %d row(s) committed after they were read; "
+            "their parents' counters may be off until `alembic counterfill verify --fix`",
+            table.name,
+            rowcount - len(old),
+        )
+
+
+def _lost(elem: Any, counter: Counter) -> None:
+    log.warning(
+        "counterfill: %s on %s sets %s to a value only the database knows; "
+        "run `alembic counterfill verify --fix`",
+        type(elem).__name__.upper(),
+        elem.table.name,
+        counter.key,
+    )
+
+
+def _default(column: sa.Column[Any]) -> Any:
+    default = column.default
+    if default is None:
+        return None if column.server_default is None else _UNKNOWN
+    return default.arg if getattr(default, "is_scalar", False) else _UNKNOWN  # type: ignore[attr-defined]
+
+
+_UNKNOWN: Any = object()
+
+
+def _value(row: dict[str, Any], column: sa.Column[Any], keys: Any) -> Any:
+    # An executemany is compiled for the first row's keys: others' extra keys are ignored.
+    if column.key in keys:
+        v = row[column.key]
+        if isinstance(v, sa.BindParameter) and v.callable is None:
+            return v.value
+        return _UNKNOWN if isinstance(v, sa.ClauseElement) else v
+    return _default(column)
+
+
+def _inserted(
+    capture: Capture, elem: Any, counters: Sequence[Counter], rows: list[dict[str, Any]]
+) -> None:
+    if elem.select is not None:
+        for counter in counters:
+            _lost(elem, counter)  # Session.execute handles these before they get here
+        return
+    # An upsert may insert nothing, or update a row: recount instead of adding.
+    upsert = getattr(elem, "_post_values_clause", None) is not None
+    fixed = {getattr(k, "key", k): v for k, v in (elem._values or {}).items()}
+    if elem._multi_values:
+        names = [c.key for c in elem.table.columns]
+        rows = [
+            {**fixed, **(r if isinstance(r, dict) else dict(zip(names, r, strict=False)))}
+            for batch in elem._multi_values
+            for r in batch
+        ]
+    elif fixed:
+        rows = [{**fixed, **r} for r in rows] or [fixed]
+    keys = set(rows[0]) if rows else set()
+    for counter in counters:
+        per_parent = capture.deltas[counter.parent_mapper]
+        exact = counter.where is None and not upsert
+        for row in rows:
+            parent = _value(row, counter.fk, keys)
+            if parent is _UNKNOWN:
+                _lost(elem, counter)
+                break
+            if parent is None:
+                continue
+            value = 1 if counter.summed is None else _value(row, counter.summed, keys)
+            if exact and value is not _UNKNOWN:
+                if value:
+                    per_parent[parent][counter] += value
+            else:
+                capture.recounts[counter].add(parent)
+
+
+# --- Flushes and Session.execute -------------------------------------------------------------
+
+
+def begin_flush(session: Session) -> None:
+    """Open captures on the connections a flush may write association rows with."""
+    # A flush with nothing to write never reaches after_flush: drop what it opened.
+    discard(session)
+    if not _secondary_parents:
+        return
+    opened: list[sa.Connection] = []
+    for mapper in list(_secondary_parents):
+        try:
+            conn = session.connection(bind_arguments={"mapper": mapper})
+        except sa.exc.UnboundExecutionError:  # a mapper this session has no bind for
+            continue
+        if not any(conn is c for c in opened):
+            open_capture(conn)
+            opened.append(conn)
+    session.info[_OPEN] = opened
+
+
+def end_flush(session: Session) -> Capture | None:
+    """Close the flush's captures and merge them (``None`` when nothing was captured)."""
+    conns = session.info.pop(_OPEN, None)
+    if not conns:
+        return None
+    merged: Capture | None = None
+    for conn in conns:
+        capture = close_capture(conn)
+        if capture is None:
+            continue
+        if merged is None:
+            merged = capture
+            continue
+        for mapper, per in capture.deltas.items():
+            for pid, ds in per.items():
+                for counter, d in ds.items():
+                    merged.deltas[mapper][pid][counter] += d
+        for counter, ids in capture.recounts.items():
+            merged.recounts[counter] |= ids
+    return merged
+
+
+def discard(session: Session) -> None:
+    """Drop the captures of a flush that failed or was rolled back."""
+    for conn in session.info.pop(_OPEN, None) or ():
+        close_capture(conn)
+
+
+_OPEN = "counterfill.secondary"
+
+
+def handles(dml: Any) -> bool:
+    """Whether ``dml`` writes a counted association table."""
+    return _counted(dml) is not None
+
+
+def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
+    """Run a ``Session.execute`` statement on a counted association table; keep counters exact."""
+    session = state.session
+    counters = _counted(dml) or []
+    conn = session.connection(bind_arguments=state.bind_arguments)
+    if isinstance(dml, sa.Insert) and dml.select is not None:
+        # INSERT … FROM SELECT: recount the parents the SELECT names.
+        capture = Capture()
+        names = list(dml._select_names or ())
+        sub = dml.select.subquery()
+        params = state.parameters if isinstance(state.parameters, dict) else None
+        for counter in counters:
+            if counter.fk.key in names:
+                col = list(sub.c)[names.index(counter.fk.key)]
+                found = session.execute(sa.select(col).distinct(), params)
+                capture.recounts[counter] |= {r[0] for r in found}
+            elif _default(counter.fk) is _UNKNOWN:
+                _lost(dml, counter)
+            elif _default(counter.fk) is not None:
+                capture.recounts[counter].add(_default(counter.fk))
+        result = state.invoke_statement()
+    else:
+        capture = open_capture(conn)
+        try:
+            result = state.invoke_statement()
+        finally:
+            close_capture(conn)
+    settle(session, capture.deltas, capture.recounts)
+    return result
+
+
+# --- Mapper configuration ---------------------------------------------------------------------
+
+# Parent mappers of writable relationships over counted association tables
+# (weak: a disposed registry's mappers must be free to go).
+_secondary_parents: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+
+
+def after_configured() -> None:
+    """Find the relationships that write counted association tables; warn about DB cascades."""
+    tables = set(association_tables())
+    for table in tables:
+        for counter in counters_of_table(table):
+            for mapper in counter.parent_mapper.registry.mappers:
+                for rel in mapper.relationships:
+                    if rel.secondary in tables and not rel.viewonly:
+                        _secondary_parents.add(rel.parent)
+                        _check_cascade(rel)
+
+
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _check_cascade(rel: Any) -> None:
+    """Warn when the database, not the ORM, deletes a counted association table's rows."""
+    if not rel.passive_deletes or rel in _warned:
+        return
+    table = rel.secondary
+    for fk in table.foreign_keys:
+        cascades = (fk.ondelete or "").upper() == "CASCADE"
+        if cascades and fk.references(rel.parent.local_table):
+            _warned.add(rel)
+            warnings.warn(
+                f"{rel}: passive_deletes=True leaves deleting {table.name} rows to the "
+                f"database's ON DELETE CASCADE, which counters cannot see; drop "
+                "passive_deletes on this relationship, or run `alembic counterfill verify --fix` "
+                "after deletes",
+                CounterfillWarning,
+                stacklevel=2,
+            )
+            return
