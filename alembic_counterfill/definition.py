@@ -62,8 +62,10 @@ def canonical_sql(expr: sa.ColumnElement[Any]) -> str:
 
 def _subclass_filter(counter: Counter) -> str | None:
     """The discriminator filter of a single-table-inheritance child, or None."""
-    mapper = counter.child_mapper  # None: a plain association table
-    if mapper is None or not mapper.single or mapper.polymorphic_on is None or mapper.inherits is None:
+    mapper = counter.child_mapper
+    if mapper is None:  # a plain association table: no inheritance
+        return None
+    if not mapper.single or mapper.polymorphic_on is None or mapper.inherits is None:
         return None
     identities = sorted(
         repr(m.polymorphic_identity)
