@@ -264,14 +264,14 @@ def test_rabbitmq_worker_runs_a_backfill(tmp_path: Path, server_url: str, pg: sa
 
 
 def test_old_models_worker_refuses_a_new_runs_batches_and_new_code_completes_them(
-    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+    tmp_path: Path, server_url: str, redis_url: str, pg: sa.Engine
 ) -> None:
     """Rolling deploy: a worker still on the old models must not recount with them."""
     seed(pg, users=400)
-    new = Project(tmp_path / "new", pg_url, broker_url=redis_url)
+    new = Project(tmp_path / "new", server_url, broker_url=redis_url)
     old = Project(
         tmp_path / "old",
-        pg_url,
+        server_url,
         broker_url=redis_url,
         queue=new.queue,
         metadata="backfill_models_old:Base",
