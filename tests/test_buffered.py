@@ -39,6 +39,12 @@ from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.testing import find_drift
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """SQLite and PostgreSQL: MariaDB refuses buffered counters (tested below)."""
+    return server_url_of(request, request.param)
+
+
 def test_buffered_counters_are_refused_on_mariadb_recounts() -> None:
     with pytest.raises(ConfigurationError, match="not supported on MariaDB/MySQL"):
         innodb.refuse_buffered(counters_of(Base))

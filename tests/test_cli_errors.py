@@ -268,7 +268,7 @@ def test_url_that_is_not_a_url(setup: Setup) -> None:
 
 
 def test_url_whose_driver_is_not_installed(setup: Setup) -> None:
-    setup.write_ini(url="mysql+mysqldb://app@localhost/app")
+    setup.write_ini(url="mssql+pymssql://app@localhost/app")
     _assert_one_line_error(_run(setup, ALEMBIC_STATUS), "install the driver or fix the URL")
 
 
