@@ -381,23 +381,7 @@ def _resolve_association(
                 f"use only the columns of {table.name}, e.g. where=lambda: "
                 f"{table.name}.c.accepted.is_(True)",
             )
-    if spec.sum is not None and spec.default_type and summed is not None:
-        column.type = sum_type(summed)
-    parent_table = parent.local_table
-    assert isinstance(parent_table, sa.Table)
-    return Counter(
-        key=f"{parent_table.name}.{column.name}",
-        parent_mapper=parent,
-        parent_table=parent_table,
-        parent_pk=parent_pk,
-        column=column,
-        attr_key=parent.get_property_by_column(column).key,
-        child_mapper=None,
-        child_table=table,
-        fk=fk,
-        where=where,
-        summed=summed,
-    )
+    return _counter(spec, parent, column, parent_pk, None, table, fk, where, summed)
 
 
 def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> Counter:
@@ -434,6 +418,21 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
     conds = [c for c in (inheritance.restriction(child, child_table), where) if c is not None]
     if conds:
         where = inheritance.localize(child, child_table, inheritance.plain(sa.and_(*conds)))
+    return _counter(spec, parent, column, parent_pk, child, child_table, fk, where, summed)
+
+
+def _counter(
+    spec: CounterSpec,
+    parent: Mapper[Any],
+    column: sa.Column[Any],
+    parent_pk: sa.Column[Any],
+    child: Mapper[Any] | None,
+    child_table: sa.Table,
+    fk: sa.Column[Any],
+    where: sa.ColumnElement[bool] | None,
+    summed: sa.Column[Any] | None,
+) -> Counter:
+    """Build the resolved Counter, settling a sum's default column type first."""
     if spec.sum is not None and spec.default_type and summed is not None:
         column.type = sum_type(summed)
     table = parent.local_table
