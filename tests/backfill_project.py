@@ -24,6 +24,7 @@ import backfill_models as m
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from sqlalchemy.orm import Session
+from typing_extensions import Self
 
 from alembic_counterfill import progress
 from alembic_counterfill.cli import cli
@@ -397,23 +398,19 @@ def make_writable(engine: sa.Engine, user_id: int) -> None:
         conn.execute(sa.text(f"DROP TRIGGER {name}{on}"))
 
 
-class Writers:
-    """Six threads of ORM writes: follow/unfollow, create/move posts, flip published, likes."""
+class WriterThreads:
+    """Writer threads running ``_loop(index)`` from ``with`` entry until exit (then joined)."""
 
-    def __init__(self, engine: sa.Engine, users: int, threads: int = 6) -> None:
+    def __init__(self, engine: sa.Engine, threads: int) -> None:
         self.engine = engine
-        self.users = users
+        self.count = threads
         self.stop = threading.Event()
-        self.counting = threading.Event()
-        self.writes_while_counting = 0
         self.writes = 0
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self._loop, args=(i, threads)) for i in range(threads)
-        ]
+        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
 
-    def __enter__(self) -> Writers:
+    def __enter__(self) -> Self:
         for t in self.threads:
             t.start()
         return self
@@ -423,7 +420,21 @@ class Writers:
         for t in self.threads:
             t.join()
 
-    def _loop(self, index: int, count: int) -> None:
+    def _loop(self, index: int) -> None:
+        raise NotImplementedError
+
+
+class Writers(WriterThreads):
+    """Six threads of ORM writes: follow/unfollow, create/move posts, flip published, likes."""
+
+    def __init__(self, engine: sa.Engine, users: int, threads: int = 6) -> None:
+        super().__init__(engine, threads)
+        self.users = users
+        self.counting = threading.Event()
+        self.writes_while_counting = 0
+
+    def _loop(self, index: int) -> None:
+        count = self.count
         rng = random.Random(index)
         while not self.stop.is_set():
             try:

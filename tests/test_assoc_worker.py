@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from assoc_models import User, assert_exact, followers
 from assoc_project import KEYS, assoc_project, seed_behind_the_listeners
-from backfill_project import wait_for
+from backfill_project import WriterThreads, wait_for
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -31,25 +30,11 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-class Writers:
+class Writers(WriterThreads):
     """Four threads following/unfollowing random users through collections and statements."""
 
     def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.stop = threading.Event()
-        self.writes = 0
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(4)]
-
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+        super().__init__(engine, 4)
 
     def _loop(self, index: int) -> None:
         rng = random.Random(index)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from backfill_project import BIN, Project, wait_for
+from backfill_project import BIN, Project, WriterThreads, wait_for
 from buffered_models import Base, Follow, Post, User, column_drift, drift, pending_count
 from sqlalchemy.orm import Session
 
@@ -46,26 +46,11 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-class Writers:
+class Writers(WriterThreads):
     """Threads of ORM writes concentrated on two hot parents: follows, posts, moves, flips."""
 
     def __init__(self, engine: sa.Engine, threads: int = 6) -> None:
-        self.engine = engine
-        self.stop = threading.Event()
-        self.writes = 0
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
-
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+        super().__init__(engine, threads)
 
     def _loop(self, index: int) -> None:
         rng = random.Random(index)
