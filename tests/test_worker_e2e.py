@@ -33,6 +33,7 @@ from backfill_project import (
     states,
     terminate,
     wait_for,
+    xfail_lock_harness_on_mariadb,
 )
 from conftest import AMQP_URL, REDIS_BASE, delete_namespace, unavailable
 
@@ -95,8 +96,9 @@ def test_live_orm_writes_during_backfill_leave_no_drift_and_no_deadlock(
 
 
 def test_sigkill_mid_backfill_then_new_worker_and_enqueue_completes_once(
-    project: Project, pg: sa.Engine
+    project: Project, pg: sa.Engine, request: pytest.FixtureRequest
 ) -> None:
+    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=2000)
     holder = lock_users(pg, [530, 1030])  # stalls batches [501, 551) and [1001, 1051)
     first = project.worker()
@@ -124,8 +126,9 @@ def test_sigkill_mid_backfill_then_new_worker_and_enqueue_completes_once(
 
 
 def test_redis_flushed_mid_backfill_then_enqueue_completes(
-    project: Project, pg: sa.Engine, redis_url: str
+    project: Project, pg: sa.Engine, redis_url: str, request: pytest.FixtureRequest
 ) -> None:
+    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=2000)
     holder = lock_users(pg, [530, 1030])
     with project.worker():
@@ -150,8 +153,9 @@ def test_redis_flushed_mid_backfill_then_enqueue_completes(
 
 
 def test_same_message_delivered_twice_concurrently_is_applied_once(
-    project: Project, pg: sa.Engine
+    project: Project, pg: sa.Engine, request: pytest.FixtureRequest
 ) -> None:
+    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=300)
     counters = counters_by_key()
     with pg.begin() as conn:
@@ -182,8 +186,9 @@ def test_same_message_delivered_twice_concurrently_is_applied_once(
 
 
 def test_killed_database_connection_is_retried_and_the_run_completes(
-    project: Project, pg: sa.Engine
+    project: Project, pg: sa.Engine, request: pytest.FixtureRequest
 ) -> None:
+    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=300)
     holder = lock_users(pg, [10])
     with project.worker(COUNTERFILL_MIN_BACKOFF="100") as worker:
