@@ -399,3 +399,36 @@ def test_autogenerate_compare_requests_redefined_and_cancels_undeclared(
         autogen.compare(SimpleNamespace(metadata=None, connection=conn), upgrade, {None})
         assert upgrade.ops == []
     engine.dispose()
+
+
+def test_fingerprint_of_a_single_table_subclass_counter_names_its_rows() -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Topic(Base):
+        __tablename__ = "topics"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        entries_count: Mapped[int] = counter_cache("Entry.topic_id")
+        comments_count: Mapped[int] = counter_cache("Comment.topic_id")
+
+    class Entry(Base):
+        __tablename__ = "entries"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(sa.String(20))
+        topic_id: Mapped[int] = mapped_column(sa.ForeignKey("topics.id"))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "entry"}
+
+    class Comment(Entry):
+        __mapper_args__ = {"polymorphic_identity": "comment"}
+
+    counters = {c.key: c for c in counters_of(Base)}
+    base_parts = definition.definition(counters["topics.entries_count"])
+    sub_parts = definition.definition(counters["topics.comments_count"])
+    assert base_parts["rows"] is None
+    assert sub_parts["rows"] == "kind IN ('comment')"
+    assert definition.fingerprint(counters["topics.entries_count"]) != definition.fingerprint(
+        counters["topics.comments_count"]
+    )
+    assert any("'comment'" in c for c in definition.changes(base_parts, sub_parts))
+    # held until here: the declarative registry keeps classes only weakly
+    assert Topic.__name__ == "Topic" and Comment.__name__ == "Comment"
