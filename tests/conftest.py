@@ -17,6 +17,7 @@ import gc
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,15 +119,24 @@ def pg_admin() -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh schema of this test's own."""
+@contextlib.contextmanager
+def pg_schema_url(pg_admin: sa.Engine) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped on exit."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with pg_admin.connect() as conn:
         conn.execute(sa.schema.CreateSchema(schema))
-    yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    with pg_admin.connect() as conn:
-        conn.execute(sa.schema.DropSchema(schema, cascade=True))
+    try:
+        yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+
+
+@pytest.fixture
+def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema of this test's own."""
+    with pg_schema_url(pg_admin) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -142,15 +152,23 @@ def mariadb_admin() -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def mariadb_url(mariadb_admin: sa.Engine) -> Iterator[str]:
-    """A MariaDB URL on a fresh database of this test's own."""
+@contextlib.contextmanager
+def mariadb_database_url(mariadb_admin: sa.Engine) -> Iterator[str]:
+    """A MariaDB URL on a fresh database, dropped on exit."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with mariadb_admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
-    url = mariadb_admin.url.set(database=name)
-    yield url.render_as_string(hide_password=False)
-    drop_mariadb_database(mariadb_admin, name)
+    try:
+        yield mariadb_admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        drop_mariadb_database(mariadb_admin, name)
+
+
+@pytest.fixture
+def mariadb_url(mariadb_admin: sa.Engine) -> Iterator[str]:
+    """A MariaDB URL on a fresh database of this test's own."""
+    with mariadb_database_url(mariadb_admin) as url:
+        yield url
 
 
 def drop_mariadb_database(admin: sa.Engine, name: str) -> None:
@@ -167,6 +185,23 @@ def drop_mariadb_database(admin: sa.Engine, name: str) -> None:
             with contextlib.suppress(sa.exc.DBAPIError):  # it ended meanwhile
                 conn.execute(sa.text("kill :id"), {"id": session_id})
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+
+
+@contextlib.contextmanager
+def own_database(request: pytest.FixtureRequest, name: str, tmp_dir: Path) -> Iterator[str]:
+    """A URL on a fresh database of ``name`` (one of :data:`DATABASES`), dropped on exit.
+
+    For fixtures wider than one test (module-scoped projects), which cannot use
+    the per-test URL fixtures.
+    """
+    if name == "sqlite":
+        yield f"sqlite:///{tmp_dir / 'app.db'}"
+    elif name == "mariadb":
+        with mariadb_database_url(request.getfixturevalue("mariadb_admin")) as url:
+            yield url
+    else:
+        with pg_schema_url(request.getfixturevalue("pg_admin")) as url:
+            yield url
 
 
 def server_url_of(request: pytest.FixtureRequest, name: str) -> str:

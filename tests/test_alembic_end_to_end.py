@@ -10,7 +10,6 @@ assert one behaviour each on what was recorded.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import DATABASES, MARIADB_ADMIN_URL, PG_ADMIN_URL, drop_mariadb_database
+from conftest import DATABASES, own_database
 from projects import Project, body, init_template, make_project
-from sqlalchemy.engine import make_url
 
 COUNTERS = ("followers_count", "posts_count", "likes_total")
 
@@ -68,32 +66,14 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=DATABASES)
 def story(request: pytest.FixtureRequest, template: Path, tmp_path_factory) -> Iterator[Story]:
     root = tmp_path_factory.mktemp(request.param)
-    schema = database = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{root / 'app.db'}"
-    elif request.param == "mariadb":
-        database = f"t_{uuid.uuid4().hex[:12]}"
-        with request.getfixturevalue("mariadb_admin").connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {database} CHARACTER SET utf8mb4")
-        url = make_url(MARIADB_ADMIN_URL).set(database=database).render_as_string(False)
-    else:
-        admin = request.getfixturevalue("pg_admin")
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        with admin.connect() as conn:
-            conn.execute(sa.schema.CreateSchema(schema))
-        url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    engine = sa.create_engine(url)
-    story = Story(make_project(template, root / "project", url), engine)
-    try:
-        _walk(story)
-        yield story
-    finally:
-        engine.dispose()
-        if schema is not None:
-            with request.getfixturevalue("pg_admin").connect() as conn:
-                conn.execute(sa.schema.DropSchema(schema, cascade=True))
-        if database is not None:
-            drop_mariadb_database(request.getfixturevalue("mariadb_admin"), database)
+    with own_database(request, request.param, root) as url:
+        engine = sa.create_engine(url)
+        story = Story(make_project(template, root / "project", url), engine)
+        try:
+            _walk(story)
+            yield story
+        finally:
+            engine.dispose()
 
 
 def _walk(s: Story) -> None:

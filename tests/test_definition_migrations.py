@@ -11,7 +11,6 @@ exactness is judged with hand-written SQL for the definition in force.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL, REDIS_BASE
+from conftest import REDIS_BASE, RUN_ID, delete_namespace, own_database
 from projects import Project, body, clean_env, init_template, make_project
 
 MODELS = """
@@ -142,32 +141,25 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def story(request: pytest.FixtureRequest, template: Path, tmp_path_factory) -> Iterator[Story]:
     root = tmp_path_factory.mktemp(f"defs-{request.param}")
-    schema = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{root / 'app.db'}"
-    else:
-        admin = request.getfixturevalue("pg_admin")
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        with admin.connect() as conn:
-            conn.execute(sa.schema.CreateSchema(schema))
-        url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    engine = sa.create_engine(url)
-    s = Story(make_project(template, root / "project", url), engine)
-    try:
-        _walk(s)
-        yield s
-    finally:
-        engine.dispose()
-        import redis
+    with own_database(request, request.param, root) as url:
+        engine = sa.create_engine(url)
+        s = Story(make_project(template, root / "project", url), engine)
+        try:
+            _walk(s)
+            yield s
+        finally:
+            engine.dispose()
+            import redis
 
-        redis.Redis.from_url(_broker()).flushdb()
-        if schema is not None:
-            with request.getfixturevalue("pg_admin").connect() as conn:
-                conn.execute(sa.schema.DropSchema(schema, cascade=True))
+            delete_namespace(redis.Redis.from_url(REDIS_BASE), BROKER_NAMESPACE)
+
+
+#: This module's own Dramatiq key namespace: the test never flushes a Redis database.
+BROKER_NAMESPACE = f"cf-test-{RUN_ID}-definitions"
 
 
 def _broker() -> str:
-    return f"{REDIS_BASE}/14"
+    return f"{REDIS_BASE.rstrip('/')}/0?namespace={BROKER_NAMESPACE}"
 
 
 def _json(result: Any) -> Any:
