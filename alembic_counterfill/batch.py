@@ -156,7 +156,8 @@ def run_batch(
         chunk = _one_transaction(
             engine, counters, batch_id, pacing, throttle, statement_timeout_ms, first
         )
-        first = False
+        # A piece that gave way rolled back its attempt count: the next one counts it.
+        first = chunk.kind == _LOCKED and first
         run_id = chunk.run_id or run_id
         seconds = time.monotonic() - started
         if chunk.kind == _ALREADY:
