@@ -186,7 +186,11 @@ def enqueue(
 
 
 def _require_columns(engine: Any, counters: Sequence[Counter]) -> None:
-    """Refuse to work on counters whose column the database lacks (migration not run)."""
+    """Refuse to work on counters whose column the database lacks (migration not run).
+
+    Bookkeeping tables an older release created get the columns this one needs first.
+    """
+    p.upgrade_tables(engine)
     with engine.connect() as conn:
         missing = p.missing_columns(conn, counters)
     if missing:
@@ -362,6 +366,7 @@ def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bo
     declared, named = chosen_counters(settings, counters)
     chosen = named
     if not counters:
+        p.upgrade_tables(settings.engine())
         with settings.engine().connect() as conn:
             states = {s.counter: s.state for s in p.statuses(conn, [c.key for c in declared])}
         ready = (p.ACTIVE, p.UNKNOWN)
