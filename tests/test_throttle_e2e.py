@@ -198,3 +198,74 @@ def test_a_lock_held_by_the_app_makes_a_batch_give_way_and_status_says_why(
         gate.rollback()
         gate.close()
     _completed_exactly_once(pg, log)
+
+
+def _vacuum_pid(engine: sa.Engine, table: str) -> int | None:
+    """The backend vacuuming ``table`` (in this test's schema), if any."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT pid FROM pg_stat_progress_vacuum WHERE relid = to_regclass(:t) LIMIT 1"
+            ),
+            {"t": table},
+        ).scalar()
+
+
+def test_a_vacuum_on_the_parent_table_pauses_batches_until_it_ends(
+    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+) -> None:
+    """A slow manual VACUUM of users: batches pause, status and log say so, the run completes."""
+    seed(pg, users=20000, follows=1, posts=1)
+    with pg.begin() as conn:  # many pages of dead tuples: a vacuum that lasts minutes
+        conn.execute(sa.text("ALTER TABLE users SET (fillfactor = 10)"))
+        conn.execute(sa.text("UPDATE users SET name = name || ''"))
+    # One planned range of 20,000 parents, cut into pieces of at most 1,000: the
+    # worker checks the health signals between pieces.
+    project = Project(tmp_path / "p", pg_url, broker_url=redis_url, batch_size=20000)
+    assert project.cli("enqueue").exit_code == 0
+    vacuum = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    ended: list[BaseException | None] = []
+
+    def run_vacuum() -> None:
+        try:
+            with vacuum.connect() as conn:
+                # As slow as PostgreSQL allows: 100 ms of sleep per page or so.
+                conn.execute(sa.text("SET vacuum_cost_delay = 100"))
+                conn.execute(sa.text("SET vacuum_cost_limit = 1"))
+                conn.execute(sa.text("VACUUM users"))
+            ended.append(None)
+        except BaseException as exc:  # cancelled below: expected
+            ended.append(exc)
+
+    thread = threading.Thread(target=run_vacuum)
+    pid = None
+    try:
+        thread.start()
+        pid = wait_for(lambda: _vacuum_pid(pg, "users"), what="the VACUUM to start")
+        with project.worker(threads=1) as worker:
+            reason = "VACUUM is running on users"
+            wait_for(lambda: f"throttled: {reason}; pausing" in worker.log, what="a pause")
+            text, data = _status(project)
+            assert f"throttled: {reason}" in text
+            users = [s for s in data if s["counter"].startswith("users.")]
+            assert users and all(
+                s["activity"] == "throttled" and s["throttled"] == reason for s in users
+            )
+            (run,) = run_rows(pg)
+            assert run["state"] == progress.RUNNING  # paused, not failed
+            assert _vacuum_pid(pg, "users") == pid  # still the same vacuum
+            with pg.connect() as conn:  # end the vacuum, as if it had finished
+                assert conn.execute(sa.select(sa.func.pg_cancel_backend(pid))).scalar()
+            thread.join(timeout=60)
+            wait_for(
+                lambda: run_rows(pg)[0]["state"] == progress.DONE, timeout=120, what="the run"
+            )
+        log = worker.log
+    finally:
+        if pid is not None and thread.is_alive():
+            with pg.connect() as conn:
+                conn.execute(sa.select(sa.func.pg_cancel_backend(pid)))
+        thread.join(timeout=60)
+        vacuum.dispose()
+    assert ended and ended[0] is not None  # the vacuum was cancelled, not finished early
+    _completed_exactly_once(pg, log)
