@@ -136,6 +136,9 @@ batches_table = sa.Table(
     sa.Column("refusals", sa.Integer, nullable=False, server_default="0"),
     # Where the next transaction of this range starts (JSON key; NULL = at lo).
     sa.Column("cursor", sa.Text, nullable=True),
+    # Messages published for the batch (by enqueue, or by a worker deferring it);
+    # sent_at is the last one's time. See resend.py.
+    sa.Column("sends", sa.Integer, nullable=False, server_default="0"),
 )
 
 workers_table = sa.Table(
@@ -378,15 +381,16 @@ class CounterStatus:
         return dict(self.__dict__)
 
 
-def alive_workers(connection: Connection) -> int:
-    """Worker processes whose heartbeat is recent (0 before any worker ran)."""
+def alive_workers(connection: Connection, queue: str | None = None) -> int:
+    """Worker processes whose heartbeat is recent (0 before any worker ran), on ``queue`` if given."""
     if not sa.inspect(connection).has_table(workers_table.name):
         return 0
     w = workers_table
     since = now() - dt.timedelta(seconds=WORKER_ALIVE_SECONDS)
-    return connection.execute(
-        sa.select(sa.func.count()).select_from(w).where(w.c.seen_at >= since)
-    ).scalar_one()
+    stmt = sa.select(sa.func.count()).select_from(w).where(w.c.seen_at >= since)
+    if queue is not None:
+        stmt = stmt.where(w.c.queue == queue)
+    return connection.execute(stmt).scalar_one()
 
 
 def counter_rows(connection: Connection) -> dict[str, Any]:

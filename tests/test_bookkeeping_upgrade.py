@@ -44,7 +44,7 @@ NEW_COLUMNS = {
         "max_rows_per_second",
         "rate_next_at",
     ],
-    "counterfill_batches": ["refusals", "cursor"],
+    "counterfill_batches": ["refusals", "cursor", "sends"],
 }
 
 

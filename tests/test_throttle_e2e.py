@@ -1,4 +1,4 @@
-"""Throttling observed end to end: real worker subprocesses, real PostgreSQL locks, `status`.
+"""Throttling and re-sending end to end: real worker subprocesses, PostgreSQL locks, `status`.
 
 Each test holds real locks in test transactions (closed in ``finally``),
 waits on catalog facts (who blocks whom), never on durations, and judges the
@@ -7,6 +7,7 @@ run against an independent COUNT(*) (backfill_project.drift).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from backfill_project import Project, batch_rows, drift, run_rows, seed, wait_for
+from conftest import AMQP_URL, unavailable
 
 from alembic_counterfill import progress
 
@@ -65,7 +67,8 @@ def _ranges(engine: sa.Engine) -> list[tuple[int, int | None]]:
     def bound(text: str | None) -> int | None:
         return None if text is None else int(json.loads(text))
 
-    return [(bound(b["lo"]) or 1, bound(b["hi"])) for b in batch_rows(engine)]
+    rows = sorted(batch_rows(engine), key=lambda b: b["id"])
+    return [(bound(b["lo"]) or 1, bound(b["hi"])) for b in rows]
 
 
 def _status(project: Project) -> tuple[str, list[dict[str, Any]]]:
@@ -269,3 +272,60 @@ def test_a_vacuum_on_the_parent_table_pauses_batches_until_it_ends(
         vacuum.dispose()
     assert ended and ended[0] is not None  # the vacuum was cancelled, not finished early
     _completed_exactly_once(pg, log)
+
+
+def test_rabbitmq_enqueue_resends_only_unsent_stale_or_lost_batches(
+    tmp_path: Path, pg_url: str, pg: sa.Engine
+) -> None:
+    """RabbitMQ cannot list its messages: the bookkeeping decides what `enqueue` re-sends."""
+    import pika
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    except Exception as exc:
+        unavailable("RabbitMQ", exc)
+    seed(pg, users=400)
+    project = Project(tmp_path / "p", pg_url, broker_url=AMQP_URL, batch_size=50)
+    channel = connection.channel()
+
+    def queued() -> int:
+        return channel.queue_declare(project.queue, passive=True).method.message_count
+
+    def sends() -> list[int]:
+        return [b["sends"] for b in sorted(batch_rows(pg), key=lambda b: b["id"])]
+
+    try:
+        assert project.cli("enqueue").exit_code == 0
+        assert queued() == 8 and sends() == [1] * 8
+        again = project.cli("enqueue")  # fresh messages, still queued: nothing re-sent
+        assert again.exit_code == 0, again.output
+        assert "sent 0 batches" in again.output and "8 still queued from before" in again.output
+        assert queued() == 8 and sends() == [1] * 8
+
+        # One batch's message is older than resend_after_seconds and no worker
+        # picked it up: it is taken as lost and sent again, alone.
+        first = min(b["id"] for b in batch_rows(pg))
+        b = progress.batches_table
+        with pg.begin() as conn:
+            conn.execute(
+                sa.update(b)
+                .where(b.c.id == first)
+                .values(sent_at=progress.now() - dt.timedelta(hours=1))
+            )
+        assert project.cli("enqueue").exit_code == 0
+        assert queued() == 9 and sends() == [2] + [1] * 7
+
+        # The queue was purged and no worker is alive: every message is gone.
+        channel.queue_purge(project.queue)
+        result = project.cli("enqueue")
+        assert result.exit_code == 0 and "sent 8 batches" in result.output, result.output
+        assert queued() == 8 and sends() == [3] + [2] * 7
+
+        with project.worker(threads=2) as worker:
+            wait_for(lambda: run_rows(pg)[0]["state"] == progress.DONE, what="the run to end")
+        log = worker.log
+        _completed_exactly_once(pg, log)
+    finally:
+        for name in (project.queue, f"{project.queue}.DQ", f"{project.queue}.XQ"):
+            channel.queue_delete(name)
+        connection.close()
