@@ -329,3 +329,57 @@ def test_rabbitmq_enqueue_resends_only_unsent_stale_or_lost_batches(
         for name in (project.queue, f"{project.queue}.DQ", f"{project.queue}.XQ"):
             channel.queue_delete(name)
         connection.close()
+
+
+def test_replica_lag_above_the_bound_pauses_batches_until_the_replica_catches_up(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A real streaming replica whose replay is paused: batches pause, status says so."""
+    from replica import ReplicaPair
+
+    pair = ReplicaPair()
+    try:
+        pair.__enter__()
+    except Exception as exc:
+        unavailable("a private PostgreSQL primary with a streaming replica", exc)
+    primary = sa.create_engine(pair.url(pair.primary_port))
+    try:
+        seed(primary, users=5000, follows=1, posts=1)
+        url = pair.url(pair.primary_port)
+        project = Project(tmp_path / "p", url, broker_url=redis_url, batch_size=5000)
+        with open(project.ini, "a") as ini:
+            ini.write("max_replica_lag_seconds = 1\n")
+        assert project.cli("enqueue").exit_code == 0
+        pair.replay(paused=True)
+
+        def lagging() -> bool:
+            with primary.begin() as conn:  # some WAL for the replica to fall behind on
+                conn.execute(sa.text("UPDATE users SET name = name WHERE id = 1"))
+            return (pair.lag_seconds(primary) or 0) > 2
+
+        wait_for(lagging, what="the replica to lag")
+        with project.worker(threads=1) as worker:
+            wait_for(
+                lambda: re.search(r"throttled: replica lag [\d.]+s above 1s; pausing", worker.log),
+                what="a pause on replica lag",
+            )
+            text, data = _status(project)
+            assert re.search(r"throttled: replica lag [\d.]+s above 1s", text), text
+            users = [s for s in data if s["counter"].startswith("users.")]
+            assert users and all(
+                s["activity"] == "throttled"
+                and re.fullmatch(r"replica lag [\d.]+s above 1s", s["throttled"])
+                for s in users
+            )
+            assert run_rows(primary)[0]["state"] == progress.RUNNING
+            pair.replay(paused=False)
+            wait_for(
+                lambda: run_rows(primary)[0]["state"] == progress.DONE,
+                timeout=120,
+                what="the run to end once the replica caught up",
+            )
+        log = worker.log
+        _completed_exactly_once(primary, log)
+    finally:
+        primary.dispose()
+        pair.__exit__()
