@@ -429,4 +429,3 @@ def _new_run(
                 )
             )
     return run_id
-

@@ -246,7 +246,8 @@ def upgrade_tables(engine: sa.Engine) -> None:
             add_missing_columns(conn)
     except sa.exc.DBAPIError as exc:
         detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
         raise DatabaseError(
             f"the bookkeeping tables were created by an older alembic_counterfill and lack "
             f"{shown}; adding them failed ({detail}): run `alembic counterfill enqueue` "
@@ -382,7 +383,7 @@ class CounterStatus:
 
 
 def alive_workers(connection: Connection, queue: str | None = None) -> int:
-    """Worker processes whose heartbeat is recent (0 before any worker ran), on ``queue`` if given."""
+    """Worker processes with a recent heartbeat (0 before any worker ran), on ``queue`` if given."""
     if not sa.inspect(connection).has_table(workers_table.name):
         return 0
     w = workers_table

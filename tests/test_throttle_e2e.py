@@ -64,6 +64,7 @@ def _blocked_by(engine: sa.Engine, holders: Sequence[int]) -> dict[int, int]:
 
 def _ranges(engine: sa.Engine) -> list[tuple[int, int | None]]:
     """Each planned batch's ``[lo, hi)`` as user ids (``lo`` of an open range: 1)."""
+
     def bound(text: str | None) -> int | None:
         return None if text is None else int(json.loads(text))
 
@@ -260,9 +261,7 @@ def test_a_vacuum_on_the_parent_table_pauses_batches_until_it_ends(
             with pg.connect() as conn:  # end the vacuum, as if it had finished
                 assert conn.execute(sa.select(sa.func.pg_cancel_backend(pid))).scalar()
             thread.join(timeout=60)
-            wait_for(
-                lambda: run_rows(pg)[0]["state"] == progress.DONE, timeout=120, what="the run"
-            )
+            wait_for(lambda: run_rows(pg)[0]["state"] == progress.DONE, timeout=120, what="the run")
         log = worker.log
     finally:
         if pid is not None and thread.is_alive():
