@@ -186,3 +186,40 @@ def test_status_says_in_one_line_what_to_do_when_the_upgrade_is_refused(
         with pg_admin.connect() as conn:
             conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
             conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+
+
+def test_the_application_reads_counters_from_the_previous_releases_tables(
+    db: sa.Engine,
+) -> None:
+    """counter_value() on old tables: no error, no ALTER; live while pending, cached once active."""
+    import backfill_models as m
+    from sqlalchemy.orm import Session
+
+    from alembic_counterfill import read
+
+    seed(db, users=20)
+    _as_previous_release(db)
+    with db.connect() as conn:
+        truth = conn.execute(
+            sa.text("SELECT count(*) FROM follows WHERE followed_id = 7")
+        ).scalar_one()
+    read.clear_cache()
+    try:
+        with Session(db) as s:
+            user = s.get(m.User, 7)
+            assert user is not None
+            assert read.counter_value(s, user, "followers_count") == truth  # pending: live
+            cached = user.followers_count
+        with db.begin() as conn:
+            c = sa.table("counterfill_counters", sa.column("key"), sa.column("state"))
+            conn.execute(
+                sa.update(c).where(c.c.key == "users.followers_count").values(state="active")
+            )
+        read.clear_cache()
+        with Session(db) as s:
+            user = s.get(m.User, 7)
+            assert user is not None
+            assert read.counter_value(s, user, "followers_count") == cached  # active: the column
+    finally:
+        read.clear_cache()
+    assert not _current(db)  # reading never altered the tables
