@@ -339,6 +339,34 @@ def queued_batch_ids(broker: dramatiq.Broker, queue: str) -> set[int] | None:
     return found
 
 
+def queue_ready_count(broker: dramatiq.Broker, queue: str) -> int | None:
+    """Messages ready in ``queue`` and its delay queue on RabbitMQ (None: unknown).
+
+    Messages a worker holds (unacknowledged, or delayed in its memory) are not
+    counted: RabbitMQ returns them to the queue only if that worker dies.
+    """
+    counts = getattr(broker, "get_queue_message_counts", None)
+    if counts is None:
+        return None
+    try:
+        ready, delayed, _ = counts(queue)
+    except Exception as exc:  # unknown is safe: resend.py then relies on age alone
+        log.warning("cannot count the messages of queue %s: %s", queue, describe(exc))
+        return None
+    return int(ready) + int(delayed)
+
+
+def _note_sent(source: Source, batch_id: int) -> None:
+    """Stamp a worker's re-send of a batch, so ``enqueue`` knows its message is fresh."""
+    from .resend import note_sent
+
+    try:
+        with source.engine().begin() as conn:
+            note_sent(conn, [batch_id])
+    except Exception as exc:  # only makes a later `enqueue` re-send it sooner
+        log.warning("could not record the re-send of batch %s: %s", batch_id, describe(exc))
+
+
 def send_batches(broker: dramatiq.Broker, queue: str, batch_ids: Iterable[int]) -> int:
     """Send one ``counterfill_batch(batch_id)`` message per id; return how many were sent.
 
@@ -410,6 +438,7 @@ def declare_actors(
             refusals = mark_refused(source.engine(), batch_id, describe(exc))
             delay = min(max_backoff, min_backoff * 2 ** min(max(refusals - 1, 0), 16))
             broker.enqueue(_message(settings.queue, batch_id), delay=delay)
+            _note_sent(source, batch_id)
             return
         if outcome.yielded is not None:
             # Not done: paused, throttled or out of time. Leave it queued for
@@ -422,6 +451,7 @@ def declare_actors(
                 else None
             )
             broker.enqueue(_message(settings.queue, batch_id), delay=delay)
+            _note_sent(source, batch_id)
 
     actor: dramatiq.Actor[Any, Any] = dramatiq.actor(
         actor_name=BATCH_ACTOR,

@@ -67,9 +67,6 @@ class _Chunk:
 #: Chunk kinds.
 _APPLIED, _ALREADY, _PAUSED, _LOCKED = "applied", "done", "paused", "lock timeout"
 
-#: Seconds between checks of autovacuum and replica lag within one delivery.
-HEALTH_EVERY = 5.0
-
 #: Longest single back-off sleep (seconds).
 MAX_SLEEP = 10.0
 
@@ -150,13 +147,14 @@ def run_batch(
     throttle = throttle or Throttle()
     started = time.monotonic()
     changed, applied, first = 0, False, True
-    locked_in_a_row, next_health = 0, started + HEALTH_EVERY
+    locked_in_a_row = 0
     run_id = 0
     while True:
         chunk = _one_transaction(
             engine, counters, batch_id, pacing, throttle, statement_timeout_ms, first
         )
-        first = False
+        # A piece that gave way rolled back its attempt count: the next one counts it.
+        first = chunk.kind == _LOCKED and first
         run_id = chunk.run_id or run_id
         seconds = time.monotonic() - started
         if chunk.kind == _ALREADY:
@@ -190,8 +188,7 @@ def run_batch(
         wait = chunk.rate_wait
         if chunk.waiters:
             wait = max(wait, 0.2)  # let the waiting sessions through before the next piece
-        if chunk.table is not None and time.monotonic() >= next_health:
-            next_health = time.monotonic() + HEALTH_EVERY
+        if chunk.table is not None and signals.health_check_due(time.monotonic()):
             reason = _health_pause(
                 engine, chunk.table, throttle, batch_id, run_id, sleep, started, budget_seconds
             )

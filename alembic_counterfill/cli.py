@@ -242,6 +242,7 @@ def describe_counter(counter: Counter) -> str:
 def list_(settings: Settings, as_json: bool) -> None:
     """List the declared counters, what each one counts, and its state."""
     counters = settings.counters()
+    progress.upgrade_tables(settings.engine())  # tables of an older release: add columns
     found = {s.counter: s for s in _read_statuses(settings, counters)}
     states = {k: s.state for k, s in found.items()}
     if as_json:
@@ -370,6 +371,7 @@ def status(
     """
     chosen = cli_backfill.chosen_counters(settings, counters)[1]
     clear = watch and not as_json and sys.stdout.isatty()
+    progress.upgrade_tables(settings.engine())  # tables of an older release: add columns
     try:
         while True:
             current = _read_statuses(settings, chosen)
@@ -403,6 +405,7 @@ def cancel(settings: Settings, counters: tuple[str, ...]) -> None:
     """
     declared = {c.key for c in settings.counters()}
     r = progress.runs_table
+    progress.upgrade_tables(settings.engine())
     with settings.engine().begin() as conn:
         if not progress.has_tables(conn):
             click.echo("nothing to cancel: no backfill was ever planned in this database")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import sqlalchemy as sa
 
-from . import definition, monitor, pacing, planning, runner
+from . import definition, monitor, pacing, planning, resend, runner
 from . import progress as p
 from . import verify as verifying
 from .counters import Counter, select_counters
@@ -186,7 +186,11 @@ def enqueue(
 
 
 def _require_columns(engine: Any, counters: Sequence[Counter]) -> None:
-    """Refuse to work on counters whose column the database lacks (migration not run)."""
+    """Refuse to work on counters whose column the database lacks (migration not run).
+
+    Bookkeeping tables an older release created get the columns this one needs first.
+    """
+    p.upgrade_tables(engine)
     with engine.connect() as conn:
         missing = p.missing_columns(conn, counters)
     if missing:
@@ -208,11 +212,19 @@ def _send(
     A Ctrl-C while sending records the messages already sent and says how to
     send the rest; nothing is sent twice by the next ``enqueue``.
     """
-    from .actors import queued_batch_ids, redact, send_batches
+    from .actors import queue_ready_count, queued_batch_ids, redact, send_batches
 
     assert settings.broker_url is not None
     queued = queued_batch_ids(broker, settings.queue)
-    to_send = [i for i in plan.batch_ids if queued is None or i not in queued]
+    if queued is not None:
+        to_send = [i for i in plan.batch_ids if i not in queued]
+    else:  # RabbitMQ: the bookkeeping says what is still queued (resend.py)
+        ready = queue_ready_count(broker, settings.queue)
+        with engine.connect() as conn:
+            drained = ready == 0 and p.alive_workers(conn, settings.queue) == 0
+            to_send = resend.to_send(
+                conn, plan.batch_ids, settings.resend_after_seconds, queue_drained=drained
+            )
     skipped = len(plan.batch_ids) - len(to_send)
     sent = 0
     try:
@@ -225,7 +237,7 @@ def _send(
                 # must not be sent again; a batch marked sent whose message
                 # did not go out is re-sent by the next `enqueue`.
                 with engine.begin() as conn:
-                    planning.mark_sent(conn, chunk)
+                    resend.note_sent(conn, chunk)
             sent += len(chunk)
     except KeyboardInterrupt:
         click.echo(
@@ -362,6 +374,7 @@ def verify(settings: Settings, counters: tuple[str, ...], fix: bool, as_json: bo
     declared, named = chosen_counters(settings, counters)
     chosen = named
     if not counters:
+        p.upgrade_tables(settings.engine())
         with settings.engine().connect() as conn:
             states = {s.counter: s.state for s in p.statuses(conn, [c.key for c in declared])}
         ready = (p.ACTIVE, p.UNKNOWN)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from .errors import ConfigurationError, DatabaseError
 from .pacing import TARGET_SECONDS, Pacing
+from .resend import RESEND_AFTER_SECONDS
 from .signals import LOCK_TIMEOUT_MS, MAX_REPLICA_LAG_SECONDS, Throttle
 from .urls import redact
 
@@ -46,6 +47,8 @@ KEYS = frozenset(
         "max_replica_lag_seconds",
         "throttle_lock_waiters",
         "throttle_autovacuum",
+        # RabbitMQ: when `enqueue` re-sends a batch whose message may be lost (resend.py).
+        "resend_after_seconds",
     }
 )
 
@@ -64,6 +67,8 @@ class Settings:
     :param pacing: target duration and bounds of adaptive batch transactions.
     :param throttle: the database signals batches back off on.
     :param max_rows_per_second: optional rate limit of a backfill (parents per second).
+    :param resend_after_seconds: on RabbitMQ, age after which a sent batch that no
+        worker picked up is sent again by ``enqueue`` (see :mod:`.resend`).
     """
 
     metadata_path: str
@@ -76,6 +81,7 @@ class Settings:
     pacing: Pacing = field(default_factory=Pacing)
     throttle: Throttle = field(default_factory=Throttle)
     max_rows_per_second: float | None = None
+    resend_after_seconds: float = RESEND_AFTER_SECONDS
     _engine: sa.Engine | None = field(default=None, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -293,6 +299,7 @@ def from_alembic_config(cfg: Config) -> Settings:
         max_rows_per_second=(
             _number(rate, "max_rows_per_second", source, 5000) if rate not in (None, "") else None
         ),
+        resend_after_seconds=setting("resend_after_seconds", RESEND_AFTER_SECONDS, 300),
     )
 
 

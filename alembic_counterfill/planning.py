@@ -429,16 +429,3 @@ def _new_run(
                 )
             )
     return run_id
-
-
-def mark_sent(connection: Connection, batch_ids: Sequence[int]) -> None:
-    """Record that these batches were handed to the broker (done ones are left alone)."""
-    b = p.batches_table
-    now = p.now()
-    for start in range(0, len(batch_ids), 5000):
-        chunk = list(batch_ids[start : start + 5000])
-        connection.execute(
-            sa.update(b)
-            .where(b.c.id.in_(chunk), b.c.state.in_([p.BATCH_PENDING, p.BATCH_SENT]))
-            .values(state=p.BATCH_SENT, sent_at=now)
-        )

@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from .errors import DatabaseError
+
 #: MetaData of the library's own tables; never part of the user's models.
 bookkeeping = sa.MetaData()
 
@@ -134,6 +136,9 @@ batches_table = sa.Table(
     sa.Column("refusals", sa.Integer, nullable=False, server_default="0"),
     # Where the next transaction of this range starts (JSON key; NULL = at lo).
     sa.Column("cursor", sa.Text, nullable=True),
+    # Messages published for the batch (by enqueue, or by a worker deferring it);
+    # sent_at is the last one's time. See resend.py.
+    sa.Column("sends", sa.Integer, nullable=False, server_default="0"),
 )
 
 workers_table = sa.Table(
@@ -181,20 +186,73 @@ def ensure_tables(connection: Connection) -> None:
     add_missing_columns(connection)
 
 
+def outdated_columns(connection: Connection) -> list[tuple[sa.Table, sa.Column[Any]]]:
+    """Bookkeeping columns that existing tables lack (created by an older release)."""
+    inspector = sa.inspect(connection)
+    found = []
+    for table in bookkeeping.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        found += [(table, c) for c in table.columns if c.name not in present]
+    return found
+
+
 def add_missing_columns(connection: Connection) -> None:
-    """``ALTER TABLE … ADD COLUMN`` for each bookkeeping column an older install lacks."""
+    """``ALTER TABLE … ADD COLUMN`` for each bookkeeping column an older install lacks.
+
+    Race-free as table creation is: on PostgreSQL the same transaction-scoped
+    advisory lock serialises upgraders, and each looks again once it holds it;
+    elsewhere (DDL that commits at once, or SQLite's single writer) a column
+    another process added meanwhile makes ``ADD COLUMN`` fail, which is fine.
+    """
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
 
-    inspector = sa.inspect(connection)
-    ops: Operations | None = None
-    for table in bookkeeping.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
+    missing = outdated_columns(connection)
+    if not missing:
+        return
+    postgresql = connection.dialect.name == "postgresql"
+    if postgresql:
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK)))
+        missing = outdated_columns(connection)  # another process may have added them
+    ops = Operations(MigrationContext.configure(connection))
+    for table, column in missing:
+        try:
+            ops.add_column(table.name, column._copy())
+        except sa.exc.DBAPIError:
+            if postgresql:  # cannot race there, so a real error (e.g. no ALTER privilege)
+                raise
+            present = {c["name"] for c in sa.inspect(connection).get_columns(table.name)}
             if column.name not in present:
-                if ops is None:
-                    ops = Operations(MigrationContext.configure(connection))
-                ops.add_column(table.name, column._copy())
+                raise
+
+
+def upgrade_tables(engine: sa.Engine) -> None:
+    """Add the columns newer versions need to bookkeeping tables an older release created.
+
+    ``status``, ``verify`` and ``cancel`` call it, so an install upgraded
+    without running ``enqueue`` or a worker reads its bookkeeping; nothing
+    happens when the tables are current or absent. Raises
+    :class:`~.errors.DatabaseError` (one line, naming the fix) if the
+    database user may not alter them.
+    """
+    with engine.connect() as conn:
+        missing = [f"{t.name}.{c.name}" for t, c in outdated_columns(conn)]
+    if not missing:
+        return
+    try:
+        with engine.begin() as conn:
+            add_missing_columns(conn)
+    except sa.exc.DBAPIError as exc:
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        raise DatabaseError(
+            f"the bookkeeping tables were created by an older alembic_counterfill and lack "
+            f"{shown}; adding them failed ({detail}): run `alembic counterfill enqueue` "
+            "once as a database user allowed to ALTER the counterfill_* tables"
+        ) from None
 
 
 def has_tables(connection: Connection) -> bool:
@@ -324,15 +382,16 @@ class CounterStatus:
         return dict(self.__dict__)
 
 
-def alive_workers(connection: Connection) -> int:
-    """Worker processes whose heartbeat is recent (0 before any worker ran)."""
+def alive_workers(connection: Connection, queue: str | None = None) -> int:
+    """Worker processes with a recent heartbeat (0 before any worker ran), on ``queue`` if given."""
     if not sa.inspect(connection).has_table(workers_table.name):
         return 0
     w = workers_table
     since = now() - dt.timedelta(seconds=WORKER_ALIVE_SECONDS)
-    return connection.execute(
-        sa.select(sa.func.count()).select_from(w).where(w.c.seen_at >= since)
-    ).scalar_one()
+    stmt = sa.select(sa.func.count()).select_from(w).where(w.c.seen_at >= since)
+    if queue is not None:
+        stmt = stmt.where(w.c.queue == queue)
+    return connection.execute(stmt).scalar_one()
 
 
 def counter_rows(connection: Connection) -> dict[str, Any]:

@@ -64,11 +64,18 @@ def _lookup(conn: Connection, counter: Counter) -> bool:
     # autogenerate plugin was not enabled), so count live until verify or a
     # backfill records the counter. A recorded definition other than this
     # code's means the column follows another meaning: count live too.
-    if not p.has_tables(conn):
-        return False
+    inspector = sa.inspect(conn)
     c = p.counters_table
+    if not inspector.has_table(c.name):
+        return False
+    # Tables of an older release have no fingerprint yet (the next command
+    # adds it): the application reads them as they are, never altering them.
+    present = {col["name"] for col in inspector.get_columns(c.name)}
+    fingerprint = c.c.fingerprint if "fingerprint" in present else sa.null()
     row = conn.execute(
-        sa.select(c.c.state, c.c.activated_at, c.c.fingerprint).where(c.c.key == counter.key)
+        sa.select(c.c.state, c.c.activated_at, fingerprint.label("fingerprint")).where(
+            c.c.key == counter.key
+        )
     ).first()
     if row is None:
         return False

@@ -6,6 +6,7 @@ should slow down, or ``None``. Other databases report nothing.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -14,6 +15,12 @@ from sqlalchemy.engine import Connection
 #: Defaults of the throttle settings (config keys of the same names).
 LOCK_TIMEOUT_MS = 2_000
 MAX_REPLICA_LAG_SECONDS = 30.0
+
+#: Seconds between checks of autovacuum and replica lag by one worker process.
+HEALTH_EVERY = 5.0
+
+_health = {"due": 0.0}
+_health_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,7 @@ class Throttle:
         it the batch gives way (rolls back, backs off, shrinks) instead of
         queueing application writes behind it.
     :param lock_waiters: back off when sessions wait on a batch's locks.
-    :param autovacuum: pause while autovacuum works on the parent table.
+    :param autovacuum: pause while a vacuum (autovacuum or manual) works on the parent table.
     :param max_replica_lag_seconds: pause while a replica lags more than this.
     """
 
@@ -54,21 +61,29 @@ def lock_waiters(conn: Connection) -> str | None:
 
 
 def autovacuum(conn: Connection, table: sa.Table) -> str | None:
-    """Whether autovacuum is processing ``table`` right now, as a reason (or None)."""
+    """Whether a vacuum (autovacuum or a manual ``VACUUM``) is processing ``table``, as a reason.
+
+    Both count: either way the table is being cleaned of dead rows, and a
+    backfill rewriting rows meanwhile makes more of them and competes for the
+    same I/O, so backing off lets the vacuum finish sooner. ``VACUUM FULL``
+    is not listed (it locks the table, so batches wait on it anyway).
+    """
     if conn.dialect.name != "postgresql":
         return None
     name = f"{table.schema}.{table.name}" if table.schema else table.name
     vac = sa.table("pg_stat_progress_vacuum", sa.column("pid"), sa.column("relid"))
     act = sa.table("pg_stat_activity", sa.column("pid"), sa.column("backend_type"))
-    n = conn.execute(
-        sa.select(sa.func.count())
+    kind = conn.execute(
+        sa.select(act.c.backend_type)
         .select_from(vac.join(act, act.c.pid == vac.c.pid))
-        .where(
-            act.c.backend_type == "autovacuum worker",
-            vac.c.relid == sa.func.to_regclass(sa.literal(name, sa.Text)),
-        )
-    ).scalar_one()
-    return f"autovacuum is running on {table.name}" if n else None
+        .where(vac.c.relid == sa.func.to_regclass(sa.literal(name, sa.Text)))
+        .order_by(act.c.backend_type)
+        .limit(1)
+    ).scalar()
+    if kind is None:
+        return None
+    what = "autovacuum" if kind == "autovacuum worker" else "VACUUM"
+    return f"{what} is running on {table.name}"
 
 
 def replica_lag(conn: Connection, bound: float) -> str | None:
@@ -91,6 +106,21 @@ def health(conn: Connection, table: sa.Table, throttle: Throttle) -> str | None:
     if throttle.max_replica_lag_seconds:
         return replica_lag(conn, throttle.max_replica_lag_seconds)
     return None
+
+
+def health_check_due(now: float) -> bool:
+    """Whether this process should check :func:`health` at monotonic time ``now``.
+
+    At most once per :data:`HEALTH_EVERY` per process (all threads), and at
+    once in a fresh process. Process-wide rather than per delivery: most
+    deliveries end well within the interval, so a per-delivery clock would
+    never check at all.
+    """
+    with _health_lock:
+        if now < _health["due"]:
+            return False
+        _health["due"] = now + HEALTH_EVERY
+        return True
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
