@@ -19,9 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 
-from . import association, bulk_insert, bulk_modify
+from . import association, bulk_insert, bulk_modify, inheritance
+from .counters import counters_of_child
+from .errors import CounterfillError
 from .pause import is_paused
-from .plan import plan_for_statement
+from .plan import WritePlan, plan_for_statement
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,24 @@ def on_execute(state: ORMExecuteState) -> Result[Any] | None:
             desc_table,
         )
         return None
+    if isinstance(dml, sa.Delete):
+        _refuse_lossy_delete(state, plan, dml, desc_table if desc_table is not None else plan.table)
     if isinstance(dml, sa.Insert):
         return bulk_insert.run(state, plan, dml)
     if isinstance(dml, sa.Update) and not bulk_modify.may_change(state, plan, dml):
         return None
     return bulk_modify.run(state, plan, dml, wrapped)
+
+
+def _refuse_lossy_delete(state: ORMExecuteState, plan: WritePlan, dml: Any, table: Any) -> None:
+    """Refuse, before it runs, a DELETE leaving counted rows half-deleted or cascading unseen."""
+    problem = inheritance.delete_problem(plan.mapper, table, {c.child_table for c in plan.counters})
+    if problem is not None:
+        raise CounterfillError(problem)
+    hierarchy = plan.mapper.base_mapper.self_and_descendants
+    counted = {c.child_table for m in hierarchy for c in counters_of_child(m)}
+    for message, cascades in inheritance.cascade_checks(plan.mapper, counted):
+        # Only a DELETE that would really reach such rows is refused.
+        probe = sa.select(cascades.where(dml.whereclause) if dml.whereclause is not None else cascades)
+        if state.session.scalar(probe, state.parameters or {}):
+            raise CounterfillError(message)
