@@ -33,7 +33,7 @@ from sqlalchemy.orm import ORMExecuteState
 
 from . import innodb, sql, sqlite_lock
 from .deltas import add_rows, chunks, lock_first, new_deltas, settle
-from .plan import Key, WritePlan, reads_several_tables
+from .plan import Key, WritePlan, reads_several_tables, table_pk
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
 def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool) -> list[Any]:
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
+    if entity is None and dml.table is not plan.table and dml.table in set(plan.mapper.tables):
+        entity = plan.mapper  # Core, on another table of a joined subclass: read through its join
     where = dml.whereclause
     by_key = lock and innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect)
     if by_key:
@@ -180,6 +182,20 @@ def _matching_keys(state: ORMExecuteState, plan: WritePlan, dml: Any, entity: An
     return sorted(found)
 
 
+def _statement_pk(plan: WritePlan, dml: Any) -> list[sa.Column[Any]]:
+    """The key columns of the table ``dml`` writes, equal to the plan's keys row for row.
+
+    A statement on a joined subclass's own table (``update(Video)`` setting
+    ``videos`` columns) while its counters count base-table rows is restricted
+    by its own table's key: the plan's key would add the base table to the
+    statement as a cartesian product.
+    """
+    table = dml.entity_description.get("table")
+    if table is None or table is plan.table or table not in set(plan.mapper.tables):
+        return plan.pk_columns
+    return table_pk(plan.mapper, table)
+
+
 def _by_locked_keys(
     stmt: Any, plan: WritePlan, keys: list[Key], is_delete: bool, dialect: str, many: bool
 ) -> Any:
@@ -196,7 +212,7 @@ def _by_locked_keys(
         stmt = stmt._clone()
         stmt._where_criteria = (sa.false(),)
         return stmt
-    restriction = innodb.key_match(plan.pk_columns, keys, expanding=not many)
+    restriction = innodb.key_match(_statement_pk(plan, stmt), keys, expanding=not many)
     if not is_delete:
         return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
     stmt = stmt._clone()
@@ -364,7 +380,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name, state.is_executemany)
         options = _fetch_instead_of_evaluate(state, plan)
     elif restricted:
-        stmt = stmt.where(sql.keys_in(plan.pk_columns, keys, dialect.name))
+        stmt = stmt.where(sql.keys_in(_statement_pk(plan, dml), keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
 
     if returning:  # an UPDATE: its RETURNING gives the new state, even of moved keys
