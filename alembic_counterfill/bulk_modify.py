@@ -124,7 +124,10 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
         where = sql.keys_in(plan.pk_columns, part, name)
-        several = reads_several_tables(plan)  # a joined subclass: read through its join
+        # Counters over several tables of a joined subclass: read through its join.
+        # Counters over one table are expressions of its rows alone (reading
+        # through the join would miss a row whose subclass row is not there yet).
+        several = any(c.child_table is not plan.table for c in plan.counters)
         stmt = sql.matching_state(
             plan.counters,
             plan.pk_columns,
@@ -339,8 +342,11 @@ def _delete_returning(
     return result
 
 
-def _by_primary_key(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
-    """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
+def by_keys(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
+    """A statement reaching only rows ``keys``: lock and read them, run it, read them again.
+
+    Bulk UPDATE by primary key, and INSERTs into a joined subclass's own table.
+    """
     deltas = new_deltas()
     old = _state_by_keys(state.session, plan, keys, lock=True)
     add_rows(deltas, plan, old, -1)
@@ -363,7 +369,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     if not is_delete and state.is_executemany:
         keys = _param_keys(plan, state.parameters)
         if keys is not None:
-            return _by_primary_key(state, plan, keys)
+            return by_keys(state, plan, keys)
     if is_delete and returning:
         return _delete_returning(state, plan, dml, one_writer)
 

@@ -8,9 +8,11 @@ against the test's own COUNT/SUM (``inheritance_models.assert_exact``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from inheritance_models import (
     Base,
     Board,
@@ -264,4 +266,79 @@ def test_base_class_bulk_delete_with_cascade(db: sa.Engine) -> None:
             s.execute(sa.delete(Item).where(Item.board_id == 1))
         s.rollback()
     assert _counts(db)[0] == 3
+    assert_exact(db)
+
+
+def _upsert(engine: sa.Engine, cls: type, set_: tuple[str, ...], nothing: bool = False) -> Any:
+    """The backend's upsert of ``cls``: ON CONFLICT (id) DO UPDATE/NOTHING, ON DUPLICATE KEY."""
+    if engine.dialect.name in ("mysql", "mariadb"):
+        ins = mysql.insert(cls)
+        if nothing:
+            return ins.prefix_with("IGNORE")
+        return ins.on_duplicate_key_update({k: ins.inserted[k] for k in set_})
+    ins = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(cls)
+    if nothing:
+        return ins.on_conflict_do_nothing(index_elements=["id"])
+    return ins.on_conflict_do_update(
+        index_elements=["id"], set_={k: ins.excluded[k] for k in set_}
+    )
+
+
+def test_single_table_subclass_upserts(db: sa.Engine) -> None:
+    """Upserts of Note rows: new rows counted, existing rows moved and re-summed exactly."""
+    with Session(db) as s:
+        s.add_all([Note(id=1, topic_id=1, words=3, score=0.5), Comment(id=2, topic_id=1)])
+        s.commit()
+        rows = [
+            {"id": 1, "topic_id": 2, "words": 10, "score": 1.25},  # moves note 1
+            {"id": 3, "topic_id": 2, "words": 4, "score": 0.25},  # new
+        ]
+        s.execute(_upsert(db, Note, ("topic_id", "words", "score")), rows)
+        s.commit()
+        assert row(db, "topics", "entries_count, note_words, note_score", 2) == (2, 14, 1.5)
+        assert_exact(db)
+        s.execute(
+            _upsert(db, Note, (), nothing=True),
+            [{"id": 3, "topic_id": 1, "words": 99}, {"id": 4, "topic_id": 1, "words": 1}],
+        )
+        s.commit()
+        assert row(db, "topics", "entries_count, note_words", 1) == (2, 1)
+    assert_exact(db)
+
+
+def test_joined_subclass_upserts_are_refused_by_sqlalchemy(db: sa.Engine) -> None:
+    """SQLAlchemy itself refuses an upsert of a two-table class: nothing written, exact."""
+    with Session(db) as s:
+        s.add(Video(id=1, board_id=1, seconds=90, rating=0.5))
+        s.commit()
+        before = _counts(db)
+        stmt = _upsert(db, Video, ("seconds", "rating"))
+        with pytest.raises(sa.exc.InvalidRequestError, match="not supported for multi-table"):
+            s.execute(stmt, [{"id": 1, "board_id": 1, "seconds": 10}, {"id": 2, "board_id": 2}])
+        s.rollback()
+    assert _counts(db) == before
+    assert_exact(db)
+
+
+def test_core_insert_into_a_subclass_table(db: sa.Engine) -> None:
+    """Core INSERTs into items then videos, through the Session (videos rows decide sums)."""
+    items, videos = Item.__table__, Video.__table__
+    with Session(db) as s:
+        s.execute(sa.insert(items), [{"id": 5, "type": "video", "board_id": 1}])
+        s.execute(sa.insert(videos), [{"id": 5, "seconds": 70, "rating": 0.5}])
+        s.commit()
+        assert row(db, "boards", VIDEO_COLS, 1) == (70, 1, 0.5)
+    assert_exact(db)
+
+
+def test_core_insert_into_a_subclass_table_read_by_counters_is_refused(db: sa.Engine) -> None:
+    """``pins`` rows feed counters over two tables: a Core INSERT into pins alone is refused."""
+    items, pins = Item.__table__, Pin.__table__
+    with Session(db) as s:
+        s.execute(sa.insert(items), [{"id": 5, "type": "item", "board_id": 1}])
+        s.commit()
+        with pytest.raises(CounterfillError, match=r"insert\(Pin\)"):
+            s.execute(sa.insert(pins), [{"id": 5, "hot": True, "origin_id": 2}])
+        s.rollback()
+    assert _counts(db) == (1, 0, 0)
     assert_exact(db)
