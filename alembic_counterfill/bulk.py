@@ -69,9 +69,13 @@ def _refuse_lossy_delete(state: ORMExecuteState, plan: WritePlan, dml: Any, tabl
     counted = {c.child_table for m in hierarchy for c in counters_of_child(m)}
     for message, cascades in inheritance.cascade_checks(plan.mapper, counted):
         # Only a DELETE that would really reach such rows is refused.
-        probe = sa.select(cascades.where(dml.whereclause) if dml.whereclause is not None else cascades)
-        if state.session.scalar(probe, state.parameters or {}):
-            raise CounterfillError(message)
+        probe = sa.select(
+            cascades.where(dml.whereclause) if dml.whereclause is not None else cascades
+        )
+        params: Any = state.parameters
+        for one in params if isinstance(params, list) else [params or {}]:
+            if state.session.execute(probe, one).scalar():
+                raise CounterfillError(message)
 
 
 def _core_into_subclass_table(plan: WritePlan, dml: Any, table: Any) -> bool:
@@ -85,7 +89,7 @@ def _core_into_subclass_table(plan: WritePlan, dml: Any, table: Any) -> bool:
 
 
 def _insert_into_own_table(
-    state: ORMExecuteState, plan: WritePlan, dml: Any, table: sa.Table
+    state: ORMExecuteState, plan: WritePlan, dml: Any, table: Any
 ) -> Result[Any]:
     """A Core INSERT into a joined subclass's own table: it changes what base rows count as.
 

@@ -85,9 +85,7 @@ def _default(column: sa.Column[Any]) -> Any:
     return UNKNOWN
 
 
-def column_values(
-    plan: WritePlan, rows: list[dict[Any, Any]], column: sa.Column[Any]
-) -> list[Any]:
+def column_values(plan: WritePlan, rows: list[dict[Any, Any]], column: sa.Column[Any]) -> list[Any]:
     try:
         attr = plan.mapper.get_property_by_column(column).key
     except sa.orm.exc.UnmappedColumnError:  # a column only Core statements can set

@@ -68,10 +68,10 @@ def localize(
 def value_over(
     mapper: Mapper[Any], table: sa.Table, column: sa.Column[Any]
 ) -> sa.ColumnElement[Any]:
-    """``column`` (of another table of ``mapper``) read for a row of ``table``: a correlated scalar."""
+    """``column``, of another table of ``mapper``, read for a row of ``table`` (scalar subquery)."""
     if column.table is table:
         return column
-    found = sa.select(column).where(_pk_join(mapper, column.table, table))  # type: ignore[arg-type]
+    found = sa.select(column).where(_pk_join(mapper, column.table, table))
     return found.correlate(table).scalar_subquery()
 
 
@@ -140,14 +140,20 @@ def delete_problem(mapper: Mapper[Any], table: Any, fed: set[sa.Table]) -> str |
     only: the base rows stay, so counters over the base table would go on
     counting half-deleted rows.
     """
-    if mapper.single or mapper.inherits is None or table is not mapper.local_table:
+    own = mapper.local_table
+    if (
+        mapper.single
+        or mapper.inherits is None
+        or not isinstance(own, sa.Table)
+        or table is not own
+    ):
         return None
-    left = sorted({t.name for t in fed} - {table.name})
+    left = sorted({t.name for t in fed} - {own.name})
     if not left:
         return None
     base = mapper.base_mapper.class_.__name__
     return (
-        f"DELETE of {mapper.class_.__name__} deletes rows of {table.name!r} only and leaves "
+        f"DELETE of {mapper.class_.__name__} deletes rows of {own.name!r} only and leaves "
         f"their {', '.join(repr(t) for t in left)} rows, which counters count; delete the "
         f"objects with session.delete(), or delete({base}) with ON DELETE CASCADE"
     )

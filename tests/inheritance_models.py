@@ -83,9 +83,7 @@ class Pin(Item):
 class Video(Item):
     __tablename__ = "videos"
     # ON DELETE CASCADE: delete(Item) removes videos rows too (no counter counts them).
-    id: Mapped[int] = mapped_column(
-        sa.ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
-    )
+    id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
     seconds: Mapped[int] = mapped_column(default=0)
     rating: Mapped[float] = mapped_column(sa.Float, default=0.0)
     __mapper_args__ = {"polymorphic_identity": "video"}

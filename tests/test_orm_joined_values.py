@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from inheritance_models import (
     Base,
     Board,
@@ -25,6 +24,7 @@ from inheritance_models import (
     Video,
     assert_exact,
 )
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from alembic_counterfill import counter_value, counters_of
@@ -148,7 +148,9 @@ def test_joined_sum_verify_backfill_and_reads(db: sa.Engine) -> None:
     counters = counters_of(Base)
     assert verify(db, counters) == []
     with db.begin() as conn:  # drift them the way raw SQL would
-        conn.execute(sa.text("UPDATE boards SET video_seconds = 7, long_videos = 9, video_rating = 3"))
+        conn.execute(
+            sa.text("UPDATE boards SET video_seconds = 7, long_videos = 9, video_rating = 3")
+        )
         conn.execute(sa.text("UPDATE topics SET note_score = 0.5"))
     fixed = verify(db, counters, fix=True)
     assert {d.column for d in fixed} >= {"video_seconds", "long_videos", "video_rating"}
@@ -160,7 +162,9 @@ def test_joined_sum_verify_backfill_and_reads(db: sa.Engine) -> None:
         assert counter_value(s, board, "video_rating") == 0.5
         assert counter_value(s, s.get(Topic, 1), "note_score") == 3.75
     with db.begin() as conn:  # as after adding the columns: every counter at 0
-        conn.execute(sa.text("UPDATE boards SET video_seconds = 0, long_videos = 0, video_rating = 0"))
+        conn.execute(
+            sa.text("UPDATE boards SET video_seconds = 0, long_videos = 0, video_rating = 0")
+        )
         conn.execute(sa.text("UPDATE topics SET note_score = 0"))
     by_key = {c.key: c for c in counters}
     with db.begin() as conn:
@@ -279,9 +283,7 @@ def _upsert(engine: sa.Engine, cls: type, set_: tuple[str, ...], nothing: bool =
     ins = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(cls)
     if nothing:
         return ins.on_conflict_do_nothing(index_elements=["id"])
-    return ins.on_conflict_do_update(
-        index_elements=["id"], set_={k: ins.excluded[k] for k in set_}
-    )
+    return ins.on_conflict_do_update(index_elements=["id"], set_={k: ins.excluded[k] for k in set_})
 
 
 def test_single_table_subclass_upserts(db: sa.Engine) -> None:
