@@ -299,6 +299,11 @@ def _rowless(result: Any) -> None:
         result.cursor_strategy = no_rows
 
 
+def _synchronize(state: ORMExecuteState) -> Any:
+    """The statement's ``synchronize_session`` (public execution options; SQLAlchemy's default)."""
+    return state.execution_options.get("synchronize_session", "auto")
+
+
 def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: WritePlan) -> dict[str, Any]:
     """Execution options for a statement carrying our key restriction.
 
@@ -307,7 +312,7 @@ def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: WritePlan) -> dict[
     session holds no object of the child class there is nothing to
     synchronize, and ``False`` skips fetch's per-row work.
     """
-    if state.update_delete_options._synchronize_session not in ("auto", "evaluate"):
+    if _synchronize(state) not in ("auto", "evaluate"):
         return {}
     loaded = any(s.mapper.isa(plan.mapper) for s in state.session.identity_map.all_states())
     return {"synchronize_session": "fetch" if loaded else False}
@@ -334,7 +339,7 @@ def _delete_returning(
     stmt = stmt.return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
     result = state.invoke_statement(statement=stmt, execution_options=options)
     deleted = list(getattr(result, "returned_defaults_rows", None) or ())
-    if state.update_delete_options._synchronize_session != "fetch":
+    if _synchronize(state) != "fetch":
         _rowless(result)
     deltas = new_deltas()
     add_rows(deltas, plan, deleted, -1)
@@ -397,7 +402,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         result = state.invoke_statement(statement=stmt, execution_options=options)
         result.all()  # drain the replayed rows: the caller's statement returned none
         add_rows(deltas, plan, list(getattr(result, "returned_defaults_rows", None) or ()), +1)
-        if state.update_delete_options._synchronize_session != "fetch":
+        if _synchronize(state) != "fetch":
             _rowless(result)
         settle(session, deltas)
         return result

@@ -510,6 +510,9 @@ def retry_failed(mapper: Mapper[Any]) -> None:
     initialize"; the declaration is resolved again instead, and fails again
     with its own message unless it was fixed (a late import, say).
     """
+    # SQLAlchemy internal (no public API clears a failed configuration): it keeps
+    # a hook's error in ``mapper._configure_failed``; checked by
+    # tests/test_orm_sqlalchemy_internals.py so a change fails loudly.
     if mapper in _failed and _failed[mapper] is getattr(mapper, "_configure_failed", None):
         mapper.__dict__.pop("_configure_failed", None)
 
@@ -536,6 +539,9 @@ def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
     try:
         resolved = [(spec, resolve(mapper, column, spec)) for column, spec in pending]
     except CounterDeclarationError as exc:
+        # SQLAlchemy internals, kept because no public API marks a registry as
+        # needing configuration again: without them the next configuration
+        # would be a no-op (tests/test_orm_sqlalchemy_internals.py guards them).
         mapper.configured = False
         mapper.registry._new_mappers = True
         _failed[mapper] = exc

@@ -19,6 +19,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import visitors
+
+# SQLAlchemy internal: no public API drops ORM annotations from an expression
+# (guarded by tests/test_orm_sqlalchemy_internals.py).
 from sqlalchemy.sql.annotation import _deep_deannotate
 
 

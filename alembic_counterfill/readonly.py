@@ -47,7 +47,10 @@ def protect(parent: Mapper[Any], attr_key: str) -> bool:
     keys.add(attr_key)
     prop = parent.get_property(attr_key)
     if type(prop) is ColumnProperty:
-        prop.__class__ = CounterColumnProperty  # same layout (no slots added): merge() only
+        # SQLAlchemy has no merge event; swapping the class (same layout, no slots
+        # added) overrides merge() only. tests/test_orm_sqlalchemy_internals.py
+        # checks merge()'s signature so a change fails loudly.
+        prop.__class__ = CounterColumnProperty
     return True
 
 
