@@ -344,3 +344,11 @@ def test_core_insert_into_a_subclass_table_read_by_counters_is_refused(db: sa.En
         s.rollback()
     assert _counts(db) == (1, 0, 0)
     assert_exact(db)
+
+
+def test_cli_describes_a_joined_sum_by_its_own_table() -> None:
+    from alembic_counterfill.cli import describe_counter
+
+    by_key = {c.key: c for c in counters_of(Base)}
+    text = describe_counter(by_key["boards.video_seconds"])
+    assert text.startswith("SUM(videos.seconds) BY items.board_id"), text
