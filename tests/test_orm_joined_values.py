@@ -273,7 +273,7 @@ def test_base_class_bulk_delete_with_cascade(db: sa.Engine) -> None:
     assert_exact(db)
 
 
-def _upsert(engine: sa.Engine, cls: type, set_: tuple[str, ...], nothing: bool = False) -> Any:
+def _upsert(engine: sa.Engine, cls: Any, set_: tuple[str, ...], nothing: bool = False) -> Any:
     """The backend's upsert of ``cls``: ON CONFLICT (id) DO UPDATE/NOTHING, ON DUPLICATE KEY."""
     if engine.dialect.name in ("mysql", "mariadb"):
         ins = mysql.insert(cls)
@@ -330,6 +330,10 @@ def test_core_insert_into_a_subclass_table(db: sa.Engine) -> None:
         s.execute(sa.insert(videos), [{"id": 5, "seconds": 70, "rating": 0.5}])
         s.commit()
         assert row(db, "boards", VIDEO_COLS, 1) == (70, 1, 0.5)
+        # An upsert into the subclass table alone: the existing row's values change.
+        s.execute(_upsert(db, videos, ("seconds",)), [{"id": 5, "seconds": 12, "rating": 9.0}])
+        s.commit()
+        assert row(db, "boards", VIDEO_COLS, 1) == (12, 0, 0.5)
     assert_exact(db)
 
 
