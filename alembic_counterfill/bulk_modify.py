@@ -33,6 +33,7 @@ from sqlalchemy.orm import ORMExecuteState
 
 from . import innodb, sql, sqlite_lock
 from .deltas import add_rows, chunks, lock_first, new_deltas, settle
+from .errors import CounterfillError
 from .plan import Key, WritePlan, reads_several_tables, table_pk
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,42 @@ def _matching_keys(state: ORMExecuteState, plan: WritePlan, dml: Any, entity: An
     for one in params if isinstance(params, list) else [params]:
         found.update(tuple(row) for row in state.session.execute(probe, one or None))
     return sorted(found)
+
+
+def _own_table(plan: WritePlan, dml: Any) -> sa.Table:
+    """The table ``dml`` writes (the plan's, unless it names another table of the class)."""
+    table = dml.entity_description.get("table")
+    return table if isinstance(table, sa.Table) else plan.table
+
+
+def _guarded(
+    state: ORMExecuteState, plan: WritePlan, stmt: Any, options: Any, seen: int
+) -> Result[Any]:
+    """Run an unrestricted multi-table UPDATE (SQLite) in a savepoint; refuse it if it reached
+    rows the library did not read.
+
+    ``update(Pin).where(Pin.board_id == 1)`` names a base-table column without
+    the key join: SQLAlchemy runs it as a cartesian product that updates every
+    ``pins`` row, while the rows read first are those of the joined class.
+    """
+    conn = state.session.connection(bind_arguments={"mapper": plan.mapper})
+    savepoint = conn.begin_nested()
+    try:
+        result = state.invoke_statement(statement=stmt, execution_options=options)
+        rowcount = getattr(result, "rowcount", -1)
+    except BaseException:
+        savepoint.rollback()
+        raise
+    if isinstance(rowcount, int) and rowcount > seen:
+        savepoint.rollback()
+        name = plan.mapper.class_.__name__
+        raise CounterfillError(
+            f"UPDATE of {name} changed {rowcount} rows where its WHERE, joined by key, matches "
+            f"{seen}: the WHERE names another table without a join (a cartesian product); "
+            f"write it as {name}.id.in_(select({name}.id).where(...)) (nothing was written)"
+        )
+    savepoint.commit()
+    return result
 
 
 def _statement_pk(plan: WritePlan, dml: Any) -> list[sa.Column[Any]]:
@@ -407,7 +444,10 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         settle(session, deltas)
         return result
 
-    result = state.invoke_statement(statement=stmt, execution_options=options)
+    if one_writer and not is_delete and _multitable(dml.whereclause, _own_table(plan, dml)):
+        result = _guarded(state, plan, stmt, options, len(keys))
+    else:
+        result = state.invoke_statement(statement=stmt, execution_options=options)
     if not is_delete and bool(written(state, dml) & set(_key_names(plan))):
         if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
             # Keys moved and there is no UPDATE … RETURNING: recount every

@@ -7,6 +7,7 @@ against the test's own COUNT/SUM (``inheritance_models.assert_exact``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -356,3 +357,28 @@ def test_cli_describes_a_joined_sum_by_its_own_table() -> None:
     by_key = {c.key: c for c in counters_of(Base)}
     text = describe_counter(by_key["boards.video_seconds"])
     assert text.startswith("SUM(videos.seconds) BY items.board_id"), text
+
+
+def test_cartesian_update_of_a_joined_subclass(db: sa.Engine) -> None:
+    """update(Pin).where(Pin.board_id == 1): no key join, so SQLAlchemy updates every pin.
+
+    On SQLite the library refuses it (nothing written); elsewhere its key
+    restriction limits it to the rows of the joined class. Exact either way.
+    """
+    with Session(db) as s:
+        s.add_all([Pin(board_id=1), Pin(board_id=2), Pin(board_id=3, hot=True)])
+        s.commit()
+        stmt = sa.update(Pin).where(Pin.board_id == 1).values(hot=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sa.exc.SAWarning)  # SQLAlchemy's cartesian warning
+            if db.dialect.name == "sqlite":
+                with pytest.raises(CounterfillError, match="cartesian"):
+                    s.execute(stmt)
+                s.rollback()
+            else:
+                s.execute(stmt)
+                s.commit()
+    assert_exact(db)
+    with db.connect() as conn:
+        hot = conn.execute(sa.text("SELECT id FROM pins WHERE hot ORDER BY id")).scalars().all()
+    assert hot == ([3] if db.dialect.name == "sqlite" else [1, 3])
