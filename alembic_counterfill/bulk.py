@@ -6,7 +6,10 @@ with a WHERE, and bulk UPDATE by primary key, unless :func:`.pause.paused` is
 in effect, and hands them to :mod:`.bulk_insert` or :mod:`.bulk_modify`,
 which run the caller's statement and settle the deltas like a flush's
 (:mod:`.deltas`); statements on a counted association table go to
-:mod:`.association`. Core ``Connection.execute`` and raw SQL never reach a
+:mod:`.association`. Inheritance: a bulk DELETE of a joined subclass (which
+leaves its base rows) or one a database cascade would carry into counted
+subclass rows is refused before it runs, and a Core INSERT into a joined
+subclass's own table is followed by key (:func:`.bulk_modify.by_keys`). Core ``Connection.execute`` and raw SQL never reach a
 session hook: ``alembic counterfill verify --fix`` repairs what they change.
 """
 
