@@ -9,8 +9,8 @@ which run the caller's statement and settle the deltas like a flush's
 :mod:`.association`. Inheritance: a bulk DELETE of a joined subclass (which
 leaves its base rows) or one a database cascade would carry into counted
 subclass rows is refused before it runs, and a Core INSERT into a joined
-subclass's own table is followed by key (:func:`.bulk_modify.by_keys`). Core ``Connection.execute`` and raw SQL never reach a
-session hook: ``alembic counterfill verify --fix`` repairs what they change.
+subclass's own table is followed by key (:func:`.bulk_modify.by_keys`).
+Core ``Connection.execute`` and raw SQL never reach a session hook: ``alembic counterfill verify --fix`` repairs what they change.
 """
 
 from __future__ import annotations
