@@ -10,7 +10,8 @@ which run the caller's statement and settle the deltas like a flush's
 leaves its base rows) or one a database cascade would carry into counted
 subclass rows is refused before it runs, and a Core INSERT into a joined
 subclass's own table is followed by key (:func:`.bulk_modify.by_keys`).
-Core ``Connection.execute`` and raw SQL never reach a session hook: ``alembic counterfill verify --fix`` repairs what they change.
+Core ``Connection.execute`` and raw SQL never reach a session hook:
+``alembic counterfill verify --fix`` repairs what they change.
 """
 
 from __future__ import annotations
