@@ -89,7 +89,11 @@ def discard_assignments(session: Session, flush_context: Any, instances: Any) ->
         if not keys:
             continue
         state: InstanceState[Any] = instance_state(obj)
-        changed = [k for k in keys if state.attrs[k].history.has_changes()]
+        # Any assigned attribute has its previous value in committed_state; a
+        # lookup there costs a fraction of computing its history (12 ms per
+        # flush of 100 dirty parents with collections, bench/live_overhead.py).
+        committed = state.committed_state
+        changed = [k for k in keys if k in committed]
         if not changed:
             continue
         if state.key is None:  # pending: the INSERT takes the column default
