@@ -18,7 +18,8 @@ OLDEST_STAMP := $(OLDEST)/.installed
 TEST_DEPS := pytest pytest-timeout "hypothesis>=6.100" asyncpg aiosqlite greenlet
 
 OLDEST_TESTS ?= tests/test_live.py tests/test_bulk_forms.py tests/test_orm_writes.py \
-	tests/test_orm_inheritance.py tests/test_async_sessions.py tests/test_alembic_end_to_end.py
+	tests/test_orm_inheritance.py tests/test_orm_joined_values.py tests/test_orm_sqlalchemy_internals.py \
+	tests/test_async_sessions.py tests/test_alembic_end_to_end.py
 
 USERS ?= 100000
 DATABASE_URL ?=

@@ -10,6 +10,7 @@ user-supplied text, and it travels as a bound parameter.
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,15 @@ def array_bind(name: str, type_: sa.types.TypeEngine[Any]) -> sa.ColumnElement[A
 
 def array_value(values: Sequence[Any], type_: sa.types.TypeEngine[Any]) -> Any:
     """The value of an :func:`array_bind` parameter of ``type_`` holding ``values``."""
-    return _literal(values) if _textual(type_) else list(values)
+    if _textual(type_):
+        return _literal(values)
+    # psycopg refuses a list mixing int and float/Decimal (a zero delta next to a
+    # fractional one): give every element the column's Python type.
+    if isinstance(type_, sa.Float):
+        return [None if v is None else float(v) for v in values]
+    if isinstance(type_, sa.Numeric):
+        return [None if v is None else decimal.Decimal(v) for v in values]
+    return list(values)
 
 
 def array_param(

@@ -55,7 +55,7 @@ def _value(value: Any) -> Any:
     return value
 
 
-def _rows(state: ORMExecuteState, dml: Any) -> list[dict[Any, Any]]:
+def rows_of(state: ORMExecuteState, dml: Any) -> list[dict[Any, Any]]:
     """The inserted rows as ``{name: value}``, from parameters, ``values()`` or multi-VALUES."""
     fixed = {_name(k): v for k, v in (dml._values or {}).items()}
     if dml._multi_values:
@@ -85,9 +85,7 @@ def _default(column: sa.Column[Any]) -> Any:
     return UNKNOWN
 
 
-def _column_values(
-    plan: WritePlan, rows: list[dict[Any, Any]], column: sa.Column[Any]
-) -> list[Any]:
+def column_values(plan: WritePlan, rows: list[dict[Any, Any]], column: sa.Column[Any]) -> list[Any]:
     try:
         attr = plan.mapper.get_property_by_column(column).key
     except sa.orm.exc.UnmappedColumnError:  # a column only Core statements can set
@@ -123,7 +121,7 @@ def _conflict_rows(
         key_sets += [list(i.columns) for i in table.indexes if i.unique]
     found: list[Any] = []
     for cols in key_sets:
-        values = list(zip(*[_column_values(plan, rows, c) for c in cols], strict=True))
+        values = list(zip(*[column_values(plan, rows, c) for c in cols], strict=True))
         if any(v is UNKNOWN for t in values for v in t):
             return None
         for part in chunks(sorted(set(values), key=repr)):
@@ -189,7 +187,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
         _warn(plan, lost)
         return result
 
-    rows = _rows(state, dml)
+    rows = rows_of(state, dml)
     if _moves_existing(plan, dml):
         existing = _conflict_rows(state, plan, dml, rows)
         if existing is None:
@@ -199,11 +197,11 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
                 for i, counter in enumerate(plan.counters):
                     recounts[counter].add(row._mapping[f"k{i}"])
 
-    known = {c: set(_column_values(plan, rows, c.fk)) - {UNKNOWN} for c in plan.counters}
+    known = {c: set(column_values(plan, rows, c.fk)) - {UNKNOWN} for c in plan.counters}
     lock_first(session, {c: known[c] | recounts.get(c, set()) for c in plan.counters})
     result = state.invoke_statement()
     for counter in plan.counters:
-        fks = _column_values(plan, rows, counter.fk)
+        fks = column_values(plan, rows, counter.fk)
         if any(fk is UNKNOWN for fk in fks):
             lost.append(counter)
             continue
@@ -212,7 +210,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
             per_parent: dict[Any, Any] = Tally(fk for fk in fks if fk is not None)
         elif exact and counter.summed is not None:
             per_parent = defaultdict(int)
-            for fk, v in zip(fks, _column_values(plan, rows, counter.summed), strict=True):
+            for fk, v in zip(fks, column_values(plan, rows, counter.summed), strict=True):
                 if v is UNKNOWN:
                     exact = False
                     break

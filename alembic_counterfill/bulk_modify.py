@@ -33,7 +33,8 @@ from sqlalchemy.orm import ORMExecuteState
 
 from . import innodb, sql, sqlite_lock
 from .deltas import add_rows, chunks, lock_first, new_deltas, settle
-from .plan import Key, WritePlan, reads_several_tables
+from .errors import CounterfillError
+from .plan import Key, WritePlan, reads_several_tables, table_pk
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,10 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
     keys = sorted(keys)
     for part in [keys] if name == "postgresql" else chunks(keys):
         where = sql.keys_in(plan.pk_columns, part, name)
-        several = reads_several_tables(plan)  # a joined subclass: read through its join
+        # Counters over several tables of a joined subclass: read through its join.
+        # Counters over one table are expressions of its rows alone (reading
+        # through the join would miss a row whose subclass row is not there yet).
+        several = any(c.child_table is not plan.table for c in plan.counters)
         stmt = sql.matching_state(
             plan.counters,
             plan.pk_columns,
@@ -140,6 +144,8 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
 def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool) -> list[Any]:
     """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
     entity = dml.entity_description.get("entity")
+    if entity is None and dml.table is not plan.table and dml.table in set(plan.mapper.tables):
+        entity = plan.mapper  # Core, on another table of a joined subclass: read through its join
     where = dml.whereclause
     by_key = lock and innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect)
     if by_key:
@@ -180,6 +186,56 @@ def _matching_keys(state: ORMExecuteState, plan: WritePlan, dml: Any, entity: An
     return sorted(found)
 
 
+def _own_table(plan: WritePlan, dml: Any) -> sa.Table:
+    """The table ``dml`` writes (the plan's, unless it names another table of the class)."""
+    table = dml.entity_description.get("table")
+    return table if isinstance(table, sa.Table) else plan.table
+
+
+def _guarded(
+    state: ORMExecuteState, plan: WritePlan, stmt: Any, options: Any, seen: int
+) -> Result[Any]:
+    """Run an unrestricted multi-table UPDATE (SQLite) in a savepoint; refuse it if it reached
+    rows the library did not read.
+
+    ``update(Pin).where(Pin.board_id == 1)`` names a base-table column without
+    the key join: SQLAlchemy runs it as a cartesian product that updates every
+    ``pins`` row, while the rows read first are those of the joined class.
+    """
+    conn = state.session.connection(bind_arguments={"mapper": plan.mapper})
+    savepoint = conn.begin_nested()
+    try:
+        result = state.invoke_statement(statement=stmt, execution_options=options)
+        rowcount = getattr(result, "rowcount", -1)
+    except BaseException:
+        savepoint.rollback()
+        raise
+    if isinstance(rowcount, int) and rowcount > seen:
+        savepoint.rollback()
+        name = plan.mapper.class_.__name__
+        raise CounterfillError(
+            f"UPDATE of {name} changed {rowcount} rows where its WHERE, joined by key, matches "
+            f"{seen}: the WHERE names another table without a join (a cartesian product); "
+            f"write it as {name}.id.in_(select({name}.id).where(...)) (nothing was written)"
+        )
+    savepoint.commit()
+    return result
+
+
+def _statement_pk(plan: WritePlan, dml: Any) -> list[sa.Column[Any]]:
+    """The key columns of the table ``dml`` writes, equal to the plan's keys row for row.
+
+    A statement on a joined subclass's own table (``update(Video)`` setting
+    ``videos`` columns) while its counters count base-table rows is restricted
+    by its own table's key: the plan's key would add the base table to the
+    statement as a cartesian product.
+    """
+    table = dml.entity_description.get("table")
+    if table is None or table is plan.table or table not in set(plan.mapper.tables):
+        return plan.pk_columns
+    return table_pk(plan.mapper, table)
+
+
 def _by_locked_keys(
     stmt: Any, plan: WritePlan, keys: list[Key], is_delete: bool, dialect: str, many: bool
 ) -> Any:
@@ -196,7 +252,7 @@ def _by_locked_keys(
         stmt = stmt._clone()
         stmt._where_criteria = (sa.false(),)
         return stmt
-    restriction = innodb.key_match(plan.pk_columns, keys, expanding=not many)
+    restriction = innodb.key_match(_statement_pk(plan, stmt), keys, expanding=not many)
     if not is_delete:
         return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
     stmt = stmt._clone()
@@ -280,6 +336,11 @@ def _rowless(result: Any) -> None:
         result.cursor_strategy = no_rows
 
 
+def _synchronize(state: ORMExecuteState) -> Any:
+    """The statement's ``synchronize_session`` (public execution options; SQLAlchemy's default)."""
+    return state.execution_options.get("synchronize_session", "auto")
+
+
 def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: WritePlan) -> dict[str, Any]:
     """Execution options for a statement carrying our key restriction.
 
@@ -288,7 +349,7 @@ def _fetch_instead_of_evaluate(state: ORMExecuteState, plan: WritePlan) -> dict[
     session holds no object of the child class there is nothing to
     synchronize, and ``False`` skips fetch's per-row work.
     """
-    if state.update_delete_options._synchronize_session not in ("auto", "evaluate"):
+    if _synchronize(state) not in ("auto", "evaluate"):
         return {}
     loaded = any(s.mapper.isa(plan.mapper) for s in state.session.identity_map.all_states())
     return {"synchronize_session": "fetch" if loaded else False}
@@ -315,7 +376,7 @@ def _delete_returning(
     stmt = stmt.return_defaults(*sql.row_state(plan.counters, plan.pk_columns))
     result = state.invoke_statement(statement=stmt, execution_options=options)
     deleted = list(getattr(result, "returned_defaults_rows", None) or ())
-    if state.update_delete_options._synchronize_session != "fetch":
+    if _synchronize(state) != "fetch":
         _rowless(result)
     deltas = new_deltas()
     add_rows(deltas, plan, deleted, -1)
@@ -323,8 +384,11 @@ def _delete_returning(
     return result
 
 
-def _by_primary_key(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
-    """Bulk UPDATE by primary key: lock and read the keys, run it, read them again."""
+def by_keys(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[Any]:
+    """A statement reaching only rows ``keys``: lock and read them, run it, read them again.
+
+    Bulk UPDATE by primary key, and INSERTs into a joined subclass's own table.
+    """
     deltas = new_deltas()
     old = _state_by_keys(state.session, plan, keys, lock=True)
     add_rows(deltas, plan, old, -1)
@@ -347,7 +411,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     if not is_delete and state.is_executemany:
         keys = _param_keys(plan, state.parameters)
         if keys is not None:
-            return _by_primary_key(state, plan, keys)
+            return by_keys(state, plan, keys)
     if is_delete and returning:
         return _delete_returning(state, plan, dml, one_writer)
 
@@ -364,7 +428,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name, state.is_executemany)
         options = _fetch_instead_of_evaluate(state, plan)
     elif restricted:
-        stmt = stmt.where(sql.keys_in(plan.pk_columns, keys, dialect.name))
+        stmt = stmt.where(sql.keys_in(_statement_pk(plan, dml), keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
 
     if returning:  # an UPDATE: its RETURNING gives the new state, even of moved keys
@@ -375,12 +439,15 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         result = state.invoke_statement(statement=stmt, execution_options=options)
         result.all()  # drain the replayed rows: the caller's statement returned none
         add_rows(deltas, plan, list(getattr(result, "returned_defaults_rows", None) or ()), +1)
-        if state.update_delete_options._synchronize_session != "fetch":
+        if _synchronize(state) != "fetch":
             _rowless(result)
         settle(session, deltas)
         return result
 
-    result = state.invoke_statement(statement=stmt, execution_options=options)
+    if one_writer and not is_delete and _multitable(dml.whereclause, _own_table(plan, dml)):
+        result = _guarded(state, plan, stmt, options, len(keys))
+    else:
+        result = state.invoke_statement(statement=stmt, execution_options=options)
     if not is_delete and bool(written(state, dml) & set(_key_names(plan))):
         if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
             # Keys moved and there is no UPDATE … RETURNING: recount every

@@ -224,7 +224,9 @@ def describe_counter(counter: Counter) -> str:
     """What a counter counts, e.g. ``COUNT(follows) BY follows.followed_id``."""
     child = counter.child_table.name
     what = (
-        f"SUM({child}.{counter.summed.name})" if counter.summed is not None else f"COUNT({child})"
+        f"SUM({counter.summed.table.name}.{counter.summed.name})"
+        if counter.summed is not None
+        else f"COUNT({child})"
     )
     text = f"{what} BY {child}.{counter.fk.name}"
     if counter.where is not None:

@@ -36,7 +36,11 @@ def _truth(counter: Counter) -> sa.ScalarSelect[Any]:
     cond: Any = adapt(c.fk) == c.parent_pk
     if c.where is not None:
         cond = sa.and_(cond, adapt(c.where))
-    agg = sa.func.count() if c.summed is None else sa.func.coalesce(sa.func.sum(adapt(c.summed)), 0)
+    agg = (
+        sa.func.count()
+        if c.summed is None
+        else sa.func.coalesce(sa.func.sum(adapt(c.summed_value)), 0)
+    )
     return sa.select(agg).select_from(child).where(cond).scalar_subquery()
 
 

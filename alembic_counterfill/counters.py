@@ -7,6 +7,7 @@ No event code lives here: :mod:`.events` calls :func:`resolve_mapper` from its
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -72,13 +73,28 @@ class Counter:
 
     @property
     def reads_other_tables(self) -> bool:
-        """Whether ``where=`` reads a column of another table (then any write may matter)."""
+        """Whether ``where=`` or ``sum=`` reads a column of another table (any write may matter)."""
+        if self.summed is not None and self.summed.table is not self.child_table:
+            return True
         if self.where is None:
             return False
         return any(
             isinstance(el, sa.Column) and el.table is not self.child_table
             for el in visitors.iterate(self.where)
         )
+
+    @functools.cached_property
+    def summed_value(self) -> sa.ColumnElement[Any] | None:
+        """The summed value as SQL over the counting table (``None`` for counts).
+
+        The summed column itself, or, for a joined subclass summing a column
+        of its own table while the FK lives in its base table, a correlated
+        scalar subquery joined on the primary key.
+        """
+        if self.summed is None or self.summed.table is self.child_table:
+            return self.summed
+        assert self.child_mapper is not None
+        return inheritance.value_over(self.child_mapper, self.child_table, self.summed)
 
     def __repr__(self) -> str:
         return f"<Counter {self.key}>"
@@ -180,7 +196,6 @@ def _resolve_sum(
     parent: Mapper[Any],
     column: sa.Column[Any],
     child: Mapper[Any],
-    fk_table: sa.TableClause,
 ) -> sa.Column[Any] | None:
     if spec.sum is None:
         return None
@@ -206,13 +221,15 @@ def _resolve_sum(
             f"sum={label!r} is not numeric ({summed.type})",
             "sum an Integer or Numeric column, or count rows with where=",
         )
-    if summed.table is not fk_table:
+    # A joined subclass may sum a column of any of its tables (its own, with
+    # the FK in the base table): the value is read joined on the primary key.
+    if summed.table not in inheritance.hierarchy_tables(child):
         _fail(
             parent,
             column,
             f"sum={label!r} is a column of table {summed.table.name!r}, not of "
-            f"{child.class_.__name__}'s table {fk_table.name!r} that holds the FK",
-            f"sum a column of {fk_table.name!r}, or count rows with where=",
+            f"{child.class_.__name__}'s tables",
+            f"sum a column of {child.class_.__name__}, or count rows with where=",
         )
     return summed
 
@@ -412,7 +429,7 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
         )
     child_table = fk.table
     assert isinstance(child_table, sa.Table)
-    summed = _resolve_sum(spec, parent, column, child, child_table)
+    summed = _resolve_sum(spec, parent, column, child)
     where = _resolve_where(spec, parent, column, child)
     # One expression over the counting table: the subclass's rows only, then where=.
     conds = [c for c in (inheritance.restriction(child, child_table), where) if c is not None]
@@ -493,6 +510,9 @@ def retry_failed(mapper: Mapper[Any]) -> None:
     initialize"; the declaration is resolved again instead, and fails again
     with its own message unless it was fixed (a late import, say).
     """
+    # SQLAlchemy internal (no public API clears a failed configuration): it keeps
+    # a hook's error in ``mapper._configure_failed``; checked by
+    # tests/test_orm_sqlalchemy_internals.py so a change fails loudly.
     if mapper in _failed and _failed[mapper] is getattr(mapper, "_configure_failed", None):
         mapper.__dict__.pop("_configure_failed", None)
 
@@ -519,6 +539,9 @@ def resolve_mapper(mapper: Mapper[Any]) -> list[Counter]:
     try:
         resolved = [(spec, resolve(mapper, column, spec)) for column, spec in pending]
     except CounterDeclarationError as exc:
+        # SQLAlchemy internals, kept because no public API marks a registry as
+        # needing configuration again: without them the next configuration
+        # would be a no-op (tests/test_orm_sqlalchemy_internals.py guards them).
         mapper.configured = False
         mapper.registry._new_mappers = True
         _failed[mapper] = exc

@@ -75,7 +75,7 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     wanted: dict[WritePlan, set[Key]] = defaultdict(set)
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
-        st: InstanceState[Any] = sa.inspect(obj)
+        st: InstanceState[Any] = instance_state(obj)
         if st.key is None:
             continue
         for plan in plans_for(st.mapper):
@@ -247,7 +247,7 @@ def _collection_changes(st: InstanceState[Any]) -> list[InstanceState[Any]]:
 
 
 def _found(target: Any) -> tuple[_FlushState, list[WritePlan], InstanceState[Any]] | None:
-    st: InstanceState[Any] = sa.inspect(target)
+    st: InstanceState[Any] = instance_state(target)
     session = st.session
     stash = _stash(session) if session is not None else None
     plans = plans_for(st.mapper)
@@ -282,7 +282,8 @@ def before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
 
 def after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
     """Note an inserted row: its state off the object, or its key to re-read."""
-    st: InstanceState[Any] = sa.inspect(target)
+    # instance_state(), not sa.inspect(): a third of the hook's cost for 1,000 inserts.
+    st: InstanceState[Any] = instance_state(target)
     stash = _stash(st.session) if st.session is not None else None
     if stash is None:
         return

@@ -19,6 +19,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import visitors
+
+# SQLAlchemy internal: no public API drops ORM annotations from an expression
+# (guarded by tests/test_orm_sqlalchemy_internals.py).
 from sqlalchemy.sql.annotation import _deep_deannotate
 
 
@@ -65,6 +68,16 @@ def localize(
     return inner.correlate(table).exists()
 
 
+def value_over(
+    mapper: Mapper[Any], table: sa.Table, column: sa.Column[Any]
+) -> sa.ColumnElement[Any]:
+    """``column``, of another table of ``mapper``, read for a row of ``table`` (scalar subquery)."""
+    if column.table is table:
+        return column
+    found = sa.select(column).where(_pk_join(mapper, column.table, table))
+    return found.correlate(table).scalar_subquery()
+
+
 def restriction(mapper: Mapper[Any], table: sa.Table) -> sa.ColumnElement[bool] | None:
     """SQL over ``table`` true exactly for the rows of ``mapper`` (and its subclasses).
 
@@ -90,3 +103,60 @@ def restriction(mapper: Mapper[Any], table: sa.Table) -> sa.ColumnElement[bool] 
 def hierarchy_tables(mapper: Mapper[Any]) -> set[sa.Table]:
     """The tables a row of ``mapper`` lives in (its own and its ancestors')."""
     return {t for t in mapper.tables if isinstance(t, sa.Table)}
+
+
+def cascade_checks(mapper: Mapper[Any], counted: set[sa.Table]) -> list[tuple[str, sa.Exists]]:
+    """For a DELETE through ``mapper``: the rows a database cascade would delete unseen.
+
+    One ``(message, EXISTS)`` per joined subclass whose own table has an
+    ``ON DELETE CASCADE`` FK to ``mapper``'s table and holds the FK of a
+    counter (``counted``): the EXISTS, given the DELETE's WHERE, tells whether
+    the statement would cascade into such rows.
+    """
+    table = mapper.local_table
+    found = []
+    for sub in mapper.self_and_descendants:
+        own = sub.local_table
+        if sub.single or own is table or own not in counted or not isinstance(own, sa.Table):
+            continue
+        if not any(
+            (fk.ondelete or "").upper() == "CASCADE" and fk.column.table is table
+            for fk in own.foreign_keys
+        ):
+            continue
+        message = (
+            f"DELETE of {mapper.class_.__name__} rows makes the database delete "
+            f"{sub.class_.__name__} rows of {own.name!r} (ON DELETE CASCADE) unseen, which "
+            "counters count; delete those objects with session.delete(), or narrow the "
+            f"WHERE to rows that are no {sub.class_.__name__}"
+        )
+        assert isinstance(table, sa.Table)
+        found.append((message, sa.exists().where(_pk_join(sub, own, table))))
+    return found
+
+
+def delete_problem(mapper: Mapper[Any], table: Any, fed: set[sa.Table]) -> str | None:
+    """Why a bulk DELETE of a joined subclass on ``table`` cannot keep counters exact, or ``None``.
+
+    ``fed`` are the tables holding the FKs of the counters the deleted rows
+    feed. SQLAlchemy deletes a joined subclass's rows from its own table
+    only: the base rows stay, so counters over the base table would go on
+    counting half-deleted rows.
+    """
+    own = mapper.local_table
+    if (
+        mapper.single
+        or mapper.inherits is None
+        or not isinstance(own, sa.Table)
+        or table is not own
+    ):
+        return None
+    left = sorted({t.name for t in fed} - {own.name})
+    if not left:
+        return None
+    base = mapper.base_mapper.class_.__name__
+    return (
+        f"DELETE of {mapper.class_.__name__} deletes rows of {own.name!r} only and leaves "
+        f"their {', '.join(repr(t) for t in left)} rows, which counters count; delete the "
+        f"objects with session.delete(), or delete({base}) with ON DELETE CASCADE"
+    )

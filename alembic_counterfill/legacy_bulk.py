@@ -120,7 +120,9 @@ def install() -> None:
     """Route the legacy bulk methods of :class:`~sqlalchemy.orm.Session` through the library.
 
     Idempotent. Patching the class (there is no event for these methods) also
-    covers ``scoped_session`` and sessions created by ``sessionmaker``.
+    covers ``scoped_session`` and sessions created by ``sessionmaker``. The
+    wrappers pass SQLAlchemy's parameters positionally:
+    tests/test_orm_sqlalchemy_internals.py checks the signatures they assume.
     """
     for name in _METHODS:
         current = getattr(Session, name)

@@ -212,7 +212,7 @@ class CounterStateMachine(RuleBasedStateMachine):
         cols: list[Any] = []
         for c in mine:
             where = sa.case((c.where, 1), else_=0) if c.where is not None else sa.literal(1)
-            cols += [c.fk, where, c.summed if c.summed is not None else sa.literal(0)]
+            cols += [c.fk, where, c.summed_value if c.summed is not None else sa.literal(0)]
         key_cols = mapper.primary_key
         cond = sa.and_(*(col == v for col, v in zip(key_cols, pk, strict=True)))
         with session.no_autoflush:

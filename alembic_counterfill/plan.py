@@ -132,7 +132,7 @@ def _direct(
     return out
 
 
-def _table_pk(mapper: Mapper[Any], table: sa.Table) -> list[sa.Column[Any]]:
+def table_pk(mapper: Mapper[Any], table: sa.Table) -> list[sa.Column[Any]]:
     """``table``'s own columns for ``mapper``'s primary key, in identity-key order.
 
     A joined-inheritance subclass's identity is its base table's key; rows of
@@ -156,7 +156,7 @@ def _plan(
         mapper,
         table,
         counters,
-        _table_pk(mapper, table),
+        table_pk(mapper, table),
         watched,
         _names(mapper, watched),
         _direct(mapper, counters) if one_table else None,

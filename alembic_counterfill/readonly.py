@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import ColumnProperty, Mapper, Session
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
 from .errors import CounterfillWarning
@@ -47,7 +48,10 @@ def protect(parent: Mapper[Any], attr_key: str) -> bool:
     keys.add(attr_key)
     prop = parent.get_property(attr_key)
     if type(prop) is ColumnProperty:
-        prop.__class__ = CounterColumnProperty  # same layout (no slots added): merge() only
+        # SQLAlchemy has no merge event; swapping the class (same layout, no slots
+        # added) overrides merge() only. tests/test_orm_sqlalchemy_internals.py
+        # checks merge()'s signature so a change fails loudly.
+        prop.__class__ = CounterColumnProperty
     return True
 
 
@@ -74,12 +78,22 @@ def discard_assignments(session: Session, flush_context: Any, instances: Any) ->
     """Drop application-set counter values from dirty and new parents before the flush writes."""
     if not _protected:
         return
+    # Per class, not per object: a flush of 1,000 new children of a class with
+    # no counter would otherwise pay 1,000 inspections (~15 ms, bench/live_overhead.py).
+    by_class: dict[type, set[str]] = {}
     for obj in (*session.new, *session.dirty):
-        state: InstanceState[Any] = sa.inspect(obj)
-        keys = _keys_of(state.mapper)
+        cls = type(obj)
+        keys = by_class.get(cls)
+        if keys is None:
+            keys = by_class[cls] = _keys_of(sa.inspect(cls))
         if not keys:
             continue
-        changed = [k for k in keys if state.attrs[k].history.has_changes()]
+        state: InstanceState[Any] = instance_state(obj)
+        # Any assigned attribute has its previous value in committed_state; a
+        # lookup there costs a fraction of computing its history (12 ms per
+        # flush of 100 dirty parents with collections, bench/live_overhead.py).
+        committed = state.committed_state
+        changed = [k for k in keys if k in committed]
         if not changed:
             continue
         if state.key is None:  # pending: the INSERT takes the column default

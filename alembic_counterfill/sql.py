@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def contribution(counter: Counter) -> sa.ColumnElement[Any]:
     """What one child row adds to its parent's counter (1/0 for counts, the value for sums)."""
     value: sa.ColumnElement[Any] = (
-        sa.func.coalesce(counter.summed, 0) if counter.summed is not None else sa.literal(1)
+        sa.func.coalesce(counter.summed_value, 0) if counter.summed is not None else sa.literal(1)
     )
     if counter.where is not None:
         value = sa.case((counter.where, value), else_=0)

@@ -21,6 +21,8 @@ class Topic(Base):
         "Comment.topic_id", where=lambda: Comment.flagged.is_(True)
     )
     note_words: Mapped[int] = counter_cache("Note.topic_id", sum="words")
+    # A Float sum: the counter column is a Float too (sums follow the summed column).
+    note_score: Mapped[float] = counter_cache("Note.topic_id", sum="score")
 
 
 class Entry(Base):
@@ -32,6 +34,7 @@ class Entry(Base):
     topic_id: Mapped[int | None] = mapped_column(sa.ForeignKey("topics.id"), index=True)
     flagged: Mapped[bool] = mapped_column(default=False)
     words: Mapped[int] = mapped_column(default=0)
+    score: Mapped[float] = mapped_column(sa.Float, default=0.0)
     __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "entry"}
 
 
@@ -50,6 +53,12 @@ class Board(Base):
     pins_count: Mapped[int] = counter_cache("Pin.board_id")
     hot_pins: Mapped[int] = counter_cache("Pin.board_id", where=lambda: Pin.hot.is_(True))
     origins_count: Mapped[int] = counter_cache("Pin.origin_id")
+    # sum= and where= over a joined subclass's own columns (videos), FK in the base (items).
+    video_seconds: Mapped[int] = counter_cache("Video.board_id", sum="seconds")
+    long_videos: Mapped[int] = counter_cache("Video.board_id", where=lambda: Video.seconds >= 60)
+    video_rating: Mapped[float] = counter_cache(
+        "Video.board_id", sum="rating", where=lambda: Video.seconds > 0
+    )
 
 
 class Item(Base):
@@ -64,7 +73,8 @@ class Item(Base):
 
 class Pin(Item):
     __tablename__ = "pins"
-    id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), primary_key=True)
+    # ON DELETE CASCADE: a bulk delete(Item) would delete pins rows unseen (refused).
+    id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
     hot: Mapped[bool] = mapped_column(default=False)
     origin_id: Mapped[int | None] = mapped_column(sa.ForeignKey("boards.id"))
     __mapper_args__ = {"polymorphic_identity": "pin"}
@@ -72,8 +82,10 @@ class Pin(Item):
 
 class Video(Item):
     __tablename__ = "videos"
-    id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), primary_key=True)
+    # ON DELETE CASCADE: delete(Item) removes videos rows too (no counter counts them).
+    id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
     seconds: Mapped[int] = mapped_column(default=0)
+    rating: Mapped[float] = mapped_column(sa.Float, default=0.0)
     __mapper_args__ = {"polymorphic_identity": "video"}
 
 
@@ -84,6 +96,7 @@ TOPIC_TRUTH = {
     "flagged_comments": "SELECT topic_id, COUNT(*) FROM entries WHERE kind = 'comment'"
     " AND flagged GROUP BY topic_id",
     "note_words": "SELECT topic_id, SUM(words) FROM entries WHERE kind = 'note' GROUP BY topic_id",
+    "note_score": "SELECT topic_id, SUM(score) FROM entries WHERE kind = 'note' GROUP BY topic_id",
 }
 BOARD_TRUTH = {
     "items_count": "SELECT board_id, COUNT(*) FROM items GROUP BY board_id",
@@ -92,6 +105,12 @@ BOARD_TRUTH = {
     "hot_pins": "SELECT i.board_id, COUNT(*) FROM items i JOIN pins p ON p.id = i.id"
     " WHERE p.hot GROUP BY i.board_id",
     "origins_count": "SELECT origin_id, COUNT(*) FROM pins GROUP BY origin_id",
+    "video_seconds": "SELECT i.board_id, SUM(v.seconds) FROM items i JOIN videos v ON v.id = i.id"
+    " GROUP BY i.board_id",
+    "long_videos": "SELECT i.board_id, COUNT(*) FROM items i JOIN videos v ON v.id = i.id"
+    " WHERE v.seconds >= 60 GROUP BY i.board_id",
+    "video_rating": "SELECT i.board_id, SUM(v.rating) FROM items i JOIN videos v ON v.id = i.id"
+    " WHERE v.seconds > 0 GROUP BY i.board_id",
 }
 
 
@@ -100,9 +119,11 @@ def _compare(conn: sa.Connection, table: str, truths: dict[str, str]) -> dict[st
     cols = ", ".join(truths)
     cached = {r[0]: r[1:] for r in conn.execute(sa.text(f"SELECT id, {cols} FROM {table}"))}
     for i, (col, query) in enumerate(truths.items()):
-        truth = {k: int(v) for k, v in conn.execute(sa.text(query)) if k is not None}
+        # Float sums compare with ==: the tests write dyadic values (0.25, 1.5), whose
+        # sums are exact in any order of additions.
+        truth = {k: float(v) for k, v in conn.execute(sa.text(query)) if k is not None}
         for pid, row in cached.items():
-            if row[i] != truth.get(pid, 0):
+            if float(row[i]) != truth.get(pid, 0):
                 wrong[f"{table}.{col}[{pid}]"] = (row[i], truth.get(pid, 0))
     return wrong
 

@@ -65,7 +65,7 @@ class InheritanceMachine(_Machine):
         words=st.integers(0, 5),
     )
     def add_entry(self, kind: type, parent: int, flagged: bool, words: int) -> None:
-        self.session.add(kind(topic_id=parent, flagged=flagged, words=words))
+        self.session.add(kind(topic_id=parent, flagged=flagged, words=words, score=words / 4))
         self._commit()
 
     @rule(
@@ -75,7 +75,9 @@ class InheritanceMachine(_Machine):
         origin=st.none() | st.integers(1, PARENTS),
     )
     def add_item(self, kind: type, parent: int, hot: bool, origin: int | None) -> None:
-        extra = {"hot": hot, "origin_id": origin} if kind is im.Pin else {}
+        extra: dict[str, object] = {"hot": hot, "origin_id": origin} if kind is im.Pin else {}
+        if kind is im.Video:  # sum=/where= over the joined subclass's own columns
+            extra = {"seconds": 59 + parent if hot else parent, "rating": 0.25 * parent}
         self.session.add(kind(board_id=parent, **extra))
         self._commit()
 
@@ -94,11 +96,15 @@ class InheritanceMachine(_Machine):
             if flip:
                 obj.flagged = not obj.flagged
                 obj.words += 1
+                obj.score += 0.5
         else:
             obj.board_id = parent  # type: ignore[attr-defined]
             if flip and isinstance(obj, im.Pin):
                 obj.hot = not obj.hot
                 obj.origin_id = parent
+            if flip and isinstance(obj, im.Video):
+                obj.seconds = 0 if obj.seconds >= 60 else obj.seconds + 60
+                obj.rating += 0.5
         self._commit()
 
     @rule(base=st.sampled_from([im.Entry, im.Item]), index=st.integers(0, 50))
