@@ -85,8 +85,23 @@ def definition(counter: Counter) -> dict[str, str | None]:
         "fk": counter.fk.name,
         "rows": _subclass_filter(counter),
         "where": canonical_sql(counter.where) if counter.where is not None else None,
-        "sum": counter.summed.name if counter.summed is not None else None,
+        "sum": _summed(counter),
     }
+
+
+def _summed(counter: Counter) -> str | None:
+    """The summed column's name, table-qualified when it is not the counting table's own.
+
+    A joined subclass may sum a column of its own table while the FK lives in
+    the base table: moving that column between tables changes the definition.
+    Counting-table columns keep their bare name, so existing fingerprints hold.
+    """
+    summed = counter.summed
+    if summed is None:
+        return None
+    if summed.table is counter.child_table:
+        return summed.name
+    return f"{_table_name(summed.table)}.{summed.name}"
 
 
 def fingerprint_of(parts: Mapping[str, Any]) -> str:

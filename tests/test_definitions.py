@@ -432,3 +432,39 @@ def test_fingerprint_of_a_single_table_subclass_counter_names_its_rows() -> None
     assert any("'comment'" in c for c in definition.changes(base_parts, sub_parts))
     # held until here: the declarative registry keeps classes only weakly
     assert Topic.__name__ == "Topic" and Comment.__name__ == "Comment"
+
+
+def test_fingerprint_of_a_joined_subclass_sum_names_the_summed_columns_table() -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Board(Base):
+        __tablename__ = "boards"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        video_length: Mapped[int] = counter_cache("Video.board_id", sum="length")
+        video_seconds: Mapped[int] = counter_cache("Video.board_id", sum="seconds")
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(sa.String(20))
+        board_id: Mapped[int] = mapped_column(sa.ForeignKey("boards.id"))
+        length: Mapped[int] = mapped_column(default=0)
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "item"}
+
+    class Video(Item):
+        __tablename__ = "videos"
+        id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), primary_key=True)
+        seconds: Mapped[int] = mapped_column(default=0)
+        __mapper_args__ = {"polymorphic_identity": "video"}
+
+    counters = {c.key: c for c in counters_of(Base)}
+    in_base = definition.definition(counters["boards.video_length"])
+    in_own = definition.definition(counters["boards.video_seconds"])
+    # The counting table's own column keeps its bare name (existing fingerprints hold);
+    # the subclass table's column is qualified, so moving it changes the definition.
+    assert in_base["sum"] == "length"
+    assert in_own["sum"] == "videos.seconds"
+    assert any("videos.seconds" in c for c in definition.changes(in_base, in_own))
+    # held until here: the declarative registry keeps classes only weakly
+    assert Board.__name__ == "Board" and Video.__name__ == "Video"
