@@ -127,7 +127,7 @@ def counter_names(parent: sa.Table) -> list[str]:
 
 
 #: Dialects whose SQL can fold and recount buffered counters exactly.
-SUPPORTED = frozenset({"postgresql", "sqlite"})
+SUPPORTED = frozenset({"postgresql", "sqlite", "mysql", "mariadb"})
 
 
 def check_dialect(connection: Connection, parent: sa.Table) -> None:

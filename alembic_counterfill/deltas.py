@@ -186,25 +186,34 @@ def schedule_expiry(session: Session, recounts: Recounts) -> None:
             expire[(counter.parent_mapper, pid)].add(counter.attr_key)
 
 
-def lock_first(session: Session, parents: dict[Counter, set[Any]]) -> None:
-    """On InnoDB, lock these parents exclusively, by table name and key, before a child write.
+def lock_first(
+    session: Session, parents: dict[Counter, set[Any]], *, shared_buffered: bool = False
+) -> None:
+    """On InnoDB, lock these parents, by table name and key, before a child write.
 
     A child INSERT or FK move takes a shared lock on its parent for the
     foreign-key check; writers holding it that then want the exclusive lock
-    for their delta deadlock (InnoDB has no ``FOR NO KEY UPDATE``). Elsewhere
+    for their delta deadlock (InnoDB has no ``FOR NO KEY UPDATE``). So the
+    parents are locked exclusively up front. With ``shared_buffered`` (a
+    flush, which only appends deltas for buffered counters and never
+    recounts them), parents only buffered counters name are locked *shared*
+    instead, in the same key order: writers of a hot parent do not queue,
+    and a fold (exclusive, key order) cannot deadlock with them. Elsewhere
     this does nothing: the deltas lock the parents afterwards.
     """
-    by_table: dict[Mapper[Any], tuple[Counter, set[Any]]] = {}
+    by_table: dict[Mapper[Any], tuple[Counter, set[Any], set[Any]]] = {}
     for counter, ids in parents.items():
-        slot = by_table.setdefault(counter.parent_mapper, (counter, set()))
-        slot[1].update(x for x in ids if x is not None)
+        slot = by_table.setdefault(counter.parent_mapper, (counter, set(), set()))
+        shared = shared_buffered and buffer.is_buffered(counter)
+        slot[2 if shared else 1].update(x for x in ids if x is not None)
     for mapper in sorted(by_table, key=_table_name):
-        counter, ids = by_table[mapper]
+        counter, exclusive, shared = by_table[mapper]
         conn = session.connection(bind_arguments={"mapper": mapper})
         if not innodb.is_innodb(conn.dialect):
             return
-        if ids:
-            innodb.lock_parent_keys(conn, counter.parent_table, counter.parent_pk, ids)
+        if exclusive or shared:
+            table, pk = counter.parent_table, counter.parent_pk
+            innodb.lock_parents_by_mode(conn, table, pk, exclusive, shared)
 
 
 def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
@@ -228,7 +237,7 @@ def _recount(
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
         if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read may be stale
-            innodb.refuse_buffered(counters)
+            innodb.fold_range(conn, counters, None, None, part)  # buffered: column = cache
             innodb.recount_in_transaction(conn, counters, part, sql.contribution)
             continue
         # Buffered counters: the recount also removes their pending deltas.

@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import buffer, sql
+from . import buffer, innodb, sql
 
 log = logging.getLogger("alembic_counterfill.fold")
 
@@ -95,6 +95,8 @@ def fold_table(
     total = FoldOutcome()
     while True:
         with engine.connect() as conn:
+            if innodb.is_innodb(conn.dialect):  # no gap locks; fresh reads (docs/databases.md)
+                conn.execution_options(isolation_level=innodb.ISOLATION)
             done = fold_chunk(conn, parent, chunk, ids=ids)
             conn.commit()
         total.add(done)
@@ -114,8 +116,13 @@ def fold_chunk(
     if not chosen:
         return FoldOutcome()
     dialect = conn.dialect.name
+    pk = next(iter(parent.primary_key.columns))
+    if innodb.is_innodb(conn.dialect):
+        innodb.lock_parents(conn, parent, pk, None, None, ids=chosen)
+        count, oldest = innodb.fold_locked(conn, parent, deltas, chosen)
+        lags = [] if oldest is None else [_age(oldest)]
+        return FoldOutcome(parents=len(chosen), deltas=count, transactions=1, lags=lags)
     if dialect != "sqlite":  # SQLite has one writer at a time already
-        pk = next(iter(parent.primary_key.columns))
         conn.execute(sql.lock_parents(parent, pk, None, None, ids=chosen, dialect=dialect))
     count, oldest = 0, None
     for stmt in sql.fold_moved(parent, deltas, chosen, dialect):

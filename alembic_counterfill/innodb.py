@@ -77,14 +77,146 @@ def key_match(
     return sa.or_(*[sa.and_(*[c == v for c, v in zip(columns, k, strict=True)]) for k in keys])
 
 
-def refuse_buffered(counters: Sequence[Any]) -> None:
-    """Buffered (hot-parent) counters are not supported on MariaDB/MySQL yet: say so."""
-    hot = sorted(c.key for c in counters if buffer.is_buffered(c))
-    if hot:
-        raise ConfigurationError(
-            f"{', '.join(hot)}: buffered counters are not supported on MariaDB/MySQL yet; "
-            "declare them without buffered=True there"
+def lock_parent_keys_shared(
+    connection: Connection, table: sa.Table, pk: sa.Column[Any], keys: Iterable[Any]
+) -> None:
+    """Take shared locks on the parents ``keys`` in key order (writers of buffered counters).
+
+    A buffered counter's writer never updates its parent: the only parent
+    locks it takes are the shared ones of the foreign-key checks of its child
+    and delta rows. Taking them up front, in key order, keeps them in the
+    order a fold takes its exclusive locks, so a writer and a fold wait for
+    each other but never deadlock. Writers still share them with each other.
+    """
+    ordered = sorted({k for k in keys if k is not None})
+    for start in range(0, len(ordered), CHUNK):
+        part = ordered[start : start + CHUNK]
+        stmt = (
+            sa.select(pk)
+            .with_hint(table, BY_PRIMARY_KEY)
+            .where(pk.in_(part))
+            .order_by(pk)
+            .with_for_update(read=True)
         )
+        connection.execute(stmt).all()
+
+
+def lock_parents_by_mode(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    exclusive: Iterable[Any],
+    shared: Iterable[Any],
+) -> None:
+    """Lock ``exclusive`` and ``shared`` parents in ONE key order, each key in its mode.
+
+    A key in both is locked exclusively. Consecutive keys of one mode go in
+    one statement, so a table whose writers are all buffered costs one
+    statement per chunk, as before.
+    """
+    x = {k for k in exclusive if k is not None}
+    s = {k for k in shared if k is not None} - x
+    run: list[Any] = []
+    run_exclusive = False
+    for key in sorted(x | s):
+        if run and (key in x) != run_exclusive:
+            _lock_run(connection, table, pk, run, run_exclusive)
+            run = []
+        run_exclusive = key in x
+        run.append(key)
+    if run:
+        _lock_run(connection, table, pk, run, run_exclusive)
+
+
+def _lock_run(
+    connection: Connection, table: sa.Table, pk: sa.Column[Any], keys: list[Any], exclusive: bool
+) -> None:
+    if exclusive:
+        lock_parent_keys(connection, table, pk, keys)
+    else:
+        lock_parent_keys_shared(connection, table, pk, keys)
+
+
+def fold_locked(
+    connection: Connection, parent: sa.Table, deltas_table: sa.Table, chosen: Sequence[Any]
+) -> tuple[int, Any]:
+    """Fold the pending deltas of parents ``chosen``, which the caller has locked exclusively.
+
+    Return ``(deltas moved, oldest created_at)``. InnoDB has no
+    ``DELETE … RETURNING`` in a data-modifying ``WITH``, so: a locking read
+    of the parents' delta rows (it reads the latest committed rows at any
+    isolation level), one ``CASE`` UPDATE adding their sums, and a DELETE of
+    the same parents' rows. Nothing can change in between: a new delta row
+    needs a shared lock on its parent for its foreign-key check, and the
+    caller holds the exclusive one. The DELETE's rowcount is checked anyway;
+    a mismatch raises, and the caller's transaction rolls back whole.
+    """
+    pk = next(iter(parent.primary_key.columns))
+    names = buffer.counter_names(parent)
+    d = deltas_table
+    sums: dict[Any, dict[sa.Column[Any], Any]] = {}
+    count, oldest = 0, None
+    for start in range(0, len(chosen), CHUNK):
+        part = sorted(chosen)[start : start + CHUNK]
+        rows = connection.execute(
+            sa.select(d.c.parent_id, d.c.created_at, *[d.c[n] for n in names])
+            .where(d.c.parent_id.in_(part))
+            .order_by(d.c.id)
+            .with_for_update()
+        ).all()
+        for row in rows:
+            count += 1
+            if oldest is None or row[1] < oldest:
+                oldest = row[1]
+            per = sums.setdefault(row[0], {})
+            for i, n in enumerate(names):
+                if row[2 + i]:
+                    per[parent.c[n]] = per.get(parent.c[n], 0) + row[2 + i]
+    changes = {pid: {c: v for c, v in per.items() if v} for pid, per in sums.items()}
+    changes = {pid: per for pid, per in changes.items() if per}
+    if changes:
+        apply_deltas(connection, parent, pk, changes)
+    deleted = 0
+    for start in range(0, len(chosen), CHUNK):
+        part = sorted(chosen)[start : start + CHUNK]
+        deleted += connection.execute(sa.delete(d).where(d.c.parent_id.in_(part))).rowcount
+    if deleted != count:
+        raise CounterfillError(
+            f"{parent.name}: the fold read {count} delta rows but deleted {deleted}; "
+            "it was rolled back, nothing changed: run `alembic counterfill fold` again"
+        )
+    return count, oldest
+
+
+def fold_range(
+    connection: Connection,
+    counters: Sequence[Any],
+    lo: Any,
+    hi: Any,
+    ids: Sequence[Any] | None = None,
+) -> int:
+    """Fold the pending deltas of the parents in ``[lo, hi)`` (or ``ids``); return rows moved.
+
+    The InnoDB half of a recount of buffered counters: the caller (a batch,
+    verify, a bulk statement's recount) holds the parents' exclusive locks,
+    so after the fold the column alone is the cached value, and the usual
+    read-the-truth-then-write recount is exact. Counters without a buffered
+    one among them cost nothing.
+    """
+    if not any(buffer.is_buffered(c) for c in counters):
+        return 0
+    parent = counters[0].parent_table
+    d = buffer.deltas_of(parent)
+    assert d is not None
+    if ids is not None:  # fold_locked's own locking read finds their rows, at any isolation
+        chosen = sorted(set(ids))
+    else:
+        # A locking read: the latest committed rows even in an old snapshot.
+        stmt = sa.select(d.c.parent_id).where(_scope(d.c.parent_id, lo, hi, None))
+        chosen = sorted(set(connection.execute(stmt.with_for_update()).scalars()))
+    if not chosen:
+        return 0
+    return fold_locked(connection, parent, d, chosen)[0]
 
 
 def _scope(pk: sa.Column[Any], lo: Any, hi: Any, ids: Sequence[Any] | None) -> Any:
