@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.base import instance_state
 
 from . import buffer, folding, innodb, sql
 from .counters import Counter
@@ -97,6 +98,11 @@ def apply(session: Session, deltas: Deltas) -> None:
         if buffered:
             # Buffered (hot-parent) counters append to their deltas table instead.
             per_parent, appended = buffer.split(table, per_parent)
+            if appended and session._flushing:
+                # A parent this flush deletes takes its count with it: a delta row
+                # for it would break the deltas table's foreign key.
+                gone = _deleted_ids(session, parent_mapper)
+                appended = {pid: ds for pid, ds in appended.items() if pid not in gone}
             if appended:
                 _append(connection, table, appended)
                 folding.appended(session, table)
@@ -112,6 +118,16 @@ def apply(session: Session, deltas: Deltas) -> None:
             if buffered:  # a buffered column did not change: nothing to reload
                 ds = {c: d for c, d in ds.items() if not buffer.is_buffered(c)}
             expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
+
+
+def _deleted_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
+    """Keys of the ``mapper`` objects the current flush deletes (``after_flush`` still lists them)."""
+    out = set()
+    for obj in session.deleted:
+        st = instance_state(obj)
+        if st.mapper.isa(mapper) and st.key is not None:
+            out.add(st.key[1][0])
+    return out
 
 
 def _loaded_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
@@ -237,7 +253,8 @@ def _recount(
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
         if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read may be stale
-            innodb.fold_range(conn, counters, None, None, part)  # buffered: column = cache
+            for stmt in sql.discard_statements(counters, None, None, ids=part):  # buffered
+                conn.execute(stmt)
             innodb.recount_in_transaction(conn, counters, part, sql.contribution)
             continue
         # Buffered counters: the recount also removes their pending deltas.

@@ -188,37 +188,6 @@ def fold_locked(
     return count, oldest
 
 
-def fold_range(
-    connection: Connection,
-    counters: Sequence[Any],
-    lo: Any,
-    hi: Any,
-    ids: Sequence[Any] | None = None,
-) -> int:
-    """Fold the pending deltas of the parents in ``[lo, hi)`` (or ``ids``); return rows moved.
-
-    The InnoDB half of a recount of buffered counters: the caller (a batch,
-    verify, a bulk statement's recount) holds the parents' exclusive locks,
-    so after the fold the column alone is the cached value, and the usual
-    read-the-truth-then-write recount is exact. Counters without a buffered
-    one among them cost nothing.
-    """
-    if not any(buffer.is_buffered(c) for c in counters):
-        return 0
-    parent = counters[0].parent_table
-    d = buffer.deltas_of(parent)
-    assert d is not None
-    if ids is not None:  # fold_locked's own locking read finds their rows, at any isolation
-        chosen = sorted(set(ids))
-    else:
-        # A locking read: the latest committed rows even in an old snapshot.
-        stmt = sa.select(d.c.parent_id).where(_scope(d.c.parent_id, lo, hi, None))
-        chosen = sorted(set(connection.execute(stmt.with_for_update()).scalars()))
-    if not chosen:
-        return 0
-    return fold_locked(connection, parent, d, chosen)[0]
-
-
 def _scope(pk: sa.Column[Any], lo: Any, hi: Any, ids: Sequence[Any] | None) -> Any:
     cond: Any = sa.true()
     if lo is not None:

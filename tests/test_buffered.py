@@ -339,3 +339,17 @@ def test_mariadb_writers_of_a_buffered_parent_share_its_lock(mariadb_url: str) -
         assert_exact_then_fold(engine)
     finally:
         engine.dispose()
+
+
+def test_deleting_a_parent_with_its_children_in_one_flush(db: sa.Engine) -> None:
+    """The children's deltas for a parent the same flush deletes are dropped, not appended."""
+    with Session(db) as s:
+        s.add_all([Follow(id=i, follower_id=i, followed_id=2) for i in (1, 3)])
+        s.add(Post(id=1, author_id=2, published=True, likes=3))
+        s.commit()
+        for obj in (s.get(Follow, 1), s.get(Follow, 3), s.get(Post, 1), s.get(User, 2)):
+            s.delete(obj)
+        s.commit()
+    with db.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM users WHERE id = 2")) == 0
+    assert_exact_then_fold(db)
