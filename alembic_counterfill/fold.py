@@ -92,13 +92,28 @@ def fold_table(
     engine: sa.Engine, parent: sa.Table, *, chunk: int = CHUNK, ids: Sequence[Any] | None = None
 ) -> FoldOutcome:
     """Fold every pending delta of one parent table, ``chunk`` parents per transaction."""
+    with engine.connect() as conn:
+        return fold_on(conn, parent, chunk=chunk, ids=ids)
+
+
+def fold_on(
+    conn: Connection, parent: sa.Table, *, chunk: int = CHUNK, ids: Sequence[Any] | None = None
+) -> FoldOutcome:
+    """:func:`fold_table` on the caller's connection (no transaction open): one commit per chunk.
+
+    The inline folder of an ``AsyncSession`` app runs it through
+    ``AsyncConnection.run_sync``.
+    """
+    if innodb.is_innodb(conn.dialect):  # no gap locks; fresh reads (docs/databases.md)
+        conn.execution_options(isolation_level=innodb.ISOLATION)
     total = FoldOutcome()
     while True:
-        with engine.connect() as conn:
-            if innodb.is_innodb(conn.dialect):  # no gap locks; fresh reads (docs/databases.md)
-                conn.execution_options(isolation_level=innodb.ISOLATION)
+        try:
             done = fold_chunk(conn, parent, chunk, ids=ids)
             conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
         total.add(done)
         if done.parents < chunk:
             return total
