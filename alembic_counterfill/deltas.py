@@ -121,7 +121,7 @@ def apply(session: Session, deltas: Deltas) -> None:
 
 
 def _deleted_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
-    """Keys of the ``mapper`` objects the current flush deletes (``after_flush`` still lists them)."""
+    """Keys of the ``mapper`` objects this flush deletes (``after_flush`` still lists them)."""
     out = set()
     for obj in session.deleted:
         st = instance_state(obj)
@@ -220,8 +220,8 @@ def lock_first(
     by_table: dict[Mapper[Any], tuple[Counter, set[Any], set[Any]]] = {}
     for counter, ids in parents.items():
         slot = by_table.setdefault(counter.parent_mapper, (counter, set(), set()))
-        shared = shared_buffered and buffer.is_buffered(counter)
-        slot[2 if shared else 1].update(x for x in ids if x is not None)
+        keys = slot[2] if shared_buffered and buffer.is_buffered(counter) else slot[1]
+        keys.update(x for x in ids if x is not None)
     for mapper in sorted(by_table, key=_table_name):
         counter, exclusive, shared = by_table[mapper]
         conn = session.connection(bind_arguments={"mapper": mapper})

@@ -26,7 +26,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect
 
 from . import buffer
-from .errors import ConfigurationError, CounterfillError
+from .errors import CounterfillError
 
 #: Isolation level of the library's own batch and verify transactions.
 ISOLATION = "READ COMMITTED"

@@ -1,4 +1,4 @@
-"""Buffered counters over plain association tables (``relationship(secondary=...)``), and their truth.
+"""Buffered counters over association tables (``relationship(secondary=...)``), and their truth.
 
 - ``followers``: self-referential, composite primary key; three buffered
   counters on ``followed_id`` (a count, a ``where=`` count, a ``sum=``) next to
@@ -96,10 +96,18 @@ COUNTERS = {
         ),
     ],
     "posts": [
-        ("tags_count", "counterfill_deltas_posts", "SELECT post_id, COUNT(*) FROM post_tags GROUP BY 1")
+        (
+            "tags_count",
+            "counterfill_deltas_posts",
+            "SELECT post_id, COUNT(*) FROM post_tags GROUP BY 1",
+        )
     ],
     "tags": [
-        ("posts_count", "counterfill_deltas_tags", "SELECT tag_id, COUNT(*) FROM post_tags GROUP BY 1")
+        (
+            "posts_count",
+            "counterfill_deltas_tags",
+            "SELECT tag_id, COUNT(*) FROM post_tags GROUP BY 1",
+        )
     ],
 }
 
@@ -141,5 +149,9 @@ def pending(bind: sa.Engine) -> int:
     with bind.connect() as conn:
         return sum(
             int(conn.scalar(sa.text(f"SELECT COUNT(*) FROM {t}")) or 0)
-            for t in ("counterfill_deltas_users", "counterfill_deltas_posts", "counterfill_deltas_tags")
+            for t in (
+                "counterfill_deltas_users",
+                "counterfill_deltas_posts",
+                "counterfill_deltas_tags",
+            )
         )

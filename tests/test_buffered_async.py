@@ -38,7 +38,11 @@ async def _truth(s: AsyncSession, uid: int) -> dict[str, int]:
     likes = "SELECT coalesce(sum(likes), 0) FROM posts WHERE author_id = :u"
     return {
         name: int((await s.execute(sa.text(q), {"u": uid})).scalar_one())
-        for name, q in (("followers_count", follows), ("posts_count", posts), ("likes_total", likes))
+        for name, q in (
+            ("followers_count", follows),
+            ("posts_count", posts),
+            ("likes_total", likes),
+        )
     }
 
 

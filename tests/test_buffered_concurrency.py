@@ -1,4 +1,4 @@
-"""Buffered counters under concurrency (PostgreSQL, MariaDB): folds, backfills, real workers racing writers.
+"""Buffered counters under concurrency (PostgreSQL, MariaDB): folds, backfills, workers vs writers.
 
 Zero drift is judged with the test's own SQL (buffered_models.TRUTH_SQL), and
 reads at random moments are checked in one REPEATABLE READ snapshot.

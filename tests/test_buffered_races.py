@@ -1,4 +1,4 @@
-"""Deterministic races of buffered counters: a recount while a writer's child and delta are uncommitted.
+"""Deterministic races of buffered counters: a recount meets a writer's uncommitted child and delta.
 
 A writer's child row and its delta row commit together. A backfill batch or
 ``verify --fix`` recounting the writer's parent must therefore count the
