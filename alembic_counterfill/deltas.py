@@ -222,6 +222,10 @@ def lock_first(
         slot = by_table.setdefault(counter.parent_mapper, (counter, set(), set()))
         keys = slot[2] if shared_buffered and buffer.is_buffered(counter) else slot[1]
         keys.update(x for x in ids if x is not None)
+    if _one_shared_key(by_table.values()):
+        # Its only parent lock is the child's own foreign-key check: one lock
+        # cannot be taken out of order, so the extra statement is spared.
+        return
     for mapper in sorted(by_table, key=_table_name):
         counter, exclusive, shared = by_table[mapper]
         conn = session.connection(bind_arguments={"mapper": mapper})
@@ -230,6 +234,16 @@ def lock_first(
         if exclusive or shared:
             table, pk = counter.parent_table, counter.parent_pk
             innodb.lock_parents_by_mode(conn, table, pk, exclusive, shared)
+
+
+def _one_shared_key(slots: Iterable[tuple[Counter, set[Any], set[Any]]]) -> bool:
+    """Whether the write locks no parent exclusively and exactly one parent shared."""
+    shared = 0
+    for _, exclusive, keys in slots:
+        if exclusive:
+            return False
+        shared += len(keys)
+    return shared == 1
 
 
 def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
