@@ -267,8 +267,7 @@ def _recount(
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
         if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read may be stale
-            for stmt in sql.discard_statements(counters, None, None, ids=part):  # buffered
-                conn.execute(stmt)
+            innodb.discard_locked(conn, counters, None, None, part)  # buffered counters
             innodb.recount_in_transaction(conn, counters, part, sql.contribution)
             continue
         # Buffered counters: the recount also removes their pending deltas.

@@ -405,26 +405,6 @@ def discard_deltas(
     return sa.update(table).where(where).values({n: 0 for n in sorted(names)})
 
 
-def discard_statements(
-    counters: Sequence[Counter],
-    lo: Any,
-    hi: Any,
-    *,
-    ids: Sequence[Any] | None = None,
-    dialect: str = "",
-) -> list[Any]:
-    """The statement removing the range's pending deltas of ``counters`` (none if none is buffered).
-
-    For recounts on MariaDB/MySQL, run under the parents' exclusive locks
-    before the truth is read: a new delta row needs a shared lock on its
-    parent (its foreign-key check), so none can appear until the recount
-    commits, and the column alone is then the cached value.
-    """
-    if not any(buffer.is_buffered(c) for c in counters):
-        return []
-    return [discard_deltas(counters, lo, hi, ids, dialect)]
-
-
 def recount_statements(
     counters: Sequence[Counter],
     lo: Any,
