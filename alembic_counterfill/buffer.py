@@ -122,9 +122,7 @@ def _build(parent: sa.Table) -> None:
                 "created_at",
                 # MariaDB/MySQL's DATETIME keeps whole seconds unless told otherwise;
                 # the fold lag (status, metrics) is measured in fractions of one.
-                sa.DateTime(timezone=True).with_variant(
-                    mysql.DATETIME(fsp=6), "mysql", "mariadb"
-                ),
+                sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
                 nullable=False,
                 server_default=Now(),
             ),

@@ -224,10 +224,11 @@ def fold_locked(
     of the parents' delta rows through the ``parent_id`` index (it reads the
     latest committed rows at any isolation level), one ``CASE`` UPDATE adding
     their sums, and a DELETE of those rows by primary key (a DELETE by
-    ``parent_id`` may scan the table and wait for other parents' writers). Nothing can change in between: a new delta row
-    needs a shared lock on its parent for its foreign-key check, and the
-    caller holds the exclusive one. The DELETE's rowcount is checked anyway;
-    a mismatch raises, and the caller's transaction rolls back whole.
+    ``parent_id`` may scan the table and wait for other parents' writers).
+    Nothing can change in between: a new delta row needs a shared lock on its
+    parent for its foreign-key check, and the caller holds the exclusive one.
+    The DELETE's rowcount is checked anyway; a mismatch raises, and the
+    caller's transaction rolls back whole.
     """
     pk = next(iter(parent.primary_key.columns))
     names = buffer.counter_names(parent)

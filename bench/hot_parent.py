@@ -157,9 +157,10 @@ def main() -> None:
     innodb = admin.dialect.name in ("mysql", "mariadb")
     with admin.begin() as conn:
         # MariaDB/MySQL: a database of its own; PostgreSQL: a schema of its own.
-        conn.execute(
-            sa.text(f"CREATE DATABASE {schema}") if innodb else sa.schema.CreateSchema(schema)
-        )
+        if innodb:
+            conn.execute(sa.text(f"CREATE DATABASE {schema}"))
+        else:
+            conn.execute(sa.schema.CreateSchema(schema))
     pool = {"pool_size": args.threads + 4, "max_overflow": 4}
     if innodb:
         engine = sa.create_engine(sa.make_url(args.url).set(database=schema), **pool)
