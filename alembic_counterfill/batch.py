@@ -342,7 +342,7 @@ def _one_transaction(
             else:
                 parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
             if mysql:  # read the truth (no child locks), then write what differs
-                innodb.refuse_buffered(chosen)
+                innodb.discard_locked(conn, chosen, start, end)  # buffered counters' deltas
                 wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
                 n = innodb.write_truths(conn, chosen, wrong)
             else:

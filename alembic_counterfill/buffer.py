@@ -22,7 +22,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from .errors import CounterDeclarationError, DatabaseError
 
@@ -35,6 +38,29 @@ RESERVED = frozenset({"id", "parent_id", "created_at"})
 # parent table -> its deltas table; parent table -> counter columns waiting for the parent's key
 _tables: dict[sa.Table, sa.Table] = {}
 _waiting: dict[sa.Table, list[sa.Column[Any]]] = {}
+
+
+class Now(FunctionElement[Any]):
+    """``CURRENT_TIMESTAMP``; on MariaDB/MySQL ``(UTC_TIMESTAMP(6))``: UTC, microseconds.
+
+    Their ``CURRENT_TIMESTAMP`` is in the session's time zone and, in a
+    ``DATETIME``, whole seconds; the fold lag is read as naive UTC.
+    """
+
+    type = sa.DateTime()
+    inherit_cache = True
+    name = "current_timestamp"
+
+
+@compiles(Now)
+def _now(element: Now, compiler: Any, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(Now, "mysql")
+@compiles(Now, "mariadb")
+def _now_micro(element: Now, compiler: Any, **kw: Any) -> str:
+    return "(UTC_TIMESTAMP(6))"
 
 
 def table_name(parent: sa.Table) -> str:
@@ -94,9 +120,11 @@ def _build(parent: sa.Table) -> None:
             ),
             sa.Column(
                 "created_at",
-                sa.DateTime(timezone=True),
+                # MariaDB/MySQL's DATETIME keeps whole seconds unless told otherwise;
+                # the fold lag (status, metrics) is measured in fractions of one.
+                sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
                 nullable=False,
-                server_default=sa.func.current_timestamp(),
+                server_default=Now(),
             ),
             schema=parent.schema,
             info={"counterfill_deltas_of": parent.name},
@@ -127,7 +155,7 @@ def counter_names(parent: sa.Table) -> list[str]:
 
 
 #: Dialects whose SQL can fold and recount buffered counters exactly.
-SUPPORTED = frozenset({"postgresql", "sqlite"})
+SUPPORTED = frozenset({"postgresql", "sqlite", "mysql", "mariadb"})
 
 
 def check_dialect(connection: Connection, parent: sa.Table) -> None:

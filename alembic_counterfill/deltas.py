@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.base import instance_state
 
 from . import buffer, folding, innodb, sql
 from .counters import Counter
@@ -97,6 +98,11 @@ def apply(session: Session, deltas: Deltas) -> None:
         if buffered:
             # Buffered (hot-parent) counters append to their deltas table instead.
             per_parent, appended = buffer.split(table, per_parent)
+            if appended and session._flushing:
+                # A parent this flush deletes takes its count with it: a delta row
+                # for it would break the deltas table's foreign key.
+                gone = _deleted_ids(session, parent_mapper)
+                appended = {pid: ds for pid, ds in appended.items() if pid not in gone}
             if appended:
                 _append(connection, table, appended)
                 folding.appended(session, table)
@@ -112,6 +118,16 @@ def apply(session: Session, deltas: Deltas) -> None:
             if buffered:  # a buffered column did not change: nothing to reload
                 ds = {c: d for c, d in ds.items() if not buffer.is_buffered(c)}
             expire[(parent_mapper, pid)].update(c.attr_key for c in ds)
+
+
+def _deleted_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
+    """Keys of the ``mapper`` objects this flush deletes (``after_flush`` still lists them)."""
+    out = set()
+    for obj in session.deleted:
+        st = instance_state(obj)
+        if st.mapper.isa(mapper) and st.key is not None:
+            out.add(st.key[1][0])
+    return out
 
 
 def _loaded_ids(session: Session, mapper: Mapper[Any]) -> set[Any]:
@@ -186,25 +202,48 @@ def schedule_expiry(session: Session, recounts: Recounts) -> None:
             expire[(counter.parent_mapper, pid)].add(counter.attr_key)
 
 
-def lock_first(session: Session, parents: dict[Counter, set[Any]]) -> None:
-    """On InnoDB, lock these parents exclusively, by table name and key, before a child write.
+def lock_first(
+    session: Session, parents: dict[Counter, set[Any]], *, shared_buffered: bool = False
+) -> None:
+    """On InnoDB, lock these parents, by table name and key, before a child write.
 
     A child INSERT or FK move takes a shared lock on its parent for the
     foreign-key check; writers holding it that then want the exclusive lock
-    for their delta deadlock (InnoDB has no ``FOR NO KEY UPDATE``). Elsewhere
+    for their delta deadlock (InnoDB has no ``FOR NO KEY UPDATE``). So the
+    parents are locked exclusively up front. With ``shared_buffered`` (a
+    flush, which only appends deltas for buffered counters and never
+    recounts them), parents only buffered counters name are locked *shared*
+    instead, in the same key order: writers of a hot parent do not queue,
+    and a fold (exclusive, key order) cannot deadlock with them. Elsewhere
     this does nothing: the deltas lock the parents afterwards.
     """
-    by_table: dict[Mapper[Any], tuple[Counter, set[Any]]] = {}
+    by_table: dict[Mapper[Any], tuple[Counter, set[Any], set[Any]]] = {}
     for counter, ids in parents.items():
-        slot = by_table.setdefault(counter.parent_mapper, (counter, set()))
-        slot[1].update(x for x in ids if x is not None)
+        slot = by_table.setdefault(counter.parent_mapper, (counter, set(), set()))
+        keys = slot[2] if shared_buffered and buffer.is_buffered(counter) else slot[1]
+        keys.update(x for x in ids if x is not None)
+    if _one_shared_key(by_table.values()):
+        # Its only parent lock is the child's own foreign-key check: one lock
+        # cannot be taken out of order, so the extra statement is spared.
+        return
     for mapper in sorted(by_table, key=_table_name):
-        counter, ids = by_table[mapper]
+        counter, exclusive, shared = by_table[mapper]
         conn = session.connection(bind_arguments={"mapper": mapper})
         if not innodb.is_innodb(conn.dialect):
             return
-        if ids:
-            innodb.lock_parent_keys(conn, counter.parent_table, counter.parent_pk, ids)
+        if exclusive or shared:
+            table, pk = counter.parent_table, counter.parent_pk
+            innodb.lock_parents_by_mode(conn, table, pk, exclusive, shared)
+
+
+def _one_shared_key(slots: Iterable[tuple[Counter, set[Any], set[Any]]]) -> bool:
+    """Whether the write locks no parent exclusively and exactly one parent shared."""
+    shared = 0
+    for _, exclusive, keys in slots:
+        if exclusive:
+            return False
+        shared += len(keys)
+    return shared == 1
 
 
 def _lock(session: Session, mapper: Mapper[Any], counter: Counter, ids: list[Any]) -> None:
@@ -228,7 +267,7 @@ def _recount(
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
         if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read may be stale
-            innodb.refuse_buffered(counters)
+            innodb.discard_locked(conn, counters, None, None, part)  # buffered counters
             innodb.recount_in_transaction(conn, counters, part, sql.contribution)
             continue
         # Buffered counters: the recount also removes their pending deltas.

@@ -160,7 +160,7 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
-    _deltas.lock_first(session, parents)
+    _deltas.lock_first(session, parents, shared_buffered=True)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
 

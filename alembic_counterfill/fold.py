@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import buffer, sql
+from . import buffer, innodb, sql
 
 log = logging.getLogger("alembic_counterfill.fold")
 
@@ -92,11 +92,28 @@ def fold_table(
     engine: sa.Engine, parent: sa.Table, *, chunk: int = CHUNK, ids: Sequence[Any] | None = None
 ) -> FoldOutcome:
     """Fold every pending delta of one parent table, ``chunk`` parents per transaction."""
+    with engine.connect() as conn:
+        return fold_on(conn, parent, chunk=chunk, ids=ids)
+
+
+def fold_on(
+    conn: Connection, parent: sa.Table, *, chunk: int = CHUNK, ids: Sequence[Any] | None = None
+) -> FoldOutcome:
+    """:func:`fold_table` on the caller's connection (no transaction open): one commit per chunk.
+
+    The inline folder of an ``AsyncSession`` app runs it through
+    ``AsyncConnection.run_sync``.
+    """
+    if innodb.is_innodb(conn.dialect):  # no gap locks; fresh reads (docs/databases.md)
+        conn.execution_options(isolation_level=innodb.ISOLATION)
     total = FoldOutcome()
     while True:
-        with engine.connect() as conn:
+        try:
             done = fold_chunk(conn, parent, chunk, ids=ids)
             conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
         total.add(done)
         if done.parents < chunk:
             return total
@@ -114,8 +131,13 @@ def fold_chunk(
     if not chosen:
         return FoldOutcome()
     dialect = conn.dialect.name
+    pk = next(iter(parent.primary_key.columns))
+    if innodb.is_innodb(conn.dialect):
+        innodb.lock_parents(conn, parent, pk, None, None, ids=chosen)
+        count, oldest = innodb.fold_locked(conn, parent, deltas, chosen)
+        lags = [] if oldest is None else [_age(oldest)]
+        return FoldOutcome(parents=len(chosen), deltas=count, transactions=1, lags=lags)
     if dialect != "sqlite":  # SQLite has one writer at a time already
-        pk = next(iter(parent.primary_key.columns))
         conn.execute(sql.lock_parents(parent, pk, None, None, ids=chosen, dialect=dialect))
     count, oldest = 0, None
     for stmt in sql.fold_moved(parent, deltas, chosen, dialect):

@@ -4,13 +4,16 @@ Embedded mode (the default, like backfills without a broker): after a
 transaction that appended deltas commits, the writing process schedules one
 fold of that parent table within :data:`INTERVAL` seconds on a timer thread
 (at most one pending per engine and table), so the plain attribute lags by
-at most about the interval. Apps whose workers fold instead
+at most about the interval. An ``AsyncSession`` app's fold runs as a task of
+its event loop instead (a fold still pending when the loop closes is left to
+the next commit, a worker or ``alembic counterfill fold``). Apps whose workers fold instead
 (``dramatiq alembic_counterfill.worker``) may turn inline folding off with
 :func:`configure_folding`; both at once are still exact, only busier.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from .fold import fold_table
+from .fold import fold_on, fold_table
 
 log = logging.getLogger("alembic_counterfill.folding")
 
@@ -71,15 +74,33 @@ ATTEMPTS = 3
 
 
 def schedule(engine: sa.Engine, parent: sa.Table, delay: float, attempt: int = 1) -> None:
-    """Fold ``parent``'s pending deltas on a timer thread in ``delay`` seconds (once per pair)."""
+    """Fold ``parent``'s pending deltas in ``delay`` seconds (once per engine and table).
+
+    On a timer thread; for an async engine (``AsyncSession``), as a task of
+    the committing event loop, on the app's own pool: a thread cannot use
+    connections that belong to another event loop.
+    """
     key = (engine, parent)
+    loop = _running_loop() if engine.dialect.is_async else None
+    if engine.dialect.is_async and loop is None:
+        return  # committed outside any event loop: a worker or the next commit folds
     with _lock:
         if key in _scheduled:
             return
         _scheduled.add(key)
+    if loop is not None:
+        loop.call_later(delay, _start_task, loop, engine, parent, attempt)
+        return
     timer = threading.Timer(delay, _run, (engine, parent, attempt))
     timer.daemon = True
     timer.start()
+
+
+def _failed(engine: sa.Engine, parent: sa.Table, attempt: int, exc: BaseException) -> None:
+    # Retried; after that the next commit (or a worker, or `fold`) folds.
+    log.warning("inline fold of %s failed (attempt %d): %s", parent.name, attempt, exc)
+    if attempt < ATTEMPTS:
+        schedule(engine, parent, float(_settings["interval"]) * 2**attempt, attempt + 1)
 
 
 def _run(engine: sa.Engine, parent: sa.Table, attempt: int) -> None:
@@ -88,7 +109,36 @@ def _run(engine: sa.Engine, parent: sa.Table, attempt: int) -> None:
         _scheduled.discard((engine, parent))
     try:
         fold_table(engine, parent)
-    except Exception as exc:  # retried; after that the next commit (or a worker, or `fold`)
-        log.warning("inline fold of %s failed (attempt %d): %s", parent.name, attempt, exc)
-        if attempt < ATTEMPTS:
-            schedule(engine, parent, float(_settings["interval"]) * 2**attempt, attempt + 1)
+    except Exception as exc:
+        _failed(engine, parent, attempt, exc)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+# Tasks in flight: the loop keeps only weak references to them.
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _start_task(
+    loop: asyncio.AbstractEventLoop, engine: sa.Engine, parent: sa.Table, attempt: int
+) -> None:
+    task = loop.create_task(_run_async(engine, parent, attempt))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+async def _run_async(engine: sa.Engine, parent: sa.Table, attempt: int) -> None:
+    from sqlalchemy.ext.asyncio import AsyncEngine  # only apps with async drivers get here
+
+    with _lock:
+        _scheduled.discard((engine, parent))
+    try:
+        async with AsyncEngine(engine).connect() as conn:
+            await conn.run_sync(lambda sync: fold_on(sync, parent))
+    except Exception as exc:
+        _failed(engine, parent, attempt, exc)

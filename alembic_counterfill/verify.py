@@ -127,7 +127,8 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
                     )
         if fix and rows:
             if innodb.is_innodb(conn.dialect):  # the truths just read, under the parents' lock
-                innodb.refuse_buffered(group)
+                # Buffered: their pending deltas go first, under the same locks.
+                innodb.discard_locked(conn, group, None, None, [r.pk for r in rows])
                 innodb.write_truths(conn, group, rows)
             else:
                 # Buffered counters: the fix also removes the parents' pending deltas.

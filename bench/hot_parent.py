@@ -1,6 +1,6 @@
 """Hot parent: 16 threads each committing one ORM insert of a child of the SAME parent.
 
-Run by hand (PostgreSQL must be up):
+Run by hand (PostgreSQL, or MariaDB with ``--url mysql+pymysql://root@127.0.0.1:3306/mysql``):
 
     .venv/bin/python bench/hot_parent.py [--url URL] [--threads 16] [--seconds 3] [--rounds 3]
 
@@ -154,14 +154,20 @@ def main() -> None:
     args = parser.parse_args()
     admin = sa.create_engine(args.url, isolation_level="AUTOCOMMIT")
     schema = f"bench_hot_{uuid.uuid4().hex[:8]}"
+    innodb = admin.dialect.name in ("mysql", "mariadb")
     with admin.begin() as conn:
-        conn.execute(sa.schema.CreateSchema(schema))
-    engine = sa.create_engine(
-        args.url,
-        connect_args={"options": f"-csearch_path={schema}"},
-        pool_size=args.threads + 4,
-        max_overflow=4,
-    )
+        # MariaDB/MySQL: a database of its own; PostgreSQL: a schema of its own.
+        if innodb:
+            conn.execute(sa.text(f"CREATE DATABASE {schema}"))
+        else:
+            conn.execute(sa.schema.CreateSchema(schema))
+    pool = {"pool_size": args.threads + 4, "max_overflow": 4}
+    if innodb:
+        engine = sa.create_engine(sa.make_url(args.url).set(database=schema), **pool)
+    else:
+        engine = sa.create_engine(
+            args.url, connect_args={"options": f"-csearch_path={schema}"}, **pool
+        )
     ages: list[float] = []
     sampling = threading.Event()
     checks: list[tuple[int, int]] = []
@@ -241,7 +247,10 @@ def main() -> None:
     finally:
         engine.dispose()
         with admin.begin() as conn:
-            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+            if innodb:
+                conn.execute(sa.text(f"DROP DATABASE {schema}"))
+            else:
+                conn.execute(sa.schema.DropSchema(schema, cascade=True))
         admin.dispose()
 
 

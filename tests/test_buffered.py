@@ -31,23 +31,16 @@ from alembic_counterfill import (
     counter_cache,
     counter_value,
     counters_of,
-    innodb,
 )
 from alembic_counterfill import fold as folding
-from alembic_counterfill.errors import ConfigurationError
 from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.testing import find_drift
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def db_url(request: pytest.FixtureRequest) -> str:
-    """SQLite and PostgreSQL: MariaDB refuses buffered counters (tested below)."""
+    """SQLite, PostgreSQL and MariaDB (folds and recounts under InnoDB's locks)."""
     return server_url_of(request, request.param)
-
-
-def test_buffered_counters_are_refused_on_mariadb_recounts() -> None:
-    with pytest.raises(ConfigurationError, match="not supported on MariaDB/MySQL"):
-        innodb.refuse_buffered(counters_of(Base))
 
 
 @pytest.fixture(autouse=True)
@@ -293,8 +286,8 @@ def test_other_databases_are_refused_with_a_clear_error() -> None:
     from alembic_counterfill.buffer import check_dialect
     from alembic_counterfill.errors import DatabaseError
 
-    mock = sa.create_mock_engine("mysql://", lambda *a, **k: None)
-    with pytest.raises(DatabaseError, match="not supported on mysql; declare them without"):
+    mock = sa.create_mock_engine("mssql://", lambda *a, **k: None)
+    with pytest.raises(DatabaseError, match="not supported on mssql; declare them without"):
         check_dialect(mock, User.__table__)  # type: ignore[arg-type]
 
 
@@ -322,23 +315,41 @@ def test_autogenerate_creates_the_deltas_table(sqlite_url: str) -> None:
         engine.dispose()
 
 
-def test_mariadb_refuses_buffered_writes_and_folds_with_nothing_written(mariadb_url: str) -> None:
-    from alembic_counterfill.errors import DatabaseError
-
+def test_mariadb_writers_of_a_buffered_parent_share_its_lock(mariadb_url: str) -> None:
+    """Two uncommitted writers of one buffered parent: neither waits for the other."""
     engine = sa.create_engine(mariadb_url)
     try:
         Base.metadata.create_all(engine)
         with Session(engine) as s:
-            s.add(User(id=1))
+            s.add_all([User(id=i) for i in (1, 2, 3)])
             s.commit()
-            s.add(Follow(follower_id=1, followed_id=1))
-            with pytest.raises(DatabaseError, match="declare them without buffered=True"):
-                s.commit()
-        with engine.connect() as conn:
-            assert conn.scalar(sa.text("SELECT count(*) FROM follows")) == 0
-            assert conn.scalar(sa.text("SELECT count(*) FROM counterfill_deltas_users")) == 0
-            assert conn.scalar(sa.text("SELECT following_count FROM users")) == 0
-        with pytest.raises(DatabaseError, match="not supported on mysql"):
-            fold_all(engine)
+        first, second = Session(engine), Session(engine)
+        try:
+            for s, follower in ((first, 2), (second, 3)):
+                # Bounded: a writer waiting for the other fails here instead of hanging.
+                s.connection().exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 2")
+                s.add(Follow(follower_id=follower, followed_id=1))
+                s.flush()  # would time out if the first writer held user 1 exclusively
+            first.commit()
+            second.commit()
+        finally:
+            first.close()
+            second.close()
+        assert drift(engine) == []
+        assert_exact_then_fold(engine)
     finally:
         engine.dispose()
+
+
+def test_deleting_a_parent_with_its_children_in_one_flush(db: sa.Engine) -> None:
+    """The children's deltas for a parent the same flush deletes are dropped, not appended."""
+    with Session(db) as s:
+        s.add_all([Follow(id=i, follower_id=i, followed_id=2) for i in (1, 3)])
+        s.add(Post(id=1, author_id=2, published=True, likes=3))
+        s.commit()
+        for obj in (s.get(Follow, 1), s.get(Follow, 3), s.get(Post, 1), s.get(User, 2)):
+            s.delete(obj)
+        s.commit()
+    with db.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM users WHERE id = 2")) == 0
+    assert_exact_then_fold(db)

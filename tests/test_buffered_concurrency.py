@@ -1,4 +1,4 @@
-"""Buffered counters under concurrency (PostgreSQL): folds, backfills, real workers racing writers.
+"""Buffered counters under concurrency (PostgreSQL, MariaDB): folds, backfills, workers vs writers.
 
 Zero drift is judged with the test's own SQL (buffered_models.TRUTH_SQL), and
 reads at random moments are checked in one REPEATABLE READ snapshot.
@@ -35,13 +35,26 @@ def no_inline_folding() -> Iterator[None]:
     configure_folding(inline=True)
 
 
-@pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=12)
+def _seeded(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, pool_size=12)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([User(id=i) for i in range(1, USERS + 1)])
         s.commit()
+    return engine
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[sa.Engine]:
+    engine = _seeded(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def server_db(server_url: str) -> Iterator[sa.Engine]:
+    """PostgreSQL and MariaDB, seeded."""
+    engine = _seeded(server_url)
     yield engine
     engine.dispose()
 
@@ -121,7 +134,8 @@ def snapshot_check(engine: sa.Engine) -> list[tuple[int, str, int, int]]:
     return wrong
 
 
-def test_folds_racing_writers_leave_zero_drift(pg: sa.Engine) -> None:
+def test_folds_racing_writers_leave_zero_drift(server_db: sa.Engine) -> None:
+    pg = server_db
     counters = counters_of(Base)
     folded = []
     wrong: list[object] = []
@@ -221,9 +235,11 @@ def _backends(engine: sa.Engine, app: str, *, waiting: bool = False) -> int:
 
 
 def test_real_workers_fold_and_backfill_racing_writers_leave_zero_drift(
-    pg: sa.Engine, pg_url: str, redis_url: str, tmp_path: Path
+    server_db: sa.Engine, redis_url: str, tmp_path: Path
 ) -> None:
-    project = Project(tmp_path / "p", pg_url, broker_url=redis_url, batch_size=4)
+    pg = server_db
+    url = pg.url.render_as_string(hide_password=False)
+    project = Project(tmp_path / "p", url, broker_url=redis_url, batch_size=4)
     ini = Path(project.ini)
     ini.write_text(ini.read_text().replace("backfill_models:Base", "buffered_models:Base"))
     with (

@@ -49,9 +49,6 @@ def no_inline_folding() -> Iterator[None]:
     configure_folding(inline=True)
 
 
-# MariaDB refuses buffered counters (tests/test_buffered.py).
-@pytest.mark.parametrize("run_machine", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("run_machine", ["sqlite", "postgresql", "mariadb"], indirect=True)
 def test_random_orm_traffic_keeps_buffered_counters_exact(run_machine) -> None:  # noqa: ANN001
-    if "mysql" in run_machine.url:
-        pytest.skip("buffered counters are not supported on MariaDB/MySQL yet (docs/databases.md)")
     run_machine(BufferedMachine, max_examples=15)
