@@ -148,13 +148,41 @@ def run_batch(
     """
     pacing = pacing or Pacing()
     throttle = throttle or Throttle()
+    # One connection for the whole delivery: each transaction would
+    # otherwise pay a pool check-out (and its ping) on top of its statements.
+    with engine.connect() as conn:
+        return _deliver(
+            engine,
+            conn,
+            counters,
+            batch_id,
+            pacing,
+            throttle,
+            statement_timeout_ms,
+            budget_seconds,
+            sleep,
+        )
+
+
+def _deliver(
+    engine: sa.Engine,
+    conn: Connection,
+    counters: Mapping[str, Counter],
+    batch_id: int,
+    pacing: Pacing,
+    throttle: Throttle,
+    statement_timeout_ms: int | None,
+    budget_seconds: float | None,
+    sleep: Callable[[float], None],
+) -> BatchOutcome:
+    """:func:`run_batch`'s loop of transactions on one connection."""
     started = time.monotonic()
     changed, applied, first = 0, False, True
     locked_in_a_row, next_health = 0, started + HEALTH_EVERY
     run_id = 0
     while True:
         chunk = _one_transaction(
-            engine, counters, batch_id, pacing, throttle, statement_timeout_ms, first
+            conn, counters, batch_id, pacing, throttle, statement_timeout_ms, first
         )
         first = False
         run_id = chunk.run_id or run_id
@@ -244,35 +272,46 @@ def _record_throttle(conn: Connection, run_id: int, reason: str) -> None:
 
 def _session_settings(
     conn: Connection, statement_timeout_ms: int | None, throttle: Throttle
-) -> None:
+) -> dict[str, str]:
+    """Apply the transaction's settings; on PostgreSQL return them for :func:`_lock_batch`."""
     if innodb.is_innodb(conn.dialect):
         # A fresh snapshot per statement: the recount sees what it waited for
         # (docs/databases.md); and a lock wait bounded like a statement.
         conn.execution_options(isolation_level=innodb.ISOLATION)
         if statement_timeout_ms:
             innodb.bound_lock_waits(conn, statement_timeout_ms)
-        return
+        return {}
     if conn.dialect.name != "postgresql":
-        return
+        return {}
     # A batch is a short statement: JIT compilation (triggered by the
     # planner's cost estimate of the recount) costs more than it saves.
     settings = {"jit": "off"}
+    # No wait for the WAL flush at commit: a batch lost to a server crash is
+    # lost whole (recount, cursor and figures are one transaction) and runs
+    # again; any later synchronous commit flushes it, e.g. an application
+    # write that waited on its locks.
+    settings["synchronous_commit"] = "off"
     if statement_timeout_ms:
         settings["statement_timeout"] = str(statement_timeout_ms)
     if throttle.lock_timeout_ms:
         settings["lock_timeout"] = str(throttle.lock_timeout_ms)
-    conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
+    return settings
 
 
 _RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at", "fingerprints")
 
 
-def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
+def _lock_batch(
+    conn: Connection, batch_id: int, first: bool, settings: dict[str, str] | None = None
+) -> Any:
     """Lock the batch row and read it with its run's settings (None: no such batch).
 
     One round trip on PostgreSQL (``UPDATE … FROM`` reads the run row without
-    locking it); SQLite cannot return another table's columns, so it reads
-    the run in a second statement.
+    locking it), which also applies the transaction's ``settings`` (the
+    ``RETURNING`` list calls ``set_config``, so they bind every later
+    statement of the transaction: the parents' lock wait, the recount);
+    SQLite cannot return another table's columns, so it reads the run in a
+    second statement.
     """
     b, r = p.batches_table, p.runs_table
     mine = (b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
@@ -282,7 +321,15 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
             sa.update(b)
             .where(b.c.id == batch_id, r.c.id == b.c.run_id)
             .values(touch)
-            .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS], r.c.state.label("run_state"))
+            .returning(
+                *mine,
+                *[r.c[name] for name in _RUN_SETTINGS],
+                r.c.state.label("run_state"),
+                *[
+                    sa.func.set_config(k, v, True).label(f"setting_{i}")
+                    for i, (k, v) in enumerate((settings or {}).items())
+                ],
+            )
         ).first()
     row = innodb.update_returning(
         conn, sa.update(b).where(b.c.id == batch_id).values(touch), b.c.id == batch_id, *mine
@@ -298,7 +345,7 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
 
 
 def _one_transaction(
-    engine: sa.Engine,
+    conn: Connection,
     counters: Mapping[str, Counter],
     batch_id: int,
     pacing: Pacing,
@@ -310,91 +357,97 @@ def _one_transaction(
     b = p.batches_table
     t0 = time.monotonic()
     row: Any = None
-    with engine.connect() as conn:
-        _session_settings(conn, statement_timeout_ms, throttle)
-        try:
-            row = _lock_batch(conn, batch_id, first)
-            if row is None:
-                raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-            if row.state == p.BATCH_DONE:
-                conn.rollback()
-                return _Chunk(_ALREADY, row.run_id)
-            run = row
-            if run.run_state in (p.RUN_CANCELLED, p.RUN_SUPERSEDED):
-                conn.rollback()
-                log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.run_state)
-                return _Chunk(_ALREADY, row.run_id)
-            if run.paused_at is not None:
-                conn.rollback()
-                return _Chunk(_PAUSED, row.run_id)
-            chosen = _run_counters(counters, run, batch_id)
-            table, pk = chosen[0].parent_table, chosen[0].parent_pk
-            lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
-            start = decode_key(pk, row.cursor) if row.cursor is not None else lo
-            size = run.chunk_size or run.batch_size
-            end, last = hi, True
-            if size < run.batch_size:
-                cut = next_boundary(conn, pk, start, size)
-                if cut is not None and (hi is None or cut < hi):
-                    end, last = cut, False
-            mysql = innodb.is_innodb(conn.dialect)
-            if mysql:
-                parents = innodb.lock_parents(conn, table, pk, start, end)
-            elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
-                parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
-            else:
-                parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
-            if mysql:  # read the truth (no child locks), then write what differs
-                innodb.refuse_buffered(chosen)
-                wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
-                n = innodb.write_truths(conn, chosen, wrong)
-            else:
-                # Buffered counters: the recount also removes the range's pending deltas.
-                for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
-                    n = conn.execute(stmt).rowcount
-            waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
-            seconds = time.monotonic() - t0
-            if last:
-                conn.execute(
-                    sa.update(b)
-                    .where(b.c.id == batch_id)
-                    .values(
-                        state=p.BATCH_DONE,
-                        finished_at=p.now(),
-                        rows_changed=b.c.rows_changed + n,
-                        error=None,
-                        cursor=None,
-                    )
-                )
-            else:
-                conn.execute(
-                    sa.update(b)
-                    .where(b.c.id == batch_id)
-                    .values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
-                )
-            finished, rate_wait, next_size = _advance_run(
-                conn,
-                row.run_id,
-                pacing,
-                size=size,
-                parents=parents,
-                seconds=seconds,
-                changed=n,
-                last=last,
-                was_failed=row.state == p.BATCH_FAILED,
-                waiters=waiters,
-                counters=chosen,
-            )
-            conn.commit()
-        except sa.exc.DBAPIError as exc:
-            if not signals.is_lock_timeout(exc):
-                raise
+    settings = _session_settings(conn, statement_timeout_ms, throttle)
+    try:
+        row = _lock_batch(conn, batch_id, first, settings)
+        if row is None:
+            raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
+        if row.state == p.BATCH_DONE:
             conn.rollback()
-            run_id = row.run_id if row is not None else 0  # None: a duplicate holds the batch
-            if run_id:
-                _shrink(conn, run_id, pacing, "parent rows locked by other sessions (lock_timeout)")
-                conn.commit()
-            return _Chunk(_LOCKED, run_id)
+            return _Chunk(_ALREADY, row.run_id)
+        run = row
+        if run.run_state in (p.RUN_CANCELLED, p.RUN_SUPERSEDED):
+            conn.rollback()
+            log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.run_state)
+            return _Chunk(_ALREADY, row.run_id)
+        if run.paused_at is not None:
+            conn.rollback()
+            return _Chunk(_PAUSED, row.run_id)
+        chosen = _run_counters(counters, run, batch_id)
+        table, pk = chosen[0].parent_table, chosen[0].parent_pk
+        lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
+        start = decode_key(pk, row.cursor) if row.cursor is not None else lo
+        size = run.chunk_size or run.batch_size
+        end, last = hi, True
+        mysql = innodb.is_innodb(conn.dialect)
+        postgresql = conn.dialect.name == "postgresql"
+        if size < run.batch_size and not postgresql:
+            cut = next_boundary(conn, pk, start, size)
+            if cut is not None and (hi is None or cut < hi):
+                end, last = cut, False
+        if mysql:
+            parents = innodb.lock_parents(conn, table, pk, start, end)
+        elif postgresql and size < run.batch_size:
+            # Cut and lock the piece in one statement (see lock_next_parents).
+            found = conn.execute(sql.lock_next_parents(table, pk, start, hi, size)).first()
+            parents = found.n if found is not None else 0
+            if parents > size:
+                end, last, parents = found.k, False, size
+        elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
+            parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
+        else:
+            parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
+        if mysql:  # read the truth (no child locks), then write what differs
+            innodb.refuse_buffered(chosen)
+            wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
+            n = innodb.write_truths(conn, chosen, wrong)
+        else:
+            # Buffered counters: the recount also removes the range's pending deltas.
+            for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
+                n = conn.execute(stmt).rowcount
+        waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
+        seconds = time.monotonic() - t0
+        if last:
+            conn.execute(
+                sa.update(b)
+                .where(b.c.id == batch_id)
+                .values(
+                    state=p.BATCH_DONE,
+                    finished_at=p.now(),
+                    rows_changed=b.c.rows_changed + n,
+                    error=None,
+                    cursor=None,
+                )
+            )
+        else:
+            conn.execute(
+                sa.update(b)
+                .where(b.c.id == batch_id)
+                .values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
+            )
+        finished, rate_wait, next_size = _advance_run(
+            conn,
+            row.run_id,
+            pacing,
+            size=size,
+            parents=parents,
+            seconds=seconds,
+            changed=n,
+            last=last,
+            was_failed=row.state == p.BATCH_FAILED,
+            waiters=waiters,
+            counters=chosen,
+        )
+        conn.commit()
+    except sa.exc.DBAPIError as exc:
+        if not signals.is_lock_timeout(exc):
+            raise
+        conn.rollback()
+        run_id = row.run_id if row is not None else 0  # None: a duplicate holds the batch
+        if run_id:
+            _shrink(conn, run_id, pacing, "parent rows locked by other sessions (lock_timeout)")
+            conn.commit()
+        return _Chunk(_LOCKED, run_id)
     log.info(
         "batch %d %s [%s, %s) parents=%d rows_changed=%d in %.3fs%s%s%s%s",
         batch_id,

@@ -218,14 +218,15 @@ def _send(
     try:
         for start in range(0, len(to_send), SEND_CHUNK):
             chunk = to_send[start : start + SEND_CHUNK]
-            try:
-                send_batches(broker, settings.queue, chunk)
-            finally:
-                # Even when interrupted mid-chunk: messages that did go out
-                # must not be sent again; a batch marked sent whose message
-                # did not go out is re-sent by the next `enqueue`.
-                with engine.begin() as conn:
-                    planning.mark_sent(conn, chunk)
+            # Recorded before the messages go out: once they have, a worker
+            # may hold a batch's row, and this update would wait for its
+            # transaction (and the worker would back off for this waiter).
+            # Messages that did go out are not sent again; a batch marked sent
+            # whose message did not go out (Ctrl-C mid-chunk) is re-sent by
+            # the next `enqueue`, which sends what is not still queued.
+            with engine.begin() as conn:
+                planning.mark_sent(conn, chunk)
+            send_batches(broker, settings.queue, chunk)
             sent += len(chunk)
     except KeyboardInterrupt:
         click.echo(
