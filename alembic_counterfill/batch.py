@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition, innodb, signals, sql
+from . import definition, innodb, notify, signals, sql
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
@@ -391,7 +391,7 @@ def _one_transaction(
             # Cut and lock the piece in one statement (see lock_next_parents).
             found = conn.execute(sql.lock_next_parents(table, pk, start, hi, size)).first()
             parents = found.n if found is not None else 0
-            if parents > size:
+            if found is not None and parents > size:
                 end, last, parents = found.k, False, size
         elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
             parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
@@ -568,6 +568,7 @@ def _advance_run(
                     definition=definition.encode(parts),
                 )
             )
+        notify.announce(conn, run_id)  # sent at this commit: `--wait` stops waiting
         return True, rate_wait, next_size
     if done + failed >= total:
         _fail_run(conn, run_id, now)
@@ -620,6 +621,7 @@ def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
         .values(state=p.FAILED, updated_at=now)
     )
+    notify.announce(conn, run_id)
 
 
 def mark_refused(engine: sa.Engine, batch_id: int, error: str) -> int:
