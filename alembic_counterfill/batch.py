@@ -22,7 +22,7 @@ from . import definition, innodb, notify, signals, sql
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
-from .pacing import BACKOFF_SHRINK, History, Pacing
+from .pacing import BACKOFF_SHRINK, CONTENDED_SECONDS, History, Pacing
 from .pacing import next_size as next_size_after
 from .planning import decode_key, encode_key, key_text, next_boundary
 from .signals import Throttle
@@ -514,6 +514,12 @@ def _advance_run(
     next_size = size
     if not run["pinned"] and run["chunk_size"]:  # runs planned before 0.2 have none
         bounds = _bounds(pacing, run["batch_size"])
+        # Contended: sessions waited on this piece, or the run was throttled
+        # lately (waiters, a lock it could not get, autovacuum, replica lag).
+        lately = run["throttled_at"]
+        contended = waiters is not None or (
+            lately is not None and (now - _aware(lately)).total_seconds() < CONTENDED_SECONDS
+        )
         step = next_size_after(
             bounds,
             size,
@@ -521,6 +527,7 @@ def _advance_run(
             seconds,
             History.loads(run["pacing_history"]),
             back_off=waiters is not None,
+            contended=contended,
         )
         # The last piece of a range is often short: it informs the estimate
         # but does not by itself shrink the size.
