@@ -152,7 +152,6 @@ def run_batch(
     # otherwise pay a pool check-out (and its ping) on top of its statements.
     with engine.connect() as conn:
         return _deliver(
-            engine,
             conn,
             counters,
             batch_id,
@@ -165,7 +164,6 @@ def run_batch(
 
 
 def _deliver(
-    engine: sa.Engine,
     conn: Connection,
     counters: Mapping[str, Counter],
     batch_id: int,
@@ -221,7 +219,7 @@ def _deliver(
         if chunk.table is not None and time.monotonic() >= next_health:
             next_health = time.monotonic() + HEALTH_EVERY
             reason = _health_pause(
-                engine, chunk.table, throttle, batch_id, run_id, sleep, started, budget_seconds
+                conn, chunk.table, throttle, batch_id, run_id, sleep, started, budget_seconds
             )
             if reason is not None:
                 return BatchOutcome(
@@ -238,7 +236,7 @@ def _out_of_budget(started: float, budget: float | None, wait: float) -> bool:
 
 
 def _health_pause(
-    engine: sa.Engine,
+    conn: Connection,
     table: sa.Table,
     throttle: Throttle,
     batch_id: int,
@@ -250,12 +248,13 @@ def _health_pause(
     """Sleep while autovacuum or replica lag says so; return the reason if the budget ran out."""
     pause = 1.0
     while True:
-        with engine.connect() as conn:
-            reason = signals.health(conn, table, throttle)
-            if reason is None:
-                return None
-            _record_throttle(conn, run_id, reason)
-            conn.commit()
+        # The delivery's own connection, between two of its transactions.
+        reason = signals.health(conn, table, throttle)
+        if reason is None:
+            conn.rollback()
+            return None
+        _record_throttle(conn, run_id, reason)
+        conn.commit()
         log.warning("batch %d throttled: %s; pausing %.1fs", batch_id, reason, pause)
         if _out_of_budget(started, budget, pause):
             return reason

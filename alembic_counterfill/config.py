@@ -268,7 +268,7 @@ def from_alembic_config(cfg: Config) -> Settings:
         )
     broker_url = os.environ.get(BROKER_ENV) or str(values.get("broker_url") or "").strip() or None
     batch_seconds = _number(values.get("batch_seconds"), "batch_seconds", source, 0.1)
-    idle_seconds = _number(values.get("idle_batch_seconds"), "idle_batch_seconds", source, 0.25)
+    idle_seconds = _number(values.get("idle_batch_seconds"), "idle_batch_seconds", source, 1.0)
 
     def setting(key: str, default: float, example: float) -> float:
         if values.get(key) in (None, ""):

@@ -34,9 +34,12 @@ TARGET_SECONDS = 0.03
 
 #: Default target duration while no application session has waited on the
 #: run's locks lately (seconds): with nobody to protect, bigger transactions
-#: pay the fixed cost of each less often (bench/backfill.py). The first
-#: session found waiting switches the run to TARGET_SECONDS (see contended).
-IDLE_TARGET_SECONDS = 0.25
+#: pay the fixed cost of each less often (bench/backfill.py), so sizes grow
+#: to the planned range unless a piece nears a second (on a loaded machine
+#: 10,000 parents took 0.2-0.6 s, which 0.25 s kept cutting in four). The
+#: first session found waiting switches the run to TARGET_SECONDS (see
+#: contended).
+IDLE_TARGET_SECONDS = 1.0
 
 #: Seconds a run stays at the short target after a session waited on its
 #: locks (or a piece could not get its own): contention comes in bursts.
