@@ -411,27 +411,30 @@ def _one_transaction(
             # Buffered counters: the recount also removes the range's pending deltas.
             for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
                 n = conn.execute(stmt).rowcount
-        waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
         seconds = time.monotonic() - t0
+        moved = sa.update(b).where(b.c.id == batch_id)
         if last:
-            conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch_id)
-                .values(
-                    state=p.BATCH_DONE,
-                    finished_at=p.now(),
-                    rows_changed=b.c.rows_changed + n,
-                    error=None,
-                    cursor=None,
-                )
+            moved = moved.values(
+                state=p.BATCH_DONE,
+                finished_at=p.now(),
+                rows_changed=b.c.rows_changed + n,
+                error=None,
+                cursor=None,
             )
         else:
-            conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch_id)
-                .values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
-            )
-        finished, rate_wait, next_size = _advance_run(
+            moved = moved.values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
+        waiters: str | None = None
+        if postgresql:
+            # The waiters' count and the batch row's update travel with the
+            # run row's read (_advance_run): two round trips fewer while the
+            # parents are locked, which application writes may be waiting for.
+            ask = signals.waiters_count() if throttle.lock_waiters else None
+            merged: tuple[Any, Any] | None = (moved.cte("moved"), ask)
+        else:
+            waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
+            conn.execute(moved)
+            merged = None
+        finished, rate_wait, next_size, waiters = _advance_run(
             conn,
             row.run_id,
             pacing,
@@ -443,6 +446,7 @@ def _one_transaction(
             was_failed=row.state == p.BATCH_FAILED,
             waiters=waiters,
             counters=chosen,
+            merged=merged,
         )
         conn.commit()
     except sa.exc.DBAPIError as exc:
@@ -494,20 +498,28 @@ def _advance_run(
     was_failed: bool,
     waiters: str | None,
     counters: list[Counter],
-) -> tuple[bool, float, int]:
+    merged: tuple[Any, Any] | None = None,
+) -> tuple[bool, float, int, str | None]:
     """Add one transaction's figures to the run; complete it if this was its last batch.
 
-    Returns (run finished, seconds to wait under the rate limit, next size).
+    Returns (run finished, seconds to wait under the rate limit, next size,
+    lock waiters). With ``merged`` (PostgreSQL), the batch row's update (a
+    CTE) and the waiters' count (a scalar subquery, or None) run in the
+    statement that locks and reads the run row.
     The run row is locked here, at the end of the transaction, as the
     ``UPDATE`` of the figures would lock it anyway.
     """
     r, c = p.runs_table, p.counters_table
     now = p.now()
-    run = (
-        conn.execute(sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True))
-        .mappings()
-        .one()
-    )
+    read = sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True)
+    if merged is not None:
+        moved, ask = merged
+        read = read.add_cte(moved)
+        if ask is not None:
+            read = read.add_columns(ask.label("counterfill_waiters"))
+    run = conn.execute(read).mappings().one()
+    if merged is not None and merged[1] is not None:
+        waiters = signals.waiters_reason(run["counterfill_waiters"])
     values: dict[str, Any] = {
         "rows_changed": r.c.rows_changed + changed,
         "parents_done": sa.func.coalesce(r.c.parents_done, 0) + parents,
@@ -563,7 +575,7 @@ def _advance_run(
         r.c.batches_total,
     )
     if not last:
-        return False, rate_wait, next_size
+        return False, rate_wait, next_size, waiters
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         # Completing records each counter's definition (the one the run was
@@ -582,10 +594,10 @@ def _advance_run(
                 )
             )
         notify.announce(conn, run_id)  # sent at this commit: `--wait` stops waiting
-        return True, rate_wait, next_size
+        return True, rate_wait, next_size, waiters
     if done + failed >= total:
         _fail_run(conn, run_id, now)
-    return False, rate_wait, next_size
+    return False, rate_wait, next_size, waiters
 
 
 def _bounds(pacing: Pacing, batch_size: int) -> Pacing:
