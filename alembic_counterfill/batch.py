@@ -18,11 +18,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition, innodb, signals, sql
+from . import definition, innodb, notify, signals, sql
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
-from .pacing import BACKOFF_SHRINK, History, Pacing
+from .pacing import BACKOFF_SHRINK, CONTENDED_SECONDS, History, Pacing
 from .pacing import next_size as next_size_after
 from .planning import decode_key, encode_key, key_text, next_boundary
 from .signals import Throttle
@@ -66,6 +66,14 @@ class _Chunk:
 
 #: Chunk kinds.
 _APPLIED, _ALREADY, _PAUSED, _LOCKED = "applied", "done", "paused", "lock timeout"
+
+#: Pause after a piece that application sessions waited on (seconds). They
+#: go on at its commit, and the next piece locks other parents, so a pause
+#: only stretches the backfill: under steady application traffic most pieces
+#: see a waiter, and pauses of 0.2 s, then 0.05 s, made much of the
+#: backfill's time (bench/impact.py, docs/performance.md). The piece's size
+#: is still halved, and the run kept on the short target.
+WAITERS_PAUSE = 0.0
 
 #: Longest single back-off sleep (seconds).
 MAX_SLEEP = 10.0
@@ -145,13 +153,39 @@ def run_batch(
     """
     pacing = pacing or Pacing()
     throttle = throttle or Throttle()
+    # One connection for the whole delivery: each transaction would
+    # otherwise pay a pool check-out (and its ping) on top of its statements.
+    with engine.connect() as conn:
+        return _deliver(
+            conn,
+            counters,
+            batch_id,
+            pacing,
+            throttle,
+            statement_timeout_ms,
+            budget_seconds,
+            sleep,
+        )
+
+
+def _deliver(
+    conn: Connection,
+    counters: Mapping[str, Counter],
+    batch_id: int,
+    pacing: Pacing,
+    throttle: Throttle,
+    statement_timeout_ms: int | None,
+    budget_seconds: float | None,
+    sleep: Callable[[float], None],
+) -> BatchOutcome:
+    """:func:`run_batch`'s loop of transactions on one connection."""
     started = time.monotonic()
     changed, applied, first = 0, False, True
     locked_in_a_row = 0
     run_id = 0
     while True:
         chunk = _one_transaction(
-            engine, counters, batch_id, pacing, throttle, statement_timeout_ms, first
+            conn, counters, batch_id, pacing, throttle, statement_timeout_ms, first
         )
         # A piece that gave way rolled back its attempt count: the next one counts it.
         first = chunk.kind == _LOCKED and first
@@ -187,10 +221,10 @@ def run_batch(
             return BatchOutcome(batch_id, run_id, True, changed, chunk.run_finished, seconds)
         wait = chunk.rate_wait
         if chunk.waiters:
-            wait = max(wait, 0.2)  # let the waiting sessions through before the next piece
+            wait = max(wait, WAITERS_PAUSE)
         if chunk.table is not None and signals.health_check_due(time.monotonic()):
             reason = _health_pause(
-                engine, chunk.table, throttle, batch_id, run_id, sleep, started, budget_seconds
+                conn, chunk.table, throttle, batch_id, run_id, sleep, started, budget_seconds
             )
             if reason is not None:
                 return BatchOutcome(
@@ -207,7 +241,7 @@ def _out_of_budget(started: float, budget: float | None, wait: float) -> bool:
 
 
 def _health_pause(
-    engine: sa.Engine,
+    conn: Connection,
     table: sa.Table,
     throttle: Throttle,
     batch_id: int,
@@ -219,12 +253,13 @@ def _health_pause(
     """Sleep while autovacuum or replica lag says so; return the reason if the budget ran out."""
     pause = 1.0
     while True:
-        with engine.connect() as conn:
-            reason = signals.health(conn, table, throttle)
-            if reason is None:
-                return None
-            _record_throttle(conn, run_id, reason)
-            conn.commit()
+        # The delivery's own connection, between two of its transactions.
+        reason = signals.health(conn, table, throttle)
+        if reason is None:
+            conn.rollback()
+            return None
+        _record_throttle(conn, run_id, reason)
+        conn.commit()
         log.warning("batch %d throttled: %s; pausing %.1fs", batch_id, reason, pause)
         if _out_of_budget(started, budget, pause):
             return reason
@@ -241,35 +276,46 @@ def _record_throttle(conn: Connection, run_id: int, reason: str) -> None:
 
 def _session_settings(
     conn: Connection, statement_timeout_ms: int | None, throttle: Throttle
-) -> None:
+) -> dict[str, str]:
+    """Apply the transaction's settings; on PostgreSQL return them for :func:`_lock_batch`."""
     if innodb.is_innodb(conn.dialect):
         # A fresh snapshot per statement: the recount sees what it waited for
         # (docs/databases.md); and a lock wait bounded like a statement.
         conn.execution_options(isolation_level=innodb.ISOLATION)
         if statement_timeout_ms:
             innodb.bound_lock_waits(conn, statement_timeout_ms)
-        return
+        return {}
     if conn.dialect.name != "postgresql":
-        return
+        return {}
     # A batch is a short statement: JIT compilation (triggered by the
     # planner's cost estimate of the recount) costs more than it saves.
     settings = {"jit": "off"}
+    # No wait for the WAL flush at commit: a batch lost to a server crash is
+    # lost whole (recount, cursor and figures are one transaction) and runs
+    # again; any later synchronous commit flushes it, e.g. an application
+    # write that waited on its locks.
+    settings["synchronous_commit"] = "off"
     if statement_timeout_ms:
         settings["statement_timeout"] = str(statement_timeout_ms)
     if throttle.lock_timeout_ms:
         settings["lock_timeout"] = str(throttle.lock_timeout_ms)
-    conn.execute(sa.select(*[sa.func.set_config(k, v, True) for k, v in settings.items()]))
+    return settings
 
 
 _RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at", "fingerprints")
 
 
-def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
+def _lock_batch(
+    conn: Connection, batch_id: int, first: bool, settings: dict[str, str] | None = None
+) -> Any:
     """Lock the batch row and read it with its run's settings (None: no such batch).
 
     One round trip on PostgreSQL (``UPDATE … FROM`` reads the run row without
-    locking it); SQLite cannot return another table's columns, so it reads
-    the run in a second statement.
+    locking it), which also applies the transaction's ``settings`` (the
+    ``RETURNING`` list calls ``set_config``, so they bind every later
+    statement of the transaction: the parents' lock wait, the recount);
+    SQLite cannot return another table's columns, so it reads the run in a
+    second statement.
     """
     b, r = p.batches_table, p.runs_table
     mine = (b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
@@ -279,7 +325,15 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
             sa.update(b)
             .where(b.c.id == batch_id, r.c.id == b.c.run_id)
             .values(touch)
-            .returning(*mine, *[r.c[name] for name in _RUN_SETTINGS], r.c.state.label("run_state"))
+            .returning(
+                *mine,
+                *[r.c[name] for name in _RUN_SETTINGS],
+                r.c.state.label("run_state"),
+                *[
+                    sa.func.set_config(k, v, True).label(f"setting_{i}")
+                    for i, (k, v) in enumerate((settings or {}).items())
+                ],
+            )
         ).first()
     row = innodb.update_returning(
         conn, sa.update(b).where(b.c.id == batch_id).values(touch), b.c.id == batch_id, *mine
@@ -295,7 +349,7 @@ def _lock_batch(conn: Connection, batch_id: int, first: bool) -> Any:
 
 
 def _one_transaction(
-    engine: sa.Engine,
+    conn: Connection,
     counters: Mapping[str, Counter],
     batch_id: int,
     pacing: Pacing,
@@ -307,91 +361,101 @@ def _one_transaction(
     b = p.batches_table
     t0 = time.monotonic()
     row: Any = None
-    with engine.connect() as conn:
-        _session_settings(conn, statement_timeout_ms, throttle)
-        try:
-            row = _lock_batch(conn, batch_id, first)
-            if row is None:
-                raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
-            if row.state == p.BATCH_DONE:
-                conn.rollback()
-                return _Chunk(_ALREADY, row.run_id)
-            run = row
-            if run.run_state in (p.RUN_CANCELLED, p.RUN_SUPERSEDED):
-                conn.rollback()
-                log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.run_state)
-                return _Chunk(_ALREADY, row.run_id)
-            if run.paused_at is not None:
-                conn.rollback()
-                return _Chunk(_PAUSED, row.run_id)
-            chosen = _run_counters(counters, run, batch_id)
-            table, pk = chosen[0].parent_table, chosen[0].parent_pk
-            lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
-            start = decode_key(pk, row.cursor) if row.cursor is not None else lo
-            size = run.chunk_size or run.batch_size
-            end, last = hi, True
-            if size < run.batch_size:
-                cut = next_boundary(conn, pk, start, size)
-                if cut is not None and (hi is None or cut < hi):
-                    end, last = cut, False
-            mysql = innodb.is_innodb(conn.dialect)
-            if mysql:
-                parents = innodb.lock_parents(conn, table, pk, start, end)
-            elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
-                parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
-            else:
-                parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
-            if mysql:  # read the truth (no child locks), then write what differs
-                innodb.discard_locked(conn, chosen, start, end)  # buffered counters' deltas
-                wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
-                n = innodb.write_truths(conn, chosen, wrong)
-            else:
-                # Buffered counters: the recount also removes the range's pending deltas.
-                for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
-                    n = conn.execute(stmt).rowcount
-            waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
-            seconds = time.monotonic() - t0
-            if last:
-                conn.execute(
-                    sa.update(b)
-                    .where(b.c.id == batch_id)
-                    .values(
-                        state=p.BATCH_DONE,
-                        finished_at=p.now(),
-                        rows_changed=b.c.rows_changed + n,
-                        error=None,
-                        cursor=None,
-                    )
-                )
-            else:
-                conn.execute(
-                    sa.update(b)
-                    .where(b.c.id == batch_id)
-                    .values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
-                )
-            finished, rate_wait, next_size = _advance_run(
-                conn,
-                row.run_id,
-                pacing,
-                size=size,
-                parents=parents,
-                seconds=seconds,
-                changed=n,
-                last=last,
-                was_failed=row.state == p.BATCH_FAILED,
-                waiters=waiters,
-                counters=chosen,
-            )
-            conn.commit()
-        except sa.exc.DBAPIError as exc:
-            if not signals.is_lock_timeout(exc):
-                raise
+    settings = _session_settings(conn, statement_timeout_ms, throttle)
+    try:
+        row = _lock_batch(conn, batch_id, first, settings)
+        if row is None:
+            raise BatchNotFound(f"batch {batch_id} is not recorded in counterfill_batches")
+        if row.state == p.BATCH_DONE:
             conn.rollback()
-            run_id = row.run_id if row is not None else 0  # None: a duplicate holds the batch
-            if run_id:
-                _shrink(conn, run_id, pacing, "parent rows locked by other sessions (lock_timeout)")
-                conn.commit()
-            return _Chunk(_LOCKED, run_id)
+            return _Chunk(_ALREADY, row.run_id)
+        run = row
+        if run.run_state in (p.RUN_CANCELLED, p.RUN_SUPERSEDED):
+            conn.rollback()
+            log.info("batch %d: run %d was %s; skipped", batch_id, row.run_id, run.run_state)
+            return _Chunk(_ALREADY, row.run_id)
+        if run.paused_at is not None:
+            conn.rollback()
+            return _Chunk(_PAUSED, row.run_id)
+        chosen = _run_counters(counters, run, batch_id)
+        table, pk = chosen[0].parent_table, chosen[0].parent_pk
+        lo, hi = decode_key(pk, row.lo), decode_key(pk, row.hi)
+        start = decode_key(pk, row.cursor) if row.cursor is not None else lo
+        size = run.chunk_size or run.batch_size
+        end, last = hi, True
+        mysql = innodb.is_innodb(conn.dialect)
+        postgresql = conn.dialect.name == "postgresql"
+        if size < run.batch_size and not postgresql:
+            cut = next_boundary(conn, pk, start, size)
+            if cut is not None and (hi is None or cut < hi):
+                end, last = cut, False
+        if mysql:
+            parents = innodb.lock_parents(conn, table, pk, start, end)
+        elif postgresql and size < run.batch_size:
+            # Cut and lock the piece in one statement (see lock_next_parents).
+            found = conn.execute(sql.lock_next_parents(table, pk, start, hi, size)).first()
+            parents = found.n if found is not None else 0
+            if found is not None and parents > size:
+                end, last, parents = found.k, False, size
+        elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
+            parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
+        else:
+            parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
+        if mysql:  # read the truth (no child locks), then write what differs
+            innodb.discard_locked(conn, chosen, start, end)  # buffered counters' deltas
+            wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
+            n = innodb.write_truths(conn, chosen, wrong)
+        else:
+            # Buffered counters: the recount also removes the range's pending deltas.
+            for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
+                n = conn.execute(stmt).rowcount
+        seconds = time.monotonic() - t0
+        moved = sa.update(b).where(b.c.id == batch_id)
+        if last:
+            moved = moved.values(
+                state=p.BATCH_DONE,
+                finished_at=p.now(),
+                rows_changed=b.c.rows_changed + n,
+                error=None,
+                cursor=None,
+            )
+        else:
+            moved = moved.values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
+        waiters: str | None = None
+        if postgresql:
+            # The waiters' count and the batch row's update travel with the
+            # run row's read (_advance_run): two round trips fewer while the
+            # parents are locked, which application writes may be waiting for.
+            ask = signals.waiters_count() if throttle.lock_waiters else None
+            merged: tuple[Any, Any] | None = (moved.cte("moved"), ask)
+        else:
+            waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
+            conn.execute(moved)
+            merged = None
+        finished, rate_wait, next_size, waiters = _advance_run(
+            conn,
+            row.run_id,
+            pacing,
+            size=size,
+            parents=parents,
+            seconds=seconds,
+            changed=n,
+            last=last,
+            was_failed=row.state == p.BATCH_FAILED,
+            waiters=waiters,
+            counters=chosen,
+            merged=merged,
+        )
+        conn.commit()
+    except sa.exc.DBAPIError as exc:
+        if not signals.is_lock_timeout(exc):
+            raise
+        conn.rollback()
+        run_id = row.run_id if row is not None else 0  # None: a duplicate holds the batch
+        if run_id:
+            _shrink(conn, run_id, pacing, "parent rows locked by other sessions (lock_timeout)")
+            conn.commit()
+        return _Chunk(_LOCKED, run_id)
     log.info(
         "batch %d %s [%s, %s) parents=%d rows_changed=%d in %.3fs%s%s%s%s",
         batch_id,
@@ -432,20 +496,28 @@ def _advance_run(
     was_failed: bool,
     waiters: str | None,
     counters: list[Counter],
-) -> tuple[bool, float, int]:
+    merged: tuple[Any, Any] | None = None,
+) -> tuple[bool, float, int, str | None]:
     """Add one transaction's figures to the run; complete it if this was its last batch.
 
-    Returns (run finished, seconds to wait under the rate limit, next size).
+    Returns (run finished, seconds to wait under the rate limit, next size,
+    lock waiters). With ``merged`` (PostgreSQL), the batch row's update (a
+    CTE) and the waiters' count (a scalar subquery, or None) run in the
+    statement that locks and reads the run row.
     The run row is locked here, at the end of the transaction, as the
     ``UPDATE`` of the figures would lock it anyway.
     """
     r, c = p.runs_table, p.counters_table
     now = p.now()
-    run = (
-        conn.execute(sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True))
-        .mappings()
-        .one()
-    )
+    read = sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True)
+    if merged is not None:
+        moved, ask = merged
+        read = read.add_cte(moved)
+        if ask is not None:
+            read = read.add_columns(ask.label("counterfill_waiters"))
+    run = conn.execute(read).mappings().one()
+    if merged is not None and merged[1] is not None:
+        waiters = signals.waiters_reason(run["counterfill_waiters"])
     values: dict[str, Any] = {
         "rows_changed": r.c.rows_changed + changed,
         "parents_done": sa.func.coalesce(r.c.parents_done, 0) + parents,
@@ -458,6 +530,12 @@ def _advance_run(
     next_size = size
     if not run["pinned"] and run["chunk_size"]:  # runs planned before 0.2 have none
         bounds = _bounds(pacing, run["batch_size"])
+        # Contended: sessions waited on this piece, or the run was throttled
+        # lately (waiters, a lock it could not get, autovacuum, replica lag).
+        lately = run["throttled_at"]
+        contended = waiters is not None or (
+            lately is not None and (now - _aware(lately)).total_seconds() < CONTENDED_SECONDS
+        )
         step = next_size_after(
             bounds,
             size,
@@ -465,6 +543,7 @@ def _advance_run(
             seconds,
             History.loads(run["pacing_history"]),
             back_off=waiters is not None,
+            contended=contended,
         )
         # The last piece of a range is often short: it informs the estimate
         # but does not by itself shrink the size.
@@ -494,7 +573,7 @@ def _advance_run(
         r.c.batches_total,
     )
     if not last:
-        return False, rate_wait, next_size
+        return False, rate_wait, next_size, waiters
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         # Completing records each counter's definition (the one the run was
@@ -512,10 +591,11 @@ def _advance_run(
                     definition=definition.encode(parts),
                 )
             )
-        return True, rate_wait, next_size
+        notify.announce(conn, run_id)  # sent at this commit: `--wait` stops waiting
+        return True, rate_wait, next_size, waiters
     if done + failed >= total:
         _fail_run(conn, run_id, now)
-    return False, rate_wait, next_size
+    return False, rate_wait, next_size, waiters
 
 
 def _bounds(pacing: Pacing, batch_size: int) -> Pacing:
@@ -564,6 +644,7 @@ def _fail_run(conn: Connection, run_id: int, now: Any) -> None:
         .where(c.c.run_id == run_id, c.c.state == p.BACKFILLING)
         .values(state=p.FAILED, updated_at=now)
     )
+    notify.announce(conn, run_id)
 
 
 def mark_refused(engine: sa.Engine, batch_id: int, error: str) -> int:

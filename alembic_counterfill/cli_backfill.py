@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import sqlalchemy as sa
 
-from . import definition, monitor, pacing, planning, resend, runner
+from . import definition, monitor, notify, pacing, planning, resend, runner
 from . import progress as p
 from . import verify as verifying
 from .counters import Counter, select_counters
@@ -48,6 +48,12 @@ def hint(command: str) -> str:
     prefix = click.get_current_context().meta.get(PREFIX_KEY, "alembic counterfill")
     return f"{prefix} {command}"
 
+
+#: Seconds between two reads of the progress by ``--wait``: polling where the
+#: database cannot notify, and with notifications only to redraw the bar and
+#: notice a pause (a run's end wakes the loop at once).
+WAIT_INTERVAL = 0.1
+WAIT_INTERVAL_NOTIFIED = 0.5
 
 #: Messages sent between two records of what was sent (a Ctrl-C loses at most this much).
 SEND_CHUNK = 500
@@ -155,7 +161,13 @@ def enqueue(
         _run_here(settings, plan, show=wait or check)
     elif wait or check:
         try:
-            monitor.wait(engine, plan.run_ids, stream=sys.stderr)
+            # Listening before the first read of the progress: a run that
+            # ends after that read wakes the loop at once (no lost wake-up).
+            with notify.Listener(engine) as listener:
+                interval = WAIT_INTERVAL_NOTIFIED if listener.listening else WAIT_INTERVAL
+                monitor.wait(
+                    engine, plan.run_ids, stream=sys.stderr, interval=interval, sleep=listener.wait
+                )
         except KeyboardInterrupt:
             click.echo(
                 "\nstopped watching; the workers carry on. Follow with: " + hint("status --watch"),
@@ -230,14 +242,15 @@ def _send(
     try:
         for start in range(0, len(to_send), SEND_CHUNK):
             chunk = to_send[start : start + SEND_CHUNK]
-            try:
-                send_batches(broker, settings.queue, chunk)
-            finally:
-                # Even when interrupted mid-chunk: messages that did go out
-                # must not be sent again; a batch marked sent whose message
-                # did not go out is re-sent by the next `enqueue`.
-                with engine.begin() as conn:
-                    resend.note_sent(conn, chunk)
+            # Recorded before the messages go out: once they have, a worker
+            # may hold a batch's row, and this update would wait for its
+            # transaction (and the worker would back off for this waiter).
+            # Messages that did go out are not sent again; a batch marked sent
+            # whose message did not go out (Ctrl-C mid-chunk) is re-sent by
+            # the next `enqueue` (docs/backfilling.md, "Re-sending").
+            with engine.begin() as conn:
+                resend.note_sent(conn, chunk)
+            send_batches(broker, settings.queue, chunk)
             sent += len(chunk)
     except KeyboardInterrupt:
         click.echo(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from .errors import ConfigurationError, DatabaseError
-from .pacing import TARGET_SECONDS, Pacing
+from .pacing import IDLE_TARGET_SECONDS, TARGET_SECONDS, Pacing
 from .resend import RESEND_AFTER_SECONDS
 from .signals import LOCK_TIMEOUT_MS, MAX_REPLICA_LAG_SECONDS, Throttle
 from .urls import redact
@@ -42,6 +42,7 @@ KEYS = frozenset(
         "queue",
         # Adaptive, throttled backfills (docs/backfilling.md).
         "batch_seconds",
+        "idle_batch_seconds",
         "max_rows_per_second",
         "lock_timeout_ms",
         "max_replica_lag_seconds",
@@ -273,6 +274,7 @@ def from_alembic_config(cfg: Config) -> Settings:
         )
     broker_url = os.environ.get(BROKER_ENV) or str(values.get("broker_url") or "").strip() or None
     batch_seconds = _number(values.get("batch_seconds"), "batch_seconds", source, 0.1)
+    idle_seconds = _number(values.get("idle_batch_seconds"), "idle_batch_seconds", source, 1.0)
 
     def setting(key: str, default: float, example: float) -> float:
         if values.get(key) in (None, ""):
@@ -294,7 +296,10 @@ def from_alembic_config(cfg: Config) -> Settings:
         queue=str(values.get("queue") or "counterfill").strip(),
         raiseerr=bool(getattr(opts, "raiseerr", False)),
         config_file=source,
-        pacing=Pacing(target_seconds=batch_seconds or TARGET_SECONDS),
+        pacing=Pacing(
+            target_seconds=batch_seconds or TARGET_SECONDS,
+            idle_target_seconds=idle_seconds or IDLE_TARGET_SECONDS,
+        ),
         throttle=throttle,
         max_rows_per_second=(
             _number(rate, "max_rows_per_second", source, 5000) if rate not in (None, "") else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -168,11 +168,14 @@ def wait(
     interval: float = 0.1,
     hint_after: float = 20.0,
     label: str = "backfill",
+    sleep: Callable[[float], object] = time.sleep,
 ) -> RunsProgress:
     """Draw progress until every run in ``run_ids`` is done, failed or paused; return the figures.
 
     :param hint_after: seconds without any batch finishing before a hint that
         workers may not be running is printed (once).
+    :param sleep: waits between two reads of the progress (e.g.
+        :meth:`.notify.Listener.wait`, which returns early when a run ends).
     """
     bar = Bar(stream, label)
     last_change, last_finished, hinted = time.monotonic(), (-1, -1), False
@@ -195,7 +198,7 @@ def wait(
                     f"no batch finished for {hint_after:.0f}s: are workers running? "
                     "(dramatiq alembic_counterfill.worker)\n"
                 )
-            time.sleep(interval)
+            sleep(interval)
     finally:
         bar.close()
 

@@ -12,6 +12,11 @@ cost (round trips, commit), and when that cost alone approaches the target,
 shrinking would only make the backfill slower without making transactions
 shorter. The controller then settles where the fixed cost is half of each
 transaction. No clock, no database: callers pass what they measured.
+
+Two targets: a short one while application sessions wait on the run's locks
+(``contended``, reported by the caller from the database's signals), and a
+longer one while nobody does, so a backfill with no concurrent writers to
+protect is not slowed down by transactions sized for them.
 """
 
 from __future__ import annotations
@@ -27,12 +32,30 @@ from dataclasses import dataclass, field, replace
 #: the fixed cost instead (see ideal_size).
 TARGET_SECONDS = 0.03
 
+#: Default target duration while no application session has waited on the
+#: run's locks lately (seconds): with nobody to protect, bigger transactions
+#: pay the fixed cost of each less often (bench/backfill.py), so sizes grow
+#: to the planned range unless a piece nears a second (on a loaded machine
+#: 10,000 parents took 0.2-0.6 s, which 0.25 s kept cutting in four). The
+#: first session found waiting switches the run to TARGET_SECONDS (see
+#: contended).
+IDLE_TARGET_SECONDS = 1.0
+
+#: Seconds a run stays at the short target after a session waited on its
+#: locks (or a piece could not get its own): contention comes in bursts.
+CONTENDED_SECONDS = 60.0
+
 #: Default bounds of an adaptive batch (parents) and the first size tried.
 MIN_SIZE = 100
 START_SIZE = 1_000
 
 #: Largest factor a batch may grow by from one transaction to the next.
 MAX_GROWTH = 1.2
+
+#: The same while nobody waits on the run's locks: overshooting the idle
+#: target hurts no one, and each extra transaction costs its fixed cost (at
+#: 1.2 a 109,100-parent backfill spent most of its pieces growing).
+IDLE_GROWTH = 2.0
 
 #: Weight kept by older measurements at each new one (recent ones weigh more).
 DECAY = 0.8
@@ -46,10 +69,18 @@ class Pacing:
     """The controller's settings: target duration and size bounds."""
 
     target_seconds: float = TARGET_SECONDS
+    idle_target_seconds: float = IDLE_TARGET_SECONDS
     min_size: int = MIN_SIZE
     max_size: int = 10_000
     max_growth: float = MAX_GROWTH
+    idle_growth: float = IDLE_GROWTH
     decay: float = DECAY
+
+    def target(self, contended: bool) -> float:
+        """The target duration: the short one under contention, else the idle one (if longer)."""
+        if contended:
+            return self.target_seconds
+        return max(self.target_seconds, self.idle_target_seconds)
 
     def clamp(self, size: float) -> int:
         """``size`` rounded and kept within ``[min_size, max_size]``."""
@@ -135,13 +166,14 @@ class Step:
         return fitted[1] if fitted else None
 
 
-def ideal_size(pacing: Pacing, fixed: float, per_parent: float) -> float:
+def ideal_size(pacing: Pacing, fixed: float, per_parent: float, *, contended: bool = True) -> float:
     """The size whose fitted duration is the target; if the fixed cost alone comes close,
     the size whose fixed cost is half of its duration (smaller would only add transactions)."""
     if per_parent <= 0:
         return float(pacing.max_size)
-    if fixed <= pacing.target_seconds / 2:
-        return (pacing.target_seconds - fixed) / per_parent
+    target = pacing.target(contended)
+    if fixed <= target / 2:
+        return (target - fixed) / per_parent
     return fixed / per_parent
 
 
@@ -153,6 +185,7 @@ def next_size(
     history: History | None = None,
     *,
     back_off: bool = False,
+    contended: bool = True,
 ) -> Step:
     """The size of the next batch after one of ``parents`` took ``seconds``.
 
@@ -162,18 +195,23 @@ def next_size(
     :param back_off: the database signalled contention (sessions waiting on
         the batch's locks, a lock the batch could not get): shrink by
         :data:`BACKOFF_SHRINK` whatever the estimate says.
+    :param contended: application sessions waited on the run's locks lately:
+        aim at ``target_seconds``, growing by at most ``max_growth`` a step;
+        otherwise at the (longer) ``idle_target_seconds``, growing by at most
+        ``idle_growth``.
     """
     history = history or History()
     if parents > 0 and seconds >= 0:
         history = history.add(parents, seconds, pacing.decay)
     if back_off:
         return Step(pacing.clamp(current * BACKOFF_SHRINK), history)
+    growth = pacing.max_growth if contended else max(pacing.max_growth, pacing.idle_growth)
     fitted = history.fit()
     if fitted is None:
-        return Step(pacing.clamp(current * pacing.max_growth), history)
-    ideal = ideal_size(pacing, *fitted)
+        return Step(pacing.clamp(current * growth), history)
+    ideal = ideal_size(pacing, *fitted, contended=contended)
     # Growth is capped, shrinking is not.
-    return Step(pacing.clamp(min(ideal, current * pacing.max_growth)), history)
+    return Step(pacing.clamp(min(ideal, current * growth)), history)
 
 
 def replay(pacing: Pacing, start: int, measurements: Iterable[tuple[int, float]]) -> list[int]:

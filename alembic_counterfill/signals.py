@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -45,10 +46,19 @@ def lock_waiters(conn: Connection) -> str | None:
     """Sessions waiting on locks this connection's transaction holds, as a reason (or None)."""
     if conn.dialect.name != "postgresql":
         return None
+    return waiters_reason(conn.execute(sa.select(waiters_count())).scalar_one())
+
+
+def waiters_count() -> sa.ScalarSelect[Any]:
+    """PostgreSQL: how many sessions wait on this transaction's locks, as a scalar subquery.
+
+    A batch adds it to a statement it sends anyway (one round trip fewer
+    while its parents are locked); :func:`waiters_reason` words the count.
+    """
     act = sa.table("pg_stat_activity", sa.column("pid"))
     # Statistics views are snapshotted at their first use in a transaction;
     # a batch asks once, just before committing, so its snapshot is fresh.
-    n = conn.execute(
+    return (
         sa.select(sa.func.count())
         .select_from(act)
         .where(
@@ -56,7 +66,12 @@ def lock_waiters(conn: Connection) -> str | None:
                 sa.func.pg_blocking_pids(act.c.pid), sa.func.pg_backend_pid()
             ).is_not(None)
         )
-    ).scalar_one()
+        .scalar_subquery()
+    )
+
+
+def waiters_reason(n: int | None) -> str | None:
+    """The throttle reason for ``n`` waiting sessions (None for none)."""
     return f"{n} session(s) waited on the batch's locks" if n else None
 
 

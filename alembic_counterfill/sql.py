@@ -78,6 +78,32 @@ def lock_parents(
     return sa.select(sa.func.count()).select_from(inner)
 
 
+def lock_next_parents(
+    table: sa.Table, pk: sa.Column[Any], start: Any, hi: Any, size: int
+) -> sa.Select[Any]:
+    """Lock the first ``size + 1`` parents of ``[start, hi)`` in key order; one row back.
+
+    PostgreSQL's piece of an adaptive batch in one round trip instead of two
+    (find the piece's end, then lock it): the row returned is the last one
+    locked, with the number locked. When ``size + 1`` were locked, that last
+    key is where the piece ends (exclusive: its row stays locked, uncounted,
+    until the commit); fewer mean the piece reaches ``hi``.
+    """
+    locked = (
+        sa.select(pk.label("k"))
+        .where(_range(pk, start, hi))
+        .order_by(pk)
+        .limit(size + 1)
+        .with_for_update(key_share=True)
+        .subquery("locked")
+    )
+    return (
+        sa.select(locked.c.k, sa.func.count().over().label("n"))
+        .order_by(locked.c.k.desc())
+        .limit(1)
+    )
+
+
 def truth_columns(
     counters: Sequence[Counter],
     parent: sa.FromClause,

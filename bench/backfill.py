@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         "--repeat",
         type=int,
         default=1,
-        help="run (b) and (c) this many times and keep the fastest (a noisy machine)",
+        help="rounds of (b), (c) and (p), interleaved; the fastest of each is kept (a noisy "
+        "machine)",
     )
     parser.add_argument(
         "--shuffle", action="store_true", help="children in random physical order (own schema)"
@@ -494,28 +495,33 @@ def main(argv: list[str] | None = None) -> None:
     }
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     timings: dict[str, float] = {}
+    every: dict[str, list[float]] = {}
     extra: dict[str, float] = {}
-    for key in args.only:
+    # Rounds interleave the approaches (b, c, p, b, c, p, ...), so a change in
+    # the machine's load hits every approach alike; (a) runs in the first only.
+    order = [key for round_ in range(args.repeat) for key in args.only if key != "a" or round_ == 0]
+    for key in order:
         label, run = approaches[key]
-        repeats = 1 if key == "a" else args.repeat  # (a) is slow and not the noisy one
-        for _ in range(repeats):
-            reset(engine)
-            log(f"{label} ...")
-            started = time.monotonic()
-            info = run(engine, url, users)
-            seconds = info.pop("seconds", time.monotonic() - started)
-            timings[key] = min(seconds, timings.get(key, seconds))
-            extra.update(info)
-            wrong = drift(engine)
-            log(f"  {seconds:.1f} s, {wrong} users wrong afterwards")
-            if wrong:
-                raise SystemExit(f"{label} left {wrong} users wrong")
+        reset(engine)
+        log(f"{label} ...")
+        started = time.monotonic()
+        info = run(engine, url, users)
+        seconds = info.pop("seconds", time.monotonic() - started)
+        timings[key] = min(seconds, timings.get(key, seconds))
+        every.setdefault(key, []).append(seconds)
+        extra.update(info)
+        wrong = drift(engine)
+        log(f"  {seconds:.1f} s, {wrong} users wrong afterwards")
+        if wrong:
+            raise SystemExit(f"{label} left {wrong} users wrong")
     engine.dispose()
 
     log("")
     log(f"load average before: {load_before}")
+    log(f"load average after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     for key in args.only:
-        log(f"{approaches[key][0]}: {timings[key]:.1f} s")
+        runs = ", ".join(f"{x:.1f}" for x in every[key])
+        log(f"{approaches[key][0]}: {timings[key]:.1f} s (best of: {runs})")
     if "planning" in extra:
         log(f"library planning + enqueueing {users:,} parents: {extra['planning']:.2f} s")
         log(f"library worker peak RSS (max of 2 processes): {extra['rss_mb']:.0f} MB")

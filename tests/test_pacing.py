@@ -88,3 +88,40 @@ def test_back_off_halves_the_size_whatever_the_estimate() -> None:
 
 def test_no_measurement_grows_by_the_cap() -> None:
     assert next_size(PACING, 1_000, 0, 0.0).size == 1_200
+
+
+def _contention_trace(
+    pacing: Pacing, start: int, fixed: float, per_parent: float, contended: list[bool]
+) -> list[int]:
+    """Sizes chosen against ``fixed + per_parent * n`` seconds, contended or not at each step."""
+    size, history, sizes = start, History(), [start]
+    for flag in contended:
+        step = next_size(pacing, size, size, fixed + size * per_parent, history, contended=flag)
+        size, history = step.size, step.history
+        sizes.append(size)
+    return sizes
+
+
+TWO_TARGETS = Pacing(target_seconds=0.03, idle_target_seconds=0.25, max_size=20_000)
+
+
+def test_without_contention_sizes_aim_at_the_idle_target() -> None:
+    # 10 ms per transaction plus 20 us per parent: 0.25 s is 12,000 parents
+    # (0.03 s would be 1,000); growth is capped at 2x a step (not 1.2x).
+    sizes = _contention_trace(TWO_TARGETS, 1_000, 0.010, 20e-6, [False] * 40)
+    assert all(b <= a * 2 for a, b in zip(sizes, sizes[1:], strict=False))
+    assert sizes[:4] == [1_000, 2_000, 4_000, 8_000]  # then the ideal, about 12,000
+    assert all(11_000 <= s <= 13_000 for s in sizes[-5:])
+
+
+def test_contention_shrinks_at_once_to_the_short_target() -> None:
+    sizes = _contention_trace(TWO_TARGETS, 1_000, 0.010, 20e-6, [False] * 40 + [True] * 3)
+    assert sizes[-4] > 10_000
+    # The first contended step lands on the short target's size (1,000) at once.
+    assert all(900 <= s <= 1_100 for s in sizes[-3:])
+
+
+def test_the_idle_target_is_never_shorter_than_the_target() -> None:
+    short = Pacing(target_seconds=0.5, idle_target_seconds=0.25)
+    assert short.target(contended=False) == short.target(contended=True) == 0.5
+    assert Pacing().target(contended=False) > Pacing().target(contended=True)

@@ -87,7 +87,13 @@ def test_paused_batches_are_left_for_later_and_resume_completes_them_once(
             what="the run to complete",
             timeout=90,
         )
-        log = worker.log
+        # A batch's line is logged just after its commit: the run can be done
+        # before the last line is written, so wait for as many lines as batches.
+        total = len(batch_rows(pg))
+        log = wait_for(
+            lambda: worker.log if len(DONE_LINE.findall(worker.log)) >= total else None,
+            what="every batch's log line",
+        )
     assert "setup plugin" not in log  # alembic's plugin set-up lines stay out of worker logs
     done = DONE_LINE.findall(log)
     assert sorted(int(i) for i in done) == sorted(b["id"] for b in batch_rows(pg))  # once each
