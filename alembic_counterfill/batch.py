@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition, innodb, signals, sql
+from . import definition, innodb, innodb_recount, signals, sql
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
@@ -344,10 +344,8 @@ def _one_transaction(
                 parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
             else:
                 parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
-            if mysql:  # read the truth (no child locks), then write what differs
-                innodb.refuse_buffered(chosen)
-                wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
-                n = innodb.write_truths(conn, chosen, wrong)
+            if mysql:  # stage the truths (no child locks), then write what differs
+                n = innodb_recount.recount_range(conn, chosen, start, end, parents=parents)
             else:
                 # Buffered counters: the recount also removes the range's pending deltas.
                 for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):

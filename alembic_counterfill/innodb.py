@@ -109,19 +109,21 @@ def lock_parents(
 ) -> int:
     """Lock the parents of ``[lo, hi)`` (or ``ids``) exclusively in key order; return how many.
 
-    A plain ``SELECT … ORDER BY pk FOR UPDATE`` walks the primary-key index in
-    order: InnoDB has no lock weaker than ``FOR UPDATE`` that still waits for
-    writers holding it, and under ``READ COMMITTED`` it takes no gap locks, so
-    new parents can still be inserted into the range.
+    ``SELECT COUNT(*) … FOR UPDATE`` through the primary key walks its index
+    in ascending key order and locks each row it passes, as the same SELECT of
+    the keys ``ORDER BY pk`` would, without sending thousands of keys back.
+    InnoDB has no lock weaker than ``FOR UPDATE`` that still waits for writers
+    holding it, and under ``READ COMMITTED`` it takes no gap locks, so new
+    parents can still be inserted into the range.
     """
     stmt = (
-        sa.select(pk)
+        sa.select(sa.func.count())
+        .select_from(table)
         .with_hint(table, BY_PRIMARY_KEY)
         .where(_scope(pk, lo, hi, ids))
-        .order_by(pk)
         .with_for_update()
     )
-    return len(connection.execute(stmt).all())
+    return int(connection.execute(stmt).scalar_one())
 
 
 def lock_parent_keys(
