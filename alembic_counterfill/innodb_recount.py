@@ -107,7 +107,7 @@ def recount_range(
     stage = _stage(
         connection, counters, "MEMORY" if parents * len(groups) <= MEMORY_ROWS else "InnoDB"
     )
-    target: sa.FromClause = table
+    target: Any = table  # parent LEFT JOIN stage g0 LEFT JOIN stage g1 …
     truths: dict[int, sa.ColumnElement[Any]] = {}
     selects = []
     for g, (fk, members) in enumerate(groups):
