@@ -102,7 +102,12 @@ def test_a_non_integer_delta_takes_the_case_form(db: sa.Engine) -> None:
     assert got == {1: 0, 2: 0, 3: 7, 4: 0, 5: 0}
 
 
-def test_a_batch_recount_locks_no_child_row_and_is_exact(db: sa.Engine) -> None:
+@pytest.mark.parametrize("stage", ["MEMORY", "InnoDB"])
+def test_a_batch_recount_locks_no_child_row_and_is_exact(
+    db: sa.Engine, stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if stage == "InnoDB":  # what a batch too large for the in-memory stage uses
+        monkeypatch.setattr(innodb_recount, "MEMORY_ROWS", 0)
     with Session(db) as s:
         s.add_all([Post(author_id=1 + i % 5, likes=i, published=i % 3 > 0) for i in range(40)])
         s.add_all([Follow(follower_id=a, followed_id=b) for a in range(1, 6) for b in (1, 2)])
@@ -120,6 +125,9 @@ def test_a_batch_recount_locks_no_child_row_and_is_exact(db: sa.Engine) -> None:
         parents = innodb.lock_parents(conn, User.__table__, User.__table__.c.id, 2, 5)
         assert parents == 3
         changed = innodb_recount.recount_range(conn, counters, 2, 5, parents=parents)
+        (name,) = conn.info[innodb_recount._STAGES]
+        created = conn.execute(sa.text(f"SHOW CREATE TABLE {name}")).one()[1]
+        assert f"ENGINE={stage}" in created, created
         # Still inside the batch's transaction: no child row is locked, parents 2-4 are.
         assert not _locked_by_someone(db, "posts", post_id)
         assert [_locked_by_someone(db, "users", k) for k in range(1, 6)] == [
