@@ -248,7 +248,7 @@ def _session_settings(
     if innodb.is_innodb(conn.dialect):
         # A fresh snapshot per statement: the recount sees what it waited for
         # (docs/databases.md); and a lock wait bounded like a statement.
-        conn.execution_options(isolation_level=innodb.ISOLATION)
+        innodb.read_committed_transaction(conn)
         if statement_timeout_ms:
             innodb.bound_lock_waits(conn, statement_timeout_ms)
         return

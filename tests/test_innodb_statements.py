@@ -144,3 +144,31 @@ def test_a_batch_recount_locks_no_child_row_and_is_exact(
         conn.commit()
     assert changed == 2  # parents 1 and 5, left wrong outside the first range
     assert_exact(db)
+
+
+def test_a_batch_transaction_reads_committed_rows_and_the_next_one_does_not(
+    mariadb_url: str,
+) -> None:
+    # The engine's default is InnoDB's REPEATABLE READ; a batch sets READ COMMITTED
+    # for its own transaction only, so its recount after a lock wait sees what
+    # the writers it waited for committed, and the pooled connection keeps its level.
+    engine = sa.create_engine(mariadb_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL)")
+            conn.exec_driver_sql("INSERT INTO t VALUES (1, 0)")
+
+        def sees_a_commit_made_after_its_first_read(conn: sa.Connection, value: int) -> bool:
+            conn.exec_driver_sql("SELECT v FROM t WHERE id = 1").scalar_one()
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+                other.exec_driver_sql(f"UPDATE t SET v = {value:d} WHERE id = 1")
+            seen = conn.exec_driver_sql("SELECT v FROM t WHERE id = 1").scalar_one()
+            conn.rollback()
+            return bool(seen == value)
+
+        with engine.connect() as conn:
+            innodb.read_committed_transaction(conn)
+            assert sees_a_commit_made_after_its_first_read(conn, 1)
+            assert not sees_a_commit_made_after_its_first_read(conn, 2)
+    finally:
+        engine.dispose()
