@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition, innodb, notify, signals, sql
+from . import definition, innodb, innodb_recount, notify, signals, sql
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
@@ -281,7 +281,7 @@ def _session_settings(
     if innodb.is_innodb(conn.dialect):
         # A fresh snapshot per statement: the recount sees what it waited for
         # (docs/databases.md); and a lock wait bounded like a statement.
-        conn.execution_options(isolation_level=innodb.ISOLATION)
+        innodb.read_committed_transaction(conn)
         if statement_timeout_ms:
             innodb.bound_lock_waits(conn, statement_timeout_ms)
         return {}
@@ -401,10 +401,9 @@ def _one_transaction(
             parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
         else:
             parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
-        if mysql:  # read the truth (no child locks), then write what differs
+        if mysql:  # stage the truths (no child locks), then write what differs
             innodb.discard_locked(conn, chosen, start, end)  # buffered counters' deltas
-            wrong = conn.execute(sql.drift_rows(chosen, start, end)).all()
-            n = innodb.write_truths(conn, chosen, wrong)
+            n = innodb_recount.recount_range(conn, chosen, start, end, parents=parents)
         else:
             # Buffered counters: the recount also removes the range's pending deltas.
             for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):

@@ -18,12 +18,15 @@ Three InnoDB facts shape them (DESIGN.md section 3, "MariaDB/MySQL"):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import Join
 
 from . import buffer
 from .errors import CounterfillError
@@ -289,19 +292,21 @@ def lock_parents(
 ) -> int:
     """Lock the parents of ``[lo, hi)`` (or ``ids``) exclusively in key order; return how many.
 
-    A plain ``SELECT … ORDER BY pk FOR UPDATE`` walks the primary-key index in
-    order: InnoDB has no lock weaker than ``FOR UPDATE`` that still waits for
-    writers holding it, and under ``READ COMMITTED`` it takes no gap locks, so
-    new parents can still be inserted into the range.
+    ``SELECT COUNT(*) … FOR UPDATE`` through the primary key walks its index
+    in ascending key order and locks each row it passes, as the same SELECT of
+    the keys ``ORDER BY pk`` would, without sending thousands of keys back.
+    InnoDB has no lock weaker than ``FOR UPDATE`` that still waits for writers
+    holding it, and under ``READ COMMITTED`` it takes no gap locks, so new
+    parents can still be inserted into the range.
     """
     stmt = (
-        sa.select(pk)
+        sa.select(sa.func.count())
+        .select_from(table)
         .with_hint(table, BY_PRIMARY_KEY)
         .where(_scope(pk, lo, hi, ids))
-        .order_by(pk)
         .with_for_update()
     )
-    return len(connection.execute(stmt).all())
+    return int(connection.execute(stmt).scalar_one())
 
 
 def lock_parent_keys(
@@ -316,8 +321,16 @@ def lock_parent_keys(
     held = _held_in_transaction(connection, table)
     ordered = sorted({k for k in keys if k is not None} - held)
     held.update(ordered)
+    as_json = isinstance(pk.type, sa.Integer) and all(type(k) is int for k in ordered)
     for start in range(0, len(ordered), CHUNK):
         part = ordered[start : start + CHUNK]
+        if as_json:  # one JSON parameter; the join reaches the keys in their (sorted) order
+            v = _delta_rows([], 0)
+            stmt = sa.select(pk).select_from(_ValuesFirst(table, v, v.c.pk == pk))
+            connection.execute(
+                stmt.with_for_update(), {"deltas": json.dumps([[k] for k in part])}
+            ).all()
+            continue
         stmt = (
             sa.select(pk)
             .with_hint(table, BY_PRIMARY_KEY)
@@ -404,30 +417,124 @@ def _write_by_case(connection: Connection, counters: Sequence[Any], rows: Sequen
     connection.execute(stmt)
 
 
+class _ValuesFirst(Join):
+    """``right STRAIGHT_JOIN left FORCE INDEX (PRIMARY) ON …``: drive the join from ``right``.
+
+    Built like ``left.join(right)``, so that an ``UPDATE`` over it updates
+    ``left``; rendered with ``right`` first, so that the server reads the delta
+    rows first and reaches each parent through its primary key. Left to
+    choose, MariaDB scans a small parent table instead (without the index
+    hint, even after ``STRAIGHT_JOIN``), and the scan waits for and locks
+    parents that are not ours, in table order: deadlocks.
+    """
+
+    inherit_cache = True
+
+
+@compiles(_ValuesFirst)
+def _values_first(element: _ValuesFirst, compiler: Any, **kw: Any) -> str:
+    kw["asfrom"] = True
+    right = compiler.process(element.right, **kw)
+    left = f"{compiler.process(element.left, **kw)} {BY_PRIMARY_KEY}"
+    return f"{right} STRAIGHT_JOIN {left} ON {compiler.process(element.onclause, **kw)}"
+
+
+def _delta_rows(columns: Sequence[sa.Column[Any]], count: int) -> Any:
+    """``JSON_TABLE(:deltas …) AS v``: columns ``pk`` and ``d<i>``, one row per parent.
+
+    The deltas travel as one JSON text parameter (``[[pk, d0, d1, …], …]``)
+    instead of three bound parameters per parent, which pymysql would escape
+    one by one and SQLAlchemy would build and compile into a ``CASE`` per
+    flush. Names, types and paths are constants of ours.
+    """
+    spec = ", ".join(
+        ["pk BIGINT PATH '$[0]'", *[f"d{i} BIGINT PATH '$[{i + 1}]'" for i in range(count)]]
+    )
+    return (
+        sa.func.json_table(
+            sa.bindparam("deltas", type_=sa.String), sa.literal_column(f"'$[*]' COLUMNS ({spec})")
+        )
+        .table_valued("pk", *[f"d{i}" for i in range(len(columns))])
+        .alias("v")
+    )
+
+
 def apply_deltas(
     connection: Connection,
     table: sa.Table,
     pk: sa.Column[Any],
     deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
 ) -> None:
-    """Add each parent's deltas: lock the parents in key order, then one ``CASE`` UPDATE per chunk.
+    """Add each parent's deltas: lock the parents in key order, then one UPDATE per chunk.
 
     The parents are normally locked already (before the flush's child writes);
     locking again is free then, and keeps late-found parents in key order.
+    Integer keys and deltas (every COUNT, and SUMs of integers) are joined
+    from a ``JSON_TABLE`` (:func:`_delta_rows`); other types get a
+    ``SET c = c + CASE pk WHEN …`` statement.
     """
-    ids = sorted(deltas)
+    ids = sorted(x for x, d in deltas.items() if any(d.values()))
     columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
-    for start in range(0, len(ids), CASE_CHUNK):
-        part = ids[start : start + CASE_CHUNK]
+    as_json = _integers(pk, ids, deltas)
+    step = CHUNK if as_json else CASE_CHUNK
+    for start in range(0, len(ids), step):
+        part = ids[start : start + step]
         lock_parent_keys(connection, table, pk, part)
-        values = {}
-        for col in columns:
-            whens = {x: deltas[x].get(col, 0) for x in part if deltas[x].get(col, 0)}
-            if whens:
-                values[col.name] = col + sa.case(whens, value=pk, else_=0)
-        if values:
-            stmt = sa.update(table).with_hint(BY_PRIMARY_KEY).where(pk.in_(part))
-            connection.execute(stmt.values(values))
+        if as_json:
+            _add_from_json(connection, table, pk, columns, part, deltas)
+        else:
+            _add_by_case(connection, table, pk, columns, part, deltas)
+
+
+def _integers(pk: sa.Column[Any], ids: Sequence[Any], deltas: Mapping[Any, Any]) -> bool:
+    if not isinstance(pk.type, sa.Integer):
+        return False
+    return all(type(x) is int and all(type(v) is int for v in deltas[x].values()) for x in ids)
+
+
+def _add_from_json(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    columns: Sequence[sa.Column[Any]],
+    part: Sequence[Any],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+) -> None:
+    v = _delta_rows(columns, len(columns))
+    stmt = sa.update(_ValuesFirst(table, v, v.c.pk == pk)).values(
+        {col: col + v.c[f"d{i}"] for i, col in enumerate(columns)}
+    )
+    rows = [[x, *[deltas[x].get(col, 0) for col in columns]] for x in part]
+    connection.execute(stmt, {"deltas": json.dumps(rows)})
+
+
+def _add_by_case(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    columns: Sequence[sa.Column[Any]],
+    part: Sequence[Any],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+) -> None:
+    values = {}
+    for col in columns:
+        whens = {x: deltas[x].get(col, 0) for x in part if deltas[x].get(col, 0)}
+        if whens:
+            values[col.name] = col + sa.case(whens, value=pk, else_=0)
+    if values:
+        stmt = sa.update(table).with_hint(BY_PRIMARY_KEY).where(pk.in_(part))
+        connection.execute(stmt.values(values))
+
+
+def read_committed_transaction(connection: Connection) -> None:
+    """Run the connection's next transaction at :data:`ISOLATION`; call before its first statement.
+
+    ``SET TRANSACTION`` (no ``SESSION``) lasts one transaction: one round trip,
+    where SQLAlchemy's ``isolation_level`` execution option spends four per
+    checkout (``SET SESSION …`` and ``COMMIT``, then both again to restore
+    the level at checkin), a fixed cost every short batch transaction pays.
+    """
+    connection.exec_driver_sql(f"SET TRANSACTION ISOLATION LEVEL {ISOLATION}")
 
 
 def bound_lock_waits(connection: Connection, timeout_ms: int) -> None:

@@ -151,7 +151,8 @@ def test_one_flush_of_many_children_coalesces(db: sa.Engine) -> None:
         finally:
             sa.event.remove(db, "before_cursor_execute", count)
         s.commit()
-    updates = [x for x in statements if x.lstrip().upper().startswith("UPDATE USERS")]
+    # Any UPDATE: on MariaDB/MySQL the one statement starts with its JSON_TABLE of deltas.
+    updates = [x for x in statements if x.lstrip().upper().startswith("UPDATE")]
     assert len(updates) == 1, updates  # one statement for all counters of all parents
     ours = [x for x in statements if not x.lstrip().upper().startswith("INSERT INTO POSTS")]
     assert len(ours) <= 4, ours  # re-read new state, (lock parents), one UPDATE
