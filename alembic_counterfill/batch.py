@@ -402,7 +402,8 @@ def _one_transaction(
         else:
             parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
         if mysql:  # stage the truths (no child locks), then write what differs
-            innodb.discard_locked(conn, chosen, start, end)  # buffered counters' deltas
+            # Buffered counters' deltas (the transaction is READ COMMITTED).
+            innodb.discard_locked(conn, chosen, start, end, read_committed=True)
             n = innodb_recount.recount_range(conn, chosen, start, end, parents=parents)
         else:
             # Buffered counters: the recount also removes the range's pending deltas.

@@ -163,6 +163,8 @@ def discard_locked(
     lo: Any,
     hi: Any,
     ids: Sequence[Any] | None = None,
+    *,
+    read_committed: bool = False,
 ) -> int:
     """Remove the pending deltas of ``counters`` for the parents in ``[lo, hi)`` (or ``ids``).
 
@@ -173,6 +175,16 @@ def discard_locked(
     and removed by primary key (see :func:`_by_parent`): rows deleted when
     the counters are all of the table's buffered ones, else only their
     columns zeroed. Returns the rows touched (0 when no counter is buffered).
+
+    ``read_committed``: the caller's transaction runs at ``READ COMMITTED``
+    (backfill batches). The rows are then found by a plain read, which sees
+    every one of them: each writer held a shared lock on its parent until its
+    delta row committed, and no new one can come while the caller holds the
+    parent. A locking range read would also lock the first delta row past
+    the range, which belongs to the next batch's parents: two batches
+    next to each other would deadlock (each holds the other's first row).
+    At ``REPEATABLE READ`` a plain read could miss rows committed after the
+    snapshot, so the read locks.
     """
     names = sorted({c.column.name for c in counters if buffer.is_buffered(c)})
     if not names:
@@ -184,7 +196,9 @@ def discard_locked(
     hint = _by_parent(connection, d)
     if hint:
         stmt = stmt.with_hint(d, hint)
-    found = sorted(connection.execute(stmt.with_for_update()).scalars())
+    if not read_committed:
+        stmt = stmt.with_for_update()
+    found = sorted(connection.execute(stmt).scalars())
     if not found:
         return 0
     if set(names) >= set(buffer.counter_names(parent)):

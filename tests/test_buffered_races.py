@@ -32,7 +32,7 @@ from buffered_models import Base, Follow, User, column_drift, drift, pending_cou
 from races import Racer, holding, race_engine, wait_blocked, wait_until
 from sqlalchemy.orm import Session
 
-from alembic_counterfill import counters_of, planning, progress
+from alembic_counterfill import counters_of, innodb, planning, progress
 from alembic_counterfill import fold as folding
 from alembic_counterfill.batch import run_batch
 from alembic_counterfill.folding import configure_folding
@@ -179,3 +179,45 @@ def test_verify_fix_racing_an_uncommitted_child_and_delta(eng: sa.Engine) -> Non
     findings = fix.join()
     assert [(f.id, f.column, f.fixed) for f in findings] == [(1, "followers_count", True)]
     _assert_exact_after_both_commit(eng)
+
+
+def test_adjacent_mariadb_batches_do_not_lock_each_others_deltas(mariadb_url: str) -> None:
+    # Two batches on neighbouring ranges [1, 3) and [3, 5) discard their parents'
+    # pending deltas. A locking range read of [1, 3) on the deltas' parent_id
+    # index also locks the first row past it: user 4's delta, which the second
+    # batch must remove. With both batches' recounts also reading one parent
+    # past their range, that was a deadlock (seen with real workers). The
+    # second batch must not wait at all: its lock waits end after 1 s here.
+    engine = race_engine(mariadb_url)
+    try:
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            progress.ensure_tables(conn)
+        with Session(engine) as s:
+            s.add_all([User(id=i, name=f"u{i}") for i in range(1, 7)])
+            s.commit()
+            s.add_all([Follow(follower_id=6, followed_id=2), Follow(follower_id=6, followed_id=4)])
+            s.commit()
+        assert pending_count(engine) == 2
+        counters = [c for c in counters_of(Base) if c.parent_table is User.__table__]
+        users, pk = User.__table__, User.__table__.c.id
+
+        first, second = engine.connect(), engine.connect()
+        try:
+            for conn in (first, second):
+                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            innodb.read_committed_transaction(first)
+            innodb.lock_parents(first, users, pk, 1, 3)
+            innodb.discard_locked(first, counters, 1, 3, read_committed=True)
+            innodb.read_committed_transaction(second)
+            innodb.lock_parents(second, users, pk, 3, 5)
+            # Raises "Lock wait timeout exceeded" (1205) if the first batch locked user 4's delta.
+            assert innodb.discard_locked(second, counters, 3, 5, read_committed=True) == 1
+            second.commit()
+            first.commit()
+        finally:
+            first.close()
+            second.close()
+        assert pending_count(engine) == 0
+    finally:
+        engine.dispose()
