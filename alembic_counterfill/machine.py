@@ -170,8 +170,19 @@ class CounterStateMachine(RuleBasedStateMachine):
                 sa.select(mapper.class_).order_by(*pk).offset(index % count).limit(1)
             ).first()
         if session is self.stale and obj is not None:
-            self._stale_copies[id(obj)] = obj
+            self._hold(obj)
         return obj
+
+    def _hold(self, obj: Any) -> None:
+        """Keep a stale copy alive, unless a counted FK is part of its key.
+
+        A copy whose key another session moved would stand for a row that is
+        gone, and clash with the row that takes its key.
+        """
+        mapper = sa.inspect(obj).mapper
+        key = set(mapper.primary_key)
+        if not any(c.fk in key for c in self.counters if c.child_mapper is mapper):
+            self._stale_copies[id(obj)] = obj
 
     def _parent_id(self, counter: Counter, index: int, session: Session) -> Any:
         parent = self._pick(session, counter.parent_mapper, index)
@@ -471,7 +482,7 @@ class CounterStateMachine(RuleBasedStateMachine):
         for mapper in self.children:
             assert mapper is not None  # association counters are left out
             for obj in self.stale.scalars(sa.select(mapper.class_).limit(50)):
-                self._stale_copies[id(obj)] = obj
+                self._hold(obj)
         self.stale.commit()  # ends the transaction; the copies keep their values (no expiry)
 
     def _between(self, action: str, which: int) -> None:
