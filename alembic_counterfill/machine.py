@@ -123,6 +123,9 @@ class CounterStateMachine(RuleBasedStateMachine):
         # No expiry on commit: the second session keeps old values, as a long-lived
         # object in an application would, so stale in-memory state is exercised.
         self.stale = Session(self.engine, expire_on_commit=False)
+        # A session holds its unmodified objects weakly: without these references
+        # they would be collected and re-loaded fresh, and no copy would ever be stale.
+        self._stale_copies: dict[int, Any] = {}
         self.tally = ex.example_tally()
         self._pending: dict[int, list[tuple[str, str]]] = {id(self.session): [], id(self.stale): []}
         self.turn = -1
@@ -163,9 +166,23 @@ class CounterStateMachine(RuleBasedStateMachine):
             count = session.scalar(sa.select(sa.func.count()).select_from(mapper.local_table))
             if not count:
                 return None
-            return session.scalars(
+            obj = session.scalars(
                 sa.select(mapper.class_).order_by(*pk).offset(index % count).limit(1)
             ).first()
+        if session is self.stale and obj is not None:
+            self._hold(obj)
+        return obj
+
+    def _hold(self, obj: Any) -> None:
+        """Keep a stale copy alive, unless a counted FK is part of its key.
+
+        A copy whose key another session moved would stand for a row that is
+        gone, and clash with the row that takes its key.
+        """
+        mapper = sa.inspect(obj).mapper
+        key = set(mapper.primary_key)
+        if not any(c.fk in key for c in self.counters if c.child_mapper is mapper):
+            self._stale_copies[id(obj)] = obj
 
     def _parent_id(self, counter: Counter, index: int, session: Session) -> Any:
         parent = self._pick(session, counter.parent_mapper, index)
@@ -341,9 +358,11 @@ class CounterStateMachine(RuleBasedStateMachine):
             if stale:
                 self._commit(session)
 
-    def _move(self, session: Session, which: int, row: int, dest: int) -> None:
+    def _move(
+        self, session: Session, which: int, row: int, dest: int, obj: Any | None = None
+    ) -> None:
         counter = self.counters[which % len(self.counters)]
-        obj = self._pick(session, counter.child_mapper, row)
+        obj = obj if obj is not None else self._pick(session, counter.child_mapper, row)
         if obj is None:
             return
         current = self._states(session, counter.child_mapper, sa.inspect(obj).identity)
@@ -380,6 +399,28 @@ class CounterStateMachine(RuleBasedStateMachine):
         value = self._other_value(col, current, data)
         self._write(session, obj, lambda: setattr(obj, attr, value))
 
+    def _move_behind_stale(self, which: int, row: int, dest: int) -> None:
+        """The stale session loads a row, the main session moves it, then the stale copy moves.
+
+        The stale copy's flush must take the old parent from the database (the
+        main session's move), not from the copy. When the counter's column is
+        part of the child's key (a moved key would orphan the copy), this is a
+        plain move from the stale session.
+        """
+        counter = self.counters[which % len(self.counters)]
+        mapper = counter.child_mapper
+        if mapper is None or counter.fk in set(mapper.primary_key):
+            self._in(True, self._move, which, row, dest)
+            return
+        copy = self._pick(self._session(True), mapper, row)
+        self.stale.commit()  # end the read (SQLite's lock); the copy keeps its values
+        if copy is None:
+            return
+        main = self.session.get(mapper.class_, sa.inspect(copy).identity)
+        self._move(self.session, which, row, dest, main)
+        self._commit(self.session)
+        self._in(True, self._move, which, row, dest + 1, copy)
+
     def _changeable(self) -> list[tuple[Counter, Any]]:
         """(counter, column) pairs of every writable ``where=`` and ``sum=`` column."""
         return [
@@ -398,7 +439,7 @@ class CounterStateMachine(RuleBasedStateMachine):
         "move",
         "change",
         "delete",
-        "move_stale",
+        "move_behind_stale",
         "change_stale",
         "add_child",
         "delete_stale",
@@ -427,6 +468,8 @@ class CounterStateMachine(RuleBasedStateMachine):
         stale = action.endswith("_stale")
         if action == "add_child":
             self.add_child(which, [row, dest], data)
+        elif action == "move_behind_stale":
+            self._move_behind_stale(which, row, dest)
         elif action.startswith("move"):
             self._in(stale, self._move, which, row, dest)
         elif action.startswith("change") and self._changeable():
@@ -439,7 +482,8 @@ class CounterStateMachine(RuleBasedStateMachine):
         self._session(True)
         for mapper in self.children:
             assert mapper is not None  # association counters are left out
-            self.stale.scalars(sa.select(mapper.class_).limit(50)).all()
+            for obj in self.stale.scalars(sa.select(mapper.class_).limit(50)):
+                self._hold(obj)
         self.stale.commit()  # ends the transaction; the copies keep their values (no expiry)
 
     def _between(self, action: str, which: int) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import backfill_models as m
-import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from races import innodb_waiters
 from sqlalchemy.orm import Session
 from typing_extensions import Self
 
@@ -314,22 +314,6 @@ def lock_users(engine: sa.Engine, ids: Sequence[int]) -> sa.Connection:
     return conn
 
 
-def xfail_lock_harness_on_mariadb(request: Any, engine: sa.Engine) -> None:
-    """Mark a test xfail on MariaDB whose harness waits to see a batch blocked on a held lock.
-
-    Since batches give way on locked parents (lock timeout, then back off and retry),
-    a MariaDB batch is blocked only briefly at a time and these harnesses miss it.
-    Known gap, recorded in issue 15's note; the PostgreSQL variants run as before.
-    """
-    if is_mariadb(engine):
-        request.node.add_marker(
-            pytest.mark.xfail(
-                reason="MariaDB: batch gives way on locked parents; harness misses the wait",
-                strict=False,
-            )
-        )
-
-
 def is_mariadb(engine: sa.Engine) -> bool:
     return engine.dialect.name in ("mysql", "mariadb")
 
@@ -340,18 +324,10 @@ def blocked_backends(engine: sa.Engine) -> list[int]:
     Only those: workers of other test runs on the same server wait on locks too,
     and a test must never act on (or terminate) their connections.
     """
-    if is_mariadb(engine):  # sessions of this test's own database only
+    if is_mariadb(engine):  # sessions waiting on locks of this test's own database only
         with engine.connect() as conn:
-            return list(
-                conn.execute(
-                    sa.text(
-                        "SELECT t.trx_mysql_thread_id FROM information_schema.innodb_trx t "
-                        "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
-                        "WHERE t.trx_state = 'LOCK WAIT' AND p.db = database() "
-                        "AND t.trx_mysql_thread_id <> connection_id()"
-                    )
-                ).scalars()
-            )
+            me = conn.execute(sa.text("SELECT connection_id()")).scalar_one()
+            return [x for x in innodb_waiters(conn) if x != me]
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
@@ -369,6 +345,45 @@ def blocked_backends(engine: sa.Engine) -> list[int]:
                 found.append(pid)
                 changed = True
     return sorted(found)
+
+
+def wait_blocked_workers(engine: sa.Engine, n: int, *workers: Worker) -> list[int]:
+    """Wait until ``n`` worker sessions wait on this test's locks; return their ids.
+
+    On timeout the error shows what the server's sessions were doing and the
+    workers' last log lines, so a missed wait can be told from a worker that
+    failed or finished instead.
+    """
+    try:
+        return wait_for(
+            lambda: _exactly(blocked_backends(engine), n), what=f"{n} blocked batch(es)"
+        )
+    except AssertionError as exc:
+        logs = "\n".join(w.log[-3000:] for w in workers)
+        raise AssertionError(f"{exc}; sessions: {sessions(engine)}\n{logs}") from None
+
+
+def _exactly(found: list[int], n: int) -> list[int] | None:
+    return found if len(found) == n else None
+
+
+def sessions(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """(id, state, statement) of the sessions on this test's database or workers (diagnostics)."""
+    with engine.connect() as conn:
+        if is_mariadb(engine):
+            waiting = set(innodb_waiters(conn))
+            rows = conn.execute(
+                sa.text(
+                    "SELECT id, command, left(info, 120) FROM information_schema.processlist "
+                    "WHERE db = database() AND id <> connection_id()"
+                )
+            )
+            return [(i, "LOCK WAIT" if i in waiting else c, q) for i, c, q in rows]
+        query = (
+            "SELECT pid, wait_event_type, left(query, 120) FROM pg_stat_activity "
+            "WHERE application_name = 'counterfill-worker'"
+        )
+        return [tuple(r) for r in conn.execute(sa.text(query))]
 
 
 def terminate(engine: sa.Engine, pid: int) -> None:

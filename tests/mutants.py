@@ -84,7 +84,10 @@ def _old_state_from_session() -> None:
         if not lock or not rows or not _sessions:
             return rows
         session, n = _sessions[0], len(plan.pk_columns)
-        shape = namedtuple("Row", rows[0]._fields)  # type: ignore[misc]
+        # A Row stand-in: positional, by name and by ``_mapping`` like the real one
+        # (so the run fails for the planted bug, not for the row's shape).
+        base = namedtuple("Row", rows[0]._fields)  # type: ignore[misc]
+        shape = type("Row", (base,), {"_mapping": property(lambda r: r._asdict())})
         out = []
         for row in rows:
             values = list(row)

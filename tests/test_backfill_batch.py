@@ -18,9 +18,8 @@ from backfill_project import (
     run_rows,
     seed,
     wait_for,
-    xfail_lock_harness_on_mariadb,
 )
-from races import Racer
+from races import Racer, innodb_waiters
 
 from alembic_counterfill import planning, progress
 from alembic_counterfill.batch import BatchNotFound, BatchOutcome, mark_failed, run_batch
@@ -115,11 +114,8 @@ def test_last_batches_committing_together_complete_the_run_exactly_once(pg: sa.E
     assert drift(pg) == []
 
 
-def test_a_batch_waits_for_writers_holding_its_parents(
-    pg: sa.Engine, request: pytest.FixtureRequest
-) -> None:
+def test_a_batch_waits_for_writers_holding_its_parents(pg: sa.Engine) -> None:
     """Step 2 of the protocol: the range lock queues behind a writer's uncommitted delta."""
-    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=100)
     plan = _plan(pg)
     counters = counters_by_key()
@@ -147,14 +143,8 @@ def test_a_batch_waits_for_writers_holding_its_parents(
 def _waiting_on_locks(engine: sa.Engine) -> int:
     """Sessions waiting for a row lock in the batch's parent-locking statement."""
     with engine.connect() as conn:
-        if engine.dialect.name != "postgresql":  # MariaDB: FOR UPDATE
-            return conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM information_schema.innodb_trx t "
-                    "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
-                    "WHERE t.trx_state = 'LOCK WAIT' AND p.db = database()"
-                )
-            ).scalar_one()
+        if engine.dialect.name != "postgresql":  # MariaDB: its FOR UPDATE, on our database
+            return len(innodb_waiters(conn))
         text = "FOR NO KEY UPDATE"
         return conn.execute(
             sa.text(

@@ -1,9 +1,10 @@
-"""Deterministic races on PostgreSQL: each interleaving forced by a lock held on purpose.
+"""Deterministic races on PostgreSQL and MariaDB: each interleaving forced by a held lock.
 
 A third connection (or the first racer's open transaction) holds a row lock;
-the racers start and provably wait (pg_stat_activity); then the lock is
-released. Each test asserts no deadlock, no hang (racers are joined with a
-timeout) and exact counters against the test's own COUNT/SUM (``drift``).
+the racers start and provably wait (pg_stat_activity; on MariaDB, SHOW ENGINE
+INNODB STATUS, see races.innodb_waiters); then the lock is released. Each
+test asserts no deadlock, no hang (racers are joined with a timeout) and exact
+counters against the test's own COUNT/SUM (``drift``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from alembic_counterfill.verify import verify
 
 
 @pytest.fixture
-def eng(pg_url: str) -> Iterator[sa.Engine]:
-    # MariaDB variants: tried, not yet passing (racers hit innodb_lock_wait_timeout).
-    engine = race_engine(pg_url)
+def eng(server_url: str) -> Iterator[sa.Engine]:
+    engine = race_engine(server_url)
     yield engine
     engine.dispose()
 
@@ -96,6 +96,57 @@ def test_live_write_inside_a_running_batch_range(eng: sa.Engine) -> None:
     assert batch.join().applied
     writer.join()
     assert [d for d in drift(eng) if d[0] <= 50] == []  # the batch's range is exact
+
+
+@pytest.fixture
+def pg_eng(pg_url: str) -> Iterator[sa.Engine]:
+    engine = race_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+#: Planner settings under which PostgreSQL's delta ``UPDATE … FROM unnest(…)``
+#: hashes the parent ids and scans the parent table in heap order.
+_HEAP_ORDER = ("enable_nestloop", "enable_mergejoin", "enable_indexscan", "enable_bitmapscan")
+
+
+def test_a_flush_takes_its_parents_in_key_order_whatever_the_update_plan(
+    pg_eng: sa.Engine,
+) -> None:
+    """A follow 3 -> 20 flushes while a batch holds users 1-9 and waits on 10 (PostgreSQL).
+
+    User 3's row is rewritten first, so it lies after user 20's in the heap,
+    and the writer's planner settings make its delta UPDATE visit parents in
+    heap order (20, then 3). The writer must take user 3 before user 20 all
+    the same (the parent pre-lock); had it locked 20 and then waited on 3,
+    the batch, moving on from 10 to 20, would close a deadlock cycle.
+    """
+    eng = pg_eng
+    seed(eng, users=100)
+    counters = counters_by_key()
+    with eng.begin() as conn:
+        plan = planning.plan(conn, [counters[k] for k in USER_COUNTERS], 50)
+        conn.execute(sa.text("UPDATE users SET name = name WHERE id = 3"))  # to the heap's end
+
+    def follow() -> None:
+        with Session(eng) as s:
+            for setting in _HEAP_ORDER:
+                s.execute(sa.select(sa.func.set_config(setting, "off", True)))
+            s.add(m.Follow(follower_id=3, followed_id=20))
+            s.commit()
+
+    with holding(eng, f"SELECT id FROM users WHERE id = 10 {row_lock(eng)}"):
+        batch = Racer(lambda: run_batch(eng, counters, plan.batch_ids[0]), "batch").start()
+        wait_blocked(eng, 1, batch)
+        writer = Racer(follow, "writer").start()
+        wait_blocked(eng, 2, batch, writer)
+    assert batch.join().applied  # no deadlock: DeadlockDetected would be raised here
+    writer.join()
+    assert [d for d in drift(eng) if d[0] <= 50] == []  # exact, the follow included
+    with eng.connect() as conn:
+        followers = conn.execute(sa.text("SELECT followers_count FROM users WHERE id = 20"))
+        truth = conn.execute(sa.text("SELECT count(*) FROM follows WHERE followed_id = 20"))
+        assert followers.scalar_one() == truth.scalar_one() > 0
 
 
 def test_bulk_delete_racing_an_orm_insert_into_its_where(eng: sa.Engine) -> None:

@@ -22,7 +22,6 @@ from backfill_project import (
     Project,
     Writers,
     batch_rows,
-    blocked_backends,
     counters_by_key,
     drift,
     lock_users,
@@ -32,8 +31,8 @@ from backfill_project import (
     seed,
     states,
     terminate,
+    wait_blocked_workers,
     wait_for,
-    xfail_lock_harness_on_mariadb,
 )
 from conftest import AMQP_URL, REDIS_BASE, delete_namespace, unavailable
 
@@ -96,17 +95,16 @@ def test_live_orm_writes_during_backfill_leave_no_drift_and_no_deadlock(
 
 
 def test_sigkill_mid_backfill_then_new_worker_and_enqueue_completes_once(
-    project: Project, pg: sa.Engine, request: pytest.FixtureRequest
+    project: Project, pg: sa.Engine
 ) -> None:
-    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=2000)
     holder = lock_users(pg, [530, 1030])  # stalls batches [501, 551) and [1001, 1051)
     first = project.worker()
     try:
         assert project.cli("enqueue").exit_code == 0
-        wait_for(lambda: len(blocked_backends(pg)) == 2, what="both worker threads to block")
-        first.kill()
+        wait_blocked_workers(pg, 2, first)  # both worker threads
     finally:
+        first.kill()  # mid-batch: both threads hold a batch transaction open
         holder.rollback()
         holder.close()
     (run,) = run_rows(pg)
@@ -126,15 +124,14 @@ def test_sigkill_mid_backfill_then_new_worker_and_enqueue_completes_once(
 
 
 def test_redis_flushed_mid_backfill_then_enqueue_completes(
-    project: Project, pg: sa.Engine, redis_url: str, request: pytest.FixtureRequest
+    project: Project, pg: sa.Engine, redis_url: str
 ) -> None:
-    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=2000)
     holder = lock_users(pg, [530, 1030])
-    with project.worker():
+    with project.worker() as worker:
         try:
             assert project.cli("enqueue").exit_code == 0
-            wait_for(lambda: len(blocked_backends(pg)) == 2, what="both worker threads to block")
+            wait_blocked_workers(pg, 2, worker)  # both worker threads
             namespace = parse_qs(urlsplit(redis_url).query)["namespace"][0]
             client = redis.Redis.from_url(REDIS_BASE)
             queued = client.llen(f"{namespace}:{project.queue}")
@@ -153,9 +150,8 @@ def test_redis_flushed_mid_backfill_then_enqueue_completes(
 
 
 def test_same_message_delivered_twice_concurrently_is_applied_once(
-    project: Project, pg: sa.Engine, request: pytest.FixtureRequest
+    project: Project, pg: sa.Engine
 ) -> None:
-    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=300)
     counters = counters_by_key()
     with pg.begin() as conn:
@@ -166,7 +162,7 @@ def test_same_message_delivered_twice_concurrently_is_applied_once(
         try:
             send_batches(broker, project.queue, [plan.batch_ids[0]] * 2)
             # one copy waits on user 10, the other on the batch row the first one holds
-            wait_for(lambda: len(blocked_backends(pg)) == 2, what="both copies to run at once")
+            wait_blocked_workers(pg, 2, worker)
         finally:
             holder.rollback()
             holder.close()
@@ -186,15 +182,14 @@ def test_same_message_delivered_twice_concurrently_is_applied_once(
 
 
 def test_killed_database_connection_is_retried_and_the_run_completes(
-    project: Project, pg: sa.Engine, request: pytest.FixtureRequest
+    project: Project, pg: sa.Engine
 ) -> None:
-    xfail_lock_harness_on_mariadb(request, pg)
     seed(pg, users=300)
     holder = lock_users(pg, [10])
     with project.worker(COUNTERFILL_MIN_BACKOFF="100") as worker:
         try:
             assert project.cli("enqueue").exit_code == 0
-            (pid,) = wait_for(lambda: blocked_backends(pg), what="the batch to block")
+            (pid,) = wait_blocked_workers(pg, 1, worker)
             terminate(pg, pid)
         finally:
             holder.rollback()
