@@ -59,15 +59,6 @@ def _aggregate(counter: Any) -> sa.ColumnElement[Any]:
     return sa.func.count() if plain else sa.func.sum(sql.contribution(counter))
 
 
-def _in_range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[bool]:
-    cond: sa.ColumnElement[bool] = sa.true()
-    if lo is not None:
-        cond = sa.and_(cond, column >= lo)
-    if hi is not None:
-        cond = sa.and_(cond, column < hi)
-    return cond
-
-
 def _stage(connection: Connection, counters: Sequence[Any], engine: str) -> sa.Table:
     """This connection's empty staging table for ``counters``' types, created on first use."""
     pk = counters[0].parent_pk
@@ -116,7 +107,7 @@ def recount_range(
         ]
         selects.append(
             sa.select(sa.literal(g, sa.SmallInteger), fk, *values)
-            .where(fk.is_not(None), _in_range(fk, lo, hi))
+            .where(fk.is_not(None), sql.key_range(fk, lo, hi))
             .group_by(fk)
         )
         staged = stage.alias(f"g{g}")
@@ -129,7 +120,7 @@ def recount_range(
     update = (
         sa.update(target)
         .values({c.column: truths[i] for i, c in enumerate(counters)})
-        .where(_in_range(pk, lo, hi), sa.or_(*wrong))
+        .where(sql.key_range(pk, lo, hi), sa.or_(*wrong))
     )
     try:
         connection.execute(sa.insert(stage).from_select(names, grouped))

@@ -29,7 +29,8 @@ def contribution(counter: Counter) -> sa.ColumnElement[Any]:
     return value
 
 
-def _range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[bool]:
+def key_range(column: sa.ColumnElement[Any], lo: Any, hi: Any) -> sa.ColumnElement[bool]:
+    """``lo <= column < hi``; a ``None`` bound is open."""
     cond: sa.ColumnElement[bool] = sa.true()
     if lo is not None:
         cond = sa.and_(cond, column >= lo)
@@ -42,7 +43,7 @@ def _scope(
     column: sa.ColumnElement[Any], lo: Any, hi: Any, ids: Sequence[Any] | None, dialect: str = ""
 ) -> sa.ColumnElement[bool]:
     """``[lo, hi)``, narrowed to ``ids`` when given (verify re-checks single candidates)."""
-    cond = _range(column, lo, hi)
+    cond = key_range(column, lo, hi)
     if ids is not None:
         if dialect == "postgresql" and isinstance(column, sa.Column):
             cond = sa.and_(cond, keys_in([column], [(x,) for x in ids], dialect))
@@ -91,7 +92,7 @@ def lock_next_parents(
     """
     locked = (
         sa.select(pk.label("k"))
-        .where(_range(pk, start, hi))
+        .where(key_range(pk, start, hi))
         .order_by(pk)
         .limit(size + 1)
         .with_for_update(key_share=True)
