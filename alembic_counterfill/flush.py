@@ -12,11 +12,13 @@ copy, keeps counters exact with expired or stale objects and arbitrary
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm import base as orm_base
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 
@@ -51,13 +53,75 @@ class _FlushState:
     touched: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     inserted: dict[WritePlan, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
-    def capture(self, connection: sa.Connection, plan: WritePlan, keys: set[Key]) -> None:
+    def capture(
+        self,
+        connection: sa.Connection,
+        plan: WritePlan,
+        keys: set[Key],
+        states: Mapping[Key, InstanceState[Any]] | None = None,
+    ) -> None:
         keys = keys - self.captured[plan]
         if not keys:
             return
         self.captured[plan] |= keys
         sqlite_lock.begin_write(connection)  # several SQLite writers: read under the lock
-        self.old[plan].extend(_read(connection, plan, keys, lock=True))
+        rows = _read(connection, plan, keys, lock=True)
+        self.old[plan].extend(rows)
+        if states and connection.dialect.name == "postgresql":
+            found = {tuple(r._mapping[f"p{j}"] for j in range(len(plan.pk_columns))) for r in rows}
+            missing = keys - found
+            if missing:
+                self.old[plan].extend(_vanished(connection, plan, missing, states))
+
+
+def _vanished(
+    connection: sa.Connection,
+    plan: WritePlan,
+    missing: set[Key],
+    states: Mapping[Key, InstanceState[Any]],
+) -> list[Any]:
+    """Rows re-inserted under keys the locking read found gone; read again under parent locks.
+
+    A row this flush deletes or updates may have been deleted by another
+    transaction (the locking read waited for it and found nothing), and a third
+    one may insert a row with the same key and commit before this flush's
+    DELETE or UPDATE, which would then hit that new row unseen: silent drift.
+    The inserter applies its delta to the parents its row names before it
+    commits; natural keys (a composite of the counted foreign keys, the
+    common re-inserted case) name the same parents as the session's copy. So
+    those parents are locked (in key order, per table) and the keys read
+    again: a row committed before the lock is counted here; one committed
+    after it cannot be, since its inserter waits for this transaction, and
+    its uncommitted row is invisible to this flush's statements.
+    """
+    parents: dict[tuple[str, Any], tuple[Any, set[Any]]] = {}
+    for key in missing:
+        st = states.get(key)
+        if st is None:
+            continue
+        for counter in plan.counters:
+            try:
+                attr = plan.mapper.get_property_by_column(counter.fk).key
+            except Exception:  # an unmapped FK column: the copy cannot name the parent
+                continue
+            slot = parents.setdefault(
+                (counter.parent_table.name, counter.parent_pk), (counter, set())
+            )
+            for value in (st.committed_state.get(attr), st.dict.get(attr)):
+                if value is not None and not isinstance(value, type(orm_base.NO_VALUE)):
+                    slot[1].add(value)
+    for (_, _), (counter, ids) in sorted(parents.items(), key=lambda kv: kv[0][0]):
+        if ids:
+            stmt = sql.lock_parents(
+                counter.parent_table,
+                counter.parent_pk,
+                None,
+                None,
+                ids=sorted(ids),
+                dialect="postgresql",
+            )
+            connection.execute(stmt)
+    return _read(connection, plan, missing, lock=True)
 
 
 def _stash(session: Session) -> _FlushState | None:
@@ -73,6 +137,7 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     session.info[_STASH] = state
     association.begin_flush(session)
     wanted: dict[WritePlan, set[Key]] = defaultdict(set)
+    copies: dict[WritePlan, dict[Key, InstanceState[Any]]] = defaultdict(dict)
     deleted = session.deleted
     for obj in (*session.dirty, *deleted):
         st: InstanceState[Any] = instance_state(obj)
@@ -81,11 +146,13 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
         for plan in plans_for(st.mapper):
             if obj in deleted or plan.may_change(st):
                 wanted[plan].add(tuple(st.key[1]))
+                copies[plan][tuple(st.key[1])] = st
         for child in _collection_changes(st):
             for plan in plans_for(child.mapper):
                 wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
-        state.capture(session.connection(bind_arguments={"mapper": plan.mapper}), plan, keys)
+        connection = session.connection(bind_arguments={"mapper": plan.mapper})
+        state.capture(connection, plan, keys, copies.get(plan))
     if _on_innodb(session, wanted):
         _lock_before_writes(session, state)
 
