@@ -94,31 +94,24 @@ def _vanished(
     after it cannot be, since its inserter waits for this transaction, and
     its uncommitted row is invisible to this flush's statements.
     """
-    parents: dict[tuple[str, Any], tuple[Any, set[Any]]] = {}
+    parents: dict[sa.Table, tuple[Any, set[Any]]] = {}
+    fk_keys = _attribute_keys(plan.mapper, [c.fk for c in plan.counters])
     for key in missing:
         st = states.get(key)
         if st is None:
             continue
-        for counter in plan.counters:
-            try:
-                attr = plan.mapper.get_property_by_column(counter.fk).key
-            except Exception:  # an unmapped FK column: the copy cannot name the parent
+        for counter, attr in zip(plan.counters, fk_keys, strict=True):
+            if attr is None:  # an unmapped FK column: the copy cannot name the parent
                 continue
-            slot = parents.setdefault(
-                (counter.parent_table.name, counter.parent_pk), (counter, set())
-            )
+            ids = parents.setdefault(counter.parent_table, (counter, set()))[1]
             for value in (st.committed_state.get(attr), st.dict.get(attr)):
                 if value is not None and not isinstance(value, type(orm_base.NO_VALUE)):
-                    slot[1].add(value)
-    for (_, _), (counter, ids) in sorted(parents.items(), key=lambda kv: kv[0][0]):
+                    ids.add(value)
+    for table in sorted(parents, key=lambda t: t.name):
+        counter, ids = parents[table]
         if ids:
             stmt = sql.lock_parents(
-                counter.parent_table,
-                counter.parent_pk,
-                None,
-                None,
-                ids=sorted(ids),
-                dialect="postgresql",
+                table, counter.parent_pk, None, None, ids=sorted(ids), dialect="postgresql"
             )
             connection.execute(stmt)
     return _read(connection, plan, missing, lock=True)
