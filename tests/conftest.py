@@ -292,3 +292,13 @@ def run_machine(request):  # noqa: ANN201 - returns the runner below
 
     run.url = url  # type: ignore[attr-defined]  # which database this param runs on
     return run
+
+
+@pytest.fixture
+def no_inline_folding() -> Iterator[None]:
+    """Buffered-counter tests fold by hand: "pending" is a state they control."""
+    from alembic_counterfill.folding import configure_folding
+
+    configure_folding(inline=False)
+    yield
+    configure_folding(inline=True)

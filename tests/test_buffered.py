@@ -23,7 +23,6 @@ from buffered_models import (
     pending_count,
     rows,
 )
-from conftest import server_url_of
 from sqlalchemy.orm import Session
 
 from alembic_counterfill import (
@@ -36,19 +35,7 @@ from alembic_counterfill import fold as folding
 from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.testing import find_drift
 
-
-@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    """SQLite, PostgreSQL and MariaDB (folds and recounts under InnoDB's locks)."""
-    return server_url_of(request, request.param)
-
-
-@pytest.fixture(autouse=True)
-def no_inline_folding() -> Iterator[None]:
-    # Tests fold by hand, so "pending" is a state they control.
-    configure_folding(inline=False)
-    yield
-    configure_folding(inline=True)
+pytestmark = pytest.mark.usefixtures("no_inline_folding")
 
 
 @pytest.fixture

@@ -18,16 +18,9 @@ from sqlalchemy.orm import Session, selectinload
 from alembic_counterfill import counter_value, counters_of, planning, progress
 from alembic_counterfill import fold as folding
 from alembic_counterfill.batch import run_batch
-from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.verify import verify
 
-
-@pytest.fixture(autouse=True)
-def no_inline_folding() -> Iterator[None]:
-    # The tests fold by hand, so "pending" is a state they control.
-    configure_folding(inline=False)
-    yield
-    configure_folding(inline=True)
+pytestmark = pytest.mark.usefixtures("no_inline_folding")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ task of the app's event loop. Judged by buffered_models' plain-SQL truth.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -19,16 +18,9 @@ from test_async_sessions import _async_engine
 from alembic_counterfill import counter_value
 from alembic_counterfill.folding import configure_folding
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_inline_folding")]
 
 PENDING = sa.text("SELECT count(*) FROM counterfill_deltas_users")
-
-
-@pytest.fixture(autouse=True)
-def no_inline_folding() -> Iterator[None]:
-    configure_folding(inline=False)
-    yield
-    configure_folding(inline=True)
 
 
 async def _truth(s: AsyncSession, uid: int) -> dict[str, int]:

@@ -23,16 +23,10 @@ from sqlalchemy.orm import Session
 
 from alembic_counterfill import counter_value, counters_of
 from alembic_counterfill import fold as folding
-from alembic_counterfill.folding import configure_folding
+
+pytestmark = pytest.mark.usefixtures("no_inline_folding")
 
 USERS = 30
-
-
-@pytest.fixture(autouse=True)
-def no_inline_folding() -> Iterator[None]:
-    configure_folding(inline=False)
-    yield
-    configure_folding(inline=True)
 
 
 def _seeded(url: str) -> sa.Engine:

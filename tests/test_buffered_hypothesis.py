@@ -7,8 +7,6 @@ columns alone right after each fold.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 from buffered_models import Base, column_drift, drift
@@ -16,8 +14,9 @@ from hypothesis.stateful import invariant, rule
 
 from alembic_counterfill import counters_of
 from alembic_counterfill import fold as folding
-from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.testing import CounterStateMachine
+
+pytestmark = pytest.mark.usefixtures("no_inline_folding")
 
 
 class BufferedMachine(CounterStateMachine):
@@ -40,13 +39,6 @@ class BufferedMachine(CounterStateMachine):
     def independent_truth(self) -> None:
         if self.committed_state_readable():
             assert drift(self.engine) == []
-
-
-@pytest.fixture(autouse=True)
-def no_inline_folding() -> Iterator[None]:
-    configure_folding(inline=False)
-    yield
-    configure_folding(inline=True)
 
 
 @pytest.mark.parametrize("run_machine", ["sqlite", "postgresql", "mariadb"], indirect=True)

@@ -35,21 +35,12 @@ from sqlalchemy.orm import Session
 from alembic_counterfill import counters_of, innodb, planning, progress
 from alembic_counterfill import fold as folding
 from alembic_counterfill.batch import run_batch
-from alembic_counterfill.folding import configure_folding
 from alembic_counterfill.verify import verify
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_inline_folding")]
 
 #: Follows of user 1 committed before the race (their deltas are pending).
 EARLIER = 3
-
-
-@pytest.fixture(autouse=True)
-def no_inline_folding() -> Iterator[None]:
-    # Pending deltas are part of the set-up: nothing may fold them behind the test.
-    configure_folding(inline=False)
-    yield
-    configure_folding(inline=True)
 
 
 @pytest.fixture
