@@ -27,6 +27,9 @@ BROKER_URL ?=
 # `make test` fails a test whose service (PostgreSQL, Redis, RabbitMQ) is missing,
 # as CI=true does; a developer opts out explicitly with `make test SERVICES=optional`.
 SERVICES ?= required
+# `make test` draws the same Hypothesis examples as CI (derandomized `ci` profile):
+# a red run is reproducible. `make test HYPOTHESIS_PROFILE=dev` explores at random, twice as long.
+HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: demo test test-gc test-oldest lint services install clean
 
@@ -72,12 +75,13 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: $(STAMP) services lint test-oldest
-	COUNTERFILL_TEST_SERVICES=$(SERVICES) $(VENV)/bin/pytest -q
+	COUNTERFILL_TEST_SERVICES=$(SERVICES) HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(VENV)/bin/pytest -q
 
 # Declarations and live maintenance with a garbage collection before every
 # counter lookup and flush: anything held only weakly fails here, not by chance.
 test-gc: $(STAMP) services
-	COUNTERFILL_TEST_SERVICES=$(SERVICES) COUNTERFILL_TEST_GC=aggressive $(VENV)/bin/pytest -q \
+	COUNTERFILL_TEST_SERVICES=$(SERVICES) HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) \
+		COUNTERFILL_TEST_GC=aggressive $(VENV)/bin/pytest -q \
 		tests/test_declaration.py tests/test_live.py
 
 # The live, bulk and alembic end-to-end tests against the oldest allowed dependencies.
@@ -85,7 +89,7 @@ test-oldest: $(OLDEST_STAMP) services
 	$(OLDEST)/bin/python -c "from importlib.metadata import version as v; \
 		print('oldest:', *(f'{p} {v(p)}' for p in \
 		('sqlalchemy', 'alembic', 'dramatiq', 'psycopg', 'psycopg-binary', 'click')))"
-	$(OLDEST)/bin/pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(OLDEST)/bin/pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

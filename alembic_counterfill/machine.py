@@ -131,6 +131,9 @@ class CounterStateMachine(RuleBasedStateMachine):
         self.turn = -1
         self.last_error: BaseException | None = None
         self.exercised().require(self._required())
+        self.exercised().kept_by_own_children.update(
+            c.key for c in self.counters if c.child_mapper in self.parents
+        )
 
     def _required(self) -> list[tuple[str, str]]:
         pairs = [("*", ex.STALE)]

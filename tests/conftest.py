@@ -5,9 +5,10 @@ under ``CI=true`` and under ``make test`` (``COUNTERFILL_TEST_SERVICES=required`
 only a developer who opts out (``make test SERVICES=optional``, or plain
 ``pytest`` outside CI) gets a skip with the reason.
 
-Hypothesis profiles: ``ci`` (derandomized, selected by ``CI=true``) and ``dev``
-(random, more examples; the default elsewhere). ``HYPOTHESIS_PROFILE`` picks one
-explicitly. See docs/testing.md.
+Hypothesis profiles: ``ci`` (derandomized, selected by ``CI=true`` and by
+``make test``) and ``dev`` (random, more examples; the default of a plain
+``pytest`` elsewhere). ``HYPOTHESIS_PROFILE`` picks one explicitly. See
+docs/testing.md.
 """
 
 from __future__ import annotations
