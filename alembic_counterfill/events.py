@@ -11,6 +11,9 @@
   once a counter over a plain association table exists: :mod:`.association`
   (the unit of work writes ``relationship(secondary=...)`` rows with
   ``Connection.execute``, which no ORM event sees);
+- ``after_cursor_execute`` on every Engine: :func:`.flush.statement_ran`
+  checks a flush's DELETE and UPDATE statements when its locking reads found
+  rows gone (a row re-inserted meanwhile is refused, never counted wrong);
 - the legacy bulk methods of ``Session``, which fire no event: :mod:`.legacy_bulk`;
 - ``before_create`` of a table with a sum counter: configure the mappers
   first, so that the column has its final type.
@@ -57,6 +60,7 @@ def install() -> None:
     event.listen(Session, "after_soft_rollback", flush.discard)
     event.listen(Session, "do_orm_execute", bulk.on_execute)
     event.listen(Session, "after_commit", folding.after_commit)
+    event.listen(Engine, "after_cursor_execute", flush.statement_ran)
     event.listen(Session, "after_soft_rollback", folding.forget)
     legacy_bulk.install()
     _installed = True
