@@ -199,3 +199,25 @@ def test_a_surrogate_key_reinserted_with_other_parents_is_refused_never_miscount
         assert "re-inserted by another transaction" in str(b_error)
     # B wrote nothing: C's post stands as C wrote it.
     assert _count(engine, "SELECT count(*) FROM posts WHERE id = 1 AND author_id = 2") == 1
+
+
+def test_a_row_simply_gone_keeps_sqlalchemys_warning(engine: sa.Engine) -> None:
+    """Two stale copies deleted in one flush, one row gone: the ORM warns; no refusal, exact."""
+    with Session(engine) as s:
+        s.add_all([Post(id=1, author_id=1, likes=2), Post(id=2, author_id=2, likes=3)])
+        s.commit()
+    stale = Session(engine, expire_on_commit=False)
+    try:
+        copies = [stale.get(Post, 1), stale.get(Post, 2)]
+        stale.commit()
+        with Session(engine) as a:  # another transaction deletes post 1 only
+            a.delete(a.get(Post, 1))
+            a.commit()
+        for copy in copies:
+            stale.delete(copy)
+        with pytest.warns(sa.exc.SAWarning, match="expected to delete 2 row"):
+            stale.commit()  # one DELETE for both keys: the check counts per key
+    finally:
+        stale.close()
+    assert _count(engine, "SELECT count(*) FROM posts") == 0
+    assert_exact(engine)
