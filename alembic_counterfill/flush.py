@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,8 @@ class _FlushState:
         if _watched.get(connection) is not self:
             _watched[connection] = self
             self.watched.append(connection)
+            if _listen is not None:
+                _listen(connection)
 
     def unwatch(self) -> None:
         """Stop checking statements (the flush's own writes are done, or it failed)."""
@@ -120,6 +122,20 @@ class _FlushState:
 
 #: Connections whose flush found keys missing, and that flush's state.
 _watched: weakref.WeakKeyDictionary[sa.Connection, _FlushState] = weakref.WeakKeyDictionary()
+
+#: Routes a connection's statements to :func:`statement_ran` (set by :mod:`.events`).
+_listen: Callable[[sa.Connection], None] | None = None
+
+
+def listen_with(register: Callable[[sa.Connection], None]) -> None:
+    """Use ``register(connection)`` to have a watched connection's statements checked.
+
+    :mod:`.events` owns every event registration; it hands this module the
+    function that listens on one connection, so that only connections whose
+    flush found a row gone pay for the check.
+    """
+    global _listen
+    _listen = register
 
 
 def _gap_unlocked(connection: sa.Connection) -> bool:
@@ -203,8 +219,9 @@ def statement_ran(
     with other parents, which the parent locks of :func:`_vanished` do not
     cover): its counters were never read as old state, so the flush is
     stopped and its transaction rolled back. A row simply gone matches
-    nothing and keeps SQLAlchemy's own warning. Runs for every statement of
-    every engine (:mod:`.events`); returns at once outside such a flush.
+    nothing and keeps SQLAlchemy's own warning. Listens only on connections
+    whose flush found a key missing (:mod:`.events`, :func:`listen_with`);
+    returns at once once that flush is over.
     """
     if not _watched:
         return
