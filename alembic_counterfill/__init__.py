@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         CounterfillWarning,
         DatabaseError,
         DuplicateKeyError,
+        ReinsertedRowError,
         UnknownCounterError,
     )
     from .folding import configure_folding
@@ -50,6 +51,7 @@ __all__ = [
     "BrokerError",
     "DatabaseError",
     "DuplicateKeyError",
+    "ReinsertedRowError",
     # warnings
     "CounterfillWarning",
 ]
@@ -71,6 +73,7 @@ _HOME = {
     "DatabaseError": "errors",
     "CounterfillWarning": "errors",
     "DuplicateKeyError": "errors",
+    "ReinsertedRowError": "errors",
 }
 
 

@@ -43,6 +43,17 @@ class DuplicateKeyError(CounterfillError):
     """
 
 
+class ReinsertedRowError(CounterfillError):
+    """A row a flush deletes or updates was re-inserted by another transaction while it ran.
+
+    The flush's locking read found the row gone, and its DELETE or UPDATE then
+    matched a row with the same key that another transaction inserted and
+    committed meanwhile (docs/increment-logic.md, "Re-inserted rows"). The
+    flush is stopped before its deltas and its transaction rolled back:
+    nothing was written, and running the transaction again is safe.
+    """
+
+
 class CounterfillWarning(UserWarning):
     """Something a counter cannot see or will not honour (a database cascade, a counter assignment).
 

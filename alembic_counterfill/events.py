@@ -11,6 +11,10 @@
   once a counter over a plain association table exists: :mod:`.association`
   (the unit of work writes ``relationship(secondary=...)`` rows with
   ``Connection.execute``, which no ORM event sees);
+- ``after_cursor_execute`` on the one Connection whose flush's locking reads
+  found rows gone: :func:`.flush.statement_ran` checks that flush's DELETE
+  and UPDATE statements (a row re-inserted meanwhile is refused, never
+  counted wrong); :mod:`.flush` asks for it through :func:`.flush.listen_with`;
 - the legacy bulk methods of ``Session``, which fire no event: :mod:`.legacy_bulk`;
 - ``before_create`` of a table with a sum counter: configure the mappers
   first, so that the column has its final type.
@@ -57,9 +61,21 @@ def install() -> None:
     event.listen(Session, "after_soft_rollback", flush.discard)
     event.listen(Session, "do_orm_execute", bulk.on_execute)
     event.listen(Session, "after_commit", folding.after_commit)
+    flush.listen_with(_check_statements)
     event.listen(Session, "after_soft_rollback", folding.forget)
     legacy_bulk.install()
     _installed = True
+
+
+def _check_statements(connection: sa.Connection) -> None:
+    """Have :func:`.flush.statement_ran` see ``connection``'s statements (idempotent).
+
+    Per connection, not per engine: only a flush that found a row gone pays
+    for the check; the listener ends with the connection (one transaction of
+    a Session).
+    """
+    if not event.contains(connection, "after_cursor_execute", flush.statement_ran):
+        event.listen(connection, "after_cursor_execute", flush.statement_ran)
 
 
 def _on_before_mapper_configured(mapper: Mapper[Any], class_: type) -> None:

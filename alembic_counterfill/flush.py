@@ -11,8 +11,9 @@ copy, keeps counters exact with expired or stale objects and arbitrary
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ from sqlalchemy.orm.state import InstanceState
 
 from . import association, innodb, sql, sqlite_lock
 from . import deltas as _deltas
-from .errors import DuplicateKeyError
+from .counters import Counter
+from .errors import DuplicateKeyError, ReinsertedRowError
 from .pause import is_paused
 from .plan import Key, WritePlan, plan_for, plans_for
 
@@ -44,6 +46,10 @@ def _read(connection: sa.Connection, plan: WritePlan, keys: set[Key], *, lock: b
     return list(connection.execute(stmt).all())
 
 
+def _keys_of(plan: WritePlan, rows: list[Any]) -> set[Key]:
+    return {tuple(r._mapping[f"p{j}"] for j in range(len(plan.pk_columns))) for r in rows}
+
+
 @dataclass(eq=False)
 class _FlushState:
     """Old rows read before the flush and keys to re-read after it, per plan."""
@@ -52,6 +58,14 @@ class _FlushState:
     captured: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     touched: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     inserted: dict[WritePlan, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    # Captured keys whose row the locking reads did not find (another
+    # transaction deleted it): this flush's DELETE or UPDATE must match none.
+    missing: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
+    # InnoDB at READ COMMITTED: missing keys to read again once the parents
+    # their copies name are locked with the flush's other parents.
+    reread: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
+    copy_parents: dict[Counter, set[Any]] = field(default_factory=lambda: defaultdict(set))
+    watched: list[sa.Connection] = field(default_factory=list)
 
     def capture(
         self,
@@ -67,11 +81,91 @@ class _FlushState:
         sqlite_lock.begin_write(connection)  # several SQLite writers: read under the lock
         rows = _read(connection, plan, keys, lock=True)
         self.old[plan].extend(rows)
+        missing = keys - _keys_of(plan, rows)
+        if not missing:
+            return
         if states and connection.dialect.name == "postgresql":
-            found = {tuple(r._mapping[f"p{j}"] for j in range(len(plan.pk_columns))) for r in rows}
-            missing = keys - found
-            if missing:
-                self.old[plan].extend(_vanished(connection, plan, missing, states))
+            again = _vanished(connection, plan, missing, states)
+            self.old[plan].extend(again)
+            missing -= _keys_of(plan, again)
+        elif states and _gap_unlocked(connection):
+            self.reread[plan] |= missing
+            for counter, ids in _copy_parents(plan, missing, states).items():
+                self.copy_parents[counter] |= ids
+        self.missing[plan] |= missing
+        self.watch(connection)
+
+    def reread_vanished(self, session: Session) -> None:
+        """InnoDB: read the missing keys again, now that their copies' parents are locked."""
+        for plan, keys in sorted(self.reread.items(), key=lambda kv: kv[0].table.name):
+            connection = session.connection(bind_arguments={"mapper": plan.mapper})
+            again = _read(connection, plan, keys, lock=True)
+            self.old[plan].extend(again)
+            self.missing[plan] -= _keys_of(plan, again)
+        self.reread.clear()
+
+    def watch(self, connection: sa.Connection) -> None:
+        """Check this flush's DELETE and UPDATE statements on ``connection``."""
+        if _watched.get(connection) is not self:
+            _watched[connection] = self
+            self.watched.append(connection)
+            if _listen is not None:
+                _listen(connection)
+
+    def unwatch(self) -> None:
+        """Stop checking statements (the flush's own writes are done, or it failed)."""
+        for connection in self.watched:
+            if _watched.get(connection) is self:
+                del _watched[connection]
+        self.watched.clear()
+
+
+#: Connections whose flush found keys missing, and that flush's state.
+_watched: weakref.WeakKeyDictionary[sa.Connection, _FlushState] = weakref.WeakKeyDictionary()
+
+#: Routes a connection's statements to :func:`statement_ran` (set by :mod:`.events`).
+_listen: Callable[[sa.Connection], None] | None = None
+
+
+def listen_with(register: Callable[[sa.Connection], None]) -> None:
+    """Use ``register(connection)`` to have a watched connection's statements checked.
+
+    :mod:`.events` owns every event registration; it hands this module the
+    function that listens on one connection, so that only connections whose
+    flush found a row gone pay for the check.
+    """
+    global _listen
+    _listen = register
+
+
+def _gap_unlocked(connection: sa.Connection) -> bool:
+    """Whether InnoDB left the gap of a missing key unlocked (READ COMMITTED and below).
+
+    Under REPEATABLE READ (and SERIALIZABLE) the locking read of a missing
+    key locks the gap where it would be, so no other transaction can insert
+    that key until this one ends: nothing to re-read, and locking parents
+    there would deadlock with an inserter that holds them and waits for the gap.
+    """
+    return innodb.is_innodb(connection.dialect) and innodb.reads_latest(connection)
+
+
+def _copy_parents(
+    plan: WritePlan, missing: set[Key], states: Mapping[Key, InstanceState[Any]]
+) -> dict[Counter, set[Any]]:
+    """The parents the session's copies of the ``missing`` rows name (committed and pending)."""
+    out: dict[Counter, set[Any]] = defaultdict(set)
+    fk_keys = _attribute_keys(plan.mapper, [c.fk for c in plan.counters])
+    for key in missing:
+        st = states.get(key)
+        if st is None:
+            continue
+        for counter, attr in zip(plan.counters, fk_keys, strict=True):
+            if attr is None:  # an unmapped FK column: the copy cannot name the parent
+                continue
+            for value in (st.committed_state.get(attr), st.dict.get(attr)):
+                if value is not None and not isinstance(value, type(orm_base.NO_VALUE)):
+                    out[counter].add(value)
+    return out
 
 
 def _vanished(
@@ -92,21 +186,13 @@ def _vanished(
     those parents are locked (in key order, per table) and the keys read
     again: a row committed before the lock is counted here; one committed
     after it cannot be, since its inserter waits for this transaction, and
-    its uncommitted row is invisible to this flush's statements.
+    its uncommitted row is invisible to this flush's statements. A row
+    re-inserted naming other parents is caught by :func:`statement_ran`.
+    PostgreSQL; InnoDB does the same through :func:`_lock_before_writes`.
     """
-    parents: dict[sa.Table, tuple[Any, set[Any]]] = {}
-    fk_keys = _attribute_keys(plan.mapper, [c.fk for c in plan.counters])
-    for key in missing:
-        st = states.get(key)
-        if st is None:
-            continue
-        for counter, attr in zip(plan.counters, fk_keys, strict=True):
-            if attr is None:  # an unmapped FK column: the copy cannot name the parent
-                continue
-            ids = parents.setdefault(counter.parent_table, (counter, set()))[1]
-            for value in (st.committed_state.get(attr), st.dict.get(attr)):
-                if value is not None and not isinstance(value, type(orm_base.NO_VALUE)):
-                    ids.add(value)
+    parents: dict[sa.Table, tuple[Counter, set[Any]]] = {}
+    for counter, ids in _copy_parents(plan, missing, states).items():
+        parents.setdefault(counter.parent_table, (counter, set()))[1].update(ids)
     for table in sorted(parents, key=lambda t: t.name):
         counter, ids = parents[table]
         if ids:
@@ -117,13 +203,82 @@ def _vanished(
     return _read(connection, plan, missing, lock=True)
 
 
+def statement_ran(
+    conn: sa.Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    """Refuse a flush whose DELETE or UPDATE matched a row its locking reads did not find.
+
+    Rows the locking reads found are held by this transaction; a key they
+    found missing must match nothing. If it matches, another transaction
+    re-inserted the row after this flush read it (a surrogate key re-used
+    with other parents, which the parent locks of :func:`_vanished` do not
+    cover): its counters were never read as old state, so the flush is
+    stopped and its transaction rolled back. A row simply gone matches
+    nothing and keeps SQLAlchemy's own warning. Listens only on connections
+    whose flush found a key missing (:mod:`.events`, :func:`listen_with`);
+    returns at once once that flush is over.
+    """
+    if not _watched:
+        return
+    state = _watched.get(conn)
+    if state is None:
+        return
+    dml = getattr(getattr(context, "compiled", None), "statement", None)
+    if not isinstance(dml, (sa.Update, sa.Delete)):
+        return
+    rowcount = cursor.rowcount
+    for plan, missing in state.missing.items():
+        if not missing or dml.table is not plan.table:
+            continue
+        binds = _key_binds(dml, plan.pk_columns)
+        if binds is None:
+            continue
+        params = context.compiled_parameters or [{}]
+        hit = [p for p in params if tuple(p.get(b) for b in binds) in missing]
+        if hit and isinstance(rowcount, int) and rowcount > len(params) - len(hit):
+            verb = "deletes" if isinstance(dml, sa.Delete) else "updates"
+            key = tuple(hit[0].get(b) for b in binds)
+            raise ReinsertedRowError(
+                f"a row this flush {verb} ({plan.table.name} {key!r}) was re-inserted by "
+                "another transaction while it ran; retry the transaction (this flush was "
+                "rolled back, nothing was written)"
+            )
+
+
+def _key_binds(dml: Any, pk_columns: list[sa.Column[Any]]) -> list[str] | None:
+    """The bound parameter compared with each key column in ``dml``'s WHERE (None: not that form).
+
+    The unit of work's statements read ``pk = :name AND …``.
+    """
+    where = dml.whereclause
+    if where is None:
+        return None
+    terms = list(where.clauses) if isinstance(where, sa.BooleanClauseList) else [where]
+    names: dict[sa.Column[Any], str] = {}
+    for term in terms:
+        left, right = getattr(term, "left", None), getattr(term, "right", None)
+        if getattr(term, "operator", None) is not sa.sql.operators.eq:
+            continue
+        if isinstance(left, sa.Column) and isinstance(right, sa.BindParameter):
+            names[left] = str(right.key)
+    out = [names.get(col) for col in pk_columns]
+    return None if None in out else [str(n) for n in out]
+
+
 def _stash(session: Session) -> _FlushState | None:
     return session.info.get(_STASH)
 
 
 def before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
     """Read (and lock) the old state of the deleted and relevantly dirty children."""
-    session.info.pop(_STASH, None)
+    previous = session.info.pop(_STASH, None)
+    if previous is not None:
+        previous.unwatch()
     if is_paused():
         return
     state = _FlushState()
@@ -191,6 +346,8 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
         for row in rows:
             for i, counter in enumerate(plan.counters):
                 parents[counter].add(row._mapping[f"k{i}"])
+    for counter, ids in state.copy_parents.items():  # rows found gone (READ COMMITTED)
+        parents[counter] |= ids
     colliding: dict[WritePlan, set[Key]] = defaultdict(set)
     keys_of: dict[type, tuple[WritePlan, list[str | None], list[str | None]] | None] = {}
     for obj in (*session.new, *session.dirty):
@@ -221,6 +378,9 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
     _deltas.lock_first(session, parents, shared_buffered=True)
+    # Under the parents' locks, a row re-inserted under a key found gone is
+    # either committed (and read now) or waits for this transaction.
+    state.reread_vanished(session)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
 
@@ -376,6 +536,7 @@ def after_flush(session: Session, flush_context: UOWTransaction) -> None:
     stash = session.info.pop(_STASH, None)
     if stash is None:
         return
+    stash.unwatch()  # the flush's own statements ran; the deltas' are not its rows'
     deltas = links.deltas if links is not None else _deltas.new_deltas()
     plans = set(stash.captured) | set(stash.touched) | set(stash.inserted)
     for plan in plans:
@@ -401,5 +562,7 @@ def after_flush_postexec(session: Session, flush_context: UOWTransaction) -> Non
 def discard(session: Session, *args: Any) -> None:
     """Forget this flush's state (the transaction rolled back)."""
     association.discard(session)
-    session.info.pop(_STASH, None)
+    stash = session.info.pop(_STASH, None)
+    if stash is not None:
+        stash.unwatch()
     _deltas.forget(session)
