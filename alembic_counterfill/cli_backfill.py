@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 import sqlalchemy as sa
 
-from . import definition, monitor, notify, pacing, planning, resend, runner
+from . import definition, monitor, notify, pacing, planning, resend
 from . import progress as p
-from . import verify as verifying
 from .counters import Counter, select_counters
 from .errors import CounterfillError, UnknownCounterError
 from .text import render_table
@@ -299,6 +298,8 @@ def _describe_plan(engine: Any, plan: planning.BackfillPlan, batch_size: int | N
 
 
 def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) -> None:
+    # Imported here: sending to workers (the usual case) needs neither.
+    from . import runner
     from .heartbeat import Heartbeat
 
     engine = settings.engine()
@@ -338,6 +339,8 @@ def _run_here(settings: Settings, plan: planning.BackfillPlan, *, show: bool) ->
 
 def _report_drift(settings: Settings, counters: list[Counter], *, fix: bool, as_json: bool) -> None:
     """Run verify, print the drifts as a table, exit 1 on unrepaired drift."""
+    from . import verify as verifying  # only verify and enqueue --verify need it
+
     engine = settings.engine()
     _require_columns(engine, counters)
     found = verifying.verify(engine, counters, fix=fix, batch_size=settings.batch_size)
