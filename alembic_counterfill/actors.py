@@ -293,9 +293,8 @@ class PrefetchPerThread(Middleware):
 
     Dramatiq prefetches two messages per worker thread by default. A batch
     message is a whole key range (tenths of a second to seconds), so a
-    prefetched one waits behind its worker's current batch while another
-    worker idles: at the end of a run of 11 ranges over 2 workers, the last
-    range ran after the other worker had finished (docs/performance.md). Set
+    prefetched one can wait behind its worker's current batch while another
+    worker idles at the end of a run (docs/performance.md). Set
     ``dramatiq_queue_prefetch`` to choose another prefetch; the worker entry
     module adds this middleware, an app's own broker keeps its settings.
     """

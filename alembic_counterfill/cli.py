@@ -468,7 +468,7 @@ def _quick_exit() -> None:
     Only the console script calls it (``alembic counterfill`` may run inside
     a longer-lived process): its process ends next, and collecting
     SQLAlchemy's, the models' and Dramatiq's objects one by one took
-    0.1-0.25 s after the command's output (docs/performance.md). Frozen
+    0.1-0.9 s after the command's output (docs/performance.md). Frozen
     objects are simply not collected; atexit handlers and the streams'
     flushes still run.
     """
