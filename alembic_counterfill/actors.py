@@ -119,8 +119,7 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
                 # An idle Redis consumer backs off to the worker timeout (1 s)
                 # between polls, which a freshly enqueued backfill waits out;
                 # polling every IDLE_POLL_MS costs Redis next to nothing.
-                consumer = super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
-                return _PromptConsumer(consumer)
+                return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
 
         return _Broker(client=client, namespace=namespace)
     if scheme in ("amqp", "amqps"):
@@ -134,39 +133,6 @@ def broker_from_url(url: str, *, sending: bool = False) -> dramatiq.Broker:
         f"broker_url {redact(url)!r} has unsupported scheme {scheme!r}; "
         "use redis://, rediss:// or amqp:// (or leave broker_url out to run batches in-process)"
     )
-
-
-#: Seconds between two looks, by a worker's consumer whose prefetch is full,
-#: at whether a message was finished (no Redis call: a check in memory).
-BUSY_POLL_SECONDS = 0.005
-
-
-class _PromptConsumer:
-    """A Redis consumer that fetches the next message as soon as its worker finished one.
-
-    Dramatiq's Redis consumer sleeps with a growing back-off (up to the poll
-    interval) also while its prefetch is full, so a worker that took one
-    message per thread (PrefetchPerThread) waited up to IDLE_POLL_MS after
-    each batch before fetching the next (docs/performance.md). While full,
-    this one only sleeps briefly and checks again; idle polling of Redis is
-    unchanged.
-    """
-
-    def __init__(self, consumer: Any) -> None:
-        self._consumer = consumer
-
-    def __iter__(self) -> _PromptConsumer:
-        return self
-
-    def __next__(self) -> Any:
-        inner = self._consumer
-        if not inner.message_cache and inner.outstanding_message_count >= inner.prefetch:
-            time.sleep(BUSY_POLL_SECONDS)
-            return None
-        return next(inner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._consumer, name)
 
 
 def _missing_extra(url: str, extra: str, exc: ImportError) -> ConfigurationError:
@@ -286,22 +252,6 @@ class _BatchLifecycle(Middleware):
         if heartbeat is not None:
             heartbeat.stop()
         self.source.dispose()
-
-
-class PrefetchPerThread(Middleware):
-    """Workers take a queued message only when a thread is free to run it.
-
-    Dramatiq prefetches two messages per worker thread by default. A batch
-    message is a whole key range (tenths of a second to seconds), so a
-    prefetched one can wait behind its worker's current batch while another
-    worker idles at the end of a run (docs/performance.md). Set
-    ``dramatiq_queue_prefetch`` to choose another prefetch; the worker entry
-    module adds this middleware, an app's own broker keeps its settings.
-    """
-
-    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        if not os.environ.get("dramatiq_queue_prefetch"):  # noqa: SIM112 - Dramatiq's name
-            worker.queue_prefetch = max(1, int(worker.worker_threads))
 
 
 class _FoldTicker(Middleware):

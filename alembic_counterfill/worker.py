@@ -25,7 +25,7 @@ import sys
 import dramatiq
 
 from . import actors as _actors
-from .actors import BackfillActors, PrefetchPerThread, broker_from_url, declare_actors
+from .actors import BackfillActors, broker_from_url, declare_actors
 from .config import BROKER_ENV, load
 from .errors import ConfigurationError, CounterfillError
 
@@ -62,7 +62,6 @@ def _configure() -> BackfillActors:
             "(without one, `enqueue` runs batches in-process and needs no worker)"
         )
     broker = broker_from_url(settings.broker_url)
-    broker.add_middleware(PrefetchPerThread())
     dramatiq.set_broker(broker)
     return declare_actors(broker, settings, **_tuning())
 
