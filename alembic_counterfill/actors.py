@@ -24,7 +24,6 @@ import dramatiq
 import sqlalchemy as sa
 from dramatiq.middleware import Middleware, Retries
 
-from .batch import BatchNotFound, describe, mark_failed, mark_refused, note_retry, run_batch
 from .counters import Counter
 from .errors import BrokerError, ConfigurationError, DefinitionMismatch
 from .urls import redact
@@ -57,6 +56,13 @@ PAUSED_RECHECK_MS = 5_000
 
 #: Delay before a batch that gave way to database signals is tried again.
 THROTTLED_RECHECK_MS = 1_000
+
+
+def describe(exc: BaseException) -> str:
+    """:func:`.batch.describe`, imported on first use (``enqueue`` sends but runs no batch)."""
+    from .batch import describe as describe_error
+
+    return describe_error(exc)
 
 
 def _namespace(url: str) -> tuple[str, str]:
@@ -210,6 +216,8 @@ class _BatchLifecycle(Middleware):
     ) -> None:
         if exception is None or message.actor_name != self.actor_name:
             return
+        from .batch import mark_failed, note_retry
+
         if not message.args:
             return
         batch_id = message.args[0]
@@ -412,6 +420,8 @@ def declare_actors(
     :param fold_interval: milliseconds between each worker process's checks
         for deltas of buffered counters waiting to be folded.
     """
+    from .batch import BatchNotFound, mark_refused, run_batch
+
     if settings is None:
         from .config import load
 

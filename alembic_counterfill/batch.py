@@ -432,7 +432,7 @@ def _one_transaction(
             waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
             conn.execute(moved)
             merged = None
-        finished, rate_wait, next_size, waiters = _advance_run(
+        finished, rate_wait, next_size, waiters, aim = _advance_run(
             conn,
             row.run_id,
             pacing,
@@ -465,7 +465,7 @@ def _one_transaction(
         parents,
         n,
         seconds,
-        "" if run.pinned or last else f"; next size {next_size}",
+        "" if run.pinned or last else f"; next size {next_size}{aim}",
         f"; throttled: {waiters}" if waiters else "",
         "; batch done" if last else "",
         "; run complete" if finished else "",
@@ -497,13 +497,14 @@ def _advance_run(
     waiters: str | None,
     counters: list[Counter],
     merged: tuple[Any, Any] | None = None,
-) -> tuple[bool, float, int, str | None]:
+) -> tuple[bool, float, int, str | None, str]:
     """Add one transaction's figures to the run; complete it if this was its last batch.
 
     Returns (run finished, seconds to wait under the rate limit, next size,
-    lock waiters). With ``merged`` (PostgreSQL), the batch row's update (a
-    CTE) and the waiters' count (a scalar subquery, or None) run in the
-    statement that locks and reads the run row.
+    lock waiters, the target the next size aims at as the log line shows it).
+    With ``merged`` (PostgreSQL), the batch row's update (a CTE) and the
+    waiters' count (a scalar subquery, or None) run in the statement that
+    locks and reads the run row.
     The run row is locked here, at the end of the transaction, as the
     ``UPDATE`` of the figures would lock it anyway.
     """
@@ -527,7 +528,7 @@ def _advance_run(
         values["batches_done"] = r.c.batches_done + 1
         if was_failed:
             values["batches_failed"] = r.c.batches_failed - 1
-    next_size = size
+    next_size, aim = size, ""
     if not run["pinned"] and run["chunk_size"]:  # runs planned before 0.2 have none
         bounds = _bounds(pacing, run["batch_size"])
         # Contended: sessions waited on this piece, or the run was throttled
@@ -549,6 +550,8 @@ def _advance_run(
         # but does not by itself shrink the size.
         next_size = step.size if not last or waiters else max(step.size, run["chunk_size"])
         values["chunk_size"] = next_size
+        # Which of the two targets the size aims at, for the batch's log line.
+        aim = f" ({'contended' if contended else 'idle'} target {bounds.target(contended):g}s)"
         values["seconds_per_parent"] = step.seconds_per_parent
         values["pacing_history"] = step.history.dumps()
     if waiters:
@@ -573,7 +576,7 @@ def _advance_run(
         r.c.batches_total,
     )
     if not last:
-        return False, rate_wait, next_size, waiters
+        return False, rate_wait, next_size, waiters, aim
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         # Completing records each counter's definition (the one the run was
@@ -592,10 +595,10 @@ def _advance_run(
                 )
             )
         notify.announce(conn, run_id)  # sent at this commit: `--wait` stops waiting
-        return True, rate_wait, next_size, waiters
+        return True, rate_wait, next_size, waiters, aim
     if done + failed >= total:
         _fail_run(conn, run_id, now)
-    return False, rate_wait, next_size, waiters
+    return False, rate_wait, next_size, waiters, aim
 
 
 def _bounds(pacing: Pacing, batch_size: int) -> Pacing:

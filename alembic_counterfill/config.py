@@ -6,6 +6,7 @@ it runs under (so ``-c``, ``-n`` and ``-x`` apply); workers call :func:`load`.
 
 from __future__ import annotations
 
+import configparser
 import importlib
 import os
 import sys
@@ -204,8 +205,76 @@ def _create_engine(url: str, config_file: str | None) -> sa.Engine:
         ) from None
 
 
-def from_alembic_config(cfg: Config) -> Settings:
-    """Build :class:`Settings` from an alembic ``Config`` (the one ``alembic`` itself built)."""
+class FileConfig:
+    """The part of alembic's ``Config`` that :func:`from_alembic_config` reads, without alembic.
+
+    ``import alembic.config`` imports all of alembic (migration context, every
+    dialect's DDL, Mako), a sixth of ``alembic-counterfill``'s start-up
+    (docs/performance.md), for a command that reads two sections of a file.
+    The files are read as alembic 1.16+ reads them: the ini file by a
+    ``ConfigParser`` whose defaults hold ``here`` (the file's directory), in
+    the locale's encoding; ``[tool.alembic]`` of pyproject.toml.
+    """
+
+    def __init__(
+        self, file_: str | None, toml_file: str | None, ini_section: str, cmd_opts: Any
+    ) -> None:
+        self.config_file_name = file_
+        self.toml_file_name = toml_file
+        self.config_ini_section = ini_section
+        self.cmd_opts = cmd_opts
+        self._file_config: configparser.ConfigParser | None = None
+
+    @property
+    def file_config(self) -> configparser.ConfigParser:
+        """The ini file, parsed once."""
+        if self._file_config is None:
+            path = Path(self.config_file_name) if self.config_file_name else None
+            here = path.absolute().parent if path else Path()
+            parser = configparser.ConfigParser({"here": here.as_posix()})
+            if path:
+                parser.read([path], encoding="locale")
+            else:
+                parser.add_section(self.config_ini_section)
+            self._file_config = parser
+        return self._file_config
+
+    @property
+    def toml_alembic_config(self) -> dict[str, Any]:
+        """``[tool.alembic]`` of the pyproject.toml file (empty without one)."""
+        if not self.toml_file_name or not Path(self.toml_file_name).exists():
+            return {}
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # alembic depends on tomli there
+            import tomli as tomllib
+        with open(self.toml_file_name, "rb") as f:
+            data = tomllib.load(f).get("tool", {}).get("alembic", {})
+        if not isinstance(data, dict):
+            raise ValueError("Incorrect TOML format")
+        return data
+
+    def get_section(self, name: str, default: dict[str, str]) -> dict[str, str]:
+        """The options of section ``name`` (defaults included), or ``default`` without one."""
+        if not self.file_config.has_section(name):
+            return default
+        return dict(self.file_config.items(name))
+
+    def get_main_option(self, name: str) -> str | None:
+        """Option ``name`` of the main section (``[alembic]`` unless ``-n`` named another)."""
+        section = self.config_ini_section
+        if not self.file_config.has_section(section):
+            raise ConfigurationError(
+                f"No config file {self.config_file_name!r} found, or file has no "
+                f"'[{section}]' section"
+            )
+        if self.file_config.has_option(section, name):
+            return self.file_config.get(section, name)
+        return None
+
+
+def from_alembic_config(cfg: Config | FileConfig) -> Settings:
+    """Build :class:`Settings` from alembic's ``Config`` or a :class:`FileConfig`."""
     opts = cfg.cmd_opts
     for given in getattr(opts, "config", None) or ():
         # A file named with -c (or $ALEMBIC_CONFIG) must exist; alembic would not insist.

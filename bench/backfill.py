@@ -36,6 +36,8 @@ are printed last.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import re
 import signal
@@ -321,6 +323,7 @@ def library(
     threads: int,
     extra_args: tuple[str, ...] = (),
     ini_extra: str = "",
+    phases: bool = False,
 ) -> dict[str, float]:
     """(c): enqueue --all --wait through Redis with 2 worker processes (started beforehand)."""
     import redis
@@ -369,10 +372,17 @@ def library(
                 if worker.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"workers did not start:\n{logfile.read_text()}")
                 time.sleep(0.05)
+            # With --phases the command runs under bench/phases.py, which
+            # stamps each phase of the process (same arguments, same code).
+            command = [str(BIN / "alembic-counterfill")]
+            if phases:
+                command = [sys.executable, str(BENCH_DIR / "phases.py")]
+            launched = time.time()
+            env["COUNTERFILL_PHASES_T0"] = repr(launched)
             started = time.monotonic()
             result = subprocess.run(
                 [
-                    str(BIN / "alembic-counterfill"),
+                    *command,
                     "-c",
                     str(ini),
                     "enqueue",
@@ -386,6 +396,7 @@ def library(
                 text=True,
             )
             seconds = time.monotonic() - started
+            exited = time.time()
             if result.returncode != 0:
                 raise SystemExit(f"enqueue failed:\n{result.stdout}\n{result.stderr}")
             planned = re.search(r"planned and sent in ([\d.]+)s", result.stdout)
@@ -399,6 +410,9 @@ def library(
                     f"  batches: {len(durations)}, mean {sum(durations) / len(durations):.3f}s, "
                     f"max {max(durations):.3f}s, sum {sum(durations):.1f}s over 2 workers"
                 )
+            if phases:
+                found = _phases(result.stderr, logfile, launched, exited)
+                log(f"  phases (s from process start): {found}")
         finally:
             os.kill(worker.pid, signal.SIGTERM)
             try:
@@ -411,6 +425,40 @@ def library(
         "planning": float(planned.group(1)) if planned else float("nan"),
         "rss_mb": rss,
     }
+
+
+_PIECE = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[PID (\d+)\]"
+    r".*rows_changed=\d+ in ([\d.]+)s",
+    re.M,
+)
+
+
+def _phases(stderr: str, logfile: Path, launched: float, exited: float) -> str:
+    """bench/phases.py's stamps, plus the first piece's start and the last one's end (worker log).
+
+    Seconds from the launch of the process; one clock (``time.time()``) on one machine.
+    """
+    found = re.search(r"^phases: (\{.*\})$", stderr, re.M)
+    if not found:
+        return "(no phases line)"
+    stamps: dict[str, float] = json.loads(found.group(1))
+    pieces = [
+        (dt.datetime.strptime(at, "%Y-%m-%d %H:%M:%S,%f").timestamp(), pid, float(seconds))
+        for at, pid, seconds in _PIECE.findall(logfile.read_text())
+    ]
+    if pieces:
+        stamps["first piece started"] = min(at - s for at, _, s in pieces) - launched
+        stamps["last piece done"] = max(at for at, _, _ in pieces) - launched
+    stamps["process exited"] = exited - launched
+    text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(stamps.items(), key=lambda kv: kv[1]))
+    for pid in sorted({pid for _, pid, _ in pieces}):
+        mine = [(at, s) for at, p, s in pieces if p == pid]
+        text += (
+            f"; worker {pid}: {len(mine)} pieces, {sum(s for _, s in mine):.3f}s, "
+            f"last done {max(at for at, _ in mine) - launched:.3f}"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -445,6 +493,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only", default="abc", help="approaches to run, e.g. 'c' (default abc; 'p' = (c) pinned)"
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="run (c) and (p) under bench/phases.py and print when each phase of the "
+        "enqueue process happened (fixed costs)",
     )
     args = parser.parse_args(argv)
 
@@ -484,12 +538,18 @@ def main(argv: list[str] | None = None) -> None:
         "b": ("(b) monolithic: one set-based UPDATE, no batches", monolithic),
         "c": (
             "(c) library: enqueue --all --wait, 2 workers via Redis",
-            lambda e, u, n: library(e, u, n, args.redis_url, args.threads),
+            lambda e, u, n: library(e, u, n, args.redis_url, args.threads, phases=args.phases),
         ),
         "p": (
             "(p) library, --batch-size 10000 pinned (no adaptation)",
             lambda e, u, n: library(
-                e, u, n, args.redis_url, args.threads, ("--batch-size", "10000")
+                e,
+                u,
+                n,
+                args.redis_url,
+                args.threads,
+                ("--batch-size", "10000"),
+                phases=args.phases,
             ),
         ),
     }

@@ -180,3 +180,69 @@ def test_engine_is_created_once(tmp_path: Path) -> None:
     assert isinstance(engine, sa.Engine)
     assert settings.engine() is engine
     engine.dispose()
+
+
+#: (alembic.ini text or None, pyproject.toml text or None, ini section): files that
+#: alembic's Config and config.FileConfig must read alike (values and errors).
+PARITY = [
+    (
+        "[DEFAULT]\nroot = %(here)s/data\n\n[alembic]\nsqlalchemy.url = sqlite:///%(root)s/a.db\n\n"
+        "[counterfill]\nmetadata = m:Base\nqueue = q-%(here)s\nbatch_size = 7\n",
+        None,
+        "alembic",
+    ),
+    (
+        "[staging]\nsqlalchemy.url = postgresql://u:p%%40ss@h/db\n\n[counterfill]\n"
+        "metadata = m:Base\nbroker_url = redis://h:6379/0\nbatch_seconds = 0.05\n",
+        None,
+        "staging",
+    ),
+    ("[counterfill]\nmetadata = m:Base\n", None, "alembic"),  # no [alembic] section
+    ("[alembic]\nsqlalchemy.url = sqlite://\n", None, "alembic"),  # no [counterfill]
+    ("[alembic]\nsqlalchemy.url = %(nope)s\n\n[counterfill]\nmetadata = m:Base\n", None, "alembic"),
+    ("[alembic\nbroken", None, "alembic"),
+    (
+        None,
+        "[tool.alembic.counterfill]\nmetadata = 'm:Base'\ndatabase_url = 'sqlite://'\n"
+        "idle_batch_seconds = 2\n",
+        "alembic",
+    ),
+    (None, "[tool.alembic]\ncounterfill = 3\n", "alembic"),
+    (None, "[tool.alembic.counterfill\n", "alembic"),
+    (
+        "[alembic]\nsqlalchemy.url = sqlite://\n",
+        "[tool.alembic.counterfill]\nmetadata = 't:B'\n",
+        "alembic",
+    ),
+]
+
+
+def _read(reader: str, ini: Path, toml: Path, section: str) -> object:
+    opts = Namespace(config=None, name=section, raiseerr=False)
+    if reader == "alembic":
+        cfg: object = Config(
+            file_=str(ini), toml_file=str(toml), ini_section=section, cmd_opts=opts
+        )
+    else:
+        cfg = config.FileConfig(str(ini), str(toml), section, opts)
+    try:
+        return config.from_alembic_config(cfg)  # type: ignore[arg-type]
+    except ConfigurationError as exc:
+        return f"ConfigurationError: {exc}"
+
+
+@pytest.mark.parametrize(("ini_text", "toml_text", "section"), PARITY)
+def test_the_console_scripts_reader_reads_files_as_alembic_does(
+    tmp_path: Path, ini_text: str | None, toml_text: str | None, section: str
+) -> None:
+    """FileConfig (no alembic import) gives the Settings, or error, that alembic's Config does."""
+    ini, toml = tmp_path / "alembic.ini", tmp_path / "pyproject.toml"
+    if ini_text is not None:
+        ini.write_text(ini_text)
+    if toml_text is not None:
+        toml.write_text(toml_text)
+    expected = _read("alembic", ini, toml, section)
+    found = _read("file", ini, toml, section)
+    assert found == expected
+    if isinstance(expected, config.Settings):
+        assert repr(found) == repr(expected)

@@ -164,6 +164,103 @@ def test_an_app_write_waiting_on_a_batch_makes_it_back_off_and_status_says_why(
     _completed_exactly_once(pg, log)  # the app's follow counted once, by its own delta
 
 
+PIECE = re.compile(
+    r"batch \d+ users\.\S+ \[(\S+), (\S+)\) parents=(\d+) rows_changed=\d+ in [\d.]+s"
+    r"(?:; next size (\d+) \((idle|contended) target ([\d.]+)s\))?"
+    r"(; throttled: [^;\n]+)?"
+)
+
+
+def test_a_waiter_mid_run_switches_pieces_from_the_idle_target_to_the_short_one(
+    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+) -> None:
+    """Pieces aim at idle_batch_seconds until a session waits on one, then at batch_seconds.
+
+    One worker thread runs one range of 5,000 users in pieces. A test
+    transaction (the gate) holds user 1201, inside the second piece, so that
+    piece stops there holding users 1001-1200; an application write then
+    waits on user 1101. Judged on what the worker logged for each piece
+    (sizes and the target each next size aimed at) and the run row, never on
+    durations; the result against an independent COUNT(*).
+    """
+    seed(pg, users=5000, follows=2, posts=1)
+    # One range of 5,000 parents; no lock timeout, so the piece waits on the gate.
+    project = Project(tmp_path / "p", pg_url, broker_url=redis_url, batch_size=5000)
+    with open(project.ini, "a") as ini:
+        ini.write("lock_timeout_ms = 0\n")
+    assert project.cli("enqueue").exit_code == 0
+    assert len(_ranges(pg)) == 1
+    app_user, gated_user = 1101, 1201
+    app_done: list[BaseException | None] = []
+
+    def app_write() -> None:
+        try:
+            with pg.begin() as conn:
+                conn.execute(
+                    sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (:a, :b)"),
+                    {"a": 3, "b": app_user},
+                )
+                # Both counters' deltas, as live maintenance writes them
+                # (user 3's piece was done before this write).
+                conn.execute(
+                    sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = :b"),
+                    {"b": app_user},
+                )
+                conn.execute(
+                    sa.text("UPDATE users SET following_count = following_count + 1 WHERE id = :a"),
+                    {"a": 3},
+                )
+            app_done.append(None)
+        except BaseException as exc:  # surfaced below
+            app_done.append(exc)
+
+    app = threading.Thread(target=app_write)
+    gate, gate_pid = _hold(pg, gated_user)
+    try:
+        with project.worker(processes=1, threads=1) as worker:
+            wait_for(lambda: _blocked_by(pg, [gate_pid]), what="the second piece to hit the gate")
+            piece_pid = next(iter(_blocked_by(pg, [gate_pid])))
+            app.start()
+            wait_for(lambda: _blocked_by(pg, [piece_pid]), what="the app write to wait")
+            gate.rollback()  # the piece recounts, sees the waiting app session
+            wait_for(lambda: app_done, what="the app write to go through")
+            assert app_done == [None]
+            wait_for(lambda: run_rows(pg)[0]["state"] == progress.DONE, what="the run to end")
+        log = worker.log
+    finally:
+        gate.rollback()
+        gate.close()
+        if app.is_alive():
+            app.join(timeout=60)
+    pieces = PIECE.findall(log)
+    assert pieces, log
+    ends = [hi for _, hi, *_ in pieces]
+    # Piece 1: the first size (1,000 parents), nobody waited: the idle target.
+    first, second, *rest = pieces
+    assert (first[1], first[2]) == ("1001", "1000")
+    assert first[4] == "idle" and float(first[5]) == 1.0 and not first[6]
+    # Piece 2 started at user 1001 and is the one the app waited on: its size
+    # is halved and the next one aims at the short target (batch_seconds).
+    assert second[0] == "1001" and int(second[2]) == int(first[3])
+    assert second[6] == f"; throttled: {WAITERS}"
+    assert int(second[3]) == int(first[3]) // 2
+    assert second[4] == "contended" and float(second[5]) == 0.03
+    # Every later piece stays on the short target (sessions waited lately),
+    # growing by at most 1.2x a piece, and the range is done.
+    assert rest, log
+    size = int(second[3])
+    for _lo, _hi, parents, next_size, target, seconds, _throttled in rest:
+        assert int(parents) <= size
+        if next_size:  # the last piece of the range names no next size
+            assert target == "contended" and float(seconds) == 0.03
+            assert int(next_size) <= size * 1.2 + 1
+            size = int(next_size)
+    assert ends[-1] == "+inf"
+    (run,) = run_rows(pg)
+    assert run["throttle_reason"] == WAITERS
+    _completed_exactly_once(pg, log)  # the app's follow counted once, by its own delta
+
+
 def test_a_lock_held_by_the_app_makes_a_batch_give_way_and_status_says_why(
     tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
 ) -> None:
