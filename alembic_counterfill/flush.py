@@ -146,8 +146,9 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         state.capture(connection, plan, keys, copies.get(plan))
-    if _on_innodb(session, wanted):
-        _lock_before_writes(session, state)
+    links = association.collection_parents(session)
+    if _on_innodb(session, wanted) or _links_on_innodb(session, links):
+        _lock_before_writes(session, state, links)
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
@@ -155,6 +156,11 @@ def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
     mappers = {p.mapper for p in wanted} | {sa.inspect(cls) for cls in classes}
     plans = [p for p in map(plan_for, mappers) if p is not None]
     return any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans)
+
+
+def _links_on_innodb(session: Session, links: Mapping[Any, set[Any]]) -> bool:
+    mappers = {c.parent_mapper for c in links}
+    return any(innodb.is_innodb(session.get_bind(mapper=m).dialect) for m in mappers)
 
 
 def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]:
@@ -168,7 +174,9 @@ def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]
     return out
 
 
-def _lock_before_writes(session: Session, state: _FlushState) -> None:
+def _lock_before_writes(
+    session: Session, state: _FlushState, links: Mapping[Any, set[Any]] | None = None
+) -> None:
     """On InnoDB, take every lock this flush's writes will need, children first, then parents.
 
     InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
@@ -183,10 +191,15 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
     2. every parent those rows and the new or moved children name, exclusively,
        by table name and then key (:func:`.deltas.lock_first`).
 
+    ``links``: the parents of association-table rows the flush will write
+    (:func:`.association.collection_parents`), locked in the same pass.
+
     Parents found only during the flush (keys synced from objects flushed in
     the same flush) are locked when the deltas are applied.
     """
     parents: dict[Any, set[Any]] = defaultdict(set)
+    for counter, keys in (links or {}).items():
+        parents[counter] |= keys
     for plan, rows in state.old.items():
         for row in rows:
             for i, counter in enumerate(plan.counters):
