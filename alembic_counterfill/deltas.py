@@ -146,7 +146,8 @@ def _append(connection: Connection, parent: Any, per_parent: dict[Any, Any]) -> 
     for pid in sorted(per_parent):
         by_name = {col.name: d for col, d in per_parent[pid].items()}
         rows.append({"parent_id": pid, **{n: by_name.get(n, 0) for n in names}})
-    connection.execute(sql.append_deltas(deltas_table), rows)
+    # One parent (a hot parent's usual writer): a plain execute, not an executemany.
+    connection.execute(sql.append_deltas(deltas_table), rows[0] if len(rows) == 1 else rows)
 
 
 def _add_to_parents(connection: Connection, counter: Counter, per_parent: dict[Any, Any]) -> None:
