@@ -326,22 +326,24 @@ def _inserted_keys(
 def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     """Parents the flush's association-table writes will count for, from collection history.
 
-    For each pending change of a ``secondary`` collection (both ends already
-    in the database), the keys its link row names on each side. On InnoDB
+    For each pending change of a ``secondary`` collection, and each loaded
+    collection of an object the flush deletes, the keys its link rows name on
+    each side that are already known (persistent objects). On InnoDB
     :mod:`.flush` locks them with the flush's other parents, up front and in
     one key order (buffered counters' parents shared, others exclusive);
     otherwise the link INSERT's foreign-key check would take shared locks in
     the unit of work's order and a writer could wait for a fold while
-    holding a parent the fold wants next. Objects new in this flush have no
-    key yet: their links' parents are locked when the deltas are applied.
-    Unloaded collections have no history and are not loaded.
+    holding a parent the fold wants next. An object new in this flush has
+    no key yet (no fold can know it either); the links of a deleted object's
+    unloaded collection are found by the unit of work during the flush.
     """
     out: dict[Counter, set[Any]] = defaultdict(set)
     if not _secondary_parents:
         return out
-    for obj in session.dirty:
+    deleted = session.deleted
+    for obj in (*session.new, *session.dirty, *deleted):
         st = sa.inspect(obj)
-        if st.key is None or st.mapper not in _secondary_parents:
+        if st.mapper not in _secondary_parents:
             continue
         for rel in st.mapper.relationships:
             if rel.secondary is None or rel.viewonly:
@@ -349,8 +351,13 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             counters = counters_of_table(rel.secondary)
             if not counters:
                 continue
-            hist = st.attrs[rel.key].history
-            targets = [sa.inspect(t) for t in (*hist.added, *hist.deleted)]
+            if obj in deleted:  # its links go with it: those of a loaded collection
+                members = st.dict.get(rel.key)
+                items = [] if members is None else list(members)
+            else:
+                hist = st.attrs[rel.key].history
+                items = [*hist.added, *hist.deleted]
+            targets = [sa.inspect(t) for t in items]
             if not targets:
                 continue
             for counter in counters:

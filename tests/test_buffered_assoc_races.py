@@ -252,7 +252,8 @@ def test_uncommitted_link_writers_of_one_hot_parent_do_not_wait(eng: sa.Engine) 
     assert state(eng)[("users", 1, "accepted_followers")] == (2, 0, 2)
 
 
-def test_mariadb_link_writer_locks_its_parents_in_key_order(mariadb_url: str) -> None:
+@pytest.mark.parametrize("owner", ["persistent", "new"])
+def test_mariadb_link_writer_locks_its_parents_in_key_order(mariadb_url: str, owner: str) -> None:
     """A flush linking to users 2 then 1 never holds 2 while waiting for 1 (a fold's order).
 
     A fold locks its parents exclusively in key order. Here a third
@@ -274,9 +275,13 @@ def test_mariadb_link_writer_locks_its_parents_in_key_order(mariadb_url: str) ->
         def write() -> None:
             with Session(engine) as s:
                 s.connection().exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 20")
-                me = s.scalars(
-                    sa.select(User).where(User.id == 3).options(selectinload(User.following))
-                ).one()
+                if owner == "new":  # a user created in the same flush as its links
+                    me = User(id=9, name="new")
+                    s.add(me)
+                else:
+                    me = s.scalars(
+                        sa.select(User).where(User.id == 3).options(selectinload(User.following))
+                    ).one()
                 me.following.extend([s.get(User, 2), s.get(User, 1)])
                 s.commit()
 
