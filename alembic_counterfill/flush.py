@@ -230,12 +230,48 @@ def _lock_before_writes(
             parents[counter].add(value if value is not None else _related_key(st, counter))
         if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
             colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+    for counter, keys in _owning_collections(session).items():
+        parents[counter] |= keys
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
     _deltas.lock_first(session, parents, shared_buffered=True)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
+
+
+def _owning_collections(session: Session) -> dict[Any, set[Any]]:
+    """Parents of children added to a persistent parent's one-to-many collection, per counter.
+
+    ``idol.fanships.append(child)`` without a many-to-one on the child leaves
+    its FK empty until the unit of work syncs it, mid-flush: without this,
+    the parent would be locked only by the child INSERT's foreign-key check,
+    after the flush's other parents and out of their key order (a fold,
+    which locks in key order, could then deadlock with the writer).
+    """
+    out: dict[Any, set[Any]] = defaultdict(set)
+    for obj in session.dirty:
+        st: InstanceState[Any] = instance_state(obj)
+        if st.key is None:
+            continue
+        for rel in st.mapper.relationships:
+            if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
+                continue
+            added = st.attrs[rel.key].history.added
+            if not added:
+                continue
+            for plan in plans_for(rel.mapper):
+                for counter in plan.counters:
+                    for local, remote in rel.synchronize_pairs:
+                        if remote is not counter.fk:
+                            continue
+                        try:
+                            attr = st.mapper.get_property_by_column(local).key
+                        except Exception:  # an unmapped column: nothing names the parent
+                            continue
+                        if st.dict.get(attr) is not None:
+                            out[counter].add(st.dict[attr])
+    return out
 
 
 def _related_key(st: InstanceState[Any], counter: Any) -> Any:
