@@ -1,4 +1,4 @@
-"""Bulk statements on a buffered parent's children: writers share the hot parent (PostgreSQL, MariaDB).
+"""Bulk statements on a buffered parent's children share the hot parent (PostgreSQL, MariaDB).
 
 ``insert(Child)``, ``update(Child)`` and ``delete(Child)`` through
 ``Session.execute`` append deltas for buffered counters, as a flush does. Two
