@@ -194,8 +194,10 @@ def _lock_before_writes(
     ``links``: the parents of association-table rows the flush will write
     (:func:`.association.collection_parents`), locked in the same pass.
 
-    Parents found only during the flush (keys synced from objects flushed in
-    the same flush) are locked when the deltas are applied.
+    Parents named only through a persistent parent's one-to-many collection
+    are found by :func:`_owning_collections`. Parents found only during the
+    flush (keys of parents new in the same flush, which no other transaction
+    can see or lock) are locked when the deltas are applied.
     """
     parents: dict[Any, set[Any]] = defaultdict(set)
     for counter, keys in (links or {}).items():
@@ -235,7 +237,9 @@ def _lock_before_writes(
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
-    _deltas.lock_first(session, parents, shared_buffered=True)
+    # Only new children: their INSERTs' foreign-key checks lock the parents first.
+    inserts_only = not session.dirty and not session.deleted
+    _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
 

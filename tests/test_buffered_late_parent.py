@@ -84,3 +84,57 @@ def test_a_parent_named_only_by_its_collection_is_locked_up_front(mariadb_url: s
         assert {r[0]: r[2] for r in rows}[1] == 1
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("write", ["orm-flip", "orm-delete", "bulk-update"])
+def test_a_child_write_without_fk_check_locks_its_parent_before_the_delta(
+    mariadb_url: str, write: str
+) -> None:
+    """A child UPDATE/DELETE of one hot parent waits for a fold before writing any delta row.
+
+    Such a write takes no foreign-key lock on its parent. A third connection
+    plays a fold (holds the parent, then reads its delta rows with a locking
+    read, as ``innodb.fold_locked`` does): the read must return at once and
+    both must finish exact. This passed on the code before the writer took the
+    parent's shared lock up front too (the deadlock that change removed was
+    seen only with real workers, tests/test_buffered_concurrency.py); it stays
+    as a guard of the lock order.
+    """
+    from buffered_models import Base as PostsBase
+    from buffered_models import Post, User, drift
+
+    engine = race_engine(mariadb_url)
+    try:
+        PostsBase.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([User(id=i) for i in (1, 2)])
+            s.commit()
+            s.add(Post(id=1, author_id=1, published=True, likes=3))
+            s.commit()
+
+        def writer_tx() -> None:
+            with Session(engine) as s:
+                s.connection().exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 20")
+                if write == "bulk-update":
+                    s.execute(sa.update(Post).where(Post.id == 1).values(published=False))
+                else:
+                    post = s.get(Post, 1)
+                    assert post is not None
+                    if write == "orm-flip":
+                        post.published = False
+                    else:
+                        s.delete(post)
+                s.commit()
+
+        with holding(engine, "SELECT id FROM users WHERE id = 1 FOR UPDATE") as fold_conn:
+            fold_conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 5")
+            writer = Racer(writer_tx, "writer").start()
+            wait_blocked(engine, 1, writer)
+            # The fold's locking read of the parent's delta rows (fold_locked's form).
+            fold_conn.execute(
+                sa.text("SELECT id FROM counterfill_deltas_users WHERE parent_id = 1 FOR UPDATE")
+            ).all()
+        writer.join()
+        assert drift(engine) == []
+    finally:
+        engine.dispose()
