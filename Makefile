@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # A second virtualenv with every dependency at the lowest version pyproject.toml allows.
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
-TEST_DEPS := pytest pytest-timeout "hypothesis>=6.100" asyncpg aiosqlite greenlet
+TEST_DEPS := pytest pytest-timeout "hypothesis>=6.100" asyncpg aiosqlite aiomysql greenlet
 
 OLDEST_TESTS ?= tests/test_live.py tests/test_bulk_forms.py tests/test_orm_writes.py \
 	tests/test_orm_inheritance.py tests/test_orm_joined_values.py tests/test_orm_sqlalchemy_internals.py \

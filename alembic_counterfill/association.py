@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
-from . import sql
+from . import buffer, innodb, sql
 from .counters import Counter, association_tables, counters_of_table
 from .deltas import Deltas, Recounts, new_deltas, settle
 from .errors import CounterfillWarning
@@ -130,8 +130,11 @@ def _read_matching(
         # One statement for the whole executemany: the rows named by their keys.
         values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
         found: list[Any] = []
+        # InnoDB reads a row-constructor IN by scanning (locking) a whole index
+        # range, e.g. every link of a hot tag: an OR of equalities is key lookups.
+        among = innodb.key_match if innodb.is_innodb(conn.dialect) else sql.among
         for i in range(0, len(values), 500):
-            stmt = sql.matching_links(counters, sql.among(keys, values[i : i + 500]))
+            stmt = sql.matching_links(counters, among(keys, values[i : i + 500]))
             found.extend(conn.execute(stmt).all())
         return found
     stmt = sql.matching_links(counters, elem.whereclause)
@@ -182,7 +185,7 @@ def after_execute(
         return
     rows = _rows_of(multiparams, params)
     if isinstance(elem, sa.Insert):
-        _inserted(capture, elem, counters, rows)
+        _inserted(conn, capture, elem, counters, rows)
         return
     pending = capture.pending.pop() if capture.pending else None
     if pending is None or pending[0] is not elem:
@@ -244,7 +247,11 @@ def _value(row: dict[str, Any], column: sa.Column[Any], keys: Any) -> Any:
 
 
 def _inserted(
-    capture: Capture, elem: Any, counters: Sequence[Counter], rows: list[dict[str, Any]]
+    conn: sa.Connection,
+    capture: Capture,
+    elem: Any,
+    counters: Sequence[Counter],
+    rows: list[dict[str, Any]],
 ) -> None:
     if elem.select is not None:
         for counter in counters:
@@ -263,6 +270,8 @@ def _inserted(
     elif fixed:
         rows = [{**fixed, **r} for r in rows] or [fixed]
     keys = set(rows[0]) if rows else set()
+    inserted = None if upsert or elem._prefixes else _inserted_keys(elem.table, rows, keys)
+    read_back: list[Counter] = []
     for counter in counters:
         per_parent = capture.deltas[counter.parent_mapper]
         exact = counter.where is None and not upsert
@@ -277,8 +286,103 @@ def _inserted(
             if exact and value is not _UNKNOWN:
                 if value:
                     per_parent[parent][counter] += value
+            elif inserted is not None and buffer.is_buffered(counter):
+                read_back.append(counter)
+                break
             else:
                 capture.recounts[counter].add(parent)
+    if read_back and inserted:
+        # A buffered counter's parent is a hot one: a recount would lock it
+        # exclusively. The rows this statement just inserted are this
+        # transaction's own (locked until it ends), so what they count as,
+        # read back by key, is an exact delta for the deltas table.
+        for i in range(0, len(inserted), 500):
+            stmt = sql.matching_links(
+                read_back, sql.among(_primary_key(elem.table), inserted[i : i + 500]), lock=False
+            )
+            capture.add(read_back, conn.execute(stmt).all(), +1)
+
+
+def _primary_key(table: sa.Table) -> list[sa.Column[Any]]:
+    return list(table.primary_key.columns)
+
+
+def _inserted_keys(
+    table: sa.Table, rows: list[dict[str, Any]], keys: Any
+) -> list[tuple[Any, ...]] | None:
+    """The primary keys of the rows a plain INSERT wrote, when every row names its own."""
+    pk = _primary_key(table)
+    if not pk or not rows:
+        return None
+    found = []
+    for row in rows:
+        key = tuple(_value(row, c, keys) for c in pk)
+        if any(v is None or v is _UNKNOWN for v in key):
+            return None
+        found.append(key)
+    return found
+
+
+def collection_parents(session: Session) -> dict[Counter, set[Any]]:
+    """Parents the flush's association-table writes will count for, from collection history.
+
+    For each pending change of a ``secondary`` collection, and each loaded
+    collection of an object the flush deletes, the keys its link rows name on
+    each side that are already known (persistent objects). On InnoDB
+    :mod:`.flush` locks them with the flush's other parents, up front and in
+    one key order (buffered counters' parents shared, others exclusive);
+    otherwise the link INSERT's foreign-key check would take shared locks in
+    the unit of work's order and a writer could wait for a fold while
+    holding a parent the fold wants next. An object new in this flush has
+    no key yet (no fold can know it either); the links of a deleted object's
+    unloaded collection are found by the unit of work during the flush.
+    """
+    out: dict[Counter, set[Any]] = defaultdict(set)
+    if not _secondary_parents:
+        return out
+    deleted = session.deleted
+    for obj in (*session.new, *session.dirty, *deleted):
+        st = sa.inspect(obj)
+        if st.mapper not in _secondary_parents:
+            continue
+        for rel in st.mapper.relationships:
+            if rel.secondary is None or rel.viewonly:
+                continue
+            counters = counters_of_table(rel.secondary)
+            if not counters:
+                continue
+            if obj in deleted:  # its links go with it: those of a loaded collection
+                members = st.dict.get(rel.key)
+                items = [] if members is None else list(members)
+            else:
+                hist = st.attrs[rel.key].history
+                items = [*hist.added, *hist.deleted]
+            targets = [sa.inspect(t) for t in items]
+            if not targets:
+                continue
+            for counter in counters:
+                _add_side(out, counter, rel.synchronize_pairs, [st])
+                _add_side(out, counter, rel.secondary_synchronize_pairs or (), targets)
+    return out
+
+
+def _add_side(
+    out: dict[Counter, set[Any]], counter: Counter, pairs: Any, states: list[Any]
+) -> None:
+    """Add the values ``states`` give the link column ``counter`` counts by, through ``pairs``."""
+    for local, link in pairs:
+        if link is not counter.fk:
+            continue
+        for st in states:
+            if st.key is None:
+                continue
+            try:
+                attr = st.mapper.get_property_by_column(local).key
+            except Exception:  # an unmapped column: nothing here names the parent
+                continue
+            value = st.dict.get(attr)
+            if value is not None:
+                out[counter].add(value)
 
 
 # --- Flushes and Session.execute -------------------------------------------------------------

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 
-from . import sql
+from . import buffer, sql
 from .counters import Counter
 from .deltas import Recounts, chunks, lock_first, new_deltas, settle
 from .plan import WritePlan
@@ -164,6 +164,22 @@ def _selected_parents(state: ORMExecuteState, plan: WritePlan, dml: Any) -> dict
     return out
 
 
+def _recounts(plan: WritePlan, rows: Any, counter: Counter) -> bool:
+    """Whether a plain INSERT of ``rows`` recounts buffered ``counter`` (its parents exclusive).
+
+    A ``where=`` counter, or a summed value only the database knows, is
+    recounted; buffered counters otherwise only append deltas, and their
+    parents are locked shared on InnoDB, as a flush does.
+    """
+    if not buffer.is_buffered(counter):
+        return False
+    if counter.where is not None:
+        return True
+    return counter.summed is not None and any(
+        v is UNKNOWN for v in column_values(plan, rows, counter.summed)
+    )
+
+
 def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
     """Run the caller's INSERT and bring every counter it feeds up to date."""
     session = state.session
@@ -198,7 +214,11 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
                     recounts[counter].add(row._mapping[f"k{i}"])
 
     known = {c: set(column_values(plan, rows, c.fk)) - {UNKNOWN} for c in plan.counters}
-    lock_first(session, {c: known[c] | recounts.get(c, set()) for c in plan.counters})
+    lock_first(
+        session,
+        {c: known[c] | recounts.get(c, set()) for c in plan.counters},
+        shared_buffered=not upsert and not any(_recounts(plan, rows, c) for c in plan.counters),
+    )
     result = state.invoke_statement()
     for counter in plan.counters:
         fks = column_values(plan, rows, counter.fk)

@@ -392,7 +392,9 @@ def by_keys(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[
     deltas = new_deltas()
     old = _state_by_keys(state.session, plan, keys, lock=True)
     add_rows(deltas, plan, old, -1)
-    lock_first(state.session, _parents(plan, old, _set_parents(state, plan, state.statement)))
+    # Deltas only, never a recount: buffered counters' parents are locked shared (InnoDB).
+    parents = _parents(plan, old, _set_parents(state, plan, state.statement))
+    lock_first(state.session, parents, shared_buffered=True)
     result = state.invoke_statement()
     add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=False), +1)
     settle(state.session, deltas)
@@ -421,7 +423,12 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     keys = [tuple(row[:n_pk]) for row in old]
     deltas = new_deltas()
     add_rows(deltas, plan, old, -1)
-    lock_first(session, _parents(plan, old, _set_parents(state, plan, dml)))
+    # Buffered counters' parents are locked shared (InnoDB), as a flush does: the
+    # statement appends their deltas. Only an UPDATE of the children's primary
+    # key may recount them below (no RETURNING on InnoDB), which needs them exclusive.
+    moves_keys = not is_delete and bool(written(state, dml) & set(_key_names(plan)))
+    parents = _parents(plan, old, _set_parents(state, plan, dml))
+    lock_first(session, parents, shared_buffered=not moves_keys)
     stmt, options = dml, {}
     restricted = not one_writer and not wrapped
     if restricted and innodb.is_innodb(dialect):
@@ -448,7 +455,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         result = _guarded(state, plan, stmt, options, len(keys))
     else:
         result = state.invoke_statement(statement=stmt, execution_options=options)
-    if not is_delete and bool(written(state, dml) & set(_key_names(plan))):
+    if moves_keys:
         if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
             # Keys moved and there is no UPDATE … RETURNING: recount every
             # parent the rows had or were given (all locked already).

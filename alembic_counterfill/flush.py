@@ -301,8 +301,9 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         state.capture(connection, plan, keys, copies.get(plan))
-    if _on_innodb(session, wanted):
-        _lock_before_writes(session, state)
+    links = association.collection_parents(session)
+    if _on_innodb(session, wanted) or _links_on_innodb(session, links):
+        _lock_before_writes(session, state, links)
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
@@ -310,6 +311,11 @@ def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
     mappers = {p.mapper for p in wanted} | {sa.inspect(cls) for cls in classes}
     plans = [p for p in map(plan_for, mappers) if p is not None]
     return any(innodb.is_innodb(session.get_bind(mapper=p.mapper).dialect) for p in plans)
+
+
+def _links_on_innodb(session: Session, links: Mapping[Any, set[Any]]) -> bool:
+    mappers = {c.parent_mapper for c in links}
+    return any(innodb.is_innodb(session.get_bind(mapper=m).dialect) for m in mappers)
 
 
 def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]:
@@ -323,7 +329,9 @@ def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]
     return out
 
 
-def _lock_before_writes(session: Session, state: _FlushState) -> None:
+def _lock_before_writes(
+    session: Session, state: _FlushState, links: Mapping[Any, set[Any]] | None = None
+) -> None:
     """On InnoDB, take every lock this flush's writes will need, children first, then parents.
 
     InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
@@ -338,10 +346,17 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
     2. every parent those rows and the new or moved children name, exclusively,
        by table name and then key (:func:`.deltas.lock_first`).
 
-    Parents found only during the flush (keys synced from objects flushed in
-    the same flush) are locked when the deltas are applied.
+    ``links``: the parents of association-table rows the flush will write
+    (:func:`.association.collection_parents`), locked in the same pass.
+
+    Parents named only through a persistent parent's one-to-many collection
+    are found by :func:`_owning_collections`. Parents found only during the
+    flush (keys of parents new in the same flush, which no other transaction
+    can see or lock) are locked when the deltas are applied.
     """
     parents: dict[Any, set[Any]] = defaultdict(set)
+    for counter, keys in (links or {}).items():
+        parents[counter] |= keys
     for plan, rows in state.old.items():
         for row in rows:
             for i, counter in enumerate(plan.counters):
@@ -374,15 +389,53 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
             parents[counter].add(value if value is not None else _related_key(st, counter))
         if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
             colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+    for counter, keys in _owning_collections(session).items():
+        parents[counter] |= keys
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
-    _deltas.lock_first(session, parents, shared_buffered=True)
+    # Only new children: their INSERTs' foreign-key checks lock the parents first.
+    inserts_only = not session.dirty and not session.deleted
+    _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
     # Under the parents' locks, a row re-inserted under a key found gone is
     # either committed (and read now) or waits for this transaction.
     state.reread_vanished(session)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
+
+
+def _owning_collections(session: Session) -> dict[Any, set[Any]]:
+    """Parents of children added to a persistent parent's one-to-many collection, per counter.
+
+    ``idol.fanships.append(child)`` without a many-to-one on the child leaves
+    its FK empty until the unit of work syncs it, mid-flush: without this,
+    the parent would be locked only by the child INSERT's foreign-key check,
+    after the flush's other parents and out of their key order (a fold,
+    which locks in key order, could then deadlock with the writer).
+    """
+    out: dict[Any, set[Any]] = defaultdict(set)
+    for obj in session.dirty:
+        st: InstanceState[Any] = instance_state(obj)
+        if st.key is None:
+            continue
+        for rel in st.mapper.relationships:
+            if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
+                continue
+            added = st.attrs[rel.key].history.added
+            if not added:
+                continue
+            for plan in plans_for(rel.mapper):
+                for counter in plan.counters:
+                    for local, remote in rel.synchronize_pairs:
+                        if remote is not counter.fk:
+                            continue
+                        try:
+                            attr = st.mapper.get_property_by_column(local).key
+                        except Exception:  # an unmapped column: nothing names the parent
+                            continue
+                        if st.dict.get(attr) is not None:
+                            out[counter].add(st.dict[attr])
+    return out
 
 
 def _related_key(st: InstanceState[Any], counter: Any) -> Any:

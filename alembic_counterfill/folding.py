@@ -84,6 +84,8 @@ def schedule(engine: sa.Engine, parent: sa.Table, delay: float, attempt: int = 1
     loop = _running_loop() if engine.dialect.is_async else None
     if engine.dialect.is_async and loop is None:
         return  # committed outside any event loop: a worker or the next commit folds
+    if key in _scheduled:
+        return  # the usual case under load; checked again under the lock below
     with _lock:
         if key in _scheduled:
             return

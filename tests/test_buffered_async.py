@@ -1,4 +1,4 @@
-"""Buffered counters through AsyncSession: asyncpg, psycopg's async driver and aiosqlite.
+"""Buffered counters through AsyncSession: asyncpg, psycopg's async driver, aiosqlite, aiomysql.
 
 Writes (flush and bulk statements) append deltas; ``counter_value()`` is read
 through ``AsyncSession.run_sync``; the embedded mode's inline fold runs as a
@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 from buffered_models import Base, Follow, Post, User, column_drift, drift, pending_count
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from test_async_sessions import _async_engine
 
 from alembic_counterfill import counter_value
@@ -48,7 +48,10 @@ async def _traffic(engine: AsyncEngine) -> None:
         for follow in follows:  # one transaction each: one delta row each
             s.add(follow)
             await s.commit()
-        posts = [Post(id=i, author_id=1 + i % 2, published=i % 3 == 0, likes=i) for i in range(9)]
+        # Keys from 1: MariaDB takes an explicit 0 in an AUTO_INCREMENT key as "generate one".
+        posts = [
+            Post(id=i + 1, author_id=1 + i % 2, published=i % 3 == 0, likes=i) for i in range(9)
+        ]
         s.add_all(posts)
         await s.commit()
         posts[0].author_id = 3  # FK move
@@ -82,11 +85,18 @@ async def _traffic(engine: AsyncEngine) -> None:
         assert (await s.execute(PENDING)).scalar_one() == 0, "the inline fold did not run"
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiosqlite"])
+def _engines(driver: str, request: pytest.FixtureRequest) -> tuple[AsyncEngine, sa.Engine]:
+    if driver != "aiomysql":
+        return _async_engine(driver, request)
+    url = request.getfixturevalue("mariadb_url")  # MariaDB through aiomysql
+    return create_async_engine(url.replace("+pymysql", "+aiomysql")), sa.create_engine(url)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiosqlite", "aiomysql"])
 def test_buffered_counters_through_an_async_session(
     driver: str, request: pytest.FixtureRequest
 ) -> None:
-    engine, sync = _async_engine(driver, request)
+    engine, sync = _engines(driver, request)
     try:
         asyncio.run(_run(engine))
         assert drift(sync) == []

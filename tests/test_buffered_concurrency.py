@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from backfill_project import BIN, Project, WriterThreads, wait_for
+from backfill_project import BIN, Project, WriterThreads, is_mariadb, terminate, wait_for
 from buffered_models import Base, Follow, Post, User, column_drift, drift, pending_count
+from races import innodb_waiters
 from sqlalchemy.orm import Session
 
 from alembic_counterfill import counter_value, counters_of
@@ -159,60 +160,95 @@ def test_folds_racing_writers_leave_zero_drift(server_db: sa.Engine) -> None:
     assert column_drift(pg) == []
 
 
-def test_a_killed_fold_loses_and_repeats_nothing(
-    pg: sa.Engine, pg_url: str, tmp_path: Path
-) -> None:
-    with Session(pg) as s:
+def test_a_killed_fold_loses_and_repeats_nothing(server_db: sa.Engine, tmp_path: Path) -> None:
+    """PostgreSQL and MariaDB: a fold killed mid-transaction, or while it waits, changes nothing."""
+    db = server_db
+    mariadb = is_mariadb(db)
+    with Session(db) as s:
         for _ in range(5):
             s.add_all([Follow(follower_id=3, followed_id=1), Post(author_id=2, published=True)])
             s.commit()
-    before = pending_count(pg)
+    before = pending_count(db)
     assert before == 10
-    # 1. Killed mid-transaction, after its DELETE and UPDATE ran: the server rolls it back.
-    conn = pg.connect()
-    pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-    moved = folding.fold_chunk(conn, User.__table__, 100)  # type: ignore[arg-type]
-    assert moved.deltas == before
-    with pg.connect() as admin:
-        admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-        admin.commit()
-    with pytest.raises(sa.exc.DBAPIError):
-        conn.commit()
-    conn.invalidate()
-    conn.close()
-    assert pending_count(pg) == before
-    assert drift(pg) == []
+    # 1. Killed mid-transaction, after its reads, UPDATE and DELETE ran: the server rolls it back.
+    conn = db.connect()
+    try:
+        if mariadb:  # as fold_on sets it
+            conn.execution_options(isolation_level="READ COMMITTED")
+        own_id = "connection_id()" if mariadb else "pg_backend_pid()"
+        pid = conn.execute(sa.text(f"SELECT {own_id}")).scalar_one()
+        moved = folding.fold_chunk(conn, User.__table__, 100)  # type: ignore[arg-type]
+        assert moved.deltas == before
+        terminate(db, pid)  # KILL on MariaDB, pg_terminate_backend on PostgreSQL
+        with pytest.raises(sa.exc.DBAPIError):
+            conn.commit()
+    finally:
+        conn.invalidate()
+        conn.close()
+    assert pending_count(db) == before
+    assert drift(db) == []
     # 2. A `fold` process SIGKILLed while it waits for the parents' lock.
-    project = Project(tmp_path / "p", pg_url)
+    url = db.url.render_as_string(hide_password=False)
+    project = Project(tmp_path / "p", url)
     ini = Path(project.ini)
     ini.write_text(ini.read_text().replace("backfill_models:Base", "buffered_models:Base"))
-    holder = pg.connect()
-    holder.execute(sa.text("SELECT id FROM users WHERE id = 2 FOR UPDATE"))
-    # Its own application_name: other tests share this database and its locks.
+    holder = db.connect()
+    # Its own application_name: other tests share this server and its locks.
+    # (MariaDB: innodb_waiters sees only this test's own database.)
     app = f"cf_fold_{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen(
-        [str(BIN / "alembic-counterfill"), "-c", project.ini, "fold"],
-        env={**project.env(), "PGAPPNAME": app},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    waiting: list[int] = []
     try:
-        wait_for(lambda: _backends(pg, app, waiting=True), what="the fold to wait for the lock")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        holder.execute(sa.text("SELECT id FROM users WHERE id = 2 FOR UPDATE"))
+        proc = subprocess.Popen(
+            [str(BIN / "alembic-counterfill"), "-c", project.ini, "fold"],
+            env={**project.env(), "PGAPPNAME": app},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            waiting = wait_for(
+                lambda: _waiting_folds(db, holder, app), what="the fold to wait for the lock"
+            )
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
     finally:
         holder.rollback()
         holder.close()
-    # The killed backend's transaction is rolled back once the server notices.
-    wait_for(lambda: not _backends(pg, app), what="the killed fold's backend to go")
-    assert pending_count(pg) == before
-    assert drift(pg) == []
+    # The killed session's transaction is rolled back once the server notices.
+    wait_for(lambda: not _sessions_alive(db, app, waiting), what="the killed fold's session to go")
+    assert pending_count(db) == before
+    assert drift(db) == []
     result = project.cli("fold")
     assert result.exit_code == 0, result.output
-    assert pending_count(pg) == 0
-    assert drift(pg) == [] and column_drift(pg) == []
-    with Session(pg) as s:
+    assert pending_count(db) == 0
+    assert drift(db) == [] and column_drift(db) == []
+    with Session(db) as s:
         assert s.get(User, 1).followers_count == 5  # type: ignore[union-attr]
+        assert s.get(User, 2).posts_count == 5  # type: ignore[union-attr]
+
+
+def _waiting_folds(engine: sa.Engine, holder: sa.Connection, app: str) -> list[int]:
+    """Sessions of the fold process waiting for a lock (PostgreSQL: by application name)."""
+    if is_mariadb(engine):
+        with engine.connect() as conn:
+            me = conn.execute(sa.text("SELECT connection_id()")).scalar_one()
+            mine = holder.execute(sa.text("SELECT connection_id()")).scalar_one()
+            return [x for x in innodb_waiters(conn) if x not in (me, mine)]
+    return [1] * _backends(engine, app, waiting=True)
+
+
+def _sessions_alive(engine: sa.Engine, app: str, ids: list[int]) -> int:
+    """Sessions of the killed fold that the server still has."""
+    if not is_mariadb(engine):
+        return _backends(engine, app)
+    stmt = sa.text("SELECT count(*) FROM information_schema.processlist WHERE id IN :ids")
+    stmt = stmt.bindparams(sa.bindparam("ids", expanding=True))
+    with engine.connect() as conn:
+        return int(conn.scalar(stmt, {"ids": ids}) or 0)
 
 
 def _backends(engine: sa.Engine, app: str, *, waiting: bool = False) -> int:
