@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm import EXT_CONTINUE, Mapper, Session, UOWTransaction
 from sqlalchemy.orm import base as orm_base
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
@@ -192,31 +192,30 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
             for i, counter in enumerate(plan.counters):
                 parents[counter].add(row._mapping[f"k{i}"])
     colliding: dict[WritePlan, set[Key]] = defaultdict(set)
-    keys_of: dict[type, tuple[WritePlan, list[str | None], list[str | None]] | None] = {}
+    by_class: dict[type, list[InstanceState[Any]]] = defaultdict(list)
     for obj in (*session.new, *session.dirty):
-        cls = type(obj)
-        if cls not in keys_of:  # plan and attribute keys once per class, not per object
-            child_plan = plan_for(sa.inspect(cls))
-            keys_of[cls] = (
-                None
-                if child_plan is None
-                else (
-                    child_plan,
-                    _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters]),
-                    _attribute_keys(child_plan.mapper, child_plan.pk_columns),
-                )
-            )
-        found = keys_of[cls]
-        if found is None:
+        by_class[type(obj)].append(instance_state(obj))
+    for cls, states in by_class.items():
+        # Plan and attribute keys once per class, then plain loops: flushes can be large.
+        child_plan = plan_for(sa.inspect(cls))
+        if child_plan is None:
             continue
-        child_plan, fk_keys, pk_keys = found
-        st: InstanceState[Any] = instance_state(obj)
-        values = st.dict
+        fk_keys = _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters])
+        pk_keys = _attribute_keys(child_plan.mapper, child_plan.pk_columns)
+        dicts = [st.dict for st in states]
         for counter, fk_key in zip(child_plan.counters, fk_keys, strict=True):
-            value = values.get(fk_key) if fk_key is not None else None
-            parents[counter].add(value if value is not None else _related_key(st, counter))
-        if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
-            colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+            values = [None] * len(dicts) if fk_key is None else [d.get(fk_key) for d in dicts]
+            parents[counter].update(values)
+            if any(v is None for v in values):  # not synced yet: the parent object's key
+                for st, value in zip(states, values, strict=True):
+                    if value is None:
+                        parents[counter].add(_related_key(st, counter))
+        if None not in pk_keys:
+            for st, d in zip(states, dicts, strict=True):
+                if st.key is None:
+                    key = tuple(d.get(k) for k in pk_keys)
+                    if all(v is not None for v in key):
+                        colliding[child_plan].add(key)
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
@@ -340,19 +339,22 @@ def before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
             stash.capture(connection, plan, {tuple(st.key[1])})
 
 
-def after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
+def after_insert(mapper: Mapper[Any], connection: sa.Connection, state: Any) -> Any:
     """Note an inserted row: its state off the object, or its key to re-read."""
-    # instance_state(), not sa.inspect(): a third of the hook's cost for 1,000 inserts.
-    st: InstanceState[Any] = instance_state(target)
-    stash = _stash(st.session) if st.session is not None else None
-    if stash is None:
-        return
-    for plan in plans_for(st.mapper):
-        row = plan.inserted_row(st)
-        if row is not None:
-            stash.inserted[plan].append(row)
-        else:
-            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+    # Registered ``raw=True, retval=True`` (events.py): SQLAlchemy passes the
+    # InstanceState and calls this without its per-row wrapper, which costs as
+    # much as the hook itself for a flush of 1,000 inserts.
+    session = state.session
+    stash = session.info.get(_STASH) if session is not None else None
+    if stash is not None:
+        for plan in plans_for(state.mapper):
+            row = plan.inserted_row(state)
+            if row is not None:
+                stash.inserted[plan].append(row)
+            else:
+                key = mapper.primary_key_from_instance(state.obj())
+                stash.touched[plan].add(tuple(key))
+    return EXT_CONTINUE
 
 
 def after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -339,11 +340,8 @@ def lock_parent_keys(
     for start in range(0, len(ordered), CHUNK):
         part = ordered[start : start + CHUNK]
         if as_json:  # one JSON parameter; the join reaches the keys in their (sorted) order
-            v = _delta_rows([], 0)
-            stmt = sa.select(pk).select_from(_ValuesFirst(table, v, v.c.pk == pk))
-            connection.execute(
-                stmt.with_for_update(), {"deltas": json.dumps([[k] for k in part])}
-            ).all()
+            rows = json.dumps([[k] for k in part])
+            connection.execute(_lock_from_json(table, pk), {"deltas": rows}).all()
             continue
         stmt = (
             sa.select(pk)
@@ -501,9 +499,9 @@ def apply_deltas(
 
 
 def _integers(pk: sa.Column[Any], ids: Sequence[Any], deltas: Mapping[Any, Any]) -> bool:
-    if not isinstance(pk.type, sa.Integer):
+    if not isinstance(pk.type, sa.Integer) or not all(type(x) is int for x in ids):
         return False
-    return all(type(x) is int and all(type(v) is int for v in deltas[x].values()) for x in ids)
+    return all(type(v) is int for x in ids for v in deltas[x].values())
 
 
 def _add_from_json(
@@ -514,12 +512,28 @@ def _add_from_json(
     part: Sequence[Any],
     deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
 ) -> None:
+    rows = [[x, *[deltas[x].get(col, 0) for col in columns]] for x in part]
+    connection.execute(_add_statement(table, pk, tuple(columns)), {"deltas": json.dumps(rows)})
+
+
+# The two statements of every InnoDB flush are built once per table (and
+# columns), not per flush: a new construct costs its building and its cache
+# key (about 0.2-0.4 ms each, against 0.6 ms for the round trip itself).
+# Bounded, since tests and short-lived metadata create many tables.
+@lru_cache(maxsize=256)
+def _lock_from_json(table: sa.Table, pk: sa.Column[Any]) -> Any:
+    """``SELECT pk FROM JSON_TABLE(:deltas) STRAIGHT_JOIN table … FOR UPDATE`` (keys ``[[pk]…]``)."""
+    v = _delta_rows([], 0)
+    return sa.select(pk).select_from(_ValuesFirst(table, v, v.c.pk == pk)).with_for_update()
+
+
+@lru_cache(maxsize=256)
+def _add_statement(table: sa.Table, pk: sa.Column[Any], columns: tuple[sa.Column[Any], ...]) -> Any:
+    """``UPDATE JSON_TABLE(:deltas) STRAIGHT_JOIN table SET c<i> = c<i> + d<i>`` for ``columns``."""
     v = _delta_rows(columns, len(columns))
-    stmt = sa.update(_ValuesFirst(table, v, v.c.pk == pk)).values(
+    return sa.update(_ValuesFirst(table, v, v.c.pk == pk)).values(
         {col: col + v.c[f"d{i}"] for i, col in enumerate(columns)}
     )
-    rows = [[x, *[deltas[x].get(col, 0) for col in columns]] for x in part]
-    connection.execute(stmt, {"deltas": json.dumps(rows)})
 
 
 def _add_by_case(
