@@ -51,7 +51,10 @@ class _FlushState:
     old: dict[WritePlan, list[Any]] = field(default_factory=lambda: defaultdict(list))
     captured: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     touched: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
-    inserted: dict[WritePlan, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    # Objects inserted by the flush whose contributions are read off them in after_flush.
+    inserted: dict[WritePlan, list[InstanceState[Any]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
 
     def capture(
         self,
@@ -210,10 +213,11 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
                 for st, value in zip(states, values, strict=True):
                     if value is None:
                         parents[counter].add(_related_key(st, counter))
-        if None not in pk_keys:
+        names = [k for k in pk_keys if k is not None]
+        if len(names) == len(pk_keys):  # new objects with explicit keys (rare: test one first)
             for st, d in zip(states, dicts, strict=True):
-                if st.key is None:
-                    key = tuple(d.get(k) for k in pk_keys)
+                if st.key is None and d.get(names[0]) is not None:
+                    key = tuple(d.get(k) for k in names)
                     if all(v is not None for v in key):
                         colliding[child_plan].add(key)
     locked: dict[WritePlan, set[Key]] = {}
@@ -340,17 +344,18 @@ def before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
 
 
 def after_insert(mapper: Mapper[Any], connection: sa.Connection, state: Any) -> Any:
-    """Note an inserted row: its state off the object, or its key to re-read."""
+    """Note an inserted row: its object, to read its values off, or its key to re-read."""
     # Registered ``raw=True, retval=True`` (events.py): SQLAlchemy passes the
-    # InstanceState and calls this without its per-row wrapper, which costs as
-    # much as the hook itself for a flush of 1,000 inserts.
+    # InstanceState and calls this without its per-row wrapper. The values
+    # are read in after_flush, one pass per counter (plan.inserted_columns):
+    # nothing in between changes them but a post_update, whose UPDATE the
+    # database holds too.
     session = state.session
     stash = session.info.get(_STASH) if session is not None else None
     if stash is not None:
         for plan in plans_for(state.mapper):
-            row = plan.inserted_row(state)
-            if row is not None:
-                stash.inserted[plan].append(row)
+            if plan.direct is not None:
+                stash.inserted[plan].append(state)
             else:
                 key = mapper.primary_key_from_instance(state.obj())
                 stash.touched[plan].add(tuple(key))
@@ -383,8 +388,13 @@ def after_flush(session: Session, flush_context: UOWTransaction) -> None:
     for plan in plans:
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         _deltas.add_rows(deltas, plan, stash.old.get(plan, ()), -1)
-        _deltas.add_rows(deltas, plan, stash.inserted.get(plan, ()), +1)
         keys = stash.captured.get(plan, set()) | stash.touched.get(plan, set())
+        inserted = stash.inserted.get(plan)
+        if inserted:
+            found, reread = plan.inserted_columns(inserted)
+            _deltas.add_columns(deltas, plan, found, +1)
+            for st in reread:
+                keys.add(tuple(st.mapper.primary_key_from_instance(st.obj())))
         if keys:
             _deltas.add_rows(deltas, plan, _read(connection, plan, keys, lock=False), +1)
     if links is not None and links.recounts:

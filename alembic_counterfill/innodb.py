@@ -522,7 +522,7 @@ def _add_from_json(
 # Bounded, since tests and short-lived metadata create many tables.
 @lru_cache(maxsize=256)
 def _lock_from_json(table: sa.Table, pk: sa.Column[Any]) -> Any:
-    """``SELECT pk FROM JSON_TABLE(:deltas) STRAIGHT_JOIN table … FOR UPDATE`` (keys ``[[pk]…]``)."""
+    """``SELECT pk FROM JSON_TABLE(:deltas) STRAIGHT_JOIN table … FOR UPDATE`` (``[[pk], …]``)."""
     v = _delta_rows([], 0)
     return sa.select(pk).select_from(_ValuesFirst(table, v, v.c.pk == pk)).with_for_update()
 
