@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -266,6 +267,8 @@ def _inserted(
     for counter in counters:
         per_parent = capture.deltas[counter.parent_mapper]
         exact = counter.where is None and not upsert
+        if exact and _add_plain(per_parent, counter, rows, keys):
+            continue
         for row in rows:
             parent = _value(row, counter.fk, keys)
             if parent is _UNKNOWN:
@@ -279,6 +282,41 @@ def _inserted(
                     per_parent[parent][counter] += value
             else:
                 capture.recounts[counter].add(parent)
+
+
+def _add_plain(
+    per_parent: Any, counter: Counter, rows: list[dict[str, Any]], keys: set[str]
+) -> bool:
+    """Add the rows' contributions when every row carries plain values; False if one does not.
+
+    The unit of work's executemany of association rows (1,000 links in a
+    flush): one pass per column, tallied per parent, instead of one
+    :func:`_value` call per row and counter.
+    """
+    fk = counter.fk.key
+    if fk not in keys:
+        return False
+    parents = [row[fk] for row in rows]
+    if any(isinstance(v, sa.ClauseElement) for v in parents):
+        return False
+    totals: dict[Any, Any]
+    if counter.summed is None:
+        totals = Tally(parents)
+    else:
+        summed = counter.summed.key
+        if summed not in keys:
+            return False
+        values = [row[summed] for row in rows]
+        if any(isinstance(v, sa.ClauseElement) for v in values):
+            return False
+        totals = defaultdict(int)
+        for parent, value in zip(parents, values, strict=True):
+            if value:
+                totals[parent] += value
+    totals.pop(None, None)
+    for parent, total in totals.items():
+        per_parent[parent][counter] += total
+    return True
 
 
 # --- Flushes and Session.execute -------------------------------------------------------------
