@@ -477,13 +477,16 @@ def apply_deltas(
     pk: sa.Column[Any],
     deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
 ) -> None:
-    """Add each parent's deltas: lock the parents in key order, then one UPDATE per chunk.
+    """Add each parent's deltas in key order, one UPDATE per chunk.
 
-    The parents are normally locked already (before the flush's child writes);
-    locking again is free then, and keeps late-found parents in key order.
     Integer keys and deltas (every COUNT, and SUMs of integers) are joined
-    from a ``JSON_TABLE`` (:func:`_delta_rows`); other types get a
-    ``SET c = c + CASE pk WHEN …`` statement.
+    from a ``JSON_TABLE`` (:func:`_delta_rows`) whose rows come in key order:
+    the UPDATE reaches, and locks, each parent through its primary key in
+    that order, exactly as the locking read of :func:`lock_parent_keys`
+    would, so parents not locked yet (found during the flush, or written
+    by an association-table statement) cost no statement of their own. Other
+    types get a ``SET c = c + CASE pk WHEN …`` statement, whose range scan
+    is preceded by that locking read of the parents not locked yet.
     """
     ids = sorted(x for x, d in deltas.items() if any(d.values()))
     columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
@@ -491,10 +494,11 @@ def apply_deltas(
     step = CHUNK if as_json else CASE_CHUNK
     for start in range(0, len(ids), step):
         part = ids[start : start + step]
-        lock_parent_keys(connection, table, pk, part)
         if as_json:
             _add_from_json(connection, table, pk, columns, part, deltas)
+            _held_in_transaction(connection, table).update(part)
         else:
+            lock_parent_keys(connection, table, pk, part)
             _add_by_case(connection, table, pk, columns, part, deltas)
 
 
