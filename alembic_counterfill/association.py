@@ -38,10 +38,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.state import InstanceState
 
-from . import sql
+from . import innodb, sql
 from .counters import Counter, association_tables, counters_of_table
-from .deltas import Deltas, Recounts, new_deltas, settle
+from .deltas import Deltas, Recounts, lock_first, new_deltas, settle
 from .errors import CounterfillWarning
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def _read_matching(
         values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
         found: list[Any] = []
         for i in range(0, len(values), 500):
-            stmt = sql.matching_links(counters, sql.among(keys, values[i : i + 500]))
+            stmt = sql.matching_links(counters, _among(conn, keys, values[i : i + 500]))
             found.extend(conn.execute(stmt).all())
         return found
     stmt = sql.matching_links(counters, elem.whereclause)
@@ -142,6 +144,18 @@ def _read_matching(
     for row in rows:  # a hand-written executemany: rare, read per parameter set
         found.extend(conn.execute(stmt, row).all())
     return found
+
+
+def _among(conn: sa.Connection, columns: Sequence[Any], values: Sequence[Any]) -> Any:
+    """``(columns) IN (values)``; on InnoDB an OR of key equalities (a range per key).
+
+    MariaDB answers a row-constructor ``IN`` with a scan, which under a lock
+    (the locking read, the DELETE restricted to its rows) locks every row of
+    the table, other writers' included, out of key order.
+    """
+    if innodb.is_innodb(conn.dialect):
+        return innodb.key_match(columns, values)
+    return sql.among(columns, values)
 
 
 def before_execute(
@@ -166,7 +180,7 @@ def before_execute(
         # Restrict a hand-written statement to the rows just locked: a row
         # committed after the read cannot be changed unseen.
         n = 2 * len(counters)
-        elem = elem.where(sql.among(pk, [tuple(r[n:]) for r in old]))
+        elem = elem.where(_among(conn, pk, [tuple(r[n:]) for r in old]))
     capture.pending.append((elem, old))
     return elem, multiparams, params
 
@@ -244,6 +258,60 @@ def _value(row: dict[str, Any], column: sa.Column[Any], keys: Any) -> Any:
     return _default(column)
 
 
+def _insert_rows(elem: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows an INSERT writes: its parameter sets with its ``values()`` merged in."""
+    fixed = {getattr(k, "key", k): v for k, v in (elem._values or {}).items()}
+    if elem._multi_values:
+        names = [c.key for c in elem.table.columns]
+        return [
+            {**fixed, **(r if isinstance(r, dict) else dict(zip(names, r, strict=False)))}
+            for batch in elem._multi_values
+            for r in batch
+        ]
+    if fixed:
+        return [{**fixed, **r} for r in rows] or [fixed]
+    return rows
+
+
+def _lock_insert_parents(
+    session: Session, dml: Any, counters: Sequence[Counter], params: Any
+) -> None:
+    """On InnoDB, lock the parents an INSERT names before it runs: its FK checks share them."""
+    rows = _insert_rows(dml, _rows_of(params if isinstance(params, list) else None, params))
+    names = set(rows[0]) if rows else set()
+    parents: dict[Counter, set[Any]] = defaultdict(set)
+    for counter in counters:
+        for row in rows:
+            value = _value(row, counter.fk, names)
+            if value is not None and value is not _UNKNOWN:
+                parents[counter].add(value)
+    lock_first(session, parents)
+
+
+def _lock_matching_parents(
+    session: Session, conn: sa.Connection, dml: Any, counters: Sequence[Counter], params: Any
+) -> None:
+    """On InnoDB, lock the parents of the rows a DELETE/UPDATE matches before it locks them.
+
+    A plain read (under ``READ COMMITTED``, the latest committed rows) names
+    them. Association rows are locked after their parents by every writer:
+    a locking read also locks a deleted row not yet purged, and an inserter
+    of the same key, holding the parents, would wait for it while its
+    holder waits for those parents.
+    """
+    stmt = sql.matching_links(counters, dml.whereclause, lock=False)
+    found: list[Any] = []
+    sets = _rows_of(params if isinstance(params, list) else None, params)
+    for one in sets or [{}]:  # a hand-written executemany: rare, one read per parameter set
+        found.extend(conn.execute(stmt, one).all())
+    parents: dict[Counter, set[Any]] = defaultdict(set)
+    for row in found:
+        for i, counter in enumerate(counters):
+            if row[2 * i] is not None:
+                parents[counter].add(row[2 * i])
+    lock_first(session, parents)
+
+
 def _inserted(
     capture: Capture, elem: Any, counters: Sequence[Counter], rows: list[dict[str, Any]]
 ) -> None:
@@ -253,16 +321,7 @@ def _inserted(
         return
     # An upsert may insert nothing, or update a row: recount instead of adding.
     upsert = getattr(elem, "_post_values_clause", None) is not None
-    fixed = {getattr(k, "key", k): v for k, v in (elem._values or {}).items()}
-    if elem._multi_values:
-        names = [c.key for c in elem.table.columns]
-        rows = [
-            {**fixed, **(r if isinstance(r, dict) else dict(zip(names, r, strict=False)))}
-            for batch in elem._multi_values
-            for r in batch
-        ]
-    elif fixed:
-        rows = [{**fixed, **r} for r in rows] or [fixed]
+    rows = _insert_rows(elem, rows)
     keys = set(rows[0]) if rows else set()
     for counter in counters:
         per_parent = capture.deltas[counter.parent_mapper]
@@ -317,6 +376,71 @@ def _add_plain(
     for parent, total in totals.items():
         per_parent[parent][counter] += total
     return True
+
+
+# --- InnoDB: locks before the writes ------------------------------------------------------
+
+
+def _column_value(st: InstanceState[Any], column: Any) -> Any:
+    """``st``'s value for ``column`` without loading anything (``None``: not known yet)."""
+    mapper = st.mapper
+    try:
+        value = st.dict.get(mapper.get_property_by_column(column).key)
+    except Exception:  # an unmapped column: nothing in the session can name it
+        return None
+    if value is None and st.key is not None:  # an expired key attribute: the identity has it
+        for i, col in enumerate(mapper.primary_key):
+            if col is column:
+                return st.key[1][i]
+    return value
+
+
+def pending_links(session: Session) -> dict[Counter, set[Any]]:
+    """What this flush's loaded ``secondary`` collections will write to counted tables.
+
+    Returns the parents named by the association rows the flush will insert
+    or delete, per counter, read off the collection histories without
+    loading anything: rows of unloaded
+    collections (a deleted owner's) and of owners whose keys the flush
+    generates are found during the flush, and their parents are locked then.
+    """
+    parents: dict[Counter, set[Any]] = defaultdict(set)
+    if not _secondary_parents:
+        return parents
+    deleted = session.deleted
+    for obj in (*session.dirty, *deleted):
+        st: InstanceState[Any] = instance_state(obj)
+        for rel in st.mapper.relationships:
+            table = rel.secondary
+            if rel.viewonly or not isinstance(table, sa.Table):
+                continue
+            counters = counters_of_table(table)
+            if not counters:
+                continue
+            hist = st.attrs[rel.key].history
+            gone = [*hist.unchanged, *hist.deleted] if obj in deleted else list(hist.deleted)
+            owner = {sc: _column_value(st, lc) for lc, sc in rel.synchronize_pairs}
+            pairs = rel.secondary_synchronize_pairs or []
+            for target in (*hist.added, *gone):
+                tst: InstanceState[Any] = instance_state(target)
+                row = {**owner, **{sc: _column_value(tst, rc) for rc, sc in pairs}}
+                for counter in counters:
+                    value = row.get(counter.fk)
+                    if value is not None:
+                        parents[counter].add(value)
+    return parents
+
+
+def on_innodb(session: Session) -> bool:
+    """Whether a dirty or deleted object owns counted ``secondary`` collections on InnoDB."""
+    if not _secondary_parents:
+        return False
+    owners = list(_secondary_parents)
+    for obj in (*session.dirty, *session.deleted):
+        mapper = instance_state(obj).mapper
+        if any(mapper.isa(owner) for owner in owners):
+            return innodb.is_innodb(session.get_bind(mapper=mapper).dialect)
+    return False
 
 
 # --- Flushes and Session.execute -------------------------------------------------------------
@@ -398,6 +522,10 @@ def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
                 capture.recounts[counter].add(_default(counter.fk))
         result = state.invoke_statement()
     else:
+        if isinstance(dml, sa.Insert) and innodb.is_innodb(conn.dialect):
+            _lock_insert_parents(session, dml, counters, state.parameters)
+        elif innodb.is_innodb(conn.dialect) and innodb.reads_latest(conn):
+            _lock_matching_parents(session, conn, dml, counters, state.parameters)
         capture = open_capture(conn)
         try:
             result = state.invoke_statement()

@@ -149,7 +149,7 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         state.capture(connection, plan, keys, copies.get(plan))
-    if _on_innodb(session, wanted):
+    if _on_innodb(session, wanted) or association.on_innodb(session):
         _lock_before_writes(session, state)
 
 
@@ -223,6 +223,10 @@ def _lock_before_writes(session: Session, state: _FlushState) -> None:
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
+    # Parents of the association rows of loaded ``secondary`` collections (the
+    # rows themselves are locked after them: association.pending_links).
+    for counter, ids in association.pending_links(session).items():
+        parents[counter] |= ids
     _deltas.lock_first(session, parents, shared_buffered=True)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
