@@ -33,6 +33,7 @@ from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,6 +41,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql import operators
 
 from . import innodb, sql
 from .counters import Counter, association_tables, counters_of_table
@@ -299,17 +301,54 @@ def _lock_matching_parents(
     of the same key, holding the parents, would wait for it while its
     holder waits for those parents.
     """
-    stmt = sql.matching_links(counters, dml.whereclause, lock=False)
-    found: list[Any] = []
     sets = _rows_of(params if isinstance(params, list) else None, params)
-    for one in sets or [{}]:  # a hand-written executemany: rare, one read per parameter set
-        found.extend(conn.execute(stmt, one).all())
-    parents: dict[Counter, set[Any]] = defaultdict(set)
-    for row in found:
-        for i, counter in enumerate(counters):
-            if row[2 * i] is not None:
-                parents[counter].add(row[2 * i])
+    parents = _named_parents(dml.whereclause, counters, sets or [{}])
+    if parents is None:
+        # The WHERE does not name every counted column's values: read them.
+        # A row committed after this read is locked before its parents.
+        parents = defaultdict(set)
+        stmt = sql.matching_links(counters, dml.whereclause, lock=False)
+        for one in sets or [{}]:  # a hand-written executemany: rare, a read per parameter set
+            for row in conn.execute(stmt, one):
+                for i, counter in enumerate(counters):
+                    if row[2 * i] is not None:
+                        parents[counter].add(row[2 * i])
     lock_first(session, parents)
+
+
+def _named_parents(
+    where: Any, counters: Sequence[Counter], sets: list[dict[str, Any]]
+) -> dict[Counter, set[Any]] | None:
+    """Parents a WHERE names by ``fk = :v`` / ``fk IN (:v)`` terms ANDed together, per counter.
+
+    ``None`` unless every counter's column is named so: then any row the
+    statement matches, committed now or later, belongs to these parents.
+    """
+    if where is None:
+        return None
+    is_and = isinstance(where, sa.BooleanClauseList) and where.operator is operators.and_
+    terms = list(where.clauses) if is_and else [where]
+    out: dict[Counter, set[Any]] = {}
+    for counter in counters:
+        for term in terms:
+            right = getattr(term, "right", None)
+            if getattr(term, "left", None) is not counter.fk or not isinstance(
+                right, sa.BindParameter
+            ):
+                continue
+            if right.callable is not None:
+                continue
+            values = [one.get(right.key, right.value) for one in sets]
+            if term.operator is operators.eq:
+                out[counter] = {v for v in values if v is not None}
+            elif term.operator is operators.in_op and right.expanding:
+                out[counter] = {v for vs in values for v in (vs or ()) if v is not None}
+            else:
+                continue
+            break
+        if counter not in out:
+            return None
+    return out
 
 
 def _inserted(
@@ -381,17 +420,23 @@ def _add_plain(
 # --- InnoDB: locks before the writes ------------------------------------------------------
 
 
+@lru_cache(maxsize=1024)
+def _attribute_of(mapper: Mapper[Any], column: Any) -> tuple[str | None, int | None]:
+    """The attribute key mapping ``column`` on ``mapper`` and its place in the identity key."""
+    try:
+        key: str | None = mapper.get_property_by_column(column).key
+    except Exception:  # an unmapped column: nothing in the session can name it
+        key = None
+    index = next((i for i, col in enumerate(mapper.primary_key) if col is column), None)
+    return key, index
+
+
 def _column_value(st: InstanceState[Any], column: Any) -> Any:
     """``st``'s value for ``column`` without loading anything (``None``: not known yet)."""
-    mapper = st.mapper
-    try:
-        value = st.dict.get(mapper.get_property_by_column(column).key)
-    except Exception:  # an unmapped column: nothing in the session can name it
-        return None
-    if value is None and st.key is not None:  # an expired key attribute: the identity has it
-        for i, col in enumerate(mapper.primary_key):
-            if col is column:
-                return st.key[1][i]
+    key, index = _attribute_of(st.mapper, column)
+    value = st.dict.get(key) if key is not None else None
+    if value is None and index is not None and st.key is not None:
+        return st.key[1][index]  # an expired key attribute: the identity has it
     return value
 
 
@@ -400,9 +445,9 @@ def pending_links(session: Session) -> dict[Counter, set[Any]]:
 
     Returns the parents named by the association rows the flush will insert
     or delete, per counter, read off the collection histories without
-    loading anything: rows of unloaded
-    collections (a deleted owner's) and of owners whose keys the flush
-    generates are found during the flush, and their parents are locked then.
+    loading anything: rows of unloaded collections (a deleted owner's) and
+    of owners whose keys the flush generates are found during the flush, and
+    the delta UPDATE locks their parents then.
     """
     parents: dict[Counter, set[Any]] = defaultdict(set)
     if not _secondary_parents:
@@ -419,15 +464,21 @@ def pending_links(session: Session) -> dict[Counter, set[Any]]:
                 continue
             hist = st.attrs[rel.key].history
             gone = [*hist.unchanged, *hist.deleted] if obj in deleted else list(hist.deleted)
-            owner = {sc: _column_value(st, lc) for lc, sc in rel.synchronize_pairs}
-            pairs = rel.secondary_synchronize_pairs or []
-            for target in (*hist.added, *gone):
-                tst: InstanceState[Any] = instance_state(target)
-                row = {**owner, **{sc: _column_value(tst, rc) for rc, sc in pairs}}
-                for counter in counters:
-                    value = row.get(counter.fk)
-                    if value is not None:
-                        parents[counter].add(value)
+            targets = [instance_state(t) for t in (*hist.added, *gone)]
+            if not targets:
+                continue
+            # Each counted column is filled from the owner (one value) or the target.
+            owner = {sc: lc for lc, sc in rel.synchronize_pairs}
+            remote = {sc: rc for rc, sc in rel.secondary_synchronize_pairs or []}
+            for counter in counters:
+                found = parents[counter]
+                if counter.fk in owner:
+                    found.add(_column_value(st, owner[counter.fk]))
+                elif counter.fk in remote:
+                    rc = remote[counter.fk]
+                    found.update(_column_value(t, rc) for t in targets)
+    for found in parents.values():
+        found.discard(None)
     return parents
 
 
