@@ -440,6 +440,21 @@ def _column_value(st: InstanceState[Any], column: Any) -> Any:
     return value
 
 
+def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
+    """``column``'s value of each target (:func:`_column_value`), attribute looked up once."""
+    mapper = targets[0].mapper if targets else None
+    if mapper is None or any(t.mapper is not mapper for t in targets):
+        return [_column_value(t, column) for t in targets]
+    key, index = _attribute_of(mapper, column)
+    out = []
+    for t in targets:
+        value = t.dict.get(key) if key is not None else None
+        if value is None and index is not None and t.key is not None:
+            value = t.key[1][index]
+        out.append(value)
+    return out
+
+
 def pending_links(session: Session) -> dict[Counter, set[Any]]:
     """What this flush's loaded ``secondary`` collections will write to counted tables.
 
@@ -475,8 +490,7 @@ def pending_links(session: Session) -> dict[Counter, set[Any]]:
                 if counter.fk in owner:
                     found.add(_column_value(st, owner[counter.fk]))
                 elif counter.fk in remote:
-                    rc = remote[counter.fk]
-                    found.update(_column_value(t, rc) for t in targets)
+                    found.update(_target_values(targets, remote[counter.fk]))
     for found in parents.values():
         found.discard(None)
     return parents
