@@ -218,3 +218,50 @@ def test_a_batch_transaction_reads_committed_rows_and_the_next_one_does_not(
             assert not sees_a_commit_made_after_its_first_read(conn, 2)
     finally:
         engine.dispose()
+
+
+def test_a_collection_flush_locks_the_link_parents_before_its_link_writes(
+    mariadb_url: str,
+) -> None:
+    # A link INSERT's foreign-key checks take shared locks on both people; the
+    # flush must hold them exclusively first (key order), or two writers of the
+    # same people's links deadlock. Likewise before a link DELETE.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        statements.append(" ".join(statement.upper().split()))
+
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([am.User(id=i, name=f"u{i}") for i in range(1, 5)])
+            s.commit()
+        for change in ("append", "remove"):
+            with Session(engine) as s:
+                a, b = s.get(am.User, 3), s.get(am.User, 1)
+                assert a is not None and b is not None
+                getattr(a.following, change)(b)
+                statements.clear()
+                sa.event.listen(engine, "before_cursor_execute", record)
+                try:
+                    s.flush()
+                finally:
+                    sa.event.remove(engine, "before_cursor_execute", record)
+                s.commit()
+            lock = next(
+                i
+                for i, st in enumerate(statements)
+                if st.startswith("SELECT USERS.ID FROM JSON_TABLE") and st.endswith("FOR UPDATE")
+            )
+            write = next(
+                i
+                for i, st in enumerate(statements)
+                if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
+            )
+            assert lock < write, statements
+            am.assert_exact(engine)
+    finally:
+        engine.dispose()
