@@ -29,18 +29,22 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql import operators
 
 from . import buffer, innodb, sql
 from .counters import Counter, association_tables, counters_of_table
-from .deltas import Deltas, Recounts, new_deltas, settle
+from .deltas import Deltas, Recounts, lock_first, new_deltas, settle
 from .errors import CounterfillWarning
 
 log = logging.getLogger(__name__)
@@ -130,11 +134,8 @@ def _read_matching(
         # One statement for the whole executemany: the rows named by their keys.
         values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
         found: list[Any] = []
-        # InnoDB reads a row-constructor IN by scanning (locking) a whole index
-        # range, e.g. every link of a hot tag: an OR of equalities is key lookups.
-        among = innodb.key_match if innodb.is_innodb(conn.dialect) else sql.among
         for i in range(0, len(values), 500):
-            stmt = sql.matching_links(counters, among(keys, values[i : i + 500]))
+            stmt = sql.matching_links(counters, _among(conn, keys, values[i : i + 500]))
             found.extend(conn.execute(stmt).all())
         return found
     stmt = sql.matching_links(counters, elem.whereclause)
@@ -144,6 +145,18 @@ def _read_matching(
     for row in rows:  # a hand-written executemany: rare, read per parameter set
         found.extend(conn.execute(stmt, row).all())
     return found
+
+
+def _among(conn: sa.Connection, columns: Sequence[Any], values: Sequence[Any]) -> Any:
+    """``(columns) IN (values)``; on InnoDB an OR of key equalities (a range per key).
+
+    MariaDB answers a row-constructor ``IN`` with a scan, which under a lock
+    (the locking read, the DELETE restricted to its rows) locks every row of
+    the table, other writers' included, out of key order.
+    """
+    if innodb.is_innodb(conn.dialect):
+        return innodb.key_match(columns, values)
+    return sql.among(columns, values)
 
 
 def before_execute(
@@ -168,7 +181,7 @@ def before_execute(
         # Restrict a hand-written statement to the rows just locked: a row
         # committed after the read cannot be changed unseen.
         n = 2 * len(counters)
-        elem = elem.where(sql.among(pk, [tuple(r[n:]) for r in old]))
+        elem = elem.where(_among(conn, pk, [tuple(r[n:]) for r in old]))
     capture.pending.append((elem, old))
     return elem, multiparams, params
 
@@ -246,6 +259,97 @@ def _value(row: dict[str, Any], column: sa.Column[Any], keys: Any) -> Any:
     return _default(column)
 
 
+def _insert_rows(elem: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows an INSERT writes: its parameter sets with its ``values()`` merged in."""
+    fixed = {getattr(k, "key", k): v for k, v in (elem._values or {}).items()}
+    if elem._multi_values:
+        names = [c.key for c in elem.table.columns]
+        return [
+            {**fixed, **(r if isinstance(r, dict) else dict(zip(names, r, strict=False)))}
+            for batch in elem._multi_values
+            for r in batch
+        ]
+    if fixed:
+        return [{**fixed, **r} for r in rows] or [fixed]
+    return rows
+
+
+def _lock_insert_parents(
+    session: Session, dml: Any, counters: Sequence[Counter], params: Any
+) -> None:
+    """On InnoDB, lock the parents an INSERT names before it runs: its FK checks share them."""
+    rows = _insert_rows(dml, _rows_of(params if isinstance(params, list) else None, params))
+    names = set(rows[0]) if rows else set()
+    parents: dict[Counter, set[Any]] = defaultdict(set)
+    for counter in counters:
+        for row in rows:
+            value = _value(row, counter.fk, names)
+            if value is not None and value is not _UNKNOWN:
+                parents[counter].add(value)
+    lock_first(session, parents)
+
+
+def _lock_matching_parents(
+    session: Session, conn: sa.Connection, dml: Any, counters: Sequence[Counter], params: Any
+) -> None:
+    """On InnoDB, lock the parents of the rows a DELETE/UPDATE matches before it locks them.
+
+    A plain read (under ``READ COMMITTED``, the latest committed rows) names
+    them. Association rows are locked after their parents by every writer:
+    a locking read also locks a deleted row not yet purged, and an inserter
+    of the same key, holding the parents, would wait for it while its
+    holder waits for those parents.
+    """
+    sets = _rows_of(params if isinstance(params, list) else None, params)
+    parents = _named_parents(dml.whereclause, counters, sets or [{}])
+    if parents is None:
+        # The WHERE does not name every counted column's values: read them.
+        # A row committed after this read is locked before its parents.
+        parents = defaultdict(set)
+        stmt = sql.matching_links(counters, dml.whereclause, lock=False)
+        for one in sets or [{}]:  # a hand-written executemany: rare, a read per parameter set
+            for row in conn.execute(stmt, one):
+                for i, counter in enumerate(counters):
+                    if row[2 * i] is not None:
+                        parents[counter].add(row[2 * i])
+    lock_first(session, parents)
+
+
+def _named_parents(
+    where: Any, counters: Sequence[Counter], sets: list[dict[str, Any]]
+) -> dict[Counter, set[Any]] | None:
+    """Parents a WHERE names by ``fk = :v`` / ``fk IN (:v)`` terms ANDed together, per counter.
+
+    ``None`` unless every counter's column is named so: then any row the
+    statement matches, committed now or later, belongs to these parents.
+    """
+    if where is None:
+        return None
+    is_and = isinstance(where, sa.BooleanClauseList) and where.operator is operators.and_
+    terms = list(where.clauses) if is_and else [where]
+    out: dict[Counter, set[Any]] = {}
+    for counter in counters:
+        for term in terms:
+            right = getattr(term, "right", None)
+            if getattr(term, "left", None) is not counter.fk or not isinstance(
+                right, sa.BindParameter
+            ):
+                continue
+            if right.callable is not None:
+                continue
+            values = [one.get(right.key, right.value) for one in sets]
+            if term.operator is operators.eq:
+                out[counter] = {v for v in values if v is not None}
+            elif term.operator is operators.in_op and right.expanding:
+                out[counter] = {v for vs in values for v in (vs or ()) if v is not None}
+            else:
+                continue
+            break
+        if counter not in out:
+            return None
+    return out
+
+
 def _inserted(
     conn: sa.Connection,
     capture: Capture,
@@ -259,22 +363,15 @@ def _inserted(
         return
     # An upsert may insert nothing, or update a row: recount instead of adding.
     upsert = getattr(elem, "_post_values_clause", None) is not None
-    fixed = {getattr(k, "key", k): v for k, v in (elem._values or {}).items()}
-    if elem._multi_values:
-        names = [c.key for c in elem.table.columns]
-        rows = [
-            {**fixed, **(r if isinstance(r, dict) else dict(zip(names, r, strict=False)))}
-            for batch in elem._multi_values
-            for r in batch
-        ]
-    elif fixed:
-        rows = [{**fixed, **r} for r in rows] or [fixed]
+    rows = _insert_rows(elem, rows)
     keys = set(rows[0]) if rows else set()
     inserted = None if upsert or elem._prefixes else _inserted_keys(elem.table, rows, keys)
     read_back: list[Counter] = []
     for counter in counters:
         per_parent = capture.deltas[counter.parent_mapper]
         exact = counter.where is None and not upsert
+        if exact and _add_plain(per_parent, counter, rows, keys):
+            continue
         for row in rows:
             parent = _value(row, counter.fk, keys)
             if parent is _UNKNOWN:
@@ -376,13 +473,67 @@ def _add_side(
         for st in states:
             if st.key is None:
                 continue
-            try:
-                attr = st.mapper.get_property_by_column(local).key
-            except Exception:  # an unmapped column: nothing here names the parent
-                continue
-            value = st.dict.get(attr)
+            value = _column_value(st, local)
             if value is not None:
                 out[counter].add(value)
+
+
+def _add_plain(
+    per_parent: Any, counter: Counter, rows: list[dict[str, Any]], keys: set[str]
+) -> bool:
+    """Add the rows' contributions when every row carries plain values; False if one does not.
+
+    The unit of work's executemany of association rows (1,000 links in a
+    flush): one pass per column, tallied per parent, instead of one
+    :func:`_value` call per row and counter.
+    """
+    fk = counter.fk.key
+    if fk not in keys:
+        return False
+    parents = [row[fk] for row in rows]
+    if any(isinstance(v, sa.ClauseElement) for v in parents):
+        return False
+    totals: dict[Any, Any]
+    if counter.summed is None:
+        totals = Tally(parents)
+    else:
+        summed = counter.summed.key
+        if summed not in keys:
+            return False
+        values = [row[summed] for row in rows]
+        if any(isinstance(v, sa.ClauseElement) for v in values):
+            return False
+        totals = defaultdict(int)
+        for parent, value in zip(parents, values, strict=True):
+            if value:
+                totals[parent] += value
+    totals.pop(None, None)
+    for parent, total in totals.items():
+        per_parent[parent][counter] += total
+    return True
+
+
+# --- InnoDB: locks before the writes ------------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def _attribute_of(mapper: Mapper[Any], column: Any) -> tuple[str | None, int | None]:
+    """The attribute key mapping ``column`` on ``mapper`` and its place in the identity key."""
+    try:
+        key: str | None = mapper.get_property_by_column(column).key
+    except Exception:  # an unmapped column: nothing in the session can name it
+        key = None
+    index = next((i for i, col in enumerate(mapper.primary_key) if col is column), None)
+    return key, index
+
+
+def _column_value(st: InstanceState[Any], column: Any) -> Any:
+    """``st``'s value for ``column`` without loading anything (``None``: not known yet)."""
+    key, index = _attribute_of(st.mapper, column)
+    value = st.dict.get(key) if key is not None else None
+    if value is None and index is not None and st.key is not None:
+        return st.key[1][index]  # an expired key attribute: the identity has it
+    return value
 
 
 # --- Flushes and Session.execute -------------------------------------------------------------
@@ -464,6 +615,10 @@ def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
                 capture.recounts[counter].add(_default(counter.fk))
         result = state.invoke_statement()
     else:
+        if isinstance(dml, sa.Insert) and innodb.is_innodb(conn.dialect):
+            _lock_insert_parents(session, dml, counters, state.parameters)
+        elif innodb.is_innodb(conn.dialect) and innodb.reads_latest(conn):
+            _lock_matching_parents(session, conn, dml, counters, state.parameters)
         capture = open_capture(conn)
         try:
             result = state.invoke_statement()

@@ -71,6 +71,28 @@ def add_rows(
             target[parent_id][counter] += sign * total
 
 
+def add_columns(
+    deltas: Deltas,
+    plan: WritePlan,
+    columns: Sequence[tuple[Sequence[Any], Sequence[Any] | None]],
+    sign: int,
+) -> None:
+    """Add ``sign`` times :meth:`.WritePlan.inserted_columns` (per counter: keys, values)."""
+    for counter, (pids, values) in zip(plan.counters, columns, strict=True):
+        per_parent: dict[Any, Any]
+        if values is None:  # a count: let Counter tally the keys in C
+            per_parent = Tally(pids)
+        else:
+            per_parent = defaultdict(int)
+            for pid, value in zip(pids, values, strict=True):
+                if value:
+                    per_parent[pid] += value
+        per_parent.pop(None, None)
+        target = deltas[counter.parent_mapper]
+        for parent_id, total in per_parent.items():
+            target[parent_id][counter] += sign * total
+
+
 def _table_name(mapper: Mapper[Any]) -> str:
     return str(getattr(mapper.local_table, "name", ""))
 

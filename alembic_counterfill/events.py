@@ -132,7 +132,8 @@ def _watch_child(child_mapper: Mapper[Any]) -> None:
     _child_mappers.add(base)
     event.listen(base, "before_update", flush.before_update, propagate=True)
     event.listen(base, "before_delete", flush.before_delete, propagate=True)
-    event.listen(base, "after_insert", flush.after_insert, propagate=True)
+    # raw/retval: the hook gets the InstanceState, without a wrapper call per inserted row.
+    event.listen(base, "after_insert", flush.after_insert, propagate=True, raw=True, retval=True)
     event.listen(base, "after_update", flush.after_update, propagate=True)
 
 

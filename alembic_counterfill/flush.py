@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm import EXT_CONTINUE, Mapper, Session, UOWTransaction
 from sqlalchemy.orm import base as orm_base
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
@@ -57,7 +57,10 @@ class _FlushState:
     old: dict[WritePlan, list[Any]] = field(default_factory=lambda: defaultdict(list))
     captured: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     touched: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
-    inserted: dict[WritePlan, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    # Objects inserted by the flush whose contributions are read off them in after_flush.
+    inserted: dict[WritePlan, list[InstanceState[Any]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     # Captured keys whose row the locking reads did not find (another
     # transaction deleted it): this flush's DELETE or UPDATE must match none.
     missing: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
@@ -364,31 +367,31 @@ def _lock_before_writes(
     for counter, ids in state.copy_parents.items():  # rows found gone (READ COMMITTED)
         parents[counter] |= ids
     colliding: dict[WritePlan, set[Key]] = defaultdict(set)
-    keys_of: dict[type, tuple[WritePlan, list[str | None], list[str | None]] | None] = {}
+    by_class: dict[type, list[InstanceState[Any]]] = defaultdict(list)
     for obj in (*session.new, *session.dirty):
-        cls = type(obj)
-        if cls not in keys_of:  # plan and attribute keys once per class, not per object
-            child_plan = plan_for(sa.inspect(cls))
-            keys_of[cls] = (
-                None
-                if child_plan is None
-                else (
-                    child_plan,
-                    _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters]),
-                    _attribute_keys(child_plan.mapper, child_plan.pk_columns),
-                )
-            )
-        found = keys_of[cls]
-        if found is None:
+        by_class[type(obj)].append(instance_state(obj))
+    for cls, states in by_class.items():
+        # Plan and attribute keys once per class, then plain loops: flushes can be large.
+        child_plan = plan_for(sa.inspect(cls))
+        if child_plan is None:
             continue
-        child_plan, fk_keys, pk_keys = found
-        st: InstanceState[Any] = instance_state(obj)
-        values = st.dict
+        fk_keys = _attribute_keys(child_plan.mapper, [c.fk for c in child_plan.counters])
+        pk_keys = _attribute_keys(child_plan.mapper, child_plan.pk_columns)
+        dicts = [st.dict for st in states]
         for counter, fk_key in zip(child_plan.counters, fk_keys, strict=True):
-            value = values.get(fk_key) if fk_key is not None else None
-            parents[counter].add(value if value is not None else _related_key(st, counter))
-        if st.key is None and all(k is not None and values.get(k) is not None for k in pk_keys):
-            colliding[child_plan].add(tuple(values[k] for k in pk_keys if k is not None))
+            values = [None] * len(dicts) if fk_key is None else [d.get(fk_key) for d in dicts]
+            parents[counter].update(values)
+            if any(v is None for v in values):  # not synced yet: the parent object's key
+                for st, value in zip(states, values, strict=True):
+                    if value is None:
+                        parents[counter].add(_related_key(st, counter))
+        names = [k for k in pk_keys if k is not None]
+        if len(names) == len(pk_keys):  # new objects with explicit keys (rare: test one first)
+            for st, d in zip(states, dicts, strict=True):
+                if st.key is None and d.get(names[0]) is not None:
+                    key = tuple(d.get(k) for k in names)
+                    if all(v is not None for v in key):
+                        colliding[child_plan].add(key)
     for counter, keys in _owning_collections(session).items():
         parents[counter] |= keys
     locked: dict[WritePlan, set[Key]] = {}
@@ -553,19 +556,23 @@ def before_delete(mapper: Mapper[Any], connection: sa.Connection, target: Any) -
             stash.capture(connection, plan, {tuple(st.key[1])})
 
 
-def after_insert(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
-    """Note an inserted row: its state off the object, or its key to re-read."""
-    # instance_state(), not sa.inspect(): a third of the hook's cost for 1,000 inserts.
-    st: InstanceState[Any] = instance_state(target)
-    stash = _stash(st.session) if st.session is not None else None
-    if stash is None:
-        return
-    for plan in plans_for(st.mapper):
-        row = plan.inserted_row(st)
-        if row is not None:
-            stash.inserted[plan].append(row)
-        else:
-            stash.touched[plan].add(tuple(mapper.primary_key_from_instance(target)))
+def after_insert(mapper: Mapper[Any], connection: sa.Connection, state: Any) -> Any:
+    """Note an inserted row: its object, to read its values off, or its key to re-read."""
+    # Registered ``raw=True, retval=True`` (events.py): SQLAlchemy passes the
+    # InstanceState and calls this without its per-row wrapper. The values
+    # are read in after_flush, one pass per counter (plan.inserted_columns):
+    # nothing in between changes them but a post_update, whose UPDATE the
+    # database holds too.
+    session = state.session
+    stash = session.info.get(_STASH) if session is not None else None
+    if stash is not None:
+        for plan in plans_for(state.mapper):
+            if plan.direct is not None:
+                stash.inserted[plan].append(state)
+            else:
+                key = mapper.primary_key_from_instance(state.obj())
+                stash.touched[plan].add(tuple(key))
+    return EXT_CONTINUE
 
 
 def after_update(mapper: Mapper[Any], connection: sa.Connection, target: Any) -> None:
@@ -595,8 +602,13 @@ def after_flush(session: Session, flush_context: UOWTransaction) -> None:
     for plan in plans:
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         _deltas.add_rows(deltas, plan, stash.old.get(plan, ()), -1)
-        _deltas.add_rows(deltas, plan, stash.inserted.get(plan, ()), +1)
         keys = stash.captured.get(plan, set()) | stash.touched.get(plan, set())
+        inserted = stash.inserted.get(plan)
+        if inserted:
+            found, reread = plan.inserted_columns(inserted)
+            _deltas.add_columns(deltas, plan, found, +1)
+            for st in reread:
+                keys.add(tuple(st.mapper.primary_key_from_instance(st.obj())))
         if keys:
             _deltas.add_rows(deltas, plan, _read(connection, plan, keys, lock=False), +1)
     if links is not None and links.recounts:

@@ -79,6 +79,52 @@ def test_a_flush_delta_update_reaches_only_its_parents(db: sa.Engine) -> None:
     assert_exact(db)
 
 
+def test_a_parent_found_during_the_flush_is_locked_by_the_delta_update_itself(
+    db: sa.Engine,
+) -> None:
+    # Another session holds parents 1, 3 and 5. A flush adds a post of user 2 and
+    # one of a new user, whose key only its own INSERT gives: the pre-lock cannot
+    # name it. The delta UPDATE reaches its parents through key-ordered JSON rows
+    # and the primary key, so it locks the new user itself, in key order, with no
+    # locking read of its own, and never waits for 1, 3 or 5 (2 s lock waits here).
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        statements.append(statement.upper())
+
+    with db.connect() as other:
+        for key in (1, 3, 5):
+            other.execute(sa.text("SELECT id FROM users WHERE id = :k FOR UPDATE"), {"k": key})
+        session = Session(db)
+        try:
+            session.connection().exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 2")
+            sa.event.listen(db, "before_cursor_execute", record)
+            try:
+                session.add(Post(author_id=2, likes=3))
+                session.add(Post(author=User(name="new"), likes=4))
+                session.flush()
+            finally:
+                sa.event.remove(db, "before_cursor_execute", record)
+            session.connection().exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+            session.commit()
+        finally:
+            session.close()
+            other.rollback()
+    ours = [s for s in statements if "JSON_TABLE" in s]
+    assert [s.lstrip().split()[0] for s in ours] == ["SELECT", "UPDATE"], statements
+    assert all("STRAIGHT_JOIN USERS FORCE INDEX (PRIMARY)" in s for s in ours), ours
+    assert_exact(db)
+    with db.connect() as conn:  # the new user's own counters, against the test's COUNT/SUM
+        new_id = conn.execute(sa.text("SELECT id FROM users WHERE name = 'new'")).scalar_one()
+        got = conn.execute(
+            sa.text("SELECT likes_total, posts_count FROM users WHERE id = :k"), {"k": new_id}
+        ).one()
+        want = conn.execute(
+            sa.text("SELECT SUM(likes), COUNT(*) FROM posts WHERE author_id = :k"), {"k": new_id}
+        ).one()
+        assert tuple(got) == (4, 1) == tuple(want)
+
+
 def test_a_non_integer_delta_takes_the_case_form(db: sa.Engine) -> None:
     # The JSON form carries integers only; a float (or Decimal) delta takes the CASE form.
     likes = next(c.column for c in counters_of(User) if c.column.name == "likes_total")
@@ -170,5 +216,52 @@ def test_a_batch_transaction_reads_committed_rows_and_the_next_one_does_not(
             innodb.read_committed_transaction(conn)
             assert sees_a_commit_made_after_its_first_read(conn, 1)
             assert not sees_a_commit_made_after_its_first_read(conn, 2)
+    finally:
+        engine.dispose()
+
+
+def test_a_collection_flush_locks_the_link_parents_before_its_link_writes(
+    mariadb_url: str,
+) -> None:
+    # A link INSERT's foreign-key checks take shared locks on both people; the
+    # flush must hold them exclusively first (key order), or two writers of the
+    # same people's links deadlock. Likewise before a link DELETE.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        statements.append(" ".join(statement.upper().split()))
+
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([am.User(id=i, name=f"u{i}") for i in range(1, 5)])
+            s.commit()
+        for change in ("append", "remove"):
+            with Session(engine) as s:
+                a, b = s.get(am.User, 3), s.get(am.User, 1)
+                assert a is not None and b is not None
+                getattr(a.following, change)(b)
+                statements.clear()
+                sa.event.listen(engine, "before_cursor_execute", record)
+                try:
+                    s.flush()
+                finally:
+                    sa.event.remove(engine, "before_cursor_execute", record)
+                s.commit()
+            lock = next(
+                i
+                for i, st in enumerate(statements)
+                if st.startswith("SELECT USERS.ID FROM JSON_TABLE") and st.endswith("FOR UPDATE")
+            )
+            write = next(
+                i
+                for i, st in enumerate(statements)
+                if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
+            )
+            assert lock < write, statements
+            am.assert_exact(engine)
     finally:
         engine.dispose()
