@@ -39,6 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import operators
 
@@ -365,7 +366,9 @@ def _inserted(
     upsert = getattr(elem, "_post_values_clause", None) is not None
     rows = _insert_rows(elem, rows)
     keys = set(rows[0]) if rows else set()
-    inserted = None if upsert or elem._prefixes else _inserted_keys(elem.table, rows, keys)
+    # Only buffered counters read their rows back (a walk over every row's key).
+    plain = not upsert and not elem._prefixes and any(buffer.is_buffered(c) for c in counters)
+    inserted = _inserted_keys(elem.table, rows, keys) if plain else None
     read_back: list[Counter] = []
     for counter in counters:
         per_parent = capture.deltas[counter.parent_mapper]
@@ -438,11 +441,18 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     if not _secondary_parents:
         return out
     deleted = session.deleted
+    innodb_of: dict[Mapper[Any], bool] = {}  # per mapper, not per object: flushes can be large
     for obj in (*session.new, *session.dirty, *deleted):
-        st = sa.inspect(obj)
-        if st.mapper not in _secondary_parents:
+        st: InstanceState[Any] = instance_state(obj)
+        mapper = st.mapper
+        if mapper not in _secondary_parents:
             continue
-        for rel in st.mapper.relationships:
+        if mapper not in innodb_of:
+            # Elsewhere the deltas lock the parents afterwards: nothing to name up front.
+            innodb_of[mapper] = innodb.is_innodb(session.get_bind(mapper=mapper).dialect)
+        if not innodb_of[mapper]:
+            continue
+        for rel in mapper.relationships:
             if rel.secondary is None or rel.viewonly:
                 continue
             counters = counters_of_table(rel.secondary)
@@ -454,28 +464,37 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             else:
                 hist = st.attrs[rel.key].history
                 items = [*hist.added, *hist.deleted]
-            targets = [sa.inspect(t) for t in items]
-            if not targets:
+            if not items:
                 continue
+            targets = [instance_state(t) for t in items]
             for counter in counters:
-                _add_side(out, counter, rel.synchronize_pairs, [st])
-                _add_side(out, counter, rel.secondary_synchronize_pairs or (), targets)
+                for local, link in rel.synchronize_pairs:
+                    if link is counter.fk and st.key is not None:
+                        out[counter].add(_column_value(st, local))
+                for remote, link in rel.secondary_synchronize_pairs or ():
+                    if link is counter.fk:
+                        out[counter].update(_target_values(targets, remote))
+    for found in out.values():
+        found.discard(None)
     return out
 
 
-def _add_side(
-    out: dict[Counter, set[Any]], counter: Counter, pairs: Any, states: list[Any]
-) -> None:
-    """Add the values ``states`` give the link column ``counter`` counts by, through ``pairs``."""
-    for local, link in pairs:
-        if link is not counter.fk:
+def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
+    """``column``'s value of each persistent target, the attribute looked up once per mapper."""
+    found = []
+    looked_up: dict[Mapper[Any], tuple[str | None, int | None]] = {}
+    for t in targets:
+        if t.key is None:  # new in this flush: no other transaction can lock it
             continue
-        for st in states:
-            if st.key is None:
-                continue
-            value = _column_value(st, local)
-            if value is not None:
-                out[counter].add(value)
+        mapper = t.mapper
+        if mapper not in looked_up:
+            looked_up[mapper] = _attribute_of(mapper, column)
+        key, index = looked_up[mapper]
+        value = t.dict.get(key) if key is not None else None
+        if value is None and index is not None:
+            value = t.key[1][index]  # an expired key attribute: the identity has it
+        found.append(value)
+    return found
 
 
 def _add_plain(
