@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from sqlalchemy.sql import operators
 
 from . import buffer, innodb, sql
 from .counters import Counter, association_tables, counters_of_table
-from .deltas import Deltas, Recounts, lock_first, new_deltas, settle
+from .deltas import Deltas, Recounts, lock_first, new_deltas, settle, totals
 from .errors import CounterfillWarning
 
 log = logging.getLogger(__name__)
@@ -470,7 +469,7 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             for counter in counters:
                 for local, link in rel.synchronize_pairs:
                     if link is counter.fk and st.key is not None:
-                        out[counter].add(_column_value(st, local))
+                        out[counter].add(column_value(st, local))
                 for remote, link in rel.secondary_synchronize_pairs or ():
                     if link is counter.fk:
                         out[counter].update(_target_values(targets, remote))
@@ -512,22 +511,15 @@ def _add_plain(
     parents = [row[fk] for row in rows]
     if any(isinstance(v, sa.ClauseElement) for v in parents):
         return False
-    totals: dict[Any, Any]
-    if counter.summed is None:
-        totals = Tally(parents)
-    else:
+    values = None
+    if counter.summed is not None:
         summed = counter.summed.key
         if summed not in keys:
             return False
         values = [row[summed] for row in rows]
         if any(isinstance(v, sa.ClauseElement) for v in values):
             return False
-        totals = defaultdict(int)
-        for parent, value in zip(parents, values, strict=True):
-            if value:
-                totals[parent] += value
-    totals.pop(None, None)
-    for parent, total in totals.items():
+    for parent, total in totals(parents, values).items():
         per_parent[parent][counter] += total
     return True
 
@@ -546,7 +538,7 @@ def _attribute_of(mapper: Mapper[Any], column: Any) -> tuple[str | None, int | N
     return key, index
 
 
-def _column_value(st: InstanceState[Any], column: Any) -> Any:
+def column_value(st: InstanceState[Any], column: Any) -> Any:
     """``st``'s value for ``column`` without loading anything (``None``: not known yet)."""
     key, index = _attribute_of(st.mapper, column)
     value = st.dict.get(key) if key is not None else None

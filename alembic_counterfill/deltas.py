@@ -57,18 +57,11 @@ def add_rows(
     for i, counter in enumerate(plan.counters):
         pids = map(itemgetter(fields.index(f"{prefix}k{i}")), rows)
         values = map(itemgetter(fields.index(f"{prefix}v{i}")), rows)
-        per_parent: dict[Any, Any]
         if counter.summed is None:  # values are 0/1: let Counter tally them in C
-            per_parent = Tally(pid for pid, value in zip(pids, values, strict=True) if value)
+            per_parent = totals([pid for pid, value in zip(pids, values, strict=True) if value])
         else:
-            per_parent = defaultdict(int)
-            for pid, value in zip(pids, values, strict=True):
-                if value:
-                    per_parent[pid] += value
-        per_parent.pop(None, None)
-        target = deltas[counter.parent_mapper]
-        for parent_id, total in per_parent.items():
-            target[parent_id][counter] += sign * total
+            per_parent = totals(list(pids), list(values))
+        add_totals(deltas, counter, per_parent, sign)
 
 
 def add_columns(
@@ -79,18 +72,28 @@ def add_columns(
 ) -> None:
     """Add ``sign`` times :meth:`.WritePlan.inserted_columns` (per counter: keys, values)."""
     for counter, (pids, values) in zip(plan.counters, columns, strict=True):
-        per_parent: dict[Any, Any]
-        if values is None:  # a count: let Counter tally the keys in C
-            per_parent = Tally(pids)
-        else:
-            per_parent = defaultdict(int)
-            for pid, value in zip(pids, values, strict=True):
-                if value:
-                    per_parent[pid] += value
-        per_parent.pop(None, None)
-        target = deltas[counter.parent_mapper]
-        for parent_id, total in per_parent.items():
-            target[parent_id][counter] += sign * total
+        add_totals(deltas, counter, totals(pids, values), sign)
+
+
+def totals(pids: Sequence[Any], values: Sequence[Any] | None = None) -> dict[Any, Any]:
+    """Per parent: how many ``pids`` name it, or the sum of their ``values`` (no ``None`` key)."""
+    per_parent: dict[Any, Any]
+    if values is None:  # a count: let Counter tally the keys in C
+        per_parent = Tally(pids)
+    else:
+        per_parent = defaultdict(int)
+        for pid, value in zip(pids, values, strict=True):
+            if value:
+                per_parent[pid] += value
+    per_parent.pop(None, None)
+    return per_parent
+
+
+def add_totals(deltas: Deltas, counter: Counter, per_parent: dict[Any, Any], sign: int) -> None:
+    """Add ``sign`` times each parent's total to ``counter``'s deltas."""
+    target = deltas[counter.parent_mapper]
+    for parent_id, total in per_parent.items():
+        target[parent_id][counter] += sign * total
 
 
 def _table_name(mapper: Mapper[Any]) -> str:

@@ -430,14 +430,10 @@ def _owning_collections(session: Session) -> dict[Any, set[Any]]:
             for plan in plans_for(rel.mapper):
                 for counter in plan.counters:
                     for local, remote in rel.synchronize_pairs:
-                        if remote is not counter.fk:
-                            continue
-                        try:
-                            attr = st.mapper.get_property_by_column(local).key
-                        except Exception:  # an unmapped column: nothing names the parent
-                            continue
-                        if st.dict.get(attr) is not None:
-                            out[counter].add(st.dict[attr])
+                        if remote is counter.fk:
+                            out[counter].add(association.column_value(st, local))
+    for found in out.values():
+        found.discard(None)
     return out
 
 
