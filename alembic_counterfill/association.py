@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections import Counter as Tally
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -42,7 +43,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import operators
 
-from . import buffer, innodb, sql
+from . import buffer, innodb, link_locks, sql
 from .counters import Counter, association_tables, counters_of_table
 from .deltas import Deltas, Recounts, lock_first, new_deltas, settle, totals
 from .errors import CounterfillWarning
@@ -58,6 +59,8 @@ class Capture:
     recounts: Recounts = field(default_factory=lambda: defaultdict(set))
     # Rows read by before_execute, popped by the matching after_execute.
     pending: list[tuple[Any, list[Any]]] = field(default_factory=list)
+    # InnoDB: the parent lock a links-only flush takes at its first statement.
+    deferred: link_locks.Deferred | None = None
 
     def add(self, counters: Sequence[Counter], rows: Iterable[Any], sign: int) -> None:
         """Add ``sign`` times each ``(k0, v0, k1, v1 ...)`` row to the deltas."""
@@ -170,6 +173,11 @@ def before_execute(
     capture = _captures.get(conn) if _captures else None
     if capture is None:
         return elem, multiparams, params
+    deferred = capture.deferred
+    if deferred is not None:
+        capture.deferred = None  # its own statement comes back through here
+        if not link_locks.run_due(conn, deferred, capture.deltas):
+            capture.deferred = deferred
     counters = _counted(elem)
     if counters is None or isinstance(elem, sa.Insert):
         return elem, multiparams, params
@@ -435,10 +443,16 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     holding a parent the fold wants next. An object new in this flush has
     no key yet (no fold can know it either); the links of a deleted object's
     unloaded collection are found by the unit of work during the flush.
+
+    It also notes, for :func:`defer_locks`, the deltas those histories predict
+    for plain counts (the unit of work's link rows, a backref's named once).
     """
     out: dict[Counter, set[Any]] = defaultdict(set)
+    session.info.pop(_PREDICTED, None)
     if not _secondary_parents:
         return out
+    predicted: dict[Counter, Tally[Any]] = defaultdict(Tally)
+    seen: set[Any] = set()  # link rows already predicted through another collection
     deleted = session.deleted
     innodb_of: dict[Mapper[Any], bool] = {}  # per mapper, not per object: flushes can be large
     for obj in (*session.new, *session.dirty, *deleted):
@@ -457,25 +471,95 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             counters = counters_of_table(rel.secondary)
             if not counters:
                 continue
+            added: int | None = None  # how many of the items are added (None: no prediction)
             if obj in deleted:  # its links go with it: those of a loaded collection
                 members = st.dict.get(rel.key)
                 items = [] if members is None else list(members)
             else:
                 hist = st.attrs[rel.key].history
                 items = [*hist.added, *hist.deleted]
+                added = len(hist.added)
             if not items:
                 continue
             targets = [instance_state(t) for t in items]
+            guessed, new = targets, added
+            if added is not None and rel.secondary in _shared_tables:
+                guessed, new = _first_seen(st, rel, targets, added, seen)
             for counter in counters:
+                guess = new is not None and _predictable(counter)
                 for local, link in rel.synchronize_pairs:
                     if link is counter.fk and st.key is not None:
-                        out[counter].add(column_value(st, local))
+                        value = column_value(st, local)
+                        out[counter].add(value)
+                        if guess and new is not None:
+                            predicted[counter][value] += 2 * new - len(guessed)
                 for remote, link in rel.secondary_synchronize_pairs or ():
                     if link is counter.fk:
                         out[counter].update(_target_values(targets, remote))
+                        if guess and new is not None:
+                            predicted[counter].update(_target_values(guessed[:new], remote))
+                            predicted[counter].subtract(_target_values(guessed[new:], remote))
     for found in out.values():
         found.discard(None)
+    if predicted:
+        session.info[_PREDICTED] = predicted
     return out
+
+
+_PREDICTED = "counterfill.links_predicted"
+
+
+def _predictable(counter: Counter) -> bool:
+    """Whether a link row adds exactly one to ``counter`` (a plain count, applied in place)."""
+    return counter.where is None and counter.summed is None and not buffer.is_buffered(counter)
+
+
+def _first_seen(
+    st: InstanceState[Any],
+    rel: Any,
+    targets: list[InstanceState[Any]],
+    added: int,
+    seen: set[Any],
+) -> tuple[list[InstanceState[Any]], int]:
+    """The ``targets`` whose link row no other collection of this flush named (and how many added).
+
+    ``a.following.append(b)`` shows in ``b.followers`` too when that backref
+    is loaded; the unit of work writes the row once, so it is predicted once.
+    """
+    own = tuple(link.key for _, link in rel.synchronize_pairs)
+    other = tuple(link.key for _, link in rel.secondary_synchronize_pairs or ())
+    kept: list[InstanceState[Any]] = []
+    kept_added = 0
+    for i, t in enumerate(targets):
+        is_added = i < added
+        row = (rel.secondary, is_added, frozenset(((own, id(st)), (other, id(t)))))
+        if row in seen:
+            continue
+        seen.add(row)
+        kept.append(t)
+        kept_added += is_added
+    return kept, kept_added
+
+
+def defer_locks(session: Session, flush_context: Any, parents: Mapping[Counter, set[Any]]) -> bool:
+    """On InnoDB, leave a links-only flush's parent lock to its first statement (link_locks).
+
+    ``parents``: every parent the flush must lock before it writes. Returns
+    whether the lock was deferred; if not, the caller locks them now.
+    """
+    predicted = session.info.pop(_PREDICTED, None) or {}
+    conns = session.info.get(_OPEN) or []
+    if len(conns) != 1:  # one connection writes every link and parent
+        return False
+    conn = conns[0]
+    capture = _captures.get(conn)
+    if capture is None:
+        return False
+    deferred = link_locks.plan(session, flush_context, conn, parents, predicted)
+    if deferred is None:
+        return False
+    capture.deferred = deferred
+    return True
 
 
 def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
@@ -592,6 +676,7 @@ def end_flush(session: Session) -> Capture | None:
 
 def discard(session: Session) -> None:
     """Drop the captures of a flush that failed or was rolled back."""
+    session.info.pop(_PREDICTED, None)
     for conn in session.info.pop(_OPEN, None) or ():
         close_capture(conn)
 
@@ -646,16 +731,25 @@ def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
 _secondary_parents: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
+# Counted association tables that more than one relationship writes (a backref pair).
+_shared_tables: weakref.WeakSet[sa.Table] = weakref.WeakSet()
+
+
 def after_configured() -> None:
     """Find the relationships that write counted association tables; warn about DB cascades."""
     tables = set(association_tables())
+    writers: dict[sa.Table, set[Any]] = defaultdict(set)
     for table in tables:
         for counter in counters_of_table(table):
             for mapper in counter.parent_mapper.registry.mappers:
                 for rel in mapper.relationships:
                     if rel.secondary in tables and not rel.viewonly:
                         _secondary_parents.add(rel.parent)
+                        writers[rel.secondary].add(rel)
                         _check_cascade(rel)
+    for table, rels in writers.items():
+        if len(rels) > 1:
+            _shared_tables.add(table)
 
 
 _warned: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -1,0 +1,115 @@
+"""InnoDB: one statement both locks a links-only flush's parents and adds its expected deltas.
+
+A flush that only writes association-table links (``relationship(secondary=…)``
+collections) must lock the link parents exclusively, in key order, before its
+link INSERT or DELETE (docs/databases.md, "Association tables"), and add the
+deltas after it: two statements. When every parent it locks belongs to one
+parent table, the delta UPDATE of :func:`.innodb.add_deltas_locking` can do
+both at once: it reaches and locks each parent through its primary key in
+key order, as the locking read does, and adds the deltas the collections'
+histories predict (:func:`.association.collection_parents`). What the link
+statements then really write is captured as usual, and only the difference,
+actual minus predicted, is applied after the flush: none in the common case,
+so the flush costs one statement more than without counters instead of two.
+Whatever the prediction got wrong (a link the unit of work skipped, a target
+new in the flush, a row written through a backref), the counters stay exact.
+
+The statement runs at the flush's first statement on its connection
+(:func:`run_due`, from the association capture's ``before_execute``), not in
+``before_flush``: only once the unit of work has begun its transaction does a
+failure roll the pre-applied deltas back with everything else. A flush that
+ends before writing anything (another ``before_flush`` hook raised, nothing
+left to write) never runs it, and then subtracts nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from . import buffer, innodb
+from .counters import Counter
+from .deltas import Deltas, schedule_expiry
+
+
+@dataclass(eq=False)
+class Deferred:
+    """The parent locks (with predicted deltas) a links-only flush runs at its first statement."""
+
+    session: Session
+    flush_context: Any  # the flush's UOWTransaction: its ``transaction`` is set once it writes
+    # Per parent table, in name order: every parent to lock, with its predicted
+    # deltas by counter column (often none).
+    tables: list[tuple[sa.Table, sa.Column[Any], dict[Any, dict[sa.Column[Any], int]]]]
+    predicted: dict[Counter, Tally[Any]]
+
+
+def plan(
+    session: Session,
+    flush_context: Any,
+    connection: sa.Connection,
+    parents: Mapping[Counter, set[Any]],
+    predicted: Mapping[Counter, Tally[Any]],
+) -> Deferred | None:
+    """The deferred locks of ``parents``, or ``None`` when they need the general pass.
+
+    Only association counters, of parent tables on ``connection`` without
+    buffered counters, with integer keys and deltas (the ``JSON_TABLE``
+    form), on InnoDB.
+    """
+    keyed = {c: {x for x in ids if x is not None} for c, ids in parents.items()}
+    keyed = {c: ids for c, ids in keyed.items() if ids}
+    if not keyed or not innodb.is_innodb(connection.dialect):
+        return None
+    by_table: dict[sa.Table, tuple[sa.Column[Any], dict[Any, dict[sa.Column[Any], int]]]] = {}
+    for counter, ids in keyed.items():
+        table, pk = counter.parent_table, counter.parent_pk
+        if counter.child_mapper is not None or buffer.deltas_of(table) is not None:
+            return None
+        if not isinstance(pk.type, sa.Integer) or not all(type(x) is int for x in ids):
+            return None
+        bind = session.connection(bind_arguments={"mapper": counter.parent_mapper})
+        if bind is not connection:
+            return None
+        deltas = by_table.setdefault(table, (pk, {}))[1]
+        for pid in ids:
+            deltas.setdefault(pid, {})
+    kept: dict[Counter, Tally[Any]] = {}
+    for counter, tally in predicted.items():
+        if counter not in keyed:
+            continue
+        deltas = by_table[counter.parent_table][1]
+        tally = Tally({pid: n for pid, n in tally.items() if n and pid in deltas})
+        if not all(type(n) is int for n in tally.values()):
+            return None
+        if tally:
+            kept[counter] = tally
+            for pid, n in tally.items():
+                deltas[pid][counter.column] = n
+    tables = [(t, *by_table[t]) for t in sorted(by_table, key=lambda t: t.name)]
+    return Deferred(session, flush_context, tables, kept)
+
+
+def run_due(connection: sa.Connection, deferred: Deferred, captured: Deltas) -> bool:
+    """Run ``deferred`` if the flush has begun writing; then take its prediction off ``captured``.
+
+    Returns whether it ran. ``captured`` is the flush's capture of its link
+    statements: the predicted deltas are already in the database, so only
+    actual minus predicted remains to apply after the flush.
+    """
+    if getattr(deferred.flush_context, "transaction", None) is None:
+        return False  # still in before_flush: nothing would roll the deltas back
+    for table, pk, deltas in deferred.tables:  # table name order, as every writer locks
+        innodb.add_deltas_locking(connection, table, pk, deltas)
+    for counter, tally in deferred.predicted.items():
+        target = captured[counter.parent_mapper]
+        for pid, n in tally.items():
+            target[pid][counter] -= n
+    # The parents changed even where the correction turns out to be zero.
+    schedule_expiry(deferred.session, {c: set(t) for c, t in deferred.predicted.items()})
+    return True
