@@ -270,9 +270,11 @@ def test_a_collection_flush_locks_the_link_parents_before_its_link_writes(
 
 def _flush_statements(engine: sa.Engine, session: Session) -> list[str]:
     statements: list[str] = []
+    mine = session.connection()  # not a probe's connection
 
     def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-        statements.append(" ".join(statement.upper().split()))
+        if conn is mine:
+            statements.append(" ".join(statement.upper().split()))
 
     sa.event.listen(engine, "before_cursor_execute", record)
     try:
@@ -401,5 +403,58 @@ def test_a_links_flush_whose_before_flush_hook_fails_leaves_the_counters_alone(
             s.commit()
         am.assert_exact(engine)
         assert am.links(engine) == 2
+    finally:
+        engine.dispose()
+
+
+def test_a_links_flush_locks_a_parent_whose_predicted_delta_is_zero(mariadb_url: str) -> None:
+    # A post losing one tag and gaining another (a tag likewise): its delta is 0, yet its link
+    # DELETE and INSERT need it locked first. The one UPDATE lists it with a
+    # zero delta, which InnoDB locks all the same (the row is reached through
+    # the primary key), before the locking read of the link rows to delete.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            post, one, two = am.Post(id=1), am.Tag(id=1), am.Tag(id=2)
+            post.tags.add(one)
+            s.add_all([post, am.Post(id=2), one, two])
+            s.commit()
+        with Session(engine) as s:
+            post, other = s.get(am.Post, 1), s.get(am.Post, 2)
+            one, two = s.get(am.Tag, 1), s.get(am.Tag, 2)
+            assert post is not None and other is not None
+            assert one is not None and two is not None
+            assert post.tags == {one} and other.tags == set()
+            assert len(one.posts) == 1 and two.posts == []
+            post.tags.remove(one)
+            post.tags.add(two)
+            other.tags.add(one)  # post 2 +1, tag 1 -1 +1 = 0, tag 2 +1
+            locked_after: dict[str, bool] = {}
+
+            def probe(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+                # Right after each parent UPDATE, before any link statement has
+                # run (whose foreign-key checks would lock the parents too).
+                for table in ("posts", "tags"):
+                    if statement.startswith("UPDATE") and f"STRAIGHT_JOIN {table} " in statement:
+                        locked_after[table] = _locked_by_someone(engine, table, 1)
+
+            sa.event.listen(engine, "after_cursor_execute", probe)
+            try:
+                statements = _flush_statements(engine, s)
+            finally:
+                sa.event.remove(engine, "after_cursor_execute", probe)
+            assert locked_after == {"posts": True, "tags": True}
+            kinds = [st.split(" ")[0] for st in statements]
+            assert kinds[:2] == ["UPDATE", "UPDATE"], statements
+            assert "STRAIGHT_JOIN POSTS" in statements[0], statements
+            assert "UPDATE" not in kinds[2:], statements  # the prediction was exact
+            assert any(st.startswith("DELETE FROM POST_TAGS") for st in statements)
+            assert (post.tags_count, other.tags_count) == (1, 1)
+            assert (one.posts_count, two.posts_count) == (1, 1)
+            s.commit()
+        am.assert_exact(engine)
     finally:
         engine.dispose()
