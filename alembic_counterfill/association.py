@@ -455,6 +455,7 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     seen: set[Any] = set()  # link rows already predicted through another collection
     deleted = session.deleted
     innodb_of: dict[Mapper[Any], bool] = {}  # per mapper, not per object: flushes can be large
+    sides_of: dict[Mapper[Any], list[tuple[Any, list[_Side]]]] = {}
     for obj in (*session.new, *session.dirty, *deleted):
         st: InstanceState[Any] = instance_state(obj)
         mapper = st.mapper
@@ -465,12 +466,9 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             innodb_of[mapper] = innodb.is_innodb(session.get_bind(mapper=mapper).dialect)
         if not innodb_of[mapper]:
             continue
-        for rel in mapper.relationships:
-            if rel.secondary is None or rel.viewonly:
-                continue
-            counters = counters_of_table(rel.secondary)
-            if not counters:
-                continue
+        if mapper not in sides_of:
+            sides_of[mapper] = _link_sides(mapper)
+        for rel, sides in sides_of[mapper]:
             added: int | None = None  # how many of the items are added (None: no prediction)
             if obj in deleted:  # its links go with it: those of a loaded collection
                 members = st.dict.get(rel.key)
@@ -485,20 +483,26 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             guessed, new = targets, added
             if added is not None and rel.secondary in _shared_tables:
                 guessed, new = _first_seen(st, rel, targets, added, seen)
-            for counter in counters:
-                guess = new is not None and _predictable(counter)
-                for local, link in rel.synchronize_pairs:
-                    if link is counter.fk and st.key is not None:
-                        value = column_value(st, local)
-                        out[counter].add(value)
-                        if guess and new is not None:
-                            predicted[counter][value] += 2 * new - len(guessed)
-                for remote, link in rel.secondary_synchronize_pairs or ():
-                    if link is counter.fk:
-                        out[counter].update(_target_values(targets, remote))
-                        if guess and new is not None:
-                            predicted[counter].update(_target_values(guessed[:new], remote))
-                            predicted[counter].subtract(_target_values(guessed[new:], remote))
+            for counter, local, remote, predictable in sides:
+                guess = new is not None and predictable
+                if local is not None and st.key is not None:
+                    value = column_value(st, local)
+                    out[counter].add(value)
+                    if guess and new is not None:
+                        predicted[counter][value] += 2 * new - len(guessed)
+                if remote is None:
+                    continue
+                if not guess or new is None:
+                    out[counter].update(_target_values(targets, remote))
+                    continue
+                plus = _target_values(guessed[:new], remote)
+                minus = _target_values(guessed[new:], remote)
+                predicted[counter].update(plus)
+                predicted[counter].subtract(minus)
+                if guessed is targets:  # no backref pair: the same values
+                    out[counter].update(plus, minus)
+                else:
+                    out[counter].update(_target_values(targets, remote))
     for found in out.values():
         found.discard(None)
     if predicted:
@@ -507,6 +511,28 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
 
 
 _PREDICTED = "counterfill.links_predicted"
+
+#: A counter of a link table as one relationship writes it: the owner's column
+#: naming its parent (or None), the target's (or None), whether it is predictable.
+_Side = tuple[Counter, Any, Any, bool]
+
+
+def _link_sides(mapper: Mapper[Any]) -> list[tuple[Any, list[_Side]]]:
+    """``mapper``'s writable relationships over counted link tables, with their counters' sides."""
+    found: list[tuple[Any, list[_Side]]] = []
+    for rel in mapper.relationships:
+        if rel.secondary is None or rel.viewonly:
+            continue
+        sides: list[_Side] = []
+        for counter in counters_of_table(rel.secondary):
+            local = next((c for c, link in rel.synchronize_pairs if link is counter.fk), None)
+            pairs = rel.secondary_synchronize_pairs or ()
+            remote = next((c for c, link in pairs if link is counter.fk), None)
+            if local is not None or remote is not None:
+                sides.append((counter, local, remote, _predictable(counter)))
+        if sides:
+            found.append((rel, sides))
+    return found
 
 
 def _predictable(counter: Counter) -> bool:
@@ -573,6 +599,11 @@ def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
         if mapper not in looked_up:
             looked_up[mapper] = _attribute_of(mapper, column)
         key, index = looked_up[mapper]
+        if index is not None and key not in t.committed_state:
+            # A key attribute not changed since it was loaded: the identity
+            # has its value (``InstanceState.dict`` costs a weakref call).
+            found.append(t.key[1][index])
+            continue
         value = t.dict.get(key) if key is not None else None
         if value is None and index is not None:
             value = t.key[1][index]  # an expired key attribute: the identity has it
