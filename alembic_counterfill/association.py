@@ -455,7 +455,7 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     seen: set[Any] = set()  # link rows already predicted through another collection
     deleted = session.deleted
     innodb_of: dict[Mapper[Any], bool] = {}  # per mapper, not per object: flushes can be large
-    sides_of: dict[Mapper[Any], list[tuple[Any, list[_Side]]]] = {}
+    sides_of: dict[Mapper[Any], list[tuple[Any, list[link_locks.Side]]]] = {}
     for obj in (*session.new, *session.dirty, *deleted):
         st: InstanceState[Any] = instance_state(obj)
         mapper = st.mapper
@@ -467,7 +467,7 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
         if not innodb_of[mapper]:
             continue
         if mapper not in sides_of:
-            sides_of[mapper] = _link_sides(mapper)
+            sides_of[mapper] = link_locks.link_sides(mapper)
         for rel, sides in sides_of[mapper]:
             added: int | None = None  # how many of the items are added (None: no prediction)
             if obj in deleted:  # its links go with it: those of a loaded collection
@@ -482,7 +482,7 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             targets = [instance_state(t) for t in items]
             guessed, new = targets, added
             if added is not None and rel.secondary in _shared_tables:
-                guessed, new = _first_seen(st, rel, targets, added, seen)
+                guessed, new = link_locks.first_seen(st, rel, targets, added, seen)
             for counter, local, remote, predictable in sides:
                 guess = new is not None and predictable
                 if local is not None and st.key is not None:
@@ -511,60 +511,6 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
 
 
 _PREDICTED = "counterfill.links_predicted"
-
-#: A counter of a link table as one relationship writes it: the owner's column
-#: naming its parent (or None), the target's (or None), whether it is predictable.
-_Side = tuple[Counter, Any, Any, bool]
-
-
-def _link_sides(mapper: Mapper[Any]) -> list[tuple[Any, list[_Side]]]:
-    """``mapper``'s writable relationships over counted link tables, with their counters' sides."""
-    found: list[tuple[Any, list[_Side]]] = []
-    for rel in mapper.relationships:
-        if rel.secondary is None or rel.viewonly:
-            continue
-        sides: list[_Side] = []
-        for counter in counters_of_table(rel.secondary):
-            local = next((c for c, link in rel.synchronize_pairs if link is counter.fk), None)
-            pairs = rel.secondary_synchronize_pairs or ()
-            remote = next((c for c, link in pairs if link is counter.fk), None)
-            if local is not None or remote is not None:
-                sides.append((counter, local, remote, _predictable(counter)))
-        if sides:
-            found.append((rel, sides))
-    return found
-
-
-def _predictable(counter: Counter) -> bool:
-    """Whether a link row adds exactly one to ``counter`` (a plain count, applied in place)."""
-    return counter.where is None and counter.summed is None and not buffer.is_buffered(counter)
-
-
-def _first_seen(
-    st: InstanceState[Any],
-    rel: Any,
-    targets: list[InstanceState[Any]],
-    added: int,
-    seen: set[Any],
-) -> tuple[list[InstanceState[Any]], int]:
-    """The ``targets`` whose link row no other collection of this flush named (and how many added).
-
-    ``a.following.append(b)`` shows in ``b.followers`` too when that backref
-    is loaded; the unit of work writes the row once, so it is predicted once.
-    """
-    own = tuple(link.key for _, link in rel.synchronize_pairs)
-    other = tuple(link.key for _, link in rel.secondary_synchronize_pairs or ())
-    kept: list[InstanceState[Any]] = []
-    kept_added = 0
-    for i, t in enumerate(targets):
-        is_added = i < added
-        row = (rel.secondary, is_added, frozenset(((own, id(st)), (other, id(t)))))
-        if row in seen:
-            continue
-        seen.add(row)
-        kept.append(t)
-        kept_added += is_added
-    return kept, kept_added
 
 
 def defer_locks(session: Session, flush_context: Any, parents: Mapping[Counter, set[Any]]) -> bool:

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.state import InstanceState
 
 from . import buffer, innodb
-from .counters import Counter
+from .counters import Counter, counters_of_table
 from .deltas import Deltas, schedule_expiry
 
 
@@ -113,3 +114,60 @@ def run_due(connection: sa.Connection, deferred: Deferred, captured: Deltas) -> 
     # The parents changed even where the correction turns out to be zero.
     schedule_expiry(deferred.session, {c: set(t) for c, t in deferred.predicted.items()})
     return True
+
+
+# --- The prediction, from the collections' histories (association.collection_parents) ---
+
+#: A counter of a link table as one relationship writes it: the owner's column
+#: naming its parent (or None), the target's (or None), whether it is predictable.
+Side = tuple[Counter, Any, Any, bool]
+
+
+def link_sides(mapper: Mapper[Any]) -> list[tuple[Any, list[Side]]]:
+    """``mapper``'s writable relationships over counted link tables, with their counters' sides."""
+    found: list[tuple[Any, list[Side]]] = []
+    for rel in mapper.relationships:
+        if rel.secondary is None or rel.viewonly:
+            continue
+        sides: list[Side] = []
+        for counter in counters_of_table(rel.secondary):
+            local = next((c for c, link in rel.synchronize_pairs if link is counter.fk), None)
+            pairs = rel.secondary_synchronize_pairs or ()
+            remote = next((c for c, link in pairs if link is counter.fk), None)
+            if local is not None or remote is not None:
+                sides.append((counter, local, remote, predictable(counter)))
+        if sides:
+            found.append((rel, sides))
+    return found
+
+
+def predictable(counter: Counter) -> bool:
+    """Whether a link row adds exactly one to ``counter`` (a plain count, applied in place)."""
+    return counter.where is None and counter.summed is None and not buffer.is_buffered(counter)
+
+
+def first_seen(
+    st: InstanceState[Any],
+    rel: Any,
+    targets: list[InstanceState[Any]],
+    added: int,
+    seen: set[Any],
+) -> tuple[list[InstanceState[Any]], int]:
+    """The ``targets`` whose link row no other collection of this flush named (and how many added).
+
+    ``a.following.append(b)`` shows in ``b.followers`` too when that backref
+    is loaded; the unit of work writes the row once, so it is predicted once.
+    """
+    own = tuple(link.key for _, link in rel.synchronize_pairs)
+    other = tuple(link.key for _, link in rel.secondary_synchronize_pairs or ())
+    kept: list[InstanceState[Any]] = []
+    kept_added = 0
+    for i, t in enumerate(targets):
+        is_added = i < added
+        row = (rel.secondary, is_added, frozenset(((own, id(st)), (other, id(t)))))
+        if row in seen:
+            continue
+        seen.add(row)
+        kept.append(t)
+        kept_added += is_added
+    return kept, kept_added
