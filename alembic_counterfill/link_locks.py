@@ -24,6 +24,7 @@ left to write) never runs it, and then subtracts nothing.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter as Tally
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,8 +43,11 @@ from .deltas import Deltas, schedule_expiry
 class Deferred:
     """The parent locks (with predicted deltas) a links-only flush runs at its first statement."""
 
-    session: Session
-    flush_context: Any  # the flush's UOWTransaction: its ``transaction`` is set once it writes
+    # Weak: an aborted flush leaves this in its connection's capture, whose
+    # registry holds connections weakly; the session must stay free to go.
+    session: weakref.ref[Session]
+    # The flush's UOWTransaction: its ``transaction`` is set once it writes.
+    flush_context: weakref.ref[Any]
     # Per parent table, in name order: every parent to lock, with its predicted
     # deltas by counter column (often none).
     tables: list[tuple[sa.Table, sa.Column[Any], dict[Any, dict[sa.Column[Any], int]]]]
@@ -93,7 +97,7 @@ def plan(
             for pid, n in tally.items():
                 deltas[pid][counter.column] = n
     tables = [(t, *by_table[t]) for t in sorted(by_table, key=lambda t: t.name)]
-    return Deferred(session, flush_context, tables, kept)
+    return Deferred(weakref.ref(session), weakref.ref(flush_context), tables, kept)
 
 
 def run_due(connection: sa.Connection, deferred: Deferred, captured: Deltas) -> bool:
@@ -103,8 +107,9 @@ def run_due(connection: sa.Connection, deferred: Deferred, captured: Deltas) -> 
     statements: the predicted deltas are already in the database, so only
     actual minus predicted remains to apply after the flush.
     """
-    if getattr(deferred.flush_context, "transaction", None) is None:
-        return False  # still in before_flush: nothing would roll the deltas back
+    session, flush_context = deferred.session(), deferred.flush_context()
+    if session is None or getattr(flush_context, "transaction", None) is None:
+        return False  # not in the flush's transaction: nothing would roll the deltas back
     for table, pk, deltas in deferred.tables:  # table name order, as every writer locks
         innodb.add_deltas_locking(connection, table, pk, deltas)
     for counter, tally in deferred.predicted.items():
@@ -112,7 +117,7 @@ def run_due(connection: sa.Connection, deferred: Deferred, captured: Deltas) -> 
         for pid, n in tally.items():
             target[pid][counter] -= n
     # The parents changed even where the correction turns out to be zero.
-    schedule_expiry(deferred.session, {c: set(t) for c, t in deferred.predicted.items()})
+    schedule_expiry(session, {c: set(t) for c, t in deferred.predicted.items()})
     return True
 
 
