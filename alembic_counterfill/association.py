@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections import Counter as Tally
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -42,7 +43,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import operators
 
-from . import buffer, innodb, sql
+from . import buffer, innodb, link_locks, sql
 from .counters import Counter, association_tables, counters_of_table
 from .deltas import Deltas, Recounts, lock_first, new_deltas, settle, totals
 from .errors import CounterfillWarning
@@ -58,6 +59,8 @@ class Capture:
     recounts: Recounts = field(default_factory=lambda: defaultdict(set))
     # Rows read by before_execute, popped by the matching after_execute.
     pending: list[tuple[Any, list[Any]]] = field(default_factory=list)
+    # InnoDB: the parent lock a links-only flush takes at its first statement.
+    deferred: link_locks.Deferred | None = None
 
     def add(self, counters: Sequence[Counter], rows: Iterable[Any], sign: int) -> None:
         """Add ``sign`` times each ``(k0, v0, k1, v1 ...)`` row to the deltas."""
@@ -170,6 +173,11 @@ def before_execute(
     capture = _captures.get(conn) if _captures else None
     if capture is None:
         return elem, multiparams, params
+    deferred = capture.deferred
+    if deferred is not None:
+        capture.deferred = None  # its own statement comes back through here
+        if not link_locks.run_due(conn, deferred, capture.deltas):
+            capture.deferred = deferred
     counters = _counted(elem)
     if counters is None or isinstance(elem, sa.Insert):
         return elem, multiparams, params
@@ -435,12 +443,19 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     holding a parent the fold wants next. An object new in this flush has
     no key yet (no fold can know it either); the links of a deleted object's
     unloaded collection are found by the unit of work during the flush.
+
+    It also notes, for :func:`defer_locks`, the deltas those histories predict
+    for plain counts (the unit of work's link rows, a backref's named once).
     """
     out: dict[Counter, set[Any]] = defaultdict(set)
+    session.info.pop(_PREDICTED, None)
     if not _secondary_parents:
         return out
+    predicted: dict[Counter, Tally[Any]] = defaultdict(Tally)
+    seen: set[Any] = set()  # link rows already predicted through another collection
     deleted = session.deleted
     innodb_of: dict[Mapper[Any], bool] = {}  # per mapper, not per object: flushes can be large
+    sides_of: dict[Mapper[Any], list[tuple[Any, list[link_locks.Side]]]] = {}
     for obj in (*session.new, *session.dirty, *deleted):
         st: InstanceState[Any] = instance_state(obj)
         mapper = st.mapper
@@ -451,31 +466,72 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             innodb_of[mapper] = innodb.is_innodb(session.get_bind(mapper=mapper).dialect)
         if not innodb_of[mapper]:
             continue
-        for rel in mapper.relationships:
-            if rel.secondary is None or rel.viewonly:
-                continue
-            counters = counters_of_table(rel.secondary)
-            if not counters:
-                continue
+        if mapper not in sides_of:
+            sides_of[mapper] = link_locks.link_sides(mapper)
+        for rel, sides in sides_of[mapper]:
+            added: int | None = None  # how many of the items are added (None: no prediction)
             if obj in deleted:  # its links go with it: those of a loaded collection
                 members = st.dict.get(rel.key)
                 items = [] if members is None else list(members)
             else:
                 hist = st.attrs[rel.key].history
                 items = [*hist.added, *hist.deleted]
+                added = len(hist.added)
             if not items:
                 continue
             targets = [instance_state(t) for t in items]
-            for counter in counters:
-                for local, link in rel.synchronize_pairs:
-                    if link is counter.fk and st.key is not None:
-                        out[counter].add(column_value(st, local))
-                for remote, link in rel.secondary_synchronize_pairs or ():
-                    if link is counter.fk:
-                        out[counter].update(_target_values(targets, remote))
+            guessed, new = targets, added
+            if added is not None and rel.secondary in _shared_tables:
+                guessed, new = link_locks.first_seen(st, rel, targets, added, seen)
+            for counter, local, remote, predictable in sides:
+                guess = new is not None and predictable
+                if local is not None and st.key is not None:
+                    value = column_value(st, local)
+                    out[counter].add(value)
+                    if guess and new is not None:
+                        predicted[counter][value] += 2 * new - len(guessed)
+                if remote is None:
+                    continue
+                if not guess or new is None:
+                    out[counter].update(_target_values(targets, remote))
+                    continue
+                plus = _target_values(guessed[:new], remote)
+                minus = _target_values(guessed[new:], remote)
+                predicted[counter].update(plus)
+                predicted[counter].subtract(minus)
+                if guessed is targets:  # no backref pair: the same values
+                    out[counter].update(plus, minus)
+                else:
+                    out[counter].update(_target_values(targets, remote))
     for found in out.values():
         found.discard(None)
+    if predicted:
+        session.info[_PREDICTED] = predicted
     return out
+
+
+_PREDICTED = "counterfill.links_predicted"
+
+
+def defer_locks(session: Session, flush_context: Any, parents: Mapping[Counter, set[Any]]) -> bool:
+    """On InnoDB, leave a links-only flush's parent lock to its first statement (link_locks).
+
+    ``parents``: every parent the flush must lock before it writes. Returns
+    whether the lock was deferred; if not, the caller locks them now.
+    """
+    predicted = session.info.pop(_PREDICTED, None) or {}
+    conns = session.info.get(_OPEN) or []
+    if len(conns) != 1:  # one connection writes every link and parent
+        return False
+    conn = conns[0]
+    capture = _captures.get(conn)
+    if capture is None:
+        return False
+    deferred = link_locks.plan(session, flush_context, conn, parents, predicted)
+    if deferred is None:
+        return False
+    capture.deferred = deferred
+    return True
 
 
 def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
@@ -489,6 +545,11 @@ def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
         if mapper not in looked_up:
             looked_up[mapper] = _attribute_of(mapper, column)
         key, index = looked_up[mapper]
+        if index is not None and key not in t.committed_state:
+            # A key attribute not changed since it was loaded: the identity
+            # has its value (``InstanceState.dict`` costs a weakref call).
+            found.append(t.key[1][index])
+            continue
         value = t.dict.get(key) if key is not None else None
         if value is None and index is not None:
             value = t.key[1][index]  # an expired key attribute: the identity has it
@@ -592,6 +653,7 @@ def end_flush(session: Session) -> Capture | None:
 
 def discard(session: Session) -> None:
     """Drop the captures of a flush that failed or was rolled back."""
+    session.info.pop(_PREDICTED, None)
     for conn in session.info.pop(_OPEN, None) or ():
         close_capture(conn)
 
@@ -646,16 +708,25 @@ def run_statement(state: ORMExecuteState, dml: Any) -> Result[Any]:
 _secondary_parents: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
+# Counted association tables that more than one relationship writes (a backref pair).
+_shared_tables: weakref.WeakSet[sa.Table] = weakref.WeakSet()
+
+
 def after_configured() -> None:
     """Find the relationships that write counted association tables; warn about DB cascades."""
     tables = set(association_tables())
+    writers: dict[sa.Table, set[Any]] = defaultdict(set)
     for table in tables:
         for counter in counters_of_table(table):
             for mapper in counter.parent_mapper.registry.mappers:
                 for rel in mapper.relationships:
                     if rel.secondary in tables and not rel.viewonly:
                         _secondary_parents.add(rel.parent)
+                        writers[rel.secondary].add(rel)
                         _check_cascade(rel)
+    for table, rels in writers.items():
+        if len(rels) > 1:
+            _shared_tables.add(table)
 
 
 _warned: weakref.WeakSet[Any] = weakref.WeakSet()

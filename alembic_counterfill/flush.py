@@ -306,7 +306,7 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
         state.capture(connection, plan, keys, copies.get(plan))
     links = association.collection_parents(session)
     if _on_innodb(session, wanted) or _links_on_innodb(session, links):
-        _lock_before_writes(session, state, links)
+        _lock_before_writes(session, state, links, flush_context)
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
@@ -333,7 +333,10 @@ def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]
 
 
 def _lock_before_writes(
-    session: Session, state: _FlushState, links: Mapping[Any, set[Any]] | None = None
+    session: Session,
+    state: _FlushState,
+    links: Mapping[Any, set[Any]] | None = None,
+    flush_context: UOWTransaction | None = None,
 ) -> None:
     """On InnoDB, take every lock this flush's writes will need, children first, then parents.
 
@@ -350,7 +353,9 @@ def _lock_before_writes(
        by table name and then key (:func:`.deltas.lock_first`).
 
     ``links``: the parents of association-table rows the flush will write
-    (:func:`.association.collection_parents`), locked in the same pass.
+    (:func:`.association.collection_parents`), locked in the same pass. When
+    they are all it locks, of one parent table, the lock is left to the
+    flush's first statement, merged with the deltas (:mod:`.link_locks`).
 
     Parents named only through a persistent parent's one-to-many collection
     are found by :func:`_owning_collections`. Parents found only during the
@@ -397,6 +402,9 @@ def _lock_before_writes(
     locked: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         locked[plan] = _lock_existing(session, plan, keys)
+    deferrable = links and not colliding and not state.reread and flush_context is not None
+    if deferrable and association.defer_locks(session, flush_context, parents):
+        return  # links only: their first statement locks them (link_locks)
     # Only new children: their INSERTs' foreign-key checks lock the parents first.
     inserts_only = not session.dirty and not session.deleted
     _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)

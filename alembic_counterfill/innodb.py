@@ -502,6 +502,32 @@ def apply_deltas(
             _add_by_case(connection, table, pk, columns, part, deltas)
 
 
+def add_deltas_locking(
+    connection: Connection,
+    table: sa.Table,
+    pk: sa.Column[Any],
+    deltas: Mapping[Any, Mapping[sa.Column[Any], int]],
+) -> None:
+    """Lock every parent ``deltas`` names exclusively, in key order, adding its deltas (if any).
+
+    The ``JSON_TABLE`` UPDATE of :func:`apply_deltas`, with a row for every
+    parent, zero deltas included: InnoDB locks each row the join reaches
+    through the primary key, changed or not, in the keys' order, as the
+    locking read of :func:`lock_parent_keys` would (integer keys and deltas
+    only). Without any delta it is that locking read.
+    """
+    ids = sorted(deltas)
+    columns = sorted({col for d in deltas.values() for col in d}, key=lambda c: c.name)
+    if not columns:
+        lock_parent_keys(connection, table, pk, ids)
+        return
+    held = _held_in_transaction(connection, table)
+    for start in range(0, len(ids), CHUNK):
+        part = ids[start : start + CHUNK]
+        _add_from_json(connection, table, pk, columns, part, deltas)
+        held.update(part)
+
+
 def _integers(pk: sa.Column[Any], ids: Sequence[Any], deltas: Mapping[Any, Any]) -> bool:
     if not isinstance(pk.type, sa.Integer) or not all(type(x) is int for x in ids):
         return False

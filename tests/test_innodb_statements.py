@@ -251,10 +251,11 @@ def test_a_collection_flush_locks_the_link_parents_before_its_link_writes(
                 finally:
                     sa.event.remove(engine, "before_cursor_execute", record)
                 s.commit()
+            # A links-only flush locks with its predicted delta UPDATE (link_locks).
             lock = next(
                 i
                 for i, st in enumerate(statements)
-                if st.startswith("SELECT USERS.ID FROM JSON_TABLE") and st.endswith("FOR UPDATE")
+                if st.startswith("UPDATE JSON_TABLE") and "STRAIGHT_JOIN USERS" in st
             )
             write = next(
                 i
@@ -263,5 +264,197 @@ def test_a_collection_flush_locks_the_link_parents_before_its_link_writes(
             )
             assert lock < write, statements
             am.assert_exact(engine)
+    finally:
+        engine.dispose()
+
+
+def _flush_statements(engine: sa.Engine, session: Session) -> list[str]:
+    statements: list[str] = []
+    mine = session.connection()  # not a probe's connection
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if conn is mine:
+            statements.append(" ".join(statement.upper().split()))
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        session.flush()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    return statements
+
+
+def test_a_links_only_flush_locks_and_adds_in_one_statement_before_its_link_insert(
+    mariadb_url: str,
+) -> None:
+    # Issue 15: appending links costs ONE statement more than without counters.
+    # The parent lock before the link INSERT is the delta UPDATE itself, with
+    # the deltas the collections predict (both sides of a back_populates pair
+    # loaded: each link predicted once); nothing is left to apply after it.
+    # The parents stay locked (exclusively, by this transaction) until it ends.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([am.Post(id=i) for i in range(1, 4)] + [am.Tag(id=i) for i in range(1, 4)])
+            s.commit()
+        with Session(engine) as s:
+            posts = {p.id: p for p in s.scalars(sa.select(am.Post))}
+            tags = {t.id: t for t in s.scalars(sa.select(am.Tag))}
+            for p in posts.values():
+                assert p.tags == set()
+            for t in tags.values():
+                assert t.posts == []
+            posts[1].tags.add(tags[2])
+            posts[3].tags.add(tags[2])
+            tags[3].posts.append(posts[3])
+            statements = _flush_statements(engine, s)
+            assert [st.split(" ")[0] for st in statements] == ["UPDATE", "UPDATE", "INSERT"], (
+                statements
+            )
+            assert "STRAIGHT_JOIN POSTS" in statements[0], statements
+            assert "STRAIGHT_JOIN TAGS" in statements[1], statements
+            assert statements[2].startswith("INSERT INTO POST_TAGS"), statements
+            # Read after the flush, before the commit: the loaded parents were expired.
+            assert [posts[i].tags_count for i in (1, 2, 3)] == [1, 0, 2]
+            assert [tags[i].posts_count for i in (1, 2, 3)] == [0, 2, 1]
+            assert _locked_by_someone(engine, "posts", 3)
+            assert _locked_by_someone(engine, "tags", 2)
+            assert not _locked_by_someone(engine, "posts", 2)
+            s.commit()
+        am.assert_exact(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_links_flush_applies_what_its_prediction_missed_after_the_writes(
+    mariadb_url: str,
+) -> None:
+    # The prediction covers plain counts of persistent objects only: a new
+    # target's link, the where= and sum= counters of the same rows, and a
+    # link removed and the counters it decrements are applied exactly
+    # after the link statements, still within the flush.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            users = [am.User(id=i, name=f"u{i}") for i in range(1, 5)]
+            s.add_all(users)
+            users[0].following.extend(users[1:3])
+            s.commit()
+        with Session(engine) as s:
+            # Everything loaded first: a load would autoflush the changes made before it.
+            one, two, three, four = (s.get(am.User, i) for i in range(1, 5))
+            assert one is not None and two is not None
+            assert three is not None and four is not None
+            assert len(one.following) == 2 and four.followers == []
+            one.following.remove(two)
+            one.following.append(four)
+            one.following.append(am.User(id=9, name="new"))
+            four.followers.append(three)
+            statements = _flush_statements(engine, s)
+            writes = [
+                i
+                for i, st in enumerate(statements)
+                if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
+            ]
+            assert statements[0].startswith("UPDATE JSON_TABLE"), statements
+            assert len(writes) == 2 and writes[0] > 0, statements
+            s.commit()
+        am.assert_exact(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_links_flush_whose_before_flush_hook_fails_leaves_the_counters_alone(
+    mariadb_url: str,
+) -> None:
+    # A before_flush hook registered after ours raises: the flush stops before
+    # its transaction, which is NOT rolled back and may be committed. The
+    # predicted deltas must not have reached the parents (they run only at the
+    # flush's first statement); the flush that follows counts the links once.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+
+    def refuse(session: Session, *args: object) -> None:
+        raise RuntimeError("refused by a later hook")
+
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([am.Post(id=1), am.Tag(id=1), am.Tag(id=2)])
+            s.commit()
+        with Session(engine) as s:
+            post, one, two = s.get(am.Post, 1), s.get(am.Tag, 1), s.get(am.Tag, 2)
+            assert post is not None and post.tags == set()
+            post.tags.add(one)
+            sa.event.listen(s, "before_flush", refuse)
+            with pytest.raises(RuntimeError, match="refused"):
+                s.flush()
+            sa.event.remove(s, "before_flush", refuse)
+            with s.no_autoflush:  # a statement between the two flushes
+                assert s.execute(sa.select(am.Post.tags_count)).scalar_one() == 0
+            post.tags.add(two)
+            s.commit()
+        am.assert_exact(engine)
+        assert am.links(engine) == 2
+    finally:
+        engine.dispose()
+
+
+def test_a_links_flush_locks_a_parent_whose_predicted_delta_is_zero(mariadb_url: str) -> None:
+    # A post losing one tag and gaining another (a tag likewise): its delta is 0, yet its link
+    # DELETE and INSERT need it locked first. The one UPDATE lists it with a
+    # zero delta, which InnoDB locks all the same (the row is reached through
+    # the primary key), before the locking read of the link rows to delete.
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    try:
+        am.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            post, one, two = am.Post(id=1), am.Tag(id=1), am.Tag(id=2)
+            post.tags.add(one)
+            s.add_all([post, am.Post(id=2), one, two])
+            s.commit()
+        with Session(engine) as s:
+            post, other = s.get(am.Post, 1), s.get(am.Post, 2)
+            one, two = s.get(am.Tag, 1), s.get(am.Tag, 2)
+            assert post is not None and other is not None
+            assert one is not None and two is not None
+            assert post.tags == {one} and other.tags == set()
+            assert len(one.posts) == 1 and two.posts == []
+            post.tags.remove(one)
+            post.tags.add(two)
+            other.tags.add(one)  # post 2 +1, tag 1 -1 +1 = 0, tag 2 +1
+            locked_after: dict[str, bool] = {}
+
+            def probe(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+                # Right after each parent UPDATE, before any link statement has
+                # run (whose foreign-key checks would lock the parents too).
+                for table in ("posts", "tags"):
+                    if statement.startswith("UPDATE") and f"STRAIGHT_JOIN {table} " in statement:
+                        locked_after[table] = _locked_by_someone(engine, table, 1)
+
+            sa.event.listen(engine, "after_cursor_execute", probe)
+            try:
+                statements = _flush_statements(engine, s)
+            finally:
+                sa.event.remove(engine, "after_cursor_execute", probe)
+            assert locked_after == {"posts": True, "tags": True}
+            kinds = [st.split(" ")[0] for st in statements]
+            assert kinds[:2] == ["UPDATE", "UPDATE"], statements
+            assert "STRAIGHT_JOIN POSTS" in statements[0], statements
+            assert "UPDATE" not in kinds[2:], statements  # the prediction was exact
+            assert any(st.startswith("DELETE FROM POST_TAGS") for st in statements)
+            assert (post.tags_count, other.tags_count) == (1, 1)
+            assert (one.posts_count, two.posts_count) == (1, 1)
+            s.commit()
+        am.assert_exact(engine)
     finally:
         engine.dispose()
