@@ -27,7 +27,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import Join
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from . import buffer
 from .errors import CounterfillError
@@ -538,6 +540,62 @@ def _add_statement(table: sa.Table, pk: sa.Column[Any], columns: tuple[sa.Column
     return sa.update(_ValuesFirst(table, v, v.c.pk == pk)).values(
         {col: col + v.c[f"d{i}"] for i, col in enumerate(columns)}
     )
+
+
+class _Through(ColumnElement[bool]):
+    """``TRUE`` in a DELETE's WHERE that makes ``join`` the DELETE's ``USING`` clause.
+
+    SQLAlchemy gathers a DELETE's other tables from its WHERE, and renders a
+    join that holds the deleted table as the whole ``USING`` clause.
+    """
+
+    inherit_cache = True
+    _traverse_internals = [("join", InternalTraversal.dp_clauseelement)]
+    type = sa.Boolean()
+
+    def __init__(self, join: Join) -> None:
+        self.join = join
+
+    @property
+    def _from_objects(self) -> list[Any]:
+        return [self.join]
+
+
+@compiles(_Through)
+def _through(element: _Through, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(sa.true(), **kw))
+
+
+def delete_through_keys(stmt: Any, columns: Sequence[sa.Column[Any]], keys: Sequence[Any]) -> Any:
+    """``stmt`` (a DELETE) reaching exactly the rows ``keys`` by primary key; ``None`` if it cannot.
+
+    ``DELETE FROM t USING JSON_TABLE(:keys) STRAIGHT_JOIN t FORCE INDEX
+    (PRIMARY) ON …``: the server reads the keys first and reaches each row
+    through the primary key (``eq_ref``), whatever its statistics say. A
+    single-table ``DELETE … WHERE pk IN (…)`` takes no index hint, and when
+    it names about as many keys as the table's estimated rows MariaDB runs
+    it as a table scan, which waits for rows other transactions hold that
+    the DELETE spares. Integer keys only (``BIGINT`` columns of the JSON
+    rows); the caller keeps the key list otherwise, and for a DELETE with
+    its own ``RETURNING``, which MariaDB allows on one table only.
+    """
+    if not all(isinstance(c.type, sa.Integer) for c in columns):
+        return None
+    if not all(type(v) is int for key in keys for v in key):
+        return None
+    spec = ", ".join(f"k{i} BIGINT PATH '$[{i}]'" for i in range(len(columns)))
+    rows = (
+        sa.func.json_table(
+            sa.bindparam("counterfill_keys", json.dumps([list(k) for k in keys]), sa.String),
+            sa.literal_column(f"'$[*]' COLUMNS ({spec})"),
+        )
+        .table_valued(*[f"k{i}" for i in range(len(columns))])
+        .alias("counterfill_keys")
+    )
+    on = sa.and_(*[c == rows.c[f"k{i}"] for i, c in enumerate(columns)])
+    stmt = stmt._clone()
+    stmt._where_criteria = (_Through(_ValuesFirst(columns[0].table, rows, on)),)
+    return stmt
 
 
 def _add_by_case(
