@@ -443,7 +443,8 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     moves_keys = not is_delete and bool(written(state, dml) & set(_key_names(plan)))
     parents = _parents(plan, old, _set_parents(state, plan, dml))
     lock_first(session, parents, shared_buffered=not moves_keys)
-    stmt, options = dml, {}
+    stmt: Any = dml
+    options: dict[str, Any] = {}
     restricted = not one_writer and not wrapped
     if restricted and innodb.is_innodb(dialect):
         stmt, options = _by_locked_keys(state, stmt, plan, keys, is_delete)
