@@ -470,6 +470,8 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         result = _guarded(state, plan, stmt, options, len(keys))
     else:
         result = state.invoke_statement(statement=stmt, execution_options=options)
+    if options.get("synchronize_session") == "fetch" and _synchronize(state) != "fetch":
+        _rowless(result)  # our 'fetch' may have added RETURNING (MariaDB's DELETE, PostgreSQL)
     if moves_keys:
         if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
             # Keys moved and there is no UPDATE … RETURNING: recount every
