@@ -129,9 +129,16 @@ def _unit_of_work_keys(elem: Any, rows: list[dict[str, Any]]) -> list[sa.Column[
 
 
 def _read_matching(
-    conn: sa.Connection, elem: Any, counters: Sequence[Counter], rows: list[dict[str, Any]]
+    conn: sa.Connection,
+    elem: Any,
+    counters: Sequence[Counter],
+    rows: list[dict[str, Any]],
+    hint: str | None,
 ) -> list[Any]:
-    """Lock and read what each row the statement matches counts as, in key order."""
+    """Lock and read what each row the statement matches counts as, in key order.
+
+    ``hint``: the index of a keyless table on InnoDB (:func:`.innodb.keyless_access`).
+    """
     keys = _unit_of_work_keys(elem, rows)
     if keys is not None:
         # One statement for the whole executemany: the rows named by their keys.
@@ -139,9 +146,13 @@ def _read_matching(
         found: list[Any] = []
         for i in range(0, len(values), 500):
             stmt = sql.matching_links(counters, _among(conn, keys, values[i : i + 500]))
+            if hint is not None:
+                stmt = stmt.with_hint(elem.table, hint)
             found.extend(conn.execute(stmt).all())
         return found
     stmt = sql.matching_links(counters, elem.whereclause)
+    if hint is not None:
+        stmt = stmt.with_hint(elem.table, hint)
     if not rows:
         return list(conn.execute(stmt).all())
     found = []
@@ -168,7 +179,10 @@ def before_execute(
     """Before a DELETE/UPDATE of a counted association table: lock and read its rows.
 
     Registered with ``retval=True``: a single-statement DELETE/UPDATE on a
-    table with a primary key comes back restricted to the rows it locked.
+    table with a primary key comes back restricted to the rows it locked. On
+    InnoDB, statements naming the rows of a table without one by all their
+    columns (the unit of work's) read, update and delete them (the link
+    DELETE as one statement) through one index (:func:`.innodb.keyless_access`).
     """
     capture = _captures.get(conn) if _captures else None
     if capture is None:
@@ -182,9 +196,28 @@ def before_execute(
     if counters is None or isinstance(elem, sa.Insert):
         return elem, multiparams, params
     rows = _rows_of(multiparams, params)
-    old = _read_matching(conn, elem, counters, rows)
+    keys = _unit_of_work_keys(elem, rows)
+    hint = None
+    if keys is not None and innodb.is_innodb(conn.dialect):
+        hint = innodb.keyless_access(conn, elem.table, counters, keys)
+    old = _read_matching(conn, elem, counters, rows, hint)
     pk = list(elem.table.primary_key.columns)
     single = not multiparams
+    if (
+        hint is not None
+        and keys is not None
+        and isinstance(elem, sa.Delete)
+        and not elem._returning
+    ):
+        # The unit of work's link DELETE, through the same index as the read,
+        # as one statement: a single-table DELETE takes no index hint.
+        values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
+        through = innodb.delete_through_keys(elem, keys, values, hint=hint)
+        if through is not None:
+            capture.pending.append((through, old))
+            return through, [], {}
+    if hint is not None and isinstance(elem, sa.Update):
+        elem = elem.with_hint(hint, dialect_name=conn.dialect.name)
     if single and pk and conn.dialect.name != "sqlite" and not elem._returning:
         # Restrict a hand-written statement to the rows just locked: a row
         # committed after the read cannot be changed unseen.

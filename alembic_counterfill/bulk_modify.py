@@ -237,29 +237,43 @@ def _statement_pk(plan: WritePlan, dml: Any) -> list[sa.Column[Any]]:
 
 
 def _by_locked_keys(
-    stmt: Any, plan: WritePlan, keys: list[Key], is_delete: bool, dialect: str, many: bool
-) -> Any:
-    """The caller's statement on InnoDB, reaching its rows by primary key only.
+    state: ORMExecuteState, stmt: Any, plan: WritePlan, keys: list[Key], is_delete: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The caller's statement on InnoDB, reaching its rows by primary key only; its options.
 
     The rows were locked by key and matched the WHERE under the lock, so the
     key list alone selects them. Any scan of another index (or, on a small
     table, of the whole table) would lock entries of rows other writers hold
-    and deadlock with them; an UPDATE also gets an index hint, a DELETE (which
-    takes none) is left only the key list as its WHERE and a ``LIMIT`` of as
-    many rows, which makes MariaDB choose the primary key's ranges.
+    and deadlock with them. An UPDATE gets an index hint. A DELETE (which
+    takes none) joins its table from a ``JSON_TABLE`` of the integer keys
+    (:func:`.innodb.delete_through_keys`), a ``DELETE … USING`` for which
+    ``synchronize_session='fetch'`` selects the keys first
+    (``is_delete_using``): MariaDB has no ``RETURNING`` there. Other keys,
+    and a DELETE whose caller gets rows back (its own RETURNING, or
+    ``synchronize_session='fetch'``, whose result MariaDB's single-table
+    ``DELETE … RETURNING`` shapes), keep the key list as the WHERE, with a
+    ``LIMIT`` of as many rows when they can, which makes MariaDB choose the
+    primary key's ranges while the list is shorter than the table's
+    estimated row count.
     """
+    dialect, many = state.session.get_bind(mapper=plan.mapper).dialect.name, state.is_executemany
     if not keys:
         stmt = stmt._clone()
         stmt._where_criteria = (sa.false(),)
-        return stmt
+        return stmt, {}
     restriction = innodb.key_match(_statement_pk(plan, stmt), keys, expanding=not many)
     if not is_delete:
-        return stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
+        hinted = stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
+        return hinted, {}
+    if not stmt._returning and _synchronize(state) != "fetch":
+        through = innodb.delete_through_keys(stmt, _statement_pk(plan, stmt), keys)
+        if through is not None:
+            return through, {"is_delete_using": True}
     stmt = stmt._clone()
     stmt._where_criteria = (restriction,)
     if stmt._returning:  # MariaDB's DELETE … RETURNING takes no LIMIT before it
-        return stmt
-    return stmt.with_dialect_options(mysql_limit=len(keys))
+        return stmt, {}
+    return stmt.with_dialect_options(mysql_limit=len(keys)), {}
 
 
 def _set_parents(state: ORMExecuteState, plan: WritePlan, dml: Any) -> dict[Any, set[Any]]:
@@ -429,11 +443,12 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     moves_keys = not is_delete and bool(written(state, dml) & set(_key_names(plan)))
     parents = _parents(plan, old, _set_parents(state, plan, dml))
     lock_first(session, parents, shared_buffered=not moves_keys)
-    stmt, options = dml, {}
+    stmt: Any = dml
+    options: dict[str, Any] = {}
     restricted = not one_writer and not wrapped
     if restricted and innodb.is_innodb(dialect):
-        stmt = _by_locked_keys(stmt, plan, keys, is_delete, dialect.name, state.is_executemany)
-        options = _fetch_instead_of_evaluate(state, plan)
+        stmt, options = _by_locked_keys(state, stmt, plan, keys, is_delete)
+        options.update(_fetch_instead_of_evaluate(state, plan))
     elif restricted:
         stmt = stmt.where(sql.keys_in(_statement_pk(plan, dml), keys, dialect.name))
         options = _fetch_instead_of_evaluate(state, plan)
@@ -455,6 +470,8 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
         result = _guarded(state, plan, stmt, options, len(keys))
     else:
         result = state.invoke_statement(statement=stmt, execution_options=options)
+    if options.get("synchronize_session") == "fetch" and _synchronize(state) != "fetch":
+        _rowless(result)  # our 'fetch' may have added RETURNING (MariaDB's DELETE, PostgreSQL)
     if moves_keys:
         if innodb.is_innodb(dialect) and _sets_fk_literally(state, plan, dml):
             # Keys moved and there is no UPDATE … RETURNING: recount every

@@ -27,7 +27,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import Join
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from . import buffer
 from .errors import CounterfillError
@@ -443,11 +445,24 @@ class _ValuesFirst(Join):
     inherit_cache = True
 
 
+class _ValuesFirstBy(_ValuesFirst):
+    """:class:`_ValuesFirst` reaching ``left`` through the index hint ``hint`` instead."""
+
+    inherit_cache = True
+    _traverse_internals = [*Join._traverse_internals, ("hint", InternalTraversal.dp_string)]
+
+    def __init__(self, left: Any, right: Any, onclause: Any, hint: str) -> None:
+        super().__init__(left, right, onclause)
+        self.hint = hint
+
+
 @compiles(_ValuesFirst)
+@compiles(_ValuesFirstBy)
 def _values_first(element: _ValuesFirst, compiler: Any, **kw: Any) -> str:
     kw["asfrom"] = True
     right = compiler.process(element.right, **kw)
-    left = f"{compiler.process(element.left, **kw)} {BY_PRIMARY_KEY}"
+    hint = getattr(element, "hint", BY_PRIMARY_KEY)
+    left = f"{compiler.process(element.left, **kw)} {hint}"
     return f"{right} STRAIGHT_JOIN {left} ON {compiler.process(element.onclause, **kw)}"
 
 
@@ -564,6 +579,125 @@ def _add_statement(table: sa.Table, pk: sa.Column[Any], columns: tuple[sa.Column
     return sa.update(_ValuesFirst(table, v, v.c.pk == pk)).values(
         {col: col + v.c[f"d{i}"] for i, col in enumerate(columns)}
     )
+
+
+class _Through(ColumnElement[bool]):
+    """``TRUE`` in a DELETE's WHERE that makes ``join`` the DELETE's ``USING`` clause.
+
+    SQLAlchemy gathers a DELETE's other tables from its WHERE, and renders a
+    join that holds the deleted table as the whole ``USING`` clause.
+    """
+
+    inherit_cache = True
+    _traverse_internals = [("join", InternalTraversal.dp_clauseelement)]
+    type = sa.Boolean()
+
+    def __init__(self, join: Join) -> None:
+        self.join = join
+
+    @property
+    def _from_objects(self) -> list[Any]:
+        return [self.join]
+
+
+@compiles(_Through)
+def _through(element: _Through, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(sa.true(), **kw))
+
+
+def delete_through_keys(
+    stmt: Any, columns: Sequence[sa.Column[Any]], keys: Sequence[Any], hint: str = BY_PRIMARY_KEY
+) -> Any:
+    """``stmt`` (a DELETE) reaching exactly the rows ``keys`` by primary key; ``None`` if it cannot.
+
+    ``DELETE FROM t USING JSON_TABLE(:keys) STRAIGHT_JOIN t FORCE INDEX
+    (PRIMARY) ON …``: the server reads the keys first and reaches each row
+    through the primary key (``eq_ref``), whatever its statistics say. A
+    single-table ``DELETE … WHERE pk IN (…)`` takes no index hint, and when
+    it names about as many keys as the table's estimated rows MariaDB runs
+    it as a table scan, which waits for rows other transactions hold that
+    the DELETE spares. Integer keys only (``BIGINT`` columns of the JSON
+    rows); the caller keeps the key list otherwise, and for a DELETE with
+    its own ``RETURNING``, which MariaDB allows on one table only. ``hint``
+    names another index when ``columns`` are not the primary key
+    (:func:`keyless_access`).
+    """
+    if not all(isinstance(c.type, sa.Integer) for c in columns):
+        return None
+    if not all(type(v) is int for key in keys for v in key) or not _renders_using_join():
+        return None
+    stmt = stmt._clone()
+    stmt._where_criteria = (_Through(_keys_first(columns, keys, hint)),)
+    return stmt
+
+
+def _keys_first(columns: Sequence[sa.Column[Any]], keys: Sequence[Any], hint: str) -> Join:
+    """``JSON_TABLE(:counterfill_keys) STRAIGHT_JOIN table <hint> ON column<i> = k<i> …``."""
+    spec = ", ".join(f"k{i} BIGINT PATH '$[{i}]'" for i in range(len(columns)))
+    rows = (
+        sa.func.json_table(
+            sa.bindparam("counterfill_keys", json.dumps([list(k) for k in keys]), sa.String),
+            sa.literal_column(f"'$[*]' COLUMNS ({spec})"),
+        )
+        .table_valued(*[f"k{i}" for i in range(len(columns))])
+        .alias("counterfill_keys")
+    )
+    on = sa.and_(*[c == rows.c[f"k{i}"] for i, c in enumerate(columns)])
+    table = columns[0].table
+    if hint == BY_PRIMARY_KEY:
+        return _ValuesFirst(table, rows, on)
+    return _ValuesFirstBy(table, rows, on, hint)
+
+
+@lru_cache(maxsize=1)
+def _renders_using_join() -> bool:
+    """Whether SQLAlchemy renders a ``USING`` join holding the DELETE's table as the whole clause.
+
+    Older 2.0 releases put the table in front of it as well (``USING t, …
+    STRAIGHT_JOIN t …``), which MariaDB refuses (a table named twice); the
+    key-list form is kept there.
+    """
+    from sqlalchemy.dialects import mysql
+
+    t = sa.Table("t", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    stmt = sa.delete(t).where(_Through(_keys_first([t.c.id], [(1,)], BY_PRIMARY_KEY)))
+    return "USING t," not in str(stmt.compile(dialect=mysql.dialect()))
+
+
+def keyless_access(
+    connection: Connection,
+    table: sa.Table,
+    counters: Sequence[Any],
+    named: Sequence[sa.Column[Any]],
+) -> str | None:
+    """``FORCE INDEX`` of the one index every locking statement on a keyless table goes through.
+
+    Without a primary key InnoDB reaches rows through a secondary index (or
+    its hidden row id, which SQL cannot name), and locks every entry it
+    passes. Unlinking ``(post 14, tag 1)`` through the ``tag_id`` index
+    passes, and waits for, the hot tag's links of every other writer, who
+    then wait for our row: a deadlock. Through the index of a parent the
+    writers do not share, each reads and locks only its own links. That
+    parent is taken to be one whose counters are all unbuffered (its
+    writers queue on its exclusive lock before any link write), else the
+    first counted foreign key in column order (``post_id`` of
+    ``post_tags``). Only foreign keys the statement names by equality
+    (``named``) are candidates: an index the WHERE cannot narrow would be
+    read whole. ``None`` with a primary key, or without such an index.
+    """
+    if table.primary_key.columns:
+        return None
+    equal = {c.name for c in named}
+    fks = {c.fk.name: c.fk for c in counters if c.fk.name in equal}
+    buffered = {c.fk.name for c in counters if buffer.is_buffered(c)}
+    ordered = [c for c in table.columns if c.name in fks]
+    for column in sorted(ordered, key=lambda c: c.name in buffered):  # stable: column order
+        for index in table.indexes:
+            first = next(iter(index.columns), None)
+            if index.name and first is not None and first.name == column.name:
+                quoted = connection.dialect.identifier_preparer.quote(str(index.name))
+                return f"FORCE INDEX ({quoted})"
+    return None
 
 
 def _add_by_case(

@@ -472,6 +472,84 @@ def test_caller_sees_the_same_result_as_without_counters(
     assert plain[0] == 4
 
 
+@pytest.mark.parametrize("sync", ["auto", "fetch", "evaluate", False, "returning"])
+def test_caller_sees_the_same_result_when_deleting_every_row(db: sa.Engine, sync: object) -> None:
+    # Every row of a small table: on MariaDB the DELETE reaches its rows through
+    # a JSON_TABLE of their keys (DELETE ... USING), unless the caller gets rows
+    # back. Result, rowcount and the session's loaded objects must be as without
+    # counters, for each synchronize_session and for the caller's own RETURNING.
+    seed_posts(db)
+
+    def run(s: Session) -> tuple[object, ...]:
+        loaded = s.scalars(sa.select(Post).order_by(Post.id)).all()
+        stmt = sa.delete(Post)
+        if sync == "returning":  # an ORM result: the rows, in no promised order
+            got = (9, True, sorted(s.scalars(stmt.returning(Post.id)).all()))
+        else:
+            got = outcome(s.execute(stmt, execution_options={"synchronize_session": sync}))
+        gone = [p.id for p in loaded if p not in s]
+        s.rollback()
+        return (*got, gone)
+
+    with Session(db) as s:
+        with paused():
+            plain = run(s)
+        tracked = run(s)
+    assert tracked == plain
+    assert plain[0] == 9
+
+
+class Keyed(DeclarativeBase):
+    """Children keyed by text: MariaDB's bulk DELETE keeps the key list (JSON rows are integers)."""
+
+
+class Shelf(Keyed):
+    __tablename__ = "shelves"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    labels_count: Mapped[int] = counter_cache("Label.shelf_id")
+
+
+class Label(Keyed):
+    __tablename__ = "labels"
+    code: Mapped[str] = mapped_column(sa.String(8), primary_key=True)
+    shelf_id: Mapped[int] = mapped_column(sa.ForeignKey("shelves.id"))
+
+
+@pytest.mark.parametrize("sync", ["auto", "fetch", "evaluate", False])
+def test_caller_sees_the_same_result_when_deleting_text_keyed_rows(
+    engine: sa.Engine, sync: object
+) -> None:
+    Keyed.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Shelf(id=1), Shelf(id=2)])
+        s.flush()
+        s.add_all([Label(code=f"c{i}", shelf_id=1 + i % 2) for i in range(6)])
+        s.commit()
+
+    def run(s: Session) -> tuple[object, ...]:
+        loaded = s.scalars(sa.select(Label).order_by(Label.code)).all()
+        stmt = sa.delete(Label).where(Label.shelf_id == 1)
+        got = outcome(s.execute(stmt, execution_options={"synchronize_session": sync}))
+        gone = [label.code for label in loaded if label not in s]
+        return (*got, gone)
+
+    with Session(engine) as s:
+        with paused():
+            plain = run(s)
+        s.rollback()
+        tracked = run(s)
+        s.commit()
+    assert tracked == plain
+    assert plain[0] == 3
+    with engine.connect() as conn:
+        cached = conn.execute(sa.select(Shelf.id, Shelf.labels_count).order_by(Shelf.id)).all()
+        counts = dict(
+            conn.execute(sa.text("SELECT shelf_id, COUNT(*) FROM labels GROUP BY shelf_id")).all()
+        )
+    assert [tuple(r) for r in cached] == [(1, counts.get(1, 0)), (2, counts.get(2, 0))]
+    assert counts == {2: 3}
+
+
 def test_bulk_statement_on_unconfigured_models(tmp_path) -> None:  # noqa: ANN001
     # Brand-new mapped classes, never configured: the first thing they see is a bulk INSERT
     # (counters resolve at mapper configuration, which the ORM skips for bulk statements).

@@ -148,6 +148,48 @@ def test_a_non_integer_delta_takes_the_case_form(db: sa.Engine) -> None:
     assert got == {1: 0, 2: 0, 3: 7, 4: 0, 5: 0}
 
 
+@pytest.mark.parametrize("table", ["posts", "follows"])
+def test_a_bulk_delete_of_every_row_of_a_small_table_reaches_each_row_by_key(
+    db: sa.Engine, table: str
+) -> None:
+    # A single-table DELETE naming every row of a 4-row table is a table scan
+    # (EXPLAIN: ALL), which waits for rows other writers hold, spared or not.
+    # The server's own plan of the statement the library sends, explained on
+    # its connection just before it runs, must reach each row by key (eq_ref).
+    with Session(db) as s:
+        s.add_all([Post(id=i, author_id=1 + i % 2, likes=i) for i in range(1, 5)])
+        s.add_all([Follow(follower_id=1, followed_id=f) for f in (2, 3, 4, 5)])
+        s.commit()
+    plans: list[list[tuple[object, ...]]] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith(f"DELETE FROM {table.upper()}"):
+            probe = cursor.connection.cursor()
+            probe.execute("EXPLAIN " + statement, parameters)
+            plans.append(list(probe.fetchall()))
+            probe.close()
+
+    stmt = (
+        sa.delete(Post).where(Post.likes > 0)
+        if table == "posts"
+        else sa.delete(Follow).where(Follow.follower_id == 1)
+    )
+    sa.event.listen(db, "before_cursor_execute", explain)
+    try:
+        with Session(db) as s:
+            deleted = s.execute(stmt).rowcount
+            s.commit()
+    finally:
+        sa.event.remove(db, "before_cursor_execute", explain)
+    assert len(plans) == 1, plans
+    access = {row[2]: row[3] for row in plans[0]}  # EXPLAIN's table -> access type
+    assert access[table] == "eq_ref", plans[0]
+    with db.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == 0  # noqa: S608 - constant
+    assert deleted == 4
+    assert_exact(db)
+
+
 @pytest.mark.parametrize("stage", ["MEMORY", "InnoDB"])
 def test_a_batch_recount_locks_no_child_row_and_is_exact(
     db: sa.Engine, stage: str, monkeypatch: pytest.MonkeyPatch

@@ -200,41 +200,82 @@ def test_a_flush_takes_its_parents_in_key_order_whatever_the_insert_order(
         assert sum(cached.scalars()) == truth.scalar_one() >= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (docs/databases.md): MariaDB runs a bulk DELETE naming as many keys "
-    "as the table's estimated rows as a table scan, which waits for rows it does not delete",
-)
+@pytest.mark.parametrize("sync", ["auto", "evaluate", False])
 def test_a_bulk_delete_of_most_of_a_small_table_waits_for_no_row_it_spares(
-    maria_eng: sa.Engine,
+    maria_eng: sa.Engine, sync: object
 ) -> None:
     """Posts 2-12 by user 1 are bulk-deleted while another transaction deletes post 1 (MariaDB).
 
     The other transaction's uncommitted DELETE leaves 11 live rows in
-    InnoDB's row estimate, as many as the bulk DELETE names: MariaDB scans
-    the table from post 1 and waits for that transaction, where reaching the
-    rows by key would not wait at all. Such a wait closed the deadlock cycle
-    that ``tests/test_bulk_concurrency.py`` hit once in 20 runs (a key-ordered
+    InnoDB's row estimate, as many as the bulk DELETE names: a single-table
+    ``DELETE … WHERE id IN (…)`` is then a table scan from post 1, which
+    waits for that transaction, where reaching the rows by key does not wait
+    at all. Such a wait closed the deadlock cycle that
+    ``tests/test_bulk_concurrency.py`` hit once in 20 runs (a key-ordered
     locking read held a lower, deleted row and waited for one of the
-    DELETE's).
+    DELETE's). The session holds the posts, so ``'auto'``/``'evaluate'``
+    synchronize by fetching (a SELECT of the keys first), ``False`` not at
+    all; either way the deleted posts leave the session as they would
+    without counters.
     """
     eng = maria_eng
     _users_and_posts(eng, users=2, posts={1: 2, **{i: 1 for i in range(2, 13)}})
 
-    def bulk_delete() -> int:
+    def bulk_delete() -> tuple[int, int]:
         with Session(eng) as s:
-            deleted = s.execute(sa.delete(m.Post).where(m.Post.author_id == 1)).rowcount
+            loaded = s.scalars(sa.select(m.Post).where(m.Post.id > 1)).all()
+            result = s.execute(
+                sa.delete(m.Post).where(m.Post.author_id == 1),
+                execution_options={"synchronize_session": sync},
+            )
+            still = sum(p in s for p in loaded)
             s.commit()
-            return int(deleted)
+            return int(result.rowcount), still
 
     # Behind the library's back, and rolled back: only its lock matters.
     with holding(eng, "DELETE FROM posts WHERE id = 1"):
         racer = Racer(bulk_delete, "bulk delete").start()
         wait_until(lambda: racer.done.is_set() or _blocked(eng), "the DELETE to end or wait")
         waited = not racer.done.is_set()
-    assert racer.join() == 11
+    deleted, still_in_session = racer.join()
+    assert deleted == 11
+    assert still_in_session == (11 if sync is False else 0)
+    with eng.connect() as conn:
+        left = conn.execute(sa.text("SELECT id FROM posts ORDER BY id")).scalars().all()
+    assert left == [1]
     assert drift(eng) == []
     assert not waited, "the bulk DELETE waited for post 1, which it does not delete"
+
+
+def test_a_bulk_update_of_most_of_a_small_table_waits_for_no_row_it_spares(
+    maria_eng: sa.Engine,
+) -> None:
+    """Posts 2-12 move from user 1 to user 2 while another transaction deletes post 1 (MariaDB).
+
+    The UPDATE names as many keys as InnoDB's row estimate, as the DELETE
+    above; its ``FORCE INDEX (PRIMARY)`` keeps it on the key's ranges. The
+    engine runs ``REPEATABLE READ`` (MariaDB's default), where an UPDATE
+    has no semi-consistent read: a scan would wait for post 1.
+    """
+    eng = maria_eng
+    _users_and_posts(eng, users=2, posts={1: 2, **{i: 1 for i in range(2, 13)}})
+
+    def bulk_update() -> int:
+        with Session(eng) as s:
+            result = s.execute(sa.update(m.Post).where(m.Post.author_id == 1).values(author_id=2))
+            s.commit()
+            return int(result.rowcount)
+
+    with holding(eng, "DELETE FROM posts WHERE id = 1"):
+        racer = Racer(bulk_update, "bulk update").start()
+        wait_until(lambda: racer.done.is_set() or _blocked(eng), "the UPDATE to end or wait")
+        waited = not racer.done.is_set()
+    assert racer.join() == 11
+    assert drift(eng) == []
+    with eng.connect() as conn:
+        moved = conn.execute(sa.text("SELECT count(*) FROM posts WHERE author_id = 2"))
+        assert moved.scalar_one() == 12
+    assert not waited, "the bulk UPDATE waited for post 1, which it does not update"
 
 
 def test_bulk_delete_racing_an_orm_insert_into_its_where(eng: sa.Engine) -> None:
