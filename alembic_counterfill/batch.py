@@ -64,6 +64,17 @@ class _Chunk:
     rate_wait: float = 0.0
 
 
+@dataclass(frozen=True)
+class Merged:
+    """PostgreSQL: what travels in the run row's locking read (see :func:`_advance_run`)."""
+
+    moved: Any  # the batch row's update, a CTE
+    ask: Any  # the waiters' count, a scalar subquery (None: not asked)
+    recount: Any  # the recount, a data-modifying CTE returning one row per row changed
+    changed: Any  # how many rows the recount changed, a scalar subquery over it
+    started: float  # when the transaction started (time.monotonic)
+
+
 #: Chunk kinds.
 _APPLIED, _ALREADY, _PAUSED, _LOCKED = "applied", "done", "paused", "lock timeout"
 
@@ -401,12 +412,22 @@ def _one_transaction(
             parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
         else:
             parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
+        n: Any = 0
+        recount: Any = None
         if mysql:  # stage the truths (no child locks), then write what differs
             # Buffered counters' deltas (the transaction is READ COMMITTED).
             innodb.discard_locked(conn, chosen, start, end, read_committed=True)
             n = innodb_recount.recount_range(conn, chosen, start, end, parents=parents)
+        elif postgresql:
+            # The recount travels in the run row's read (_advance_run), as a
+            # data-modifying CTE: still a statement of its own after the lock
+            # statement (a new snapshot), one round trip fewer while the
+            # parents are locked. Buffered counters: it also removes the
+            # range's pending deltas (recount_statements gives one statement).
+            (stmt,) = sql.recount_statements(chosen, start, end, dialect=conn.dialect.name)
+            recount = stmt.returning(sa.literal(1).label("one")).cte("recount")
+            n = sa.select(sa.func.count()).select_from(recount).scalar_subquery()
         else:
-            # Buffered counters: the recount also removes the range's pending deltas.
             for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
                 n = conn.execute(stmt).rowcount
         seconds = time.monotonic() - t0
@@ -423,16 +444,17 @@ def _one_transaction(
             moved = moved.values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
         waiters: str | None = None
         if postgresql:
-            # The waiters' count and the batch row's update travel with the
-            # run row's read (_advance_run): two round trips fewer while the
-            # parents are locked, which application writes may be waiting for.
+            # The recount, the waiters' count and the batch row's update
+            # travel with the run row's read (_advance_run): three round trips
+            # fewer while the parents are locked, which application writes may
+            # be waiting for.
             ask = signals.waiters_count() if throttle.lock_waiters else None
-            merged: tuple[Any, Any] | None = (moved.cte("moved"), ask)
+            merged: Merged | None = Merged(moved.cte("moved"), ask, recount, n, t0)
         else:
             waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
             conn.execute(moved)
             merged = None
-        finished, rate_wait, next_size, waiters, aim = _advance_run(
+        finished, rate_wait, next_size, waiters, aim, n, seconds = _advance_run(
             conn,
             row.run_id,
             pacing,
@@ -496,29 +518,37 @@ def _advance_run(
     was_failed: bool,
     waiters: str | None,
     counters: list[Counter],
-    merged: tuple[Any, Any] | None = None,
-) -> tuple[bool, float, int, str | None, str]:
+    merged: Merged | None = None,
+) -> tuple[bool, float, int, str | None, str, int, float]:
     """Add one transaction's figures to the run; complete it if this was its last batch.
 
     Returns (run finished, seconds to wait under the rate limit, next size,
-    lock waiters, the target the next size aims at as the log line shows it).
-    With ``merged`` (PostgreSQL), the batch row's update (a CTE) and the
-    waiters' count (a scalar subquery, or None) run in the statement that
-    locks and reads the run row.
+    lock waiters, the target the next size aims at as the log line shows it,
+    rows the recount changed, the transaction's seconds so far).
+    With ``merged`` (PostgreSQL), the recount and the batch row's update (CTEs)
+    and the waiters' count (a scalar subquery, or None) run in the statement
+    that locks and reads the run row; ``changed`` and ``seconds`` are then
+    what that statement returned and took.
     The run row is locked here, at the end of the transaction, as the
     ``UPDATE`` of the figures would lock it anyway.
     """
     r, c = p.runs_table, p.counters_table
-    now = p.now()
     read = sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True)
     if merged is not None:
-        moved, ask = merged
-        read = read.add_cte(moved)
-        if ask is not None:
-            read = read.add_columns(ask.label("counterfill_waiters"))
+        # The rows changed come before the waiters' count in the select
+        # list: PostgreSQL evaluates it, and so runs the recount, first, and
+        # counts the sessions that waited during the recount too.
+        read = read.add_cte(merged.recount).add_cte(merged.moved)
+        read = read.add_columns(merged.changed.label("counterfill_changed"))
+        if merged.ask is not None:
+            read = read.add_columns(merged.ask.label("counterfill_waiters"))
     run = conn.execute(read).mappings().one()
-    if merged is not None and merged[1] is not None:
-        waiters = signals.waiters_reason(run["counterfill_waiters"])
+    if merged is not None:
+        changed = int(run["counterfill_changed"])
+        seconds = time.monotonic() - merged.started
+        if merged.ask is not None:
+            waiters = signals.waiters_reason(run["counterfill_waiters"])
+    now = p.now()
     values: dict[str, Any] = {
         "rows_changed": r.c.rows_changed + changed,
         "parents_done": sa.func.coalesce(r.c.parents_done, 0) + parents,
@@ -576,7 +606,7 @@ def _advance_run(
         r.c.batches_total,
     )
     if not last:
-        return False, rate_wait, next_size, waiters, aim
+        return False, rate_wait, next_size, waiters, aim, changed, seconds
     if done >= total:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(state=p.RUN_DONE, finished_at=now))
         # Completing records each counter's definition (the one the run was
@@ -595,10 +625,10 @@ def _advance_run(
                 )
             )
         notify.announce(conn, run_id)  # sent at this commit: `--wait` stops waiting
-        return True, rate_wait, next_size, waiters, aim
+        return True, rate_wait, next_size, waiters, aim, changed, seconds
     if done + failed >= total:
         _fail_run(conn, run_id, now)
-    return False, rate_wait, next_size, waiters, aim
+    return False, rate_wait, next_size, waiters, aim, changed, seconds
 
 
 def _bounds(pacing: Pacing, batch_size: int) -> Pacing:

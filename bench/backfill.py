@@ -324,6 +324,7 @@ def library(
     extra_args: tuple[str, ...] = (),
     ini_extra: str = "",
     phases: bool = False,
+    keep_logs: str | None = None,
 ) -> dict[str, float]:
     """(c): enqueue --all --wait through Redis with 2 worker processes (started beforehand)."""
     import redis
@@ -419,6 +420,13 @@ def library(
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
+            if keep_logs:  # the workers' log, for a timeline of the pieces
+                Path(keep_logs).mkdir(parents=True, exist_ok=True)
+                kept = (
+                    Path(keep_logs) / f"worker-{launched:.0f}{'-pinned' if extra_args else ''}.log"
+                )
+                kept.write_bytes(logfile.read_bytes())
+                log(f"  workers' log kept in {kept}")
     return {
         "seconds": seconds,
         "started": started,
@@ -500,6 +508,9 @@ def main(argv: list[str] | None = None) -> None:
         help="run (c) and (p) under bench/phases.py and print when each phase of the "
         "enqueue process happened (fixed costs)",
     )
+    parser.add_argument(
+        "--keep-logs", metavar="DIR", help="copy the workers' log of each (c) and (p) run into DIR"
+    )
     args = parser.parse_args(argv)
 
     users = int(DEFAULT_USERS * args.scale)
@@ -538,7 +549,15 @@ def main(argv: list[str] | None = None) -> None:
         "b": ("(b) monolithic: one set-based UPDATE, no batches", monolithic),
         "c": (
             "(c) library: enqueue --all --wait, 2 workers via Redis",
-            lambda e, u, n: library(e, u, n, args.redis_url, args.threads, phases=args.phases),
+            lambda e, u, n: library(
+                e,
+                u,
+                n,
+                args.redis_url,
+                args.threads,
+                phases=args.phases,
+                keep_logs=args.keep_logs,
+            ),
         ),
         "p": (
             "(p) library, --batch-size 10000 pinned (no adaptation)",
@@ -550,6 +569,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.threads,
                 ("--batch-size", "10000"),
                 phases=args.phases,
+                keep_logs=args.keep_logs,
             ),
         ),
     }

@@ -191,3 +191,51 @@ def test_a_done_batch_is_never_marked_failed(pg: sa.Engine) -> None:
     assert not mark_failed(pg, plan.batch_ids[0], "late failure of a duplicate")
     (first,) = [b for b in batch_rows(pg) if b["id"] == plan.batch_ids[0]]
     assert first["state"] == progress.DONE and first["error"] is None
+
+
+def test_a_postgresql_piece_sends_two_statements_between_its_parents_lock_and_commit(
+    pg_url: str,
+) -> None:
+    """While a piece holds its parents, it sends the recount and the bookkeeping in two statements.
+
+    Application writes to those parents wait until the piece commits, and on
+    a busy machine each round trip costs milliseconds (docs/performance.md),
+    so the recount travels in the run row's read (a data-modifying CTE, still
+    a statement of its own after the lock) instead of before it.
+    """
+    pg = sa.create_engine(pg_url)
+    try:
+        seed(pg, users=120)
+        counters = counters_by_key()
+        with pg.begin() as conn:
+            plan = planning.plan(conn, [counters[k] for k in USER_COUNTERS], 60)
+        wrong = {d[0] for d in drift(pg)}  # the test's own COUNT/SUM
+        sent: list[str] = []
+
+        @sa.event.listens_for(pg, "before_cursor_execute")
+        def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            sent.append(" ".join(statement.split()))
+
+        @sa.event.listens_for(pg, "commit")
+        def note_commit(conn: Any) -> None:
+            sent.append("COMMIT")
+
+        outcomes = [run_batch(pg, counters, b) for b in plan.batch_ids]
+        assert drift(pg) == []
+        assert sum(o.rows_changed for o in outcomes) == len(wrong) > 0
+        assert outcomes[-1].run_finished
+        locks = [
+            i for i, s in enumerate(sent) if s.startswith("SELECT count(*)") and "FOR NO KEY" in s
+        ]
+        assert len(locks) == len(plan.batch_ids) == 2
+        for i in locks:
+            commit = sent.index("COMMIT", i)
+            between = sent[i + 1 : commit]
+            # The run row's read with the recount, then the run row's update
+            # (the last piece of the run also completes it: more statements).
+            assert between[0].startswith("WITH recount AS (UPDATE users SET")
+            assert between[1].startswith("UPDATE counterfill_runs SET")
+            if i == locks[0]:
+                assert len(between) == 2
+    finally:
+        pg.dispose()
