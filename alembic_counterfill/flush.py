@@ -82,7 +82,7 @@ class _FlushState:
             return
         self.captured[plan] |= keys
         sqlite_lock.begin_write(connection)  # several SQLite writers: read under the lock
-        rows = _read(connection, plan, keys, lock=True)
+        rows, unlocked = _lock_rows(connection, plan, keys)
         self.old[plan].extend(rows)
         missing = keys - _keys_of(plan, rows)
         if not missing:
@@ -91,7 +91,7 @@ class _FlushState:
             again = _vanished(connection, plan, missing, states)
             self.old[plan].extend(again)
             missing -= _keys_of(plan, again)
-        elif states and _gap_unlocked(connection):
+        elif states and unlocked:
             self.reread[plan] |= missing
             for counter, ids in _copy_parents(plan, missing, states).items():
                 self.copy_parents[counter] |= ids
@@ -139,6 +139,48 @@ def listen_with(register: Callable[[sa.Connection], None]) -> None:
     """
     global _listen
     _listen = register
+
+
+#: The savepoint before a locking read of old rows on InnoDB (see :func:`_lock_rows`).
+_SAVEPOINT = "counterfill_old_rows"
+
+
+def _lock_rows(
+    connection: sa.Connection, plan: WritePlan, keys: set[Key]
+) -> tuple[list[Any], bool]:
+    """Lock and read the rows ``keys``; on InnoDB, keep no lock on a key found gone.
+
+    Returns the rows, and whether InnoDB left the gaps of the missing keys
+    unlocked (:func:`_gap_unlocked`; False when no key is missing).
+
+    A locking read that waits for a transaction deleting the row is granted,
+    once that one commits, a lock on the delete-marked record, which InnoDB
+    keeps even at ``READ COMMITTED`` until the record is purged. Held while
+    this flush waits for its parents, it deadlocks with an inserter of the
+    same key holding them, whose duplicate-key check waits for that lock
+    (docs/databases.md). So, at ``READ COMMITTED``, the read runs after a
+    savepoint; if a key is missing, the read is rolled back to it, which on
+    MariaDB releases the locks it took (MariaDB 10.11, checked by
+    tests/test_deleted_row_locks.py), and the rows found are locked again,
+    until every key read is found. Under ``REPEATABLE READ`` the lock on the
+    gap is kept: it is what keeps the key from being re-inserted meanwhile.
+    """
+    if not innodb.is_innodb(connection.dialect):
+        return _read(connection, plan, keys, lock=True), False
+    connection.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
+    rows = _read(connection, plan, keys, lock=True)
+    found = _keys_of(plan, rows)
+    if found == keys or not _gap_unlocked(connection):
+        return rows, False
+    while True:
+        connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        if not found:
+            return [], True
+        wanted = found
+        rows = _read(connection, plan, wanted, lock=True)
+        found = _keys_of(plan, rows)
+        if found == wanted:
+            return rows, True
 
 
 def _gap_unlocked(connection: sa.Connection) -> bool:
