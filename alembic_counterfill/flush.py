@@ -33,7 +33,14 @@ from .plan import Key, WritePlan, plan_for, plans_for
 _STASH = "counterfill.flush"
 
 
-def _read(connection: sa.Connection, plan: WritePlan, keys: set[Key], *, lock: bool) -> list[Any]:
+def _read(
+    connection: sa.Connection,
+    plan: WritePlan,
+    keys: set[Key],
+    *,
+    lock: bool,
+    skip_locked: bool = False,
+) -> list[Any]:
     dialect = connection.dialect.name
     where = sql.keys_in(plan.pk_columns, keys, dialect)
     # InnoDB's REPEATABLE READ would answer a plain read from the transaction's
@@ -43,6 +50,8 @@ def _read(connection: sa.Connection, plan: WritePlan, keys: set[Key], *, lock: b
     stmt = sql.matching_state(
         plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
     )
+    if skip_locked:
+        stmt = stmt.with_for_update(of=plan.table, skip_locked=True)
     return list(connection.execute(stmt).all())
 
 
@@ -98,14 +107,56 @@ class _FlushState:
         self.missing[plan] |= missing
         self.watch(connection)
 
-    def reread_vanished(self, session: Session) -> None:
-        """InnoDB: read the missing keys again, now that their copies' parents are locked."""
+    def reread_vanished(self, session: Session, *, wait: bool = True) -> dict[WritePlan, set[Key]]:
+        """InnoDB: read the missing keys again, now that their copies' parents are locked.
+
+        ``wait=False``: rows another transaction holds are skipped, not
+        waited for; if a committed row is among them, nothing is recorded and
+        its key is returned (per plan), for the caller to roll these reads back.
+        """
+        busy: dict[WritePlan, set[Key]] = {}
+        done: list[tuple[WritePlan, list[Any]]] = []
         for plan, keys in sorted(self.reread.items(), key=lambda kv: kv[0].table.name):
+            if not keys:
+                continue
             connection = session.connection(bind_arguments={"mapper": plan.mapper})
-            again = _read(connection, plan, keys, lock=True)
+            again = _read(connection, plan, keys, lock=True, skip_locked=not wait)
+            skipped = keys - _keys_of(plan, again)
+            if skipped and not wait:
+                probe = sa.select(*plan.pk_columns).where(
+                    innodb.key_match(plan.pk_columns, skipped)
+                )
+                held = {tuple(row) for row in connection.execute(probe)}  # committed, locked
+                if held:
+                    busy[plan] = held
+            done.append((plan, again))
+        if busy:
+            return busy
+        for plan, again in done:
             self.old[plan].extend(again)
             self.missing[plan] -= _keys_of(plan, again)
         self.reread.clear()
+        return {}
+
+    def lock_busy(
+        self, connection: sa.Connection, busy: dict[WritePlan, set[Key]]
+    ) -> dict[Counter, set[Any]]:
+        """Wait for the writers of rows re-inserted under missing keys, holding no parent.
+
+        The rows still there are locked and become old state; their parents
+        are returned. The keys found gone again hold no lock (:func:`_lock_rows`).
+        """
+        parents: dict[Counter, set[Any]] = defaultdict(set)
+        for plan, keys in sorted(busy.items(), key=lambda kv: kv[0].table.name):
+            rows, _ = _lock_rows(connection, plan, keys)
+            self.old[plan].extend(rows)
+            found = _keys_of(plan, rows)
+            self.missing[plan] -= found
+            self.reread[plan] -= found
+            for row in rows:
+                for i, counter in enumerate(plan.counters):
+                    parents[counter].add(row._mapping[f"k{i}"])
+        return parents
 
     def watch(self, connection: sa.Connection) -> None:
         """Check this flush's DELETE and UPDATE statements on ``connection``."""
@@ -441,12 +492,57 @@ def _lock_before_writes(
         locked[plan] = _lock_existing(session, plan, keys)
     # Only new children: their INSERTs' foreign-key checks lock the parents first.
     inserts_only = not session.dirty and not session.deleted
-    _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
-    # Under the parents' locks, a row re-inserted under a key found gone is
-    # either committed (and read now) or waits for this transaction.
-    state.reread_vanished(session)
+    _lock_parents_and_reread(session, state, parents, inserts_only)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         _refuse_late_collisions(session, plan, keys - locked[plan])
+
+
+#: The savepoint before a flush's parent lock, when it re-reads keys found gone.
+_PARENTS_SAVEPOINT = "counterfill_parents"
+
+#: Parent locks given back to wait for a row's writer before waiting with them held.
+_ATTEMPTS = 5
+
+
+def _lock_parents_and_reread(
+    session: Session, state: _FlushState, parents: dict[Any, set[Any]], inserts_only: bool
+) -> None:
+    """Lock the flush's ``parents``, then re-read the keys found gone (READ COMMITTED).
+
+    Under the parents' locks a row re-inserted under a key found gone is
+    either committed (and read now) or waits for this transaction. But a
+    committed one may be held by a writer that locked it as its own old row
+    and now waits for these parents: reading it with a lock, or the flush's
+    DELETE or UPDATE of it, would deadlock. So the re-read skips rows
+    another transaction holds; if it skipped one, the parent locks are
+    rolled back to a savepoint (released on MariaDB, :func:`.innodb.rollback_to`),
+    the row is waited for holding no parent, as every writer locks its old
+    rows, and the parents are locked again. After a few rounds (a row
+    re-inserted and taken again each time) it waits with the parents held.
+    """
+    for _ in range(_ATTEMPTS if any(state.reread.values()) else 0):
+        connection = _one_connection(session, parents, state.reread)
+        if connection is None:
+            break
+        innodb.savepoint(connection, _PARENTS_SAVEPOINT)
+        _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
+        busy = state.reread_vanished(session, wait=False)
+        if not busy:
+            return
+        innodb.rollback_to(connection, _PARENTS_SAVEPOINT)
+        for counter, ids in state.lock_busy(connection, busy).items():
+            parents[counter] |= ids
+    _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
+    state.reread_vanished(session)
+
+
+def _one_connection(
+    session: Session, parents: Mapping[Any, set[Any]], reread: Mapping[WritePlan, set[Key]]
+) -> sa.Connection | None:
+    """The one connection holding the parents and the re-read rows (None: several)."""
+    mappers = [c.parent_mapper for c in parents] + [p.mapper for p in reread]
+    found = {id(c): c for c in (session.connection(bind_arguments={"mapper": m}) for m in mappers)}
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def _owning_collections(session: Session) -> dict[Any, set[Any]]:
@@ -495,21 +591,19 @@ def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> set[Key
     """Lock the existing child rows with these keys (returned); probe first, so no gap is locked.
 
     A locking read of a key that does not exist would lock the gap under
-    REPEATABLE READ and make two inserters into it deadlock.
+    REPEATABLE READ and make two inserters into it deadlock. The keys
+    returned are those the locking read found: a row deleted since the probe
+    is left to :func:`_refuse_late_collisions` (a row may be re-inserted
+    under its key before the parent lock), and holds no lock at
+    ``READ COMMITTED`` (:func:`_lock_rows`).
     """
     connection = session.connection(bind_arguments={"mapper": plan.mapper})
     probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
     existing = {tuple(row) for row in connection.execute(probe)}
-    if existing:
-        stmt = (
-            sa.select(*plan.pk_columns)
-            .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
-            .where(innodb.key_match(plan.pk_columns, existing))
-            .order_by(*plan.pk_columns)
-            .with_for_update()
-        )
-        connection.execute(stmt).all()
-    return existing
+    if not existing:
+        return set()
+    rows, _ = _lock_rows(connection, plan, existing)
+    return _keys_of(plan, rows)
 
 
 def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
