@@ -33,14 +33,7 @@ from .plan import Key, WritePlan, plan_for, plans_for
 _STASH = "counterfill.flush"
 
 
-def _read(
-    connection: sa.Connection,
-    plan: WritePlan,
-    keys: set[Key],
-    *,
-    lock: bool,
-    skip_locked: bool = False,
-) -> list[Any]:
+def _read(connection: sa.Connection, plan: WritePlan, keys: set[Key], *, lock: bool) -> list[Any]:
     dialect = connection.dialect.name
     where = sql.keys_in(plan.pk_columns, keys, dialect)
     # InnoDB's REPEATABLE READ would answer a plain read from the transaction's
@@ -50,8 +43,6 @@ def _read(
     stmt = sql.matching_state(
         plan.counters, plan.pk_columns, where, lock=lock or mysql, by_primary_key=mysql
     )
-    if skip_locked:
-        stmt = stmt.with_for_update(of=plan.table, skip_locked=True)
     return list(connection.execute(stmt).all())
 
 
@@ -91,7 +82,7 @@ class _FlushState:
             return
         self.captured[plan] |= keys
         sqlite_lock.begin_write(connection)  # several SQLite writers: read under the lock
-        rows, unlocked = _lock_rows(connection, plan, keys)
+        rows = _read(connection, plan, keys, lock=True)
         self.old[plan].extend(rows)
         missing = keys - _keys_of(plan, rows)
         if not missing:
@@ -100,63 +91,21 @@ class _FlushState:
             again = _vanished(connection, plan, missing, states)
             self.old[plan].extend(again)
             missing -= _keys_of(plan, again)
-        elif states and unlocked:
+        elif states and _gap_unlocked(connection):
             self.reread[plan] |= missing
             for counter, ids in _copy_parents(plan, missing, states).items():
                 self.copy_parents[counter] |= ids
         self.missing[plan] |= missing
         self.watch(connection)
 
-    def reread_vanished(self, session: Session, *, wait: bool = True) -> dict[WritePlan, set[Key]]:
-        """InnoDB: read the missing keys again, now that their copies' parents are locked.
-
-        ``wait=False``: rows another transaction holds are skipped, not
-        waited for; if a committed row is among them, nothing is recorded and
-        its key is returned (per plan), for the caller to roll these reads back.
-        """
-        busy: dict[WritePlan, set[Key]] = {}
-        done: list[tuple[WritePlan, list[Any]]] = []
+    def reread_vanished(self, session: Session) -> None:
+        """InnoDB: read the missing keys again, now that their copies' parents are locked."""
         for plan, keys in sorted(self.reread.items(), key=lambda kv: kv[0].table.name):
-            if not keys:
-                continue
             connection = session.connection(bind_arguments={"mapper": plan.mapper})
-            again = _read(connection, plan, keys, lock=True, skip_locked=not wait)
-            skipped = keys - _keys_of(plan, again)
-            if skipped and not wait:
-                probe = sa.select(*plan.pk_columns).where(
-                    innodb.key_match(plan.pk_columns, skipped)
-                )
-                held = {tuple(row) for row in connection.execute(probe)}  # committed, locked
-                if held:
-                    busy[plan] = held
-            done.append((plan, again))
-        if busy:
-            return busy
-        for plan, again in done:
+            again = _read(connection, plan, keys, lock=True)
             self.old[plan].extend(again)
             self.missing[plan] -= _keys_of(plan, again)
         self.reread.clear()
-        return {}
-
-    def lock_busy(
-        self, connection: sa.Connection, busy: dict[WritePlan, set[Key]]
-    ) -> dict[Counter, set[Any]]:
-        """Wait for the writers of rows re-inserted under missing keys, holding no parent.
-
-        The rows still there are locked and become old state; their parents
-        are returned. The keys found gone again hold no lock (:func:`_lock_rows`).
-        """
-        parents: dict[Counter, set[Any]] = defaultdict(set)
-        for plan, keys in sorted(busy.items(), key=lambda kv: kv[0].table.name):
-            rows, _ = _lock_rows(connection, plan, keys)
-            self.old[plan].extend(rows)
-            found = _keys_of(plan, rows)
-            self.missing[plan] -= found
-            self.reread[plan] -= found
-            for row in rows:
-                for i, counter in enumerate(plan.counters):
-                    parents[counter].add(row._mapping[f"k{i}"])
-        return parents
 
     def watch(self, connection: sa.Connection) -> None:
         """Check this flush's DELETE and UPDATE statements on ``connection``."""
@@ -190,48 +139,6 @@ def listen_with(register: Callable[[sa.Connection], None]) -> None:
     """
     global _listen
     _listen = register
-
-
-#: The savepoint before a locking read of old rows on InnoDB (see :func:`_lock_rows`).
-_SAVEPOINT = "counterfill_old_rows"
-
-
-def _lock_rows(
-    connection: sa.Connection, plan: WritePlan, keys: set[Key]
-) -> tuple[list[Any], bool]:
-    """Lock and read the rows ``keys``; on InnoDB, keep no lock on a key found gone.
-
-    Returns the rows, and whether InnoDB left the gaps of the missing keys
-    unlocked (:func:`_gap_unlocked`; False when no key is missing).
-
-    A locking read that waits for a transaction deleting the row is granted,
-    once that one commits, a lock on the delete-marked record, which InnoDB
-    keeps even at ``READ COMMITTED`` until the record is purged. Held while
-    this flush waits for its parents, it deadlocks with an inserter of the
-    same key holding them, whose duplicate-key check waits for that lock
-    (docs/databases.md). So, at ``READ COMMITTED``, the read runs after a
-    savepoint; if a key is missing, the read is rolled back to it, which on
-    MariaDB releases the locks it took (MariaDB 10.11, checked by
-    tests/test_deleted_row_locks.py), and the rows found are locked again,
-    until every key read is found. Under ``REPEATABLE READ`` the lock on the
-    gap is kept: it is what keeps the key from being re-inserted meanwhile.
-    """
-    if not innodb.is_innodb(connection.dialect):
-        return _read(connection, plan, keys, lock=True), False
-    connection.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
-    rows = _read(connection, plan, keys, lock=True)
-    found = _keys_of(plan, rows)
-    if found == keys or not _gap_unlocked(connection):
-        return rows, False
-    while True:
-        connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-        if not found:
-            return [], True
-        wanted = found
-        rows = _read(connection, plan, wanted, lock=True)
-        found = _keys_of(plan, rows)
-        if found == wanted:
-            return rows, True
 
 
 def _gap_unlocked(connection: sa.Connection) -> bool:
@@ -394,12 +301,36 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
         for child in _collection_changes(st):
             for plan in plans_for(child.mapper):
                 wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
+    after_parents: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
+        if _key_names_parents(plan) is not None and _plan_on_innodb(session, plan):
+            after_parents[plan] = keys  # natural keys on InnoDB: parents first
+            continue
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         state.capture(connection, plan, keys, copies.get(plan))
     links = association.collection_parents(session)
     if _on_innodb(session, wanted) or _links_on_innodb(session, links):
-        _lock_before_writes(session, state, links)
+        _lock_before_writes(session, state, links, after_parents)
+
+
+def _plan_on_innodb(session: Session, plan: WritePlan) -> bool:
+    return innodb.is_innodb(session.get_bind(mapper=plan.mapper).dialect)
+
+
+def _key_names_parents(plan: WritePlan) -> list[int] | None:
+    """Where each counter's foreign key sits in the primary key (None: not all of them do).
+
+    A natural key (``Follow(follower_id, followed_id)``) names every parent
+    its row counts toward: a row under that key can only ever count toward
+    those parents, whoever inserted it, so they can be locked before the row.
+    """
+    out = []
+    for counter in plan.counters:
+        at = [i for i, col in enumerate(plan.pk_columns) if col is counter.fk]
+        if not at:
+            return None
+        out.append(at[0])
+    return out
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
@@ -426,7 +357,10 @@ def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]
 
 
 def _lock_before_writes(
-    session: Session, state: _FlushState, links: Mapping[Any, set[Any]] | None = None
+    session: Session,
+    state: _FlushState,
+    links: Mapping[Any, set[Any]] | None = None,
+    after_parents: Mapping[WritePlan, set[Key]] | None = None,
 ) -> None:
     """On InnoDB, take every lock this flush's writes will need, children first, then parents.
 
@@ -487,62 +421,35 @@ def _lock_before_writes(
                         colliding[child_plan].add(key)
     for counter, keys in _owning_collections(session).items():
         parents[counter] |= keys
+    for plan, keys in (after_parents or {}).items():
+        at = _key_names_parents(plan)
+        assert at is not None
+        for counter, i in zip(plan.counters, at, strict=True):
+            parents[counter].update(key[i] for key in keys)
     locked: dict[WritePlan, set[Key]] = {}
+    latest: dict[WritePlan, bool] = {}  # READ COMMITTED (a round trip: once per table)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
-        locked[plan] = _lock_existing(session, plan, keys)
+        connection = session.connection(bind_arguments={"mapper": plan.mapper})
+        latest[plan] = innodb.reads_latest(connection)
+        if _key_names_parents(plan) is None:
+            locked[plan] = _lock_existing(connection, plan, keys)
+        else:  # natural keys: checked after the parent lock, with the rows changed
+            locked[plan] = set()
     # Only new children: their INSERTs' foreign-key checks lock the parents first.
     inserts_only = not session.dirty and not session.deleted
-    _lock_parents_and_reread(session, state, parents, inserts_only)
-    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
-        _refuse_late_collisions(session, plan, keys - locked[plan])
-
-
-#: The savepoint before a flush's parent lock, when it re-reads keys found gone.
-_PARENTS_SAVEPOINT = "counterfill_parents"
-
-#: Parent locks given back to wait for a row's writer before waiting with them held.
-_ATTEMPTS = 5
-
-
-def _lock_parents_and_reread(
-    session: Session, state: _FlushState, parents: dict[Any, set[Any]], inserts_only: bool
-) -> None:
-    """Lock the flush's ``parents``, then re-read the keys found gone (READ COMMITTED).
-
-    Under the parents' locks a row re-inserted under a key found gone is
-    either committed (and read now) or waits for this transaction. But a
-    committed one may be held by a writer that locked it as its own old row
-    and now waits for these parents: reading it with a lock, or the flush's
-    DELETE or UPDATE of it, would deadlock. So the re-read skips rows
-    another transaction holds; if it skipped one, the parent locks are
-    rolled back to a savepoint (released on MariaDB, :func:`.innodb.rollback_to`),
-    the row is waited for holding no parent, as every writer locks its old
-    rows, and the parents are locked again. After a few rounds (a row
-    re-inserted and taken again each time) it waits with the parents held.
-    """
-    for _ in range(_ATTEMPTS if any(state.reread.values()) else 0):
-        connection = _one_connection(session, parents, state.reread)
-        if connection is None:
-            break
-        innodb.savepoint(connection, _PARENTS_SAVEPOINT)
-        _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
-        busy = state.reread_vanished(session, wait=False)
-        if not busy:
-            return
-        innodb.rollback_to(connection, _PARENTS_SAVEPOINT)
-        for counter, ids in state.lock_busy(connection, busy).items():
-            parents[counter] |= ids
     _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
+    for plan, keys in sorted((after_parents or {}).items(), key=lambda kv: kv[0].table.name):
+        # Under their parents' locks: a key found gone stays gone until we commit.
+        connection = session.connection(bind_arguments={"mapper": plan.mapper})
+        state.capture(connection, plan, keys)
+        if plan in locked:  # rows this flush replaces under a new object's key: not duplicates
+            locked[plan] = _keys_of(plan, state.old.get(plan, []))
+    # Under the parents' locks, a row re-inserted under a key found gone is
+    # either committed (and read now) or waits for this transaction.
     state.reread_vanished(session)
-
-
-def _one_connection(
-    session: Session, parents: Mapping[Any, set[Any]], reread: Mapping[WritePlan, set[Key]]
-) -> sa.Connection | None:
-    """The one connection holding the parents and the re-read rows (None: several)."""
-    mappers = [c.parent_mapper for c in parents] + [p.mapper for p in reread]
-    found = {id(c): c for c in (session.connection(bind_arguments={"mapper": m}) for m in mappers)}
-    return next(iter(found.values())) if len(found) == 1 else None
+    for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
+        if latest[plan]:
+            _refuse_late_collisions(session, plan, keys - locked[plan])
 
 
 def _owning_collections(session: Session) -> dict[Any, set[Any]]:
@@ -587,29 +494,34 @@ def _related_key(st: InstanceState[Any], counter: Any) -> Any:
     return None
 
 
-def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> set[Key]:
-    """Lock the existing child rows with these keys (returned); probe first, so no gap is locked.
+def _lock_existing(connection: sa.Connection, plan: WritePlan, keys: set[Key]) -> set[Key]:
+    """Lock the existing child rows with these keys; probe first, so no gap is locked.
 
     A locking read of a key that does not exist would lock the gap under
     REPEATABLE READ and make two inserters into it deadlock. The keys
     returned are those the locking read found: a row deleted since the probe
-    is left to :func:`_refuse_late_collisions` (a row may be re-inserted
-    under its key before the parent lock), and holds no lock at
-    ``READ COMMITTED`` (:func:`_lock_rows`).
+    (and perhaps re-inserted before the parent lock) is left to
+    :func:`_refuse_late_collisions`.
     """
-    connection = session.connection(bind_arguments={"mapper": plan.mapper})
     probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
     existing = {tuple(row) for row in connection.execute(probe)}
     if not existing:
         return set()
-    rows, _ = _lock_rows(connection, plan, existing)
-    return _keys_of(plan, rows)
+    stmt = (
+        sa.select(*plan.pk_columns)
+        .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+        .where(innodb.key_match(plan.pk_columns, existing))
+        .order_by(*plan.pk_columns)
+        .with_for_update()
+    )
+    return {tuple(row) for row in connection.execute(stmt)}
 
 
 def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
     """Fail fast, as a duplicate key, if a row with a new child's key appeared while we waited.
 
-    Such a row was committed between our probe and our parent lock. If a
+    Such a row was committed between our locking read (:func:`_lock_existing`)
+    and our parent lock. If a
     writer is deleting it, that writer waits for our parents and our INSERT's
     duplicate-key check would wait for it: a deadlock. Since we hold the
     parents, no such delete can commit before our INSERT, so the INSERT is a
@@ -619,8 +531,6 @@ def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -
     if not keys:
         return
     connection = session.connection(bind_arguments={"mapper": plan.mapper})
-    if not innodb.reads_latest(connection):
-        return
     probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
     appeared = sorted(tuple(row) for row in connection.execute(probe))
     if appeared:

@@ -639,27 +639,6 @@ def _release_named_locks(dbapi_connection: Any, record: Any) -> None:
         cursor.close()
 
 
-def savepoint(connection: Connection, name: str) -> None:
-    """Set the savepoint ``name`` (one of the library's constants) in the current transaction."""
-    assert name.isidentifier(), name
-    connection.exec_driver_sql(f"SAVEPOINT {name}")
-
-
-def rollback_to(connection: Connection, name: str) -> None:
-    """Undo the statements since the savepoint ``name``, and release the row locks they took.
-
-    MariaDB (10.11, checked by tests/test_deleted_row_locks.py) releases the
-    record locks taken after the savepoint, although its manual says they
-    survive; MySQL's manual says they survive too. Callers rely on the
-    release only to avoid a deadlock, never for correctness: they lock again
-    what they need. The parents memo of :func:`lock_parent_keys` is
-    forgotten, so those are locked again when asked for.
-    """
-    assert name.isidentifier(), name
-    connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {name}")
-    connection.info.pop(_LOCKED, None)
-
-
 def reads_latest(connection: Connection) -> bool:
     """Whether a plain read in this transaction sees the latest committed rows (no old snapshot)."""
     level = str(connection.get_isolation_level()).upper().replace("-", " ")
