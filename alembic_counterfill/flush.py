@@ -362,7 +362,7 @@ def _lock_before_writes(
     links: Mapping[Any, set[Any]] | None = None,
     after_parents: Mapping[WritePlan, set[Key]] | None = None,
 ) -> None:
-    """On InnoDB, take every lock this flush's writes will need, children first, then parents.
+    """On InnoDB, take every lock this flush's writes will need: children, parents, natural keys.
 
     InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
     INSERT's foreign-key check takes a *shared* lock on the parent, and two
@@ -378,6 +378,16 @@ def _lock_before_writes(
 
     ``links``: the parents of association-table rows the flush will write
     (:func:`.association.collection_parents`), locked in the same pass.
+
+    ``after_parents``: the keys of natural-key rows (:func:`_key_names_parents`)
+    the flush changes or deletes, not read yet. Their parents, read off the
+    keys, are locked in step 2, and the rows after it; new rows under such
+    keys are checked for collisions only after it too. Rows first deadlocked
+    (docs/databases.md, tests/test_deleted_row_locks.py): a locking read that
+    waited for a deleter keeps a lock on the deleted record, which an
+    inserter of the key holding the parents then waits for; and a key found
+    gone, re-read under its parents, may meanwhile be held by a writer
+    waiting for them.
 
     Parents named only through a persistent parent's one-to-many collection
     are found by :func:`_owning_collections`. Parents found only during the
@@ -520,9 +530,9 @@ def _lock_existing(connection: sa.Connection, plan: WritePlan, keys: set[Key]) -
 def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
     """Fail fast, as a duplicate key, if a row with a new child's key appeared while we waited.
 
-    Such a row was committed between our locking read (:func:`_lock_existing`)
-    and our parent lock. If a
-    writer is deleting it, that writer waits for our parents and our INSERT's
+    Such a row was committed before our parent lock, and after our locking
+    read of colliding rows (:func:`_lock_existing`; natural keys have none). If
+    a writer is deleting it, that writer waits for our parents and our INSERT's
     duplicate-key check would wait for it: a deadlock. Since we hold the
     parents, no such delete can commit before our INSERT, so the INSERT is a
     duplicate in any serial order; report it as one without waiting. Only
