@@ -301,12 +301,36 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
         for child in _collection_changes(st):
             for plan in plans_for(child.mapper):
                 wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
+    after_parents: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
+        if _key_names_parents(plan) is not None and _plan_on_innodb(session, plan):
+            after_parents[plan] = keys  # natural keys on InnoDB: parents first
+            continue
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         state.capture(connection, plan, keys, copies.get(plan))
     links = association.collection_parents(session)
     if _on_innodb(session, wanted) or _links_on_innodb(session, links):
-        _lock_before_writes(session, state, links, flush_context)
+        _lock_before_writes(session, state, links, flush_context, after_parents)
+
+
+def _plan_on_innodb(session: Session, plan: WritePlan) -> bool:
+    return innodb.is_innodb(session.get_bind(mapper=plan.mapper).dialect)
+
+
+def _key_names_parents(plan: WritePlan) -> list[int] | None:
+    """Where each counter's foreign key sits in the primary key (None: not all of them do).
+
+    A natural key (``Follow(follower_id, followed_id)``) names every parent
+    its row counts toward: a row under that key can only ever count toward
+    those parents, whoever inserted it, so they can be locked before the row.
+    """
+    out = []
+    for counter in plan.counters:
+        at = [i for i, col in enumerate(plan.pk_columns) if col is counter.fk]
+        if not at:
+            return None
+        out.append(at[0])
+    return out
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
@@ -337,8 +361,9 @@ def _lock_before_writes(
     state: _FlushState,
     links: Mapping[Any, set[Any]] | None = None,
     flush_context: UOWTransaction | None = None,
+    after_parents: Mapping[WritePlan, set[Key]] | None = None,
 ) -> None:
-    """On InnoDB, take every lock this flush's writes will need, children first, then parents.
+    """On InnoDB, take every lock this flush's writes will need: children, parents, natural keys.
 
     InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
     INSERT's foreign-key check takes a *shared* lock on the parent, and two
@@ -356,6 +381,16 @@ def _lock_before_writes(
     (:func:`.association.collection_parents`), locked in the same pass. When
     they are all it locks, of one parent table, the lock is left to the
     flush's first statement, merged with the deltas (:mod:`.link_locks`).
+
+    ``after_parents``: the keys of natural-key rows (:func:`_key_names_parents`)
+    the flush changes or deletes, not read yet. Their parents, read off the
+    keys, are locked in step 2, and the rows after it; new rows under such
+    keys are checked for collisions only after it too. Rows first deadlocked
+    (docs/databases.md, tests/test_deleted_row_locks.py): a locking read that
+    waited for a deleter keeps a lock on the deleted record, which an
+    inserter of the key holding the parents then waits for; and a key found
+    gone, re-read under its parents, may meanwhile be held by a writer
+    waiting for them.
 
     Parents named only through a persistent parent's one-to-many collection
     are found by :func:`_owning_collections`. Parents found only during the
@@ -399,20 +434,44 @@ def _lock_before_writes(
                         colliding[child_plan].add(key)
     for counter, keys in _owning_collections(session).items():
         parents[counter] |= keys
+    for plan, keys in (after_parents or {}).items():
+        at = _key_names_parents(plan)
+        assert at is not None
+        for counter, i in zip(plan.counters, at, strict=True):
+            parents[counter].update(key[i] for key in keys)
     locked: dict[WritePlan, set[Key]] = {}
+    latest: dict[WritePlan, bool] = {}  # READ COMMITTED (a round trip: once per table)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
-        locked[plan] = _lock_existing(session, plan, keys)
-    deferrable = links and not colliding and not state.reread and flush_context is not None
+        connection = session.connection(bind_arguments={"mapper": plan.mapper})
+        latest[plan] = innodb.reads_latest(connection)
+        if _key_names_parents(plan) is None:
+            locked[plan] = _lock_existing(connection, plan, keys)
+        else:  # natural keys: checked after the parent lock, with the rows changed
+            locked[plan] = set()
+    deferrable = (
+        links
+        and not colliding
+        and not after_parents
+        and not state.reread
+        and flush_context is not None
+    )
     if deferrable and association.defer_locks(session, flush_context, parents):
         return  # links only: their first statement locks them (link_locks)
     # Only new children: their INSERTs' foreign-key checks lock the parents first.
     inserts_only = not session.dirty and not session.deleted
     _deltas.lock_first(session, parents, shared_buffered=True, fk_checked=inserts_only)
+    for plan, keys in sorted((after_parents or {}).items(), key=lambda kv: kv[0].table.name):
+        # Under their parents' locks: a key found gone stays gone until we commit.
+        connection = session.connection(bind_arguments={"mapper": plan.mapper})
+        state.capture(connection, plan, keys)
+        if plan in locked:  # rows this flush replaces under a new object's key: not duplicates
+            locked[plan] = _keys_of(plan, state.old.get(plan, []))
     # Under the parents' locks, a row re-inserted under a key found gone is
     # either committed (and read now) or waits for this transaction.
     state.reread_vanished(session)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
-        _refuse_late_collisions(session, plan, keys - locked[plan])
+        if latest[plan]:
+            _refuse_late_collisions(session, plan, keys - locked[plan])
 
 
 def _owning_collections(session: Session) -> dict[Any, set[Any]]:
@@ -457,32 +516,35 @@ def _related_key(st: InstanceState[Any], counter: Any) -> Any:
     return None
 
 
-def _lock_existing(session: Session, plan: WritePlan, keys: set[Key]) -> set[Key]:
-    """Lock the existing child rows with these keys (returned); probe first, so no gap is locked.
+def _lock_existing(connection: sa.Connection, plan: WritePlan, keys: set[Key]) -> set[Key]:
+    """Lock the existing child rows with these keys; probe first, so no gap is locked.
 
     A locking read of a key that does not exist would lock the gap under
-    REPEATABLE READ and make two inserters into it deadlock.
+    REPEATABLE READ and make two inserters into it deadlock. The keys
+    returned are those the locking read found: a row deleted since the probe
+    (and perhaps re-inserted before the parent lock) is left to
+    :func:`_refuse_late_collisions`.
     """
-    connection = session.connection(bind_arguments={"mapper": plan.mapper})
     probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
     existing = {tuple(row) for row in connection.execute(probe)}
-    if existing:
-        stmt = (
-            sa.select(*plan.pk_columns)
-            .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
-            .where(innodb.key_match(plan.pk_columns, existing))
-            .order_by(*plan.pk_columns)
-            .with_for_update()
-        )
-        connection.execute(stmt).all()
-    return existing
+    if not existing:
+        return set()
+    stmt = (
+        sa.select(*plan.pk_columns)
+        .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+        .where(innodb.key_match(plan.pk_columns, existing))
+        .order_by(*plan.pk_columns)
+        .with_for_update()
+    )
+    return {tuple(row) for row in connection.execute(stmt)}
 
 
 def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -> None:
     """Fail fast, as a duplicate key, if a row with a new child's key appeared while we waited.
 
-    Such a row was committed between our probe and our parent lock. If a
-    writer is deleting it, that writer waits for our parents and our INSERT's
+    Such a row was committed before our parent lock, and after our locking
+    read of colliding rows (:func:`_lock_existing`; natural keys have none). If
+    a writer is deleting it, that writer waits for our parents and our INSERT's
     duplicate-key check would wait for it: a deadlock. Since we hold the
     parents, no such delete can commit before our INSERT, so the INSERT is a
     duplicate in any serial order; report it as one without waiting. Only
@@ -491,8 +553,6 @@ def _refuse_late_collisions(session: Session, plan: WritePlan, keys: set[Key]) -
     if not keys:
         return
     connection = session.connection(bind_arguments={"mapper": plan.mapper})
-    if not innodb.reads_latest(connection):
-        return
     probe = sa.select(*plan.pk_columns).where(innodb.key_match(plan.pk_columns, keys))
     appeared = sorted(tuple(row) for row in connection.execute(probe))
     if appeared:
