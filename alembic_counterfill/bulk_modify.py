@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -141,8 +141,39 @@ def _state_by_keys(session: Any, plan: WritePlan, keys: list[Key], lock: bool) -
     return rows
 
 
-def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool) -> list[Any]:
-    """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches."""
+def _lock_key_parents(
+    session: Any, plan: WritePlan, keys: list[Key], extra: dict[Any, set[Any]], shared: bool
+) -> bool:
+    """On InnoDB, lock the parents natural keys name before the rows; whether it did.
+
+    A flush locks them first (:meth:`.WritePlan.key_parents`): a bulk
+    statement locking the rows first would hold a row such a flush then waits
+    for, while it waits for the flush's parents. ``extra``: parents an
+    UPDATE's SET gives literally, locked in the same pass.
+    """
+    at = plan.key_parents()
+    if at is None:
+        return False
+    parents = {c: set(extra.get(c, ())) for c in plan.counters}
+    for counter, i in zip(plan.counters, at, strict=True):
+        parents[counter].update(key[i] for key in keys if key[i] is not None)
+    lock_first(session, parents, shared_buffered=shared)
+    return True
+
+
+def _lock_matching(
+    state: ORMExecuteState,
+    plan: WritePlan,
+    dml: Any,
+    lock: bool,
+    parents_first: Callable[[list[Key]], bool] | None = None,
+) -> tuple[list[Any], bool]:
+    """Read (and lock) :func:`.sql.row_state` of the rows each parameter set's WHERE matches.
+
+    On InnoDB the rows are found first without locking, then locked by key;
+    ``parents_first`` may lock their parents in between (natural keys), and
+    the second value says whether it did.
+    """
     entity = dml.entity_description.get("entity")
     if entity is None and dml.table is not plan.table and dml.table in set(plan.mapper.tables):
         entity = plan.mapper  # Core, on another table of a joined subclass: read through its join
@@ -151,7 +182,8 @@ def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool
     if by_key:
         keys = _matching_keys(state, plan, dml, entity)
         if not keys:
-            return []
+            return [], False
+        parents_locked = parents_first is not None and parents_first(keys)
         # Lock by primary key only: a locking scan of a secondary index would
         # lock its entries before the rows, the reverse of a writer updating
         # those rows by key, and InnoDB would deadlock the two.
@@ -162,14 +194,16 @@ def _lock_matching(state: ORMExecuteState, plan: WritePlan, dml: Any, lock: bool
     )
     if entity is not None and dml._with_options:
         stmt = stmt.options(*dml._with_options)  # with_loader_criteria() and friends
+    else:
+        parents_locked = False
     params = state.parameters
     if not isinstance(params, list):  # one parameter set: rows come unique and in key order
-        return list(state.session.execute(stmt, params or None).all())
+        return list(state.session.execute(stmt, params or None).all()), parents_locked
     seen: dict[Key, Any] = {}
     for one in params:
         for row in state.session.execute(stmt, one or None).all():
             seen.setdefault(tuple(row[: len(plan.pk_columns)]), row)
-    return [seen[k] for k in sorted(seen)]
+    return [seen[k] for k in sorted(seen)], parents_locked
 
 
 def _matching_keys(state: ORMExecuteState, plan: WritePlan, dml: Any, entity: Any) -> list[Key]:
@@ -404,11 +438,14 @@ def by_keys(state: ORMExecuteState, plan: WritePlan, keys: list[Key]) -> Result[
     Bulk UPDATE by primary key, and INSERTs into a joined subclass's own table.
     """
     deltas = new_deltas()
+    extra = _set_parents(state, plan, state.statement)
+    # Deltas only, never a recount: buffered counters' parents are locked shared (InnoDB).
+    early = innodb.is_innodb(state.session.get_bind(mapper=plan.mapper).dialect)
+    early = early and _lock_key_parents(state.session, plan, keys, extra, shared=True)
     old = _state_by_keys(state.session, plan, keys, lock=True)
     add_rows(deltas, plan, old, -1)
-    # Deltas only, never a recount: buffered counters' parents are locked shared (InnoDB).
-    parents = _parents(plan, old, _set_parents(state, plan, state.statement))
-    lock_first(state.session, parents, shared_buffered=True)
+    if not early:
+        lock_first(state.session, _parents(plan, old, extra), shared_buffered=True)
     result = state.invoke_statement()
     add_rows(deltas, plan, _state_by_keys(state.session, plan, keys, lock=False), +1)
     settle(state.session, deltas)
@@ -431,18 +468,23 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any, wrapped: bool) -> Res
     if is_delete and returning:
         return _delete_returning(state, plan, dml, one_writer)
 
-    # Lock and read the matching rows, then restrict the statement to them.
-    n_pk = len(plan.pk_columns)
-    old = _lock_matching(state, plan, dml, lock=not one_writer)
-    keys = [tuple(row[:n_pk]) for row in old]
-    deltas = new_deltas()
-    add_rows(deltas, plan, old, -1)
     # Buffered counters' parents are locked shared (InnoDB), as a flush does: the
     # statement appends their deltas. Only an UPDATE of the children's primary
     # key may recount them below (no RETURNING on InnoDB), which needs them exclusive.
     moves_keys = not is_delete and bool(written(state, dml) & set(_key_names(plan)))
-    parents = _parents(plan, old, _set_parents(state, plan, dml))
-    lock_first(session, parents, shared_buffered=not moves_keys)
+    extra = _set_parents(state, plan, dml)
+
+    def parents_first(found: list[Key]) -> bool:
+        return _lock_key_parents(session, plan, found, extra, shared=not moves_keys)
+
+    # Lock and read the matching rows, then restrict the statement to them.
+    n_pk = len(plan.pk_columns)
+    old, parents_locked = _lock_matching(state, plan, dml, not one_writer, parents_first)
+    keys = [tuple(row[:n_pk]) for row in old]
+    deltas = new_deltas()
+    add_rows(deltas, plan, old, -1)
+    if not parents_locked:  # natural keys on InnoDB: locked before the rows
+        lock_first(session, _parents(plan, old, extra), shared_buffered=not moves_keys)
     stmt: Any = dml
     options: dict[str, Any] = {}
     restricted = not one_writer and not wrapped

@@ -303,7 +303,7 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
                 wanted[plan].add(tuple(child.key[1]))  # type: ignore[index]
     after_parents: dict[WritePlan, set[Key]] = {}
     for plan, keys in sorted(wanted.items(), key=lambda kv: kv[0].table.name):
-        if _key_names_parents(plan) is not None and _plan_on_innodb(session, plan):
+        if plan.key_parents() is not None and _plan_on_innodb(session, plan):
             after_parents[plan] = keys  # natural keys on InnoDB: parents first
             continue
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
@@ -315,22 +315,6 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
 
 def _plan_on_innodb(session: Session, plan: WritePlan) -> bool:
     return innodb.is_innodb(session.get_bind(mapper=plan.mapper).dialect)
-
-
-def _key_names_parents(plan: WritePlan) -> list[int] | None:
-    """Where each counter's foreign key sits in the primary key (None: not all of them do).
-
-    A natural key (``Follow(follower_id, followed_id)``) names every parent
-    its row counts toward: a row under that key can only ever count toward
-    those parents, whoever inserted it, so they can be locked before the row.
-    """
-    out = []
-    for counter in plan.counters:
-        at = [i for i, col in enumerate(plan.pk_columns) if col is counter.fk]
-        if not at:
-            return None
-        out.append(at[0])
-    return out
 
 
 def _on_innodb(session: Session, wanted: dict[WritePlan, set[Key]]) -> bool:
@@ -382,7 +366,7 @@ def _lock_before_writes(
     they are all it locks, of one parent table, the lock is left to the
     flush's first statement, merged with the deltas (:mod:`.link_locks`).
 
-    ``after_parents``: the keys of natural-key rows (:func:`_key_names_parents`)
+    ``after_parents``: the keys of natural-key rows (:meth:`.WritePlan.key_parents`)
     the flush changes or deletes, not read yet. Their parents, read off the
     keys, are locked in step 2, and the rows after it; new rows under such
     keys are checked for collisions only after it too. Rows first deadlocked
@@ -435,7 +419,7 @@ def _lock_before_writes(
     for counter, keys in _owning_collections(session).items():
         parents[counter] |= keys
     for plan, keys in (after_parents or {}).items():
-        at = _key_names_parents(plan)
+        at = plan.key_parents()
         assert at is not None
         for counter, i in zip(plan.counters, at, strict=True):
             parents[counter].update(key[i] for key in keys)
@@ -444,7 +428,7 @@ def _lock_before_writes(
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
         connection = session.connection(bind_arguments={"mapper": plan.mapper})
         latest[plan] = innodb.reads_latest(connection)
-        if _key_names_parents(plan) is None:
+        if plan.key_parents() is None:
             locked[plan] = _lock_existing(connection, plan, keys)
         else:  # natural keys: checked after the parent lock, with the rows changed
             locked[plan] = set()

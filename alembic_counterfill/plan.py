@@ -79,6 +79,22 @@ class WritePlan:
         ]
         return out, [states[i] for i in sorted(bad)]
 
+    def key_parents(self) -> list[int] | None:
+        """Where each counter's foreign key sits in the primary key (None: not all of them do).
+
+        A natural key (``Follow(follower_id, followed_id)``) names every parent
+        its row counts toward: a row under that key can only ever count toward
+        those parents, whoever inserted it, so on InnoDB every writer locks
+        them before the row (docs/databases.md, tests/test_deleted_row_locks.py).
+        """
+        out = []
+        for counter in self.counters:
+            at = [i for i, col in enumerate(self.pk_columns) if col is counter.fk]
+            if not at:
+                return None
+            out.append(at[0])
+        return out
+
     def may_change(self, state: InstanceState[Any]) -> bool:
         """Whether a dirty object's pending changes can move one of its contributions."""
         if self.watched is None:

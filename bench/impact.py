@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="batch_seconds of the adaptive phase (default: the library's, 0.03)",
     )
+    parser.add_argument(
+        "--keep-logs", metavar="DIR", help="copy the workers' log of each backfill into DIR"
+    )
     args = parser.parse_args(argv)
 
     users = args.users
@@ -159,7 +162,14 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(2)  # the application is warm before the backfill starts
             bf.log(f"{name}: backfill while the application writes ...")
             info = bf.library(
-                engine, url, users, args.redis_url, 1, extra_args=extra_args, ini_extra=ini_extra
+                engine,
+                url,
+                users,
+                args.redis_url,
+                1,
+                extra_args=extra_args,
+                ini_extra=ini_extra,
+                keep_logs=args.keep_logs,
             )
             end = info["started"] + info["seconds"]
             results[name] = percentiles(app.window(info["started"], end))

@@ -289,3 +289,53 @@ def test_a_colliding_row_deleted_and_reinserted_before_the_parent_lock_is_a_dupl
     assert_exact(eng)
     with eng.connect() as conn:  # T deleted R's post; I inserted nothing
         assert conn.execute(sa.text("SELECT count(*) FROM posts")).scalar_one() == 0
+
+
+def test_a_bulk_delete_of_natural_keys_locks_their_parents_before_the_rows(
+    eng: sa.Engine,
+) -> None:
+    """F deletes Follow(1, 2) by the ORM and holds users 1, 2; B bulk-deletes user 1's follows.
+
+    F locks the parents its key names before the row. A bulk DELETE that
+    locked its rows first (follows (1, 2) and (1, 3)) and their parents
+    second held the row F then waited for, while it waited for F's users: a
+    deadlock. Now B locks users 1, 2, 3 first, waits for F with no row held,
+    and deletes what is left after F commits.
+    """
+    with Session(eng) as s:
+        s.add(Follow(follower_id=1, followed_id=3))
+        s.commit()
+    flusher = Session(eng)
+    f_conn = flusher.connection()
+
+    def anything(statement: str) -> bool:
+        return True
+
+    def orm_delete() -> None:
+        flusher.delete(flusher.get(Follow, (1, 2)))
+        flusher.commit()
+
+    def bulk_delete() -> int:
+        with Session(eng) as s:
+            deleted = s.execute(sa.delete(Follow).where(Follow.follower_id == 1)).rowcount
+            s.commit()
+            return int(deleted)
+
+    racers: list[Racer] = []
+    try:
+        with Gates(eng, f_conn, _is_parent_lock, anything) as gates:
+            racers.append(Racer(orm_delete, "ORM delete").start())
+            gates.reach(0, "the flush to reach its parent lock")
+            gates.open(0)
+            gates.reach(1, "the flush to hold users 1 and 2")
+            racers.append(Racer(bulk_delete, "bulk delete").start())
+            wait_blocked(eng, 1, racers[1])  # B waits for user 1 (before: holding both rows)
+            gates.open(1)
+            racers[0].join()
+            assert racers[1].join() == 1  # (1, 3): F deleted (1, 2) first
+    finally:
+        for racer in racers:
+            racer.done.wait(JOIN_TIMEOUT)
+        flusher.close()
+    assert_exact(eng)
+    assert _follows(eng) == 0
