@@ -24,8 +24,8 @@ USERS = 1500
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=8)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url, pool_size=8)
     yield engine
     engine.dispose()
 
@@ -59,10 +59,10 @@ class Writers(WriterThreads):
 
 
 def test_worker_backfills_association_counters_while_writers_race(
-    tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
+    tmp_path: Path, server_url: str, redis_url: str, pg: sa.Engine
 ) -> None:
     seed_behind_the_listeners(pg, users=USERS)
-    project = assoc_project(tmp_path / "p", pg_url, broker_url=redis_url)
+    project = assoc_project(tmp_path / "p", server_url, broker_url=redis_url)
     with project.worker() as worker, Writers(pg) as writers:
         wait_for(lambda: writers.writes >= 20 or writers.errors, what="writers to get going")
         before = writers.writes

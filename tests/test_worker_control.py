@@ -34,15 +34,15 @@ DONE_LINE = re.compile(r"batch (\d+) users\.\S+ \[.*; batch done")
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url, pool_size=6)
+def pg(server_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(server_url, pool_size=6)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def project(tmp_path: Path, pg_url: str, redis_url: str) -> Project:
-    return Project(tmp_path / "project", pg_url, broker_url=redis_url)
+def project(tmp_path: Path, server_url: str, redis_url: str) -> Project:
+    return Project(tmp_path / "project", server_url, broker_url=redis_url)
 
 
 def _queue_key(redis_url: str, queue: str) -> tuple[redis.Redis, str]:
@@ -140,15 +140,22 @@ def test_hints_keep_the_users_config_option(project: Project, pg: sa.Engine) -> 
 
 
 def _read_only_user(pg: sa.Engine, uid: int) -> None:
-    with pg.begin() as conn:  # every write to this user fails until the trigger is dropped
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION read_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'user is read-only'; END $$;"
-                "CREATE TRIGGER read_only BEFORE UPDATE ON users FOR EACH ROW "
-                f"WHEN (NEW.id = {uid}) EXECUTE FUNCTION read_only()"
-            )
+    """Every write to user ``uid`` fails from now on (a trigger; test-only SQL)."""
+    if pg.dialect.name == "postgresql":
+        trigger = (
+            "CREATE FUNCTION read_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'user is read-only'; END $$;"
+            "CREATE TRIGGER read_only BEFORE UPDATE ON users FOR EACH ROW "
+            f"WHEN (NEW.id = {uid}) EXECUTE FUNCTION read_only()"
         )
+    else:  # MariaDB
+        trigger = (
+            "CREATE TRIGGER read_only BEFORE UPDATE ON users FOR EACH ROW "
+            f"BEGIN IF NEW.id = {uid} THEN "
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'user is read-only'; END IF; END"
+        )
+    with pg.begin() as conn:
+        conn.execute(sa.text(trigger))
 
 
 def test_wait_shows_failures_and_ends_non_zero_when_the_run_failed(
@@ -161,8 +168,11 @@ def test_wait_shows_failures_and_ends_non_zero_when_the_run_failed(
         result = project.cli("enqueue", "--wait")
     assert result.exit_code == 1
     bar = [line for line in result.output.splitlines() if line.startswith("backfill [")][-1]
-    assert "1 failed" in bar and "last error: RaiseException: user is read-only" in bar
-    assert "[51, 101) failed: RaiseException: user is read-only" in result.output
+    error = ("RaiseException" if pg.dialect.name == "postgresql" else "OperationalError") + (
+        ": user is read-only"
+    )
+    assert "1 failed" in bar and f"last error: {error}" in bar
+    assert f"[51, 101) failed: {error}" in result.output
     assert "1 batches failed" in result.output and f"-c {project.ini} enqueue" in result.output
     assert {s["state"] for s in _status(project)} == {progress.FAILED}
 
