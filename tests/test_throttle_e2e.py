@@ -92,6 +92,40 @@ def _completed_exactly_once(engine: sa.Engine, *logs: str) -> None:
     assert drift(engine) == []
 
 
+def _app_follow(
+    engine: sa.Engine, follower: int, followed: int, done: list[BaseException | None], both: bool
+) -> threading.Thread:
+    """A live follow as the application writes it: the insert, then its counter deltas.
+
+    ``both``: also ``following_count`` of the follower (else only the followed
+    user's delta, the one that waits on a batch). The outcome lands in ``done``.
+    """
+
+    def write() -> None:
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (:a, :b)"),
+                    {"a": follower, "b": followed},
+                )
+                conn.execute(
+                    sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = :b"),
+                    {"b": followed},
+                )
+                if both:
+                    conn.execute(
+                        sa.text(
+                            "UPDATE users SET following_count = following_count + 1 WHERE id = :a"
+                        ),
+                        {"a": follower},
+                    )
+            done.append(None)
+        except BaseException as exc:  # surfaced by the test
+            done.append(exc)
+
+    return threading.Thread(target=write)
+
+
 def test_an_app_write_waiting_on_a_batch_makes_it_back_off_and_status_says_why(
     tmp_path: Path, pg_url: str, redis_url: str, pg: sa.Engine
 ) -> None:
@@ -106,23 +140,7 @@ def test_an_app_write_waiting_on_a_batch_makes_it_back_off_and_status_says_why(
     gates: list[sa.Connection] = []
     app_done: list[BaseException | None] = []
 
-    def app_write() -> None:
-        # A live follow of app_user: insert, then its counter delta (which waits).
-        try:
-            with pg.begin() as conn:
-                conn.execute(
-                    sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (:a, :b)"),
-                    {"a": 3, "b": app_user},
-                )
-                conn.execute(
-                    sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = :b"),
-                    {"b": app_user},
-                )
-            app_done.append(None)
-        except BaseException as exc:  # surfaced below
-            app_done.append(exc)
-
-    app = threading.Thread(target=app_write)
+    app = _app_follow(pg, 3, app_user, app_done, both=False)
     try:
         gate1, pid1 = _hold(pg, lo1 + 500)  # keeps batch 1 (and the run) open
         gates.append(gate1)
@@ -193,28 +211,9 @@ def test_a_waiter_mid_run_switches_pieces_from_the_idle_target_to_the_short_one(
     app_user, gated_user = 1101, 1201
     app_done: list[BaseException | None] = []
 
-    def app_write() -> None:
-        try:
-            with pg.begin() as conn:
-                conn.execute(
-                    sa.text("INSERT INTO follows (follower_id, followed_id) VALUES (:a, :b)"),
-                    {"a": 3, "b": app_user},
-                )
-                # Both counters' deltas, as live maintenance writes them
-                # (user 3's piece was done before this write).
-                conn.execute(
-                    sa.text("UPDATE users SET followers_count = followers_count + 1 WHERE id = :b"),
-                    {"b": app_user},
-                )
-                conn.execute(
-                    sa.text("UPDATE users SET following_count = following_count + 1 WHERE id = :a"),
-                    {"a": 3},
-                )
-            app_done.append(None)
-        except BaseException as exc:  # surfaced below
-            app_done.append(exc)
-
-    app = threading.Thread(target=app_write)
+    # Both counters' deltas, as live maintenance writes them (user 3's piece
+    # was done before this write).
+    app = _app_follow(pg, 3, app_user, app_done, both=True)
     gate, gate_pid = _hold(pg, gated_user)
     try:
         with project.worker(processes=1, threads=1) as worker:
