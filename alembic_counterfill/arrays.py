@@ -15,7 +15,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+
+
+def _array(type_: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    """PostgreSQL's ARRAY of ``type_``.
+
+    The dialect is imported at first use, not with this module: the CLI
+    imports this module on every command, for any database (an engine on
+    PostgreSQL imports the dialect anyway).
+    """
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql.ARRAY(type_)
 
 
 def _textual(type_: sa.types.TypeEngine[Any]) -> bool:
@@ -33,8 +44,8 @@ def _literal(values: Sequence[Any]) -> str:
 def array_bind(name: str, type_: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
     """A named array parameter of ``type_``; give its value with :func:`array_value`."""
     if _textual(type_):
-        return sa.cast(sa.bindparam(name, type_=sa.Text()), postgresql.ARRAY(type_))
-    return sa.bindparam(name, type_=postgresql.ARRAY(type_))
+        return sa.cast(sa.bindparam(name, type_=sa.Text()), _array(type_))
+    return sa.bindparam(name, type_=_array(type_))
 
 
 def array_value(values: Sequence[Any], type_: sa.types.TypeEngine[Any]) -> Any:
@@ -56,5 +67,5 @@ def array_param(
     """A bound array of ``type_`` holding ``values`` (anonymous unless ``name`` is given)."""
     if _textual(type_):
         text = sa.bindparam(name, _literal(values), type_=sa.Text())
-        return sa.cast(text, postgresql.ARRAY(type_))
-    return sa.bindparam(name, list(values), type_=postgresql.ARRAY(type_))
+        return sa.cast(text, _array(type_))
+    return sa.bindparam(name, list(values), type_=_array(type_))

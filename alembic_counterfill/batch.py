@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition, innodb, innodb_recount, notify, signals, sql
+from . import definition, innodb, innodb_recount, notify, pieces, signals
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
@@ -66,12 +66,15 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class Merged:
-    """PostgreSQL: what travels in the run row's locking read (see :func:`_advance_run`)."""
+    """PostgreSQL: what travels in the run row's locking read (see :func:`_advance_run`).
 
-    moved: Any  # the batch row's update, a CTE
-    ask: Any  # the waiters' count, a scalar subquery (None: not asked)
-    recount: Any  # the recount, a data-modifying CTE returning one row per row changed
-    changed: Any  # how many rows the recount changed, a scalar subquery over it
+    ``read`` is :func:`.pieces.read_run` with the recount and the batch row's
+    update as CTEs; ``params`` its parameters but the run's id.
+    """
+
+    read: Any
+    params: dict[str, Any]
+    ask: bool  # the read counts the sessions waiting on the transaction's locks
     started: float  # when the transaction started (time.monotonic)
 
 
@@ -107,6 +110,9 @@ def _run_counters(counters: Mapping[str, Counter], run: Any, batch_id: int) -> l
             "to plan a new backfill if the counter was removed)"
         )
     chosen = [counters[k] for k in keys]
+    seen = (tuple(chosen), run.fingerprints)
+    if seen in _MATCHED:  # every piece of a run asks: fingerprinting costs ~0.3 ms
+        return chosen
     planned = p.run_fingerprints({"fingerprints": run.fingerprints})
     differ = [
         c.key for c in chosen if c.key in planned and definition.fingerprint(c) != planned[c.key]
@@ -117,7 +123,14 @@ def _run_counters(counters: Mapping[str, Counter], run: Any, batch_id: int) -> l
             "than this worker's models; left for a worker running the models that planned it "
             "(deploy the same code to every worker)"
         )
+    if len(_MATCHED) >= 256:
+        _MATCHED.clear()
+    _MATCHED.add(seen)
     return chosen
+
+
+#: (counters, a run's recorded fingerprints) found to match (Counter objects are immutable).
+_MATCHED: set[tuple[tuple[Counter, ...], str | None]] = set()
 
 
 def run_batch(
@@ -313,9 +326,6 @@ def _session_settings(
     return settings
 
 
-_RUN_SETTINGS = ("counter_keys", "batch_size", "chunk_size", "pinned", "paused_at", "fingerprints")
-
-
 def _lock_batch(
     conn: Connection, batch_id: int, first: bool, settings: dict[str, str] | None = None
 ) -> Any:
@@ -329,30 +339,26 @@ def _lock_batch(
     second statement.
     """
     b, r = p.batches_table, p.runs_table
-    mine = (b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
-    touch = {"attempts": b.c.attempts + (1 if first else 0), "started_at": p.now()}
-    if conn.dialect.name == "postgresql":
-        return conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id, r.c.id == b.c.run_id)
-            .values(touch)
-            .returning(
-                *mine,
-                *[r.c[name] for name in _RUN_SETTINGS],
-                r.c.state.label("run_state"),
-                *[
-                    sa.func.set_config(k, v, True).label(f"setting_{i}")
-                    for i, (k, v) in enumerate((settings or {}).items())
-                ],
-            )
-        ).first()
-    row = innodb.update_returning(
-        conn, sa.update(b).where(b.c.id == batch_id).values(touch), b.c.id == batch_id, *mine
-    )
+    settings = settings or {}
+    params: dict[str, Any] = {"batch_id": batch_id, "bump": 1 if first else 0, "started": p.now()}
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        params.update({f"setting_{i}": v for i, v in enumerate(settings.values())})
+        stmt = pieces.lock_batch(dialect, list(settings), returning=True)
+        return conn.execute(stmt, params).first()
+    returning = conn.dialect.update_returning
+    result = conn.execute(pieces.lock_batch(dialect, [], returning=returning), params)
+    if returning:
+        row = result.first()
+    elif result.rowcount == 0:
+        row = None
+    else:  # the UPDATE locked the row: nobody changed it in between
+        mine = (b.c.state, b.c.run_id, b.c.lo, b.c.hi, b.c.cursor)
+        row = conn.execute(sa.select(*mine).where(b.c.id == batch_id)).first()
     if row is None:
         return None
     run = conn.execute(
-        sa.select(*[r.c[name] for name in _RUN_SETTINGS], r.c.state.label("run_state")).where(
+        sa.select(*[r.c[name] for name in pieces.RUN_SETTINGS], r.c.state.label("run_state")).where(
             r.c.id == row.run_id
         )
     ).one()
@@ -369,7 +375,6 @@ def _one_transaction(
     first: bool,
 ) -> _Chunk:
     """Apply the next piece of the batch's range in one transaction (steps 1-4 above)."""
-    b = p.batches_table
     t0 = time.monotonic()
     row: Any = None
     settings = _session_settings(conn, statement_timeout_ms, throttle)
@@ -404,55 +409,51 @@ def _one_transaction(
             parents = innodb.lock_parents(conn, table, pk, start, end)
         elif postgresql and size < run.batch_size:
             # Cut and lock the piece in one statement (see lock_next_parents).
-            found = conn.execute(sql.lock_next_parents(table, pk, start, hi, size)).first()
+            found = conn.execute(*pieces.lock_next_parents(table, pk, start, hi, size)).first()
             parents = found.n if found is not None else 0
             if found is not None and parents > size:
                 end, last, parents = found.k, False, size
         elif conn.dialect.name != "sqlite":  # SQLite has one writer at a time already
-            parents = conn.execute(sql.lock_parents(table, pk, start, end)).scalar_one()
+            parents = conn.execute(*pieces.lock_parents(table, pk, start, end)).scalar_one()
         else:
             parents = conn.execute(_count_parents(table, pk, start, end)).scalar_one()
         n: Any = 0
-        recount: Any = None
         if mysql:  # stage the truths (no child locks), then write what differs
             # Buffered counters' deltas (the transaction is READ COMMITTED).
             innodb.discard_locked(conn, chosen, start, end, read_committed=True)
             n = innodb_recount.recount_range(conn, chosen, start, end, parents=parents)
-        elif postgresql:
-            # The recount travels in the run row's read (_advance_run), as a
-            # data-modifying CTE: still a statement of its own after the lock
-            # statement (a new snapshot), one round trip fewer while the
-            # parents are locked. Buffered counters: it also removes the
-            # range's pending deltas (recount_statements gives one statement).
-            (stmt,) = sql.recount_statements(chosen, start, end, dialect=conn.dialect.name)
-            recount = stmt.returning(sa.literal(1).label("one")).cte("recount")
-            n = sa.select(sa.func.count()).select_from(recount).scalar_subquery()
-        else:
-            for stmt in sql.recount_statements(chosen, start, end, dialect=conn.dialect.name):
-                n = conn.execute(stmt).rowcount
+        elif not postgresql:  # PostgreSQL: below, in the run row's read
+            stmts, bounds = pieces.recount(chosen, start, end, conn.dialect.name)
+            for stmt in stmts:
+                n = conn.execute(stmt, bounds).rowcount
         seconds = time.monotonic() - t0
-        moved = sa.update(b).where(b.c.id == batch_id)
+        moving: dict[str, Any] = {"batch_id": batch_id}
         if last:
-            moved = moved.values(
-                state=p.BATCH_DONE,
-                finished_at=p.now(),
-                rows_changed=b.c.rows_changed + n,
-                error=None,
-                cursor=None,
-            )
+            moving["now"] = p.now()
         else:
-            moved = moved.values(cursor=encode_key(end), rows_changed=b.c.rows_changed + n)
+            moving["new_cursor"] = encode_key(end)
         waiters: str | None = None
         if postgresql:
             # The recount, the waiters' count and the batch row's update
             # travel with the run row's read (_advance_run): three round trips
             # fewer while the parents are locked, which application writes may
-            # be waiting for.
-            ask = signals.waiters_count() if throttle.lock_waiters else None
-            merged: Merged | None = Merged(moved.cte("moved"), ask, recount, n, t0)
+            # be waiting for. The recount is a data-modifying CTE: still a
+            # statement of its own after the lock statement (a new snapshot).
+            # Buffered counters: it also removes the range's pending deltas
+            # (recount_statements gives one statement). Built once per shape
+            # (.pieces): only the bounds, the batch and its cursor change.
+            read = pieces.read_run(
+                chosen,
+                open_lo=start is None,
+                open_hi=end is None,
+                last=last,
+                ask=throttle.lock_waiters,
+            )
+            moving.update(pieces.bounds(pk, start, end)[2])
+            merged: Merged | None = Merged(read, moving, throttle.lock_waiters, t0)
         else:
             waiters = signals.lock_waiters(conn) if throttle.lock_waiters else None
-            conn.execute(moved)
+            conn.execute(pieces.move_batch(last), {**moving, "n": n})
             merged = None
         finished, rate_wait, next_size, waiters, aim, n, seconds = _advance_run(
             conn,
@@ -533,31 +534,17 @@ def _advance_run(
     ``UPDATE`` of the figures would lock it anyway.
     """
     r, c = p.runs_table, p.counters_table
-    read = sa.select(r).where(r.c.id == run_id).with_for_update(key_share=True)
     if merged is not None:
-        # The rows changed come before the waiters' count in the select
-        # list: PostgreSQL evaluates it, and so runs the recount, first, and
-        # counts the sessions that waited during the recount too.
-        read = read.add_cte(merged.recount).add_cte(merged.moved)
-        read = read.add_columns(merged.changed.label("counterfill_changed"))
-        if merged.ask is not None:
-            read = read.add_columns(merged.ask.label("counterfill_waiters"))
-    run = conn.execute(read).mappings().one()
-    if merged is not None:
+        run = conn.execute(merged.read, {**merged.params, "the_run": run_id}).mappings().one()
         changed = int(run["counterfill_changed"])
         seconds = time.monotonic() - merged.started
-        if merged.ask is not None:
+        if merged.ask:
             waiters = signals.waiters_reason(run["counterfill_waiters"])
+    else:
+        run = conn.execute(pieces.read_run(), {"the_run": run_id}).mappings().one()
     now = p.now()
-    values: dict[str, Any] = {
-        "rows_changed": r.c.rows_changed + changed,
-        "parents_done": sa.func.coalesce(r.c.parents_done, 0) + parents,
-        "last_batch_at": now,
-    }
-    if last:
-        values["batches_done"] = r.c.batches_done + 1
-        if was_failed:
-            values["batches_failed"] = r.c.batches_failed - 1
+    # Set to these; rows_changed, parents_done and the batch counts are added to.
+    values: dict[str, Any] = {"last_batch_at": now}
     next_size, aim = size, ""
     if not run["pinned"] and run["chunk_size"]:  # runs planned before 0.2 have none
         bounds = _bounds(pacing, run["batch_size"])
@@ -597,14 +584,16 @@ def _advance_run(
         booked = slot + dt.timedelta(seconds=parents / limit)
         values["rate_next_at"] = booked
         rate_wait = (booked - now).total_seconds()
-    done, failed, total = innodb.update_returning(
-        conn,
-        sa.update(r).where(r.c.id == run_id).values(values),
-        r.c.id == run_id,
-        r.c.batches_done,
-        r.c.batches_failed,
-        r.c.batches_total,
+    returning = conn.dialect.update_returning
+    update = pieces.update_run(
+        sorted(values), last=last, was_failed=was_failed, returning=returning
     )
+    params = {f"v_{k}": v for k, v in values.items()}
+    params.update({"the_run": run_id, "d_changed": changed, "d_parents": parents})
+    result = conn.execute(update, params)
+    if not returning:  # the UPDATE locked the row: nobody changed it in between
+        result = conn.execute(pieces.run_counts(), {"the_run": run_id})
+    done, failed, total = result.one()
     if not last:
         return False, rate_wait, next_size, waiters, aim, changed, seconds
     if done >= total:

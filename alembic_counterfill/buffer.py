@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -34,6 +33,10 @@ PREFIX = "counterfill_deltas_"
 
 #: Column names of a deltas table that are not counters.
 RESERVED = frozenset({"id", "parent_id", "created_at"})
+
+#: Parents folded per transaction (``fold --chunk``'s default; here so the
+#: CLI shows it without importing :mod:`.fold`).
+FOLD_CHUNK = 1000
 
 # parent table -> its deltas table; parent table -> counter columns waiting for the parent's key
 _tables: dict[sa.Table, sa.Table] = {}
@@ -122,7 +125,7 @@ def _build(parent: sa.Table) -> None:
                 "created_at",
                 # MariaDB/MySQL's DATETIME keeps whole seconds unless told otherwise;
                 # the fold lag (status, metrics) is measured in fractions of one.
-                sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+                sa.DateTime(timezone=True).with_variant(_datetime6(), "mysql", "mariadb"),
                 nullable=False,
                 server_default=Now(),
             ),
@@ -180,3 +183,14 @@ def split(
             target = buffered if table is not None and col.name in table.c else plain
             target.setdefault(pid, {})[col] = d
     return plain, buffered
+
+
+def _datetime6() -> sa.types.TypeEngine[Any]:
+    """MariaDB/MySQL's ``DATETIME(6)``.
+
+    The MySQL dialect is imported here, when a deltas table is declared, not
+    with this module, which every CLI command imports whatever the database.
+    """
+    from sqlalchemy.dialects import mysql
+
+    return mysql.DATETIME(fsp=6)

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import buffer
-from . import fold as folding
 from .cli_backfill import chosen_counters
 from .counters import Counter
 
 if TYPE_CHECKING:
+    from . import fold as folding
     from .config import Settings
     from .progress import CounterStatus
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @click.option(
     "--chunk",
     type=click.IntRange(min=1),
-    default=folding.CHUNK,
+    default=buffer.FOLD_CHUNK,
     show_default=True,
     help="Parents folded per transaction.",
 )
@@ -47,6 +47,10 @@ def fold(settings: Settings, counters: tuple[str, ...], chunk: int, as_json: boo
             "declare it with counter_cache(..., buffered=True) or leave it out",
             param_hint="COUNTER",
         )
+    # Imported here: fold brings the SQL builders, which other commands
+    # (enqueue without --inline, status) do not use.
+    from . import fold as folding
+
     outcome = folding.fold(settings.engine(), chosen, chunk=chunk)
     tables = [t.name for t in folding.parent_tables(chosen)]
     if as_json:
@@ -81,6 +85,8 @@ def annotate(conn: Any, statuses: Sequence[CounterStatus], counters: Sequence[Co
             continue
         table = counter.parent_table
         if table not in seen:
+            from . import fold as folding  # only with buffered counters (see fold)
+
             seen[table] = folding.pending(conn, table)
         st.pending_deltas = seen[table].deltas
         st.oldest_delta_seconds = seen[table].oldest_seconds

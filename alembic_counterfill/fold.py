@@ -32,7 +32,7 @@ from . import buffer, innodb, sql
 log = logging.getLogger("alembic_counterfill.fold")
 
 #: Parents folded per transaction.
-CHUNK = 1000
+CHUNK = buffer.FOLD_CHUNK
 
 
 @dataclass

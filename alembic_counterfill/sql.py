@@ -81,7 +81,7 @@ def lock_parents(
 
 
 def lock_next_parents(
-    table: sa.Table, pk: sa.Column[Any], start: Any, hi: Any, size: int
+    table: sa.Table, pk: sa.Column[Any], start: Any, hi: Any, size: int | sa.ColumnElement[int]
 ) -> sa.Select[Any]:
     """Lock the first ``size + 1`` parents of ``[start, hi)`` in key order; one row back.
 

@@ -267,3 +267,31 @@ def test_pyproject_toml_configuration(project: Project, engine, tmp_path: Path) 
         env=clean_env(),
     )
     assert _states(result)["users.posts_count"] == "pending"
+
+
+def test_importing_the_cli_leaves_fold_and_other_databases_dialects_unimported() -> None:
+    """The CLI's start-up imports neither fold (SQL builders) nor the MySQL/PostgreSQL dialects.
+
+    Every command pays the import of the CLI, and ``enqueue`` (without
+    ``--inline``) or ``status`` use none of these; an engine imports its own
+    dialect when it is created. ``fold --help`` still shows the chunk's default.
+    """
+    import sys
+
+    probe = (
+        "import sys, alembic_counterfill.cli; "
+        "print(','.join(m for m in ('alembic_counterfill.fold', 'alembic_counterfill.sql', "
+        "'sqlalchemy.dialects.mysql', 'sqlalchemy.dialects.postgresql') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=clean_env()
+    )
+    assert out.stdout.strip() == ""
+    help_text = subprocess.run(
+        [ALEMBIC_COUNTERFILL, "fold", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    ).stdout
+    assert "default: 1000" in help_text
