@@ -34,12 +34,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import operators
 
@@ -484,11 +485,16 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
     session.info.pop(_PREDICTED, None)
     if not _secondary_parents:
         return out
-    predicted: dict[Counter, Tally[Any]] = defaultdict(Tally)
+    # Per counter, the values of every added and removed link, tallied once at
+    # the end (in C) instead of one Counter update per collection.
+    plus_of: dict[Counter, list[Any]] = defaultdict(list)
+    minus_of: dict[Counter, list[Any]] = defaultdict(list)
+    owners: dict[Counter, Tally[Any]] = defaultdict(Tally)  # the owner's side, per collection
     seen: set[Any] = set()  # link rows already predicted through another collection
     deleted = session.deleted
     innodb_of: dict[Mapper[Any], bool] = {}  # per mapper, not per object: flushes can be large
     sides_of: dict[Mapper[Any], list[tuple[Any, list[link_locks.Side]]]] = {}
+    looked_up: dict[tuple[Mapper[Any], Any], tuple[str | None, int | None]] = {}
     for obj in (*session.new, *session.dirty, *deleted):
         st: InstanceState[Any] = instance_state(obj)
         mapper = st.mapper
@@ -501,13 +507,21 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             continue
         if mapper not in sides_of:
             sides_of[mapper] = link_locks.link_sides(mapper)
+        gone = obj in deleted
+        committed = st.committed_state
         for rel, sides in sides_of[mapper]:
             added: int | None = None  # how many of the items are added (None: no prediction)
-            if obj in deleted:  # its links go with it: those of a loaded collection
+            if gone:  # its links go with it: those of a loaded collection
                 members = st.dict.get(rel.key)
                 items = [] if members is None else list(members)
+            elif rel.key not in committed:
+                # A collection changed since it was loaded keeps its original
+                # there (SQLAlchemy's history reads it): no entry, no history.
+                continue
             else:
-                hist = st.attrs[rel.key].history
+                # Not ``st.attrs``: a state's first ``attrs`` builds an AttributeState
+                # per attribute, and every flush's objects are new states.
+                hist = get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
                 items = [*hist.added, *hist.deleted]
                 added = len(hist.added)
             if not items:
@@ -516,28 +530,35 @@ def collection_parents(session: Session) -> dict[Counter, set[Any]]:
             guessed, new = targets, added
             if added is not None and rel.secondary in _shared_tables:
                 guessed, new = link_locks.first_seen(st, rel, targets, added, seen)
+            values: dict[Any, list[Any]] = {}  # per remote column, of every target
             for counter, local, remote, predictable in sides:
                 guess = new is not None and predictable
                 if local is not None and st.key is not None:
                     value = column_value(st, local)
                     out[counter].add(value)
                     if guess and new is not None:
-                        predicted[counter][value] += 2 * new - len(guessed)
+                        owners[counter][value] += 2 * new - len(guessed)
                 if remote is None:
                     continue
+                if remote not in values:
+                    values[remote] = _target_values(targets, remote, looked_up)
+                out[counter].update(values[remote])
                 if not guess or new is None:
-                    out[counter].update(_target_values(targets, remote))
                     continue
-                plus = _target_values(guessed[:new], remote)
-                minus = _target_values(guessed[new:], remote)
-                predicted[counter].update(plus)
-                predicted[counter].subtract(minus)
-                if guessed is targets:  # no backref pair: the same values
-                    out[counter].update(plus, minus)
-                else:
-                    out[counter].update(_target_values(targets, remote))
-    for found in out.values():
-        found.discard(None)
+                found = values[remote]
+                if guessed is not targets:
+                    found = _target_values(guessed, remote, looked_up)
+                plus_of[counter].extend(found[:new])
+                minus_of[counter].extend(found[new:])
+    for found_ in out.values():
+        found_.discard(None)
+    predicted: dict[Counter, Tally[Any]] = {}
+    for counter in {*owners, *plus_of}:
+        tally = Tally(plus_of.get(counter, ()))
+        tally.subtract(Tally(minus_of.get(counter, ())))  # per distinct parent, not per link
+        tally.update(owners.get(counter, ()))
+        tally.pop(None, None)  # a target new in this flush: no key to lock or predict
+        predicted[counter] = tally
     if predicted:
         session.info[_PREDICTED] = predicted
     return out
@@ -567,25 +588,38 @@ def defer_locks(session: Session, flush_context: Any, parents: Mapping[Counter, 
     return True
 
 
-def _target_values(targets: list[InstanceState[Any]], column: Any) -> list[Any]:
-    """``column``'s value of each persistent target, the attribute looked up once per mapper."""
-    found = []
-    looked_up: dict[Mapper[Any], tuple[str | None, int | None]] = {}
+def _target_values(
+    targets: list[InstanceState[Any]],
+    column: Any,
+    looked_up: dict[tuple[Mapper[Any], Any], tuple[str | None, int | None]],
+) -> list[Any]:
+    """``column``'s value of each target (``None`` for one new in this flush), one per target.
+
+    ``looked_up``: the attribute of each (mapper, column), shared by the calls of one flush.
+    """
+    found: list[Any] = []
+    mapper: Any = None
+    key: str | None = None
+    index: int | None = None
     for t in targets:
-        if t.key is None:  # new in this flush: no other transaction can lock it
+        identity = t.key
+        if identity is None:  # new in this flush: no other transaction can lock it
+            found.append(None)
             continue
-        mapper = t.mapper
-        if mapper not in looked_up:
-            looked_up[mapper] = _attribute_of(mapper, column)
-        key, index = looked_up[mapper]
+        if t.mapper is not mapper:  # targets mostly share one mapper
+            mapper = t.mapper
+            where = looked_up.get((mapper, column))
+            if where is None:
+                where = looked_up[(mapper, column)] = _attribute_of(mapper, column)
+            key, index = where
         if index is not None and key not in t.committed_state:
             # A key attribute not changed since it was loaded: the identity
             # has its value (``InstanceState.dict`` costs a weakref call).
-            found.append(t.key[1][index])
+            found.append(identity[1][index])
             continue
         value = t.dict.get(key) if key is not None else None
         if value is None and index is not None:
-            value = t.key[1][index]  # an expired key attribute: the identity has it
+            value = identity[1][index]  # an expired key attribute: the identity has it
         found.append(value)
     return found
 
@@ -602,20 +636,25 @@ def _add_plain(
     fk = counter.fk.key
     if fk not in keys:
         return False
-    parents = [row[fk] for row in rows]
-    if any(isinstance(v, sa.ClauseElement) for v in parents):
+    parents = list(map(itemgetter(fk), rows))
+    if _any_clause(parents):
         return False
     values = None
     if counter.summed is not None:
         summed = counter.summed.key
         if summed not in keys:
             return False
-        values = [row[summed] for row in rows]
-        if any(isinstance(v, sa.ClauseElement) for v in values):
+        values = list(map(itemgetter(summed), rows))
+        if _any_clause(values):
             return False
     for parent, total in totals(parents, values).items():
         per_parent[parent][counter] += total
     return True
+
+
+def _any_clause(values: list[Any]) -> bool:
+    """Whether one of ``values`` is a SQL expression (checked per type: rows share a few)."""
+    return any(issubclass(t, sa.ClauseElement) for t in set(map(type, values)))
 
 
 # --- InnoDB: locks before the writes ------------------------------------------------------

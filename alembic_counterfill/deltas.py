@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
 from operator import itemgetter
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import instance_state
 
 from . import buffer, folding, innodb, sql
+from .arrays import array_bind, array_value
 from .counters import Counter
 from .plan import WritePlan
 
@@ -184,13 +187,38 @@ def _add_to_parents(connection: Connection, counter: Counter, per_parent: dict[A
         return
     dialect = connection.dialect.name
     ids = sorted(per_parent)
-    columns = sorted({col for d in per_parent.values() for col in d}, key=lambda c: c.name)
+    columns = tuple(sorted({col for d in per_parent.values() for col in d}, key=lambda c: c.name))
     if dialect == "postgresql" and len(ids) > 1:
-        connection.execute(sql.lock_parents(table, pk, None, None, ids=ids, dialect=dialect))
+        connection.execute(_lock_by_array(table, pk), {"ids": array_value(ids, pk.type)})
     connection.execute(
-        sql.add_deltas(table, pk, columns, dialect=dialect),
+        _add_deltas(table, pk, columns, dialect),
         sql.delta_parameters(pk, ids, columns, per_parent, dialect=dialect),
     )
+
+
+# The statements of every flush's deltas are built once per table (and
+# columns), not per flush: a new construct costs its building and its cache
+# key (bench/live_overhead.py, docs/performance.md). Bounded, since tests and
+# short-lived metadata create many tables.
+@lru_cache(maxsize=256)
+def _lock_by_array(table: sa.Table, pk: sa.Column[Any]) -> sa.Select[Any]:
+    """PostgreSQL: lock the parents of the ``ids`` array parameter in key order; count them."""
+    inner = (
+        sa.select(pk)
+        .where(pk == sa.any_(array_bind("ids", pk.type)))
+        .order_by(pk)
+        .with_for_update(key_share=True)
+        .subquery("locked")
+    )
+    return sa.select(sa.func.count()).select_from(inner)
+
+
+@lru_cache(maxsize=256)
+def _add_deltas(
+    table: sa.Table, pk: sa.Column[Any], columns: tuple[sa.Column[Any], ...], dialect: str
+) -> sa.Update:
+    """:func:`.sql.add_deltas`, built once per table, columns and dialect."""
+    return sql.add_deltas(table, pk, columns, dialect=dialect)
 
 
 def settle(session: Session, deltas: Deltas, recounts: Recounts | None = None) -> None:
@@ -329,8 +357,12 @@ def expire_now(session: Session, extra: Expiry | None = None) -> None:
     for key, attrs in (session.info.pop(_EXPIRE, None) or {}).items():
         todo.setdefault(key, set()).update(attrs)
     identity_map = session.identity_map
+    classes: dict[Mapper[Any], Any] = {}  # each mapper's identity class, looked up once
     for (mapper, pid), attrs in todo.items():
-        obj = identity_map.get(mapper.identity_key_from_primary_key((pid,)))
+        cls = classes.get(mapper)
+        if cls is None:
+            cls = classes[mapper] = mapper.identity_key_from_primary_key((None,))[0]
+        obj = identity_map.get((cls, (pid,), None))  # identity_key_from_primary_key's key
         if obj is not None:
             session.expire(obj, list(attrs))
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import EXT_CONTINUE, Mapper, Session, UOWTransaction
 from sqlalchemy.orm import base as orm_base
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
 from . import association, innodb, sql, sqlite_lock
@@ -28,7 +28,7 @@ from . import deltas as _deltas
 from .counters import Counter
 from .errors import DuplicateKeyError, ReinsertedRowError
 from .pause import is_paused
-from .plan import Key, WritePlan, plan_for, plans_for
+from .plan import Key, WritePlan, counted_collections, plan_for, plans_for
 
 _STASH = "counterfill.flush"
 
@@ -472,13 +472,14 @@ def _owning_collections(session: Session) -> dict[Any, set[Any]]:
         st: InstanceState[Any] = instance_state(obj)
         if st.key is None:
             continue
-        for rel in st.mapper.relationships:
-            if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
-                continue
-            added = st.attrs[rel.key].history.added
+        for key, plans in counted_collections(st.mapper):
+            if key not in st.committed_state:
+                continue  # not changed since loaded
+            added = get_history(obj, key, passive=PASSIVE_NO_INITIALIZE).added
             if not added:
                 continue
-            for plan in plans_for(rel.mapper):
+            rel = st.mapper.relationships[key]
+            for plan in plans:
                 for counter in plan.counters:
                     for local, remote in rel.synchronize_pairs:
                         if remote is counter.fk:
@@ -559,10 +560,10 @@ def _collection_changes(st: InstanceState[Any]) -> list[InstanceState[Any]]:
     loaded (their history is empty).
     """
     out: list[InstanceState[Any]] = []
-    for rel in st.mapper.relationships:
-        if rel.direction.name != "ONETOMANY" or not plans_for(rel.mapper):
-            continue
-        hist = st.attrs[rel.key].history
+    for key, _plans in counted_collections(st.mapper):
+        if key not in st.committed_state:
+            continue  # not changed since loaded (SQLAlchemy's history reads it from there)
+        hist = get_history(st.obj(), key, passive=PASSIVE_NO_INITIALIZE)
         for child in (*hist.added, *hist.deleted):
             child_state: InstanceState[Any] = sa.inspect(child)
             if child_state.key is not None:
