@@ -40,6 +40,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -293,11 +294,24 @@ def seed_approach(engine: sa.Engine, url: str, users: int) -> dict[str, float]:
     return {}
 
 
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has been busy since boot (``/proc/stat``, every core).
+
+    Read before and after an approach: on a quiet machine the difference is
+    what the approach cost the CPUs (server backends, workers, the CLI), which
+    says whether its wall time could go lower on this many cores.
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def monolithic(engine: sa.Engine, url: str, users: int) -> dict[str, float]:
     """(b): one set-based UPDATE for all counters of the table."""
+    cpu = machine_cpu()
     with engine.begin() as conn:
         conn.execute(sa.text(MONOLITHIC_MYSQL if is_mysql(engine) else MONOLITHIC))
-    return {}
+    return {"cpu": machine_cpu() - cpu}
 
 
 def _children(pid: int) -> list[int]:
@@ -306,6 +320,12 @@ def _children(pid: int) -> list[int]:
         text = (task / "children").read_text().split()
         out.extend(int(x) for x in text)
     return out
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) one process has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -380,6 +400,9 @@ def library(
                 command = [sys.executable, str(BENCH_DIR / "phases.py")]
             launched = time.time()
             env["COUNTERFILL_PHASES_T0"] = repr(launched)
+            cpu = machine_cpu()
+            workers_cpu = sum(_process_cpu(pid) for pid in _children(worker.pid))
+            cli_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.monotonic()
             result = subprocess.run(
                 [
@@ -397,6 +420,10 @@ def library(
                 text=True,
             )
             seconds = time.monotonic() - started
+            cpu = machine_cpu() - cpu
+            workers_cpu = sum(_process_cpu(pid) for pid in _children(worker.pid)) - workers_cpu
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cli_cpu_s = (after.ru_utime + after.ru_stime) - (cli_cpu.ru_utime + cli_cpu.ru_stime)
             exited = time.time()
             if result.returncode != 0:
                 raise SystemExit(f"enqueue failed:\n{result.stdout}\n{result.stderr}")
@@ -411,6 +438,11 @@ def library(
                     f"  batches: {len(durations)}, mean {sum(durations) / len(durations):.3f}s, "
                     f"max {max(durations):.3f}s, sum {sum(durations):.1f}s over 2 workers"
                 )
+            log(
+                f"  CPU: workers' processes {workers_cpu:.2f} s, enqueue process "
+                f"{cli_cpu_s:.2f} s, the rest of the machine (server, Redis) "
+                f"{cpu - workers_cpu - cli_cpu_s:.2f} s"
+            )
             if phases:
                 found = _phases(result.stderr, logfile, launched, exited)
                 log(f"  phases (s from process start): {found}")
@@ -432,6 +464,7 @@ def library(
         "started": started,
         "planning": float(planned.group(1)) if planned else float("nan"),
         "rss_mb": rss,
+        "cpu": cpu,
     }
 
 
@@ -589,9 +622,11 @@ def main(argv: list[str] | None = None) -> None:
         seconds = info.pop("seconds", time.monotonic() - started)
         timings[key] = min(seconds, timings.get(key, seconds))
         every.setdefault(key, []).append(seconds)
+        cpu = info.pop("cpu", None)
         extra.update(info)
         wrong = drift(engine)
-        log(f"  {seconds:.1f} s, {wrong} users wrong afterwards")
+        spent = f" ({cpu:.1f} s of machine CPU, {os.cpu_count()} cores)" if cpu is not None else ""
+        log(f"  {seconds:.1f} s{spent}, {wrong} users wrong afterwards")
         if wrong:
             raise SystemExit(f"{label} left {wrong} users wrong")
     engine.dispose()
