@@ -23,7 +23,7 @@ from typing import Any
 import backfill_models as m
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
-from races import innodb_waiters
+from races import innodb_waiters, wait_until
 from sqlalchemy.orm import Session
 from typing_extensions import Self
 
@@ -288,14 +288,7 @@ class Worker:
 
 def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return wait_until(predicate, what, timeout)
 
 
 #: Backend pids of this process's lock holders: other test runs share the server.
@@ -431,16 +424,27 @@ def make_writable(engine: sa.Engine, user_id: int) -> None:
 
 
 class WriterThreads:
-    """Writer threads running ``_loop(index)`` from ``with`` entry until exit (then joined)."""
+    """Writer threads running ``_loop(index)`` from ``with`` entry until exit (then joined).
 
-    def __init__(self, engine: sa.Engine, threads: int) -> None:
+    :param join_timeout: with a bound, the threads are daemons and a thread
+        still running after it is recorded in ``errors`` (a hung writer fails
+        the test instead of hanging the suite).
+    """
+
+    def __init__(
+        self, engine: sa.Engine, threads: int, *, join_timeout: float | None = None
+    ) -> None:
         self.engine = engine
         self.count = threads
         self.stop = threading.Event()
         self.writes = 0
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
+        self.join_timeout = join_timeout
+        self.threads = [
+            threading.Thread(target=self._loop, args=(i,), daemon=join_timeout is not None)
+            for i in range(threads)
+        ]
 
     def __enter__(self) -> Self:
         for t in self.threads:
@@ -450,7 +454,10 @@ class WriterThreads:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join()
+            t.join(self.join_timeout)
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if alive:
+            self.errors.append(f"threads still running after {self.join_timeout}s: {alive}")
 
     def _loop(self, index: int) -> None:
         raise NotImplementedError

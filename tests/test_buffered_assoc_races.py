@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from backfill_project import WriterThreads
 from buffered_assoc_models import Base, Post, Tag, User, drift, pending, state
 from conftest import is_deadlock
 from sqlalchemy.orm import Session, selectinload
@@ -69,32 +70,12 @@ def eng(server_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-class LinkWriters:
+class LinkWriters(WriterThreads):
     """``THREADS`` threads toggling links to the hot parents through ORM collections."""
 
     def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.writes = 0
-        self.errors: list[str] = []
+        super().__init__(engine, THREADS, join_timeout=JOIN_TIMEOUT)
         self.deadlocks = 0
-        self.threads = [
-            threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(THREADS)
-        ]
-
-    def __enter__(self) -> LinkWriters:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(JOIN_TIMEOUT)
-        alive = [t.name for t in self.threads if t.is_alive()]
-        if alive:
-            self.errors.append(f"threads still running after {JOIN_TIMEOUT}s: {alive}")
 
     def _loop(self, index: int) -> None:
         rng = random.Random(index)
