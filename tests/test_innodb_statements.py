@@ -28,6 +28,19 @@ def db(mariadb_url: str) -> Iterator[sa.Engine]:
         engine.dispose()
 
 
+@pytest.fixture
+def links_db(mariadb_url: str) -> Iterator[sa.Engine]:
+    """MariaDB at READ COMMITTED with the association-table models of ``assoc_models``."""
+    import assoc_models as am
+
+    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    try:
+        am.Base.metadata.create_all(engine)
+        yield engine
+    finally:
+        engine.dispose()
+
+
 def _locked_by_someone(engine: sa.Engine, table: str, key: int) -> bool:
     """Whether another session holds row ``key`` of ``table`` (a 1 s lock wait says so)."""
     with engine.connect() as conn:
@@ -263,51 +276,47 @@ def test_a_batch_transaction_reads_committed_rows_and_the_next_one_does_not(
 
 
 def test_a_collection_flush_locks_the_link_parents_before_its_link_writes(
-    mariadb_url: str,
+    links_db: sa.Engine,
 ) -> None:
     # A link INSERT's foreign-key checks take shared locks on both people; the
     # flush must hold them exclusively first (key order), or two writers of the
     # same people's links deadlock. Likewise before a link DELETE.
     import assoc_models as am
 
-    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    engine = links_db
     statements: list[str] = []
 
     def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
         statements.append(" ".join(statement.upper().split()))
 
-    try:
-        am.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([am.User(id=i, name=f"u{i}") for i in range(1, 5)])
+        s.commit()
+    for change in ("append", "remove"):
         with Session(engine) as s:
-            s.add_all([am.User(id=i, name=f"u{i}") for i in range(1, 5)])
+            a, b = s.get(am.User, 3), s.get(am.User, 1)
+            assert a is not None and b is not None
+            getattr(a.following, change)(b)
+            statements.clear()
+            sa.event.listen(engine, "before_cursor_execute", record)
+            try:
+                s.flush()
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", record)
             s.commit()
-        for change in ("append", "remove"):
-            with Session(engine) as s:
-                a, b = s.get(am.User, 3), s.get(am.User, 1)
-                assert a is not None and b is not None
-                getattr(a.following, change)(b)
-                statements.clear()
-                sa.event.listen(engine, "before_cursor_execute", record)
-                try:
-                    s.flush()
-                finally:
-                    sa.event.remove(engine, "before_cursor_execute", record)
-                s.commit()
-            # A links-only flush locks with its predicted delta UPDATE (link_locks).
-            lock = next(
-                i
-                for i, st in enumerate(statements)
-                if st.startswith("UPDATE JSON_TABLE") and "STRAIGHT_JOIN USERS" in st
-            )
-            write = next(
-                i
-                for i, st in enumerate(statements)
-                if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
-            )
-            assert lock < write, statements
-            am.assert_exact(engine)
-    finally:
-        engine.dispose()
+        # A links-only flush locks with its predicted delta UPDATE (link_locks).
+        lock = next(
+            i
+            for i, st in enumerate(statements)
+            if st.startswith("UPDATE JSON_TABLE") and "STRAIGHT_JOIN USERS" in st
+        )
+        write = next(
+            i
+            for i, st in enumerate(statements)
+            if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
+        )
+        assert lock < write, statements
+        am.assert_exact(engine)
 
 
 def _flush_statements(engine: sa.Engine, session: Session) -> list[str]:
@@ -327,7 +336,7 @@ def _flush_statements(engine: sa.Engine, session: Session) -> list[str]:
 
 
 def test_a_links_only_flush_locks_and_adds_in_one_statement_before_its_link_insert(
-    mariadb_url: str,
+    links_db: sa.Engine,
 ) -> None:
     # Issue 15: appending links costs ONE statement more than without counters.
     # The parent lock before the link INSERT is the delta UPDATE itself, with
@@ -336,43 +345,37 @@ def test_a_links_only_flush_locks_and_adds_in_one_statement_before_its_link_inse
     # The parents stay locked (exclusively, by this transaction) until it ends.
     import assoc_models as am
 
-    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
-    try:
-        am.Base.metadata.create_all(engine)
-        with Session(engine) as s:
-            s.add_all([am.Post(id=i) for i in range(1, 4)] + [am.Tag(id=i) for i in range(1, 4)])
-            s.commit()
-        with Session(engine) as s:
-            posts = {p.id: p for p in s.scalars(sa.select(am.Post))}
-            tags = {t.id: t for t in s.scalars(sa.select(am.Tag))}
-            for p in posts.values():
-                assert p.tags == set()
-            for t in tags.values():
-                assert t.posts == []
-            posts[1].tags.add(tags[2])
-            posts[3].tags.add(tags[2])
-            tags[3].posts.append(posts[3])
-            statements = _flush_statements(engine, s)
-            assert [st.split(" ")[0] for st in statements] == ["UPDATE", "UPDATE", "INSERT"], (
-                statements
-            )
-            assert "STRAIGHT_JOIN POSTS" in statements[0], statements
-            assert "STRAIGHT_JOIN TAGS" in statements[1], statements
-            assert statements[2].startswith("INSERT INTO POST_TAGS"), statements
-            # Read after the flush, before the commit: the loaded parents were expired.
-            assert [posts[i].tags_count for i in (1, 2, 3)] == [1, 0, 2]
-            assert [tags[i].posts_count for i in (1, 2, 3)] == [0, 2, 1]
-            assert _locked_by_someone(engine, "posts", 3)
-            assert _locked_by_someone(engine, "tags", 2)
-            assert not _locked_by_someone(engine, "posts", 2)
-            s.commit()
-        am.assert_exact(engine)
-    finally:
-        engine.dispose()
+    engine = links_db
+    with Session(engine) as s:
+        s.add_all([am.Post(id=i) for i in range(1, 4)] + [am.Tag(id=i) for i in range(1, 4)])
+        s.commit()
+    with Session(engine) as s:
+        posts = {p.id: p for p in s.scalars(sa.select(am.Post))}
+        tags = {t.id: t for t in s.scalars(sa.select(am.Tag))}
+        for p in posts.values():
+            assert p.tags == set()
+        for t in tags.values():
+            assert t.posts == []
+        posts[1].tags.add(tags[2])
+        posts[3].tags.add(tags[2])
+        tags[3].posts.append(posts[3])
+        statements = _flush_statements(engine, s)
+        assert [st.split(" ")[0] for st in statements] == ["UPDATE", "UPDATE", "INSERT"], statements
+        assert "STRAIGHT_JOIN POSTS" in statements[0], statements
+        assert "STRAIGHT_JOIN TAGS" in statements[1], statements
+        assert statements[2].startswith("INSERT INTO POST_TAGS"), statements
+        # Read after the flush, before the commit: the loaded parents were expired.
+        assert [posts[i].tags_count for i in (1, 2, 3)] == [1, 0, 2]
+        assert [tags[i].posts_count for i in (1, 2, 3)] == [0, 2, 1]
+        assert _locked_by_someone(engine, "posts", 3)
+        assert _locked_by_someone(engine, "tags", 2)
+        assert not _locked_by_someone(engine, "posts", 2)
+        s.commit()
+    am.assert_exact(engine)
 
 
 def test_a_links_flush_applies_what_its_prediction_missed_after_the_writes(
-    mariadb_url: str,
+    links_db: sa.Engine,
 ) -> None:
     # The prediction covers plain counts of persistent objects only: a new
     # target's link, the where= and sum= counters of the same rows, and a
@@ -380,40 +383,36 @@ def test_a_links_flush_applies_what_its_prediction_missed_after_the_writes(
     # after the link statements, still within the flush.
     import assoc_models as am
 
-    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
-    try:
-        am.Base.metadata.create_all(engine)
-        with Session(engine) as s:
-            users = [am.User(id=i, name=f"u{i}") for i in range(1, 5)]
-            s.add_all(users)
-            users[0].following.extend(users[1:3])
-            s.commit()
-        with Session(engine) as s:
-            # Everything loaded first: a load would autoflush the changes made before it.
-            one, two, three, four = (s.get(am.User, i) for i in range(1, 5))
-            assert one is not None and two is not None
-            assert three is not None and four is not None
-            assert len(one.following) == 2 and four.followers == []
-            one.following.remove(two)
-            one.following.append(four)
-            one.following.append(am.User(id=9, name="new"))
-            four.followers.append(three)
-            statements = _flush_statements(engine, s)
-            writes = [
-                i
-                for i, st in enumerate(statements)
-                if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
-            ]
-            assert statements[0].startswith("UPDATE JSON_TABLE"), statements
-            assert len(writes) == 2 and writes[0] > 0, statements
-            s.commit()
-        am.assert_exact(engine)
-    finally:
-        engine.dispose()
+    engine = links_db
+    with Session(engine) as s:
+        users = [am.User(id=i, name=f"u{i}") for i in range(1, 5)]
+        s.add_all(users)
+        users[0].following.extend(users[1:3])
+        s.commit()
+    with Session(engine) as s:
+        # Everything loaded first: a load would autoflush the changes made before it.
+        one, two, three, four = (s.get(am.User, i) for i in range(1, 5))
+        assert one is not None and two is not None
+        assert three is not None and four is not None
+        assert len(one.following) == 2 and four.followers == []
+        one.following.remove(two)
+        one.following.append(four)
+        one.following.append(am.User(id=9, name="new"))
+        four.followers.append(three)
+        statements = _flush_statements(engine, s)
+        writes = [
+            i
+            for i, st in enumerate(statements)
+            if st.startswith(("INSERT INTO FOLLOWERS", "DELETE FROM FOLLOWERS"))
+        ]
+        assert statements[0].startswith("UPDATE JSON_TABLE"), statements
+        assert len(writes) == 2 and writes[0] > 0, statements
+        s.commit()
+    am.assert_exact(engine)
 
 
 def test_a_links_flush_whose_before_flush_hook_fails_leaves_the_counters_alone(
-    mariadb_url: str,
+    links_db: sa.Engine,
 ) -> None:
     # A before_flush hook registered after ours raises: the flush stops before
     # its transaction, which is NOT rolled back and may be committed. The
@@ -421,82 +420,74 @@ def test_a_links_flush_whose_before_flush_hook_fails_leaves_the_counters_alone(
     # flush's first statement); the flush that follows counts the links once.
     import assoc_models as am
 
-    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
+    engine = links_db
 
     def refuse(session: Session, *args: object) -> None:
         raise RuntimeError("refused by a later hook")
 
-    try:
-        am.Base.metadata.create_all(engine)
-        with Session(engine) as s:
-            s.add_all([am.Post(id=1), am.Tag(id=1), am.Tag(id=2)])
-            s.commit()
-        with Session(engine) as s:
-            post, one, two = s.get(am.Post, 1), s.get(am.Tag, 1), s.get(am.Tag, 2)
-            assert post is not None and post.tags == set()
-            post.tags.add(one)
-            sa.event.listen(s, "before_flush", refuse)
-            with pytest.raises(RuntimeError, match="refused"):
-                s.flush()
-            sa.event.remove(s, "before_flush", refuse)
-            with s.no_autoflush:  # a statement between the two flushes
-                assert s.execute(sa.select(am.Post.tags_count)).scalar_one() == 0
-            post.tags.add(two)
-            s.commit()
-        am.assert_exact(engine)
-        assert am.links(engine) == 2
-    finally:
-        engine.dispose()
+    with Session(engine) as s:
+        s.add_all([am.Post(id=1), am.Tag(id=1), am.Tag(id=2)])
+        s.commit()
+    with Session(engine) as s:
+        post, one, two = s.get(am.Post, 1), s.get(am.Tag, 1), s.get(am.Tag, 2)
+        assert post is not None and post.tags == set()
+        post.tags.add(one)
+        sa.event.listen(s, "before_flush", refuse)
+        with pytest.raises(RuntimeError, match="refused"):
+            s.flush()
+        sa.event.remove(s, "before_flush", refuse)
+        with s.no_autoflush:  # a statement between the two flushes
+            assert s.execute(sa.select(am.Post.tags_count)).scalar_one() == 0
+        post.tags.add(two)
+        s.commit()
+    am.assert_exact(engine)
+    assert am.links(engine) == 2
 
 
-def test_a_links_flush_locks_a_parent_whose_predicted_delta_is_zero(mariadb_url: str) -> None:
+def test_a_links_flush_locks_a_parent_whose_predicted_delta_is_zero(links_db: sa.Engine) -> None:
     # A post losing one tag and gaining another (a tag likewise): its delta is 0, yet its link
     # DELETE and INSERT need it locked first. The one UPDATE lists it with a
     # zero delta, which InnoDB locks all the same (the row is reached through
     # the primary key), before the locking read of the link rows to delete.
     import assoc_models as am
 
-    engine = sa.create_engine(mariadb_url, isolation_level="READ COMMITTED")
-    try:
-        am.Base.metadata.create_all(engine)
-        with Session(engine) as s:
-            post, one, two = am.Post(id=1), am.Tag(id=1), am.Tag(id=2)
-            post.tags.add(one)
-            s.add_all([post, am.Post(id=2), one, two])
-            s.commit()
-        with Session(engine) as s:
-            post, other = s.get(am.Post, 1), s.get(am.Post, 2)
-            one, two = s.get(am.Tag, 1), s.get(am.Tag, 2)
-            assert post is not None and other is not None
-            assert one is not None and two is not None
-            assert post.tags == {one} and other.tags == set()
-            assert len(one.posts) == 1 and two.posts == []
-            post.tags.remove(one)
-            post.tags.add(two)
-            other.tags.add(one)  # post 2 +1, tag 1 -1 +1 = 0, tag 2 +1
-            locked_after: dict[str, bool] = {}
+    engine = links_db
+    with Session(engine) as s:
+        post, one, two = am.Post(id=1), am.Tag(id=1), am.Tag(id=2)
+        post.tags.add(one)
+        s.add_all([post, am.Post(id=2), one, two])
+        s.commit()
+    with Session(engine) as s:
+        post, other = s.get(am.Post, 1), s.get(am.Post, 2)
+        one, two = s.get(am.Tag, 1), s.get(am.Tag, 2)
+        assert post is not None and other is not None
+        assert one is not None and two is not None
+        assert post.tags == {one} and other.tags == set()
+        assert len(one.posts) == 1 and two.posts == []
+        post.tags.remove(one)
+        post.tags.add(two)
+        other.tags.add(one)  # post 2 +1, tag 1 -1 +1 = 0, tag 2 +1
+        locked_after: dict[str, bool] = {}
 
-            def probe(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-                # Right after each parent UPDATE, before any link statement has
-                # run (whose foreign-key checks would lock the parents too).
-                for table in ("posts", "tags"):
-                    if statement.startswith("UPDATE") and f"STRAIGHT_JOIN {table} " in statement:
-                        locked_after[table] = _locked_by_someone(engine, table, 1)
+        def probe(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+            # Right after each parent UPDATE, before any link statement has
+            # run (whose foreign-key checks would lock the parents too).
+            for table in ("posts", "tags"):
+                if statement.startswith("UPDATE") and f"STRAIGHT_JOIN {table} " in statement:
+                    locked_after[table] = _locked_by_someone(engine, table, 1)
 
-            sa.event.listen(engine, "after_cursor_execute", probe)
-            try:
-                statements = _flush_statements(engine, s)
-            finally:
-                sa.event.remove(engine, "after_cursor_execute", probe)
-            assert locked_after == {"posts": True, "tags": True}
-            kinds = [st.split(" ")[0] for st in statements]
-            assert kinds[:2] == ["UPDATE", "UPDATE"], statements
-            assert "STRAIGHT_JOIN POSTS" in statements[0], statements
-            assert "UPDATE" not in kinds[2:], statements  # the prediction was exact
-            assert any(st.startswith("DELETE FROM POST_TAGS") for st in statements)
-            assert (post.tags_count, other.tags_count) == (1, 1)
-            assert (one.posts_count, two.posts_count) == (1, 1)
-            s.commit()
-        am.assert_exact(engine)
-    finally:
-        engine.dispose()
+        sa.event.listen(engine, "after_cursor_execute", probe)
+        try:
+            statements = _flush_statements(engine, s)
+        finally:
+            sa.event.remove(engine, "after_cursor_execute", probe)
+        assert locked_after == {"posts": True, "tags": True}
+        kinds = [st.split(" ")[0] for st in statements]
+        assert kinds[:2] == ["UPDATE", "UPDATE"], statements
+        assert "STRAIGHT_JOIN POSTS" in statements[0], statements
+        assert "UPDATE" not in kinds[2:], statements  # the prediction was exact
+        assert any(st.startswith("DELETE FROM POST_TAGS") for st in statements)
+        assert (post.tags_count, other.tags_count) == (1, 1)
+        assert (one.posts_count, two.posts_count) == (1, 1)
+        s.commit()
+    am.assert_exact(engine)
