@@ -64,8 +64,8 @@ class _FlushState:
     # Captured keys whose row the locking reads did not find (another
     # transaction deleted it): this flush's DELETE or UPDATE must match none.
     missing: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
-    # InnoDB at READ COMMITTED: missing keys to read again once the parents
-    # their copies name are locked with the flush's other parents.
+    # PostgreSQL, and InnoDB at READ COMMITTED: missing keys to read again once
+    # the parents their copies name are locked with the flush's other parents.
     reread: dict[WritePlan, set[Key]] = field(default_factory=lambda: defaultdict(set))
     copy_parents: dict[Counter, set[Any]] = field(default_factory=lambda: defaultdict(set))
     watched: list[sa.Connection] = field(default_factory=list)
@@ -87,11 +87,7 @@ class _FlushState:
         missing = keys - _keys_of(plan, rows)
         if not missing:
             return
-        if states and connection.dialect.name == "postgresql":
-            again = _vanished(connection, plan, missing, states)
-            self.old[plan].extend(again)
-            missing -= _keys_of(plan, again)
-        elif states and _gap_unlocked(connection):
+        if states and (connection.dialect.name == "postgresql" or _gap_unlocked(connection)):
             self.reread[plan] |= missing
             for counter, ids in _copy_parents(plan, missing, states).items():
                 self.copy_parents[counter] |= ids
@@ -99,7 +95,7 @@ class _FlushState:
         self.watch(connection)
 
     def reread_vanished(self, session: Session) -> None:
-        """InnoDB: read the missing keys again, now that their copies' parents are locked."""
+        """Read the missing keys again, now that their copies' parents are locked."""
         for plan, keys in sorted(self.reread.items(), key=lambda kv: kv[0].table.name):
             connection = session.connection(bind_arguments={"mapper": plan.mapper})
             again = _read(connection, plan, keys, lock=True)
@@ -171,13 +167,10 @@ def _copy_parents(
     return out
 
 
-def _vanished(
-    connection: sa.Connection,
-    plan: WritePlan,
-    missing: set[Key],
-    states: Mapping[Key, InstanceState[Any]],
-) -> list[Any]:
-    """Rows re-inserted under keys the locking read found gone; read again under parent locks.
+def _lock_to_reread(
+    session: Session, state: _FlushState, links: Mapping[Any, set[Any]] | None
+) -> None:
+    """PostgreSQL: lock every parent of the flush in one key-ordered pass, then re-read gone keys.
 
     A row this flush deletes or updates may have been deleted by another
     transaction (the locking read waited for it and found nothing), and a third
@@ -186,24 +179,37 @@ def _vanished(
     The inserter applies its delta to the parents its row names before it
     commits; natural keys (a composite of the counted foreign keys, the
     common re-inserted case) name the same parents as the session's copy. So
-    those parents are locked (in key order, per table) and the keys read
-    again: a row committed before the lock is counted here; one committed
-    after it cannot be, since its inserter waits for this transaction, and
-    its uncommitted row is invisible to this flush's statements. A row
-    re-inserted naming other parents is caught by :func:`statement_ran`.
-    PostgreSQL; InnoDB does the same through :func:`_lock_before_writes`.
+    those parents are locked and the keys read again: a row committed before
+    the lock is counted here; one committed after it cannot be, since its
+    inserter waits for this transaction, and its uncommitted row is invisible
+    to this flush's statements. A row re-inserted naming other parents is
+    caught by :func:`statement_ran`. InnoDB does the same in
+    :func:`_lock_before_writes`.
+
+    The copies' parents are locked with every other parent the flush's deltas
+    will lock (:func:`_flush_parents`), by table name and then key: locking
+    them alone, then the others with the deltas, took parents in two
+    key-ordered passes, and two such flushes (or one and a writer applying its
+    deltas) deadlocked (tests/test_natural_key_bulk_races.py). The re-read
+    itself still takes rows after parents: a row re-inserted under a gone
+    key and held by a writer waiting for those parents deadlocks with it
+    (docs/databases.md, "Known gaps").
     """
-    parents: dict[sa.Table, tuple[Counter, set[Any]]] = {}
-    for counter, ids in _copy_parents(plan, missing, states).items():
-        parents.setdefault(counter.parent_table, (counter, set()))[1].update(ids)
-    for table in sorted(parents, key=lambda t: t.name):
-        counter, ids = parents[table]
+    parents, _ = _flush_parents(session, state, links)
+    by_table: dict[sa.Table, tuple[Counter, set[Any]]] = {}
+    for counter, ids in parents.items():
+        by_table.setdefault(counter.parent_table, (counter, set()))[1].update(ids)
+    for table in sorted(by_table, key=lambda t: t.name):
+        counter, ids = by_table[table]
+        ids.discard(None)
         if ids:
+            connection = session.connection(bind_arguments={"mapper": counter.parent_mapper})
+            dialect = connection.dialect.name
             stmt = sql.lock_parents(
-                table, counter.parent_pk, None, None, ids=sorted(ids), dialect="postgresql"
+                table, counter.parent_pk, None, None, ids=sorted(ids), dialect=dialect
             )
             connection.execute(stmt)
-    return _read(connection, plan, missing, lock=True)
+    state.reread_vanished(session)
 
 
 def statement_ran(
@@ -219,7 +225,7 @@ def statement_ran(
     Rows the locking reads found are held by this transaction; a key they
     found missing must match nothing. If it matches, another transaction
     re-inserted the row after this flush read it (a surrogate key re-used
-    with other parents, which the parent locks of :func:`_vanished` do not
+    with other parents, which the parent locks of :func:`_lock_to_reread` do not
     cover): its counters were never read as old state, so the flush is
     stopped and its transaction rolled back. A row simply gone matches
     nothing and keeps SQLAlchemy's own warning. Listens only on connections
@@ -311,6 +317,8 @@ def before_flush(session: Session, flush_context: UOWTransaction, instances: Any
     links = association.collection_parents(session)
     if _on_innodb(session, wanted) or _links_on_innodb(session, links):
         _lock_before_writes(session, state, links, flush_context, after_parents)
+    if state.reread:  # PostgreSQL: keys found gone (InnoDB has re-read its own)
+        _lock_to_reread(session, state, links)
 
 
 def _plan_on_innodb(session: Session, plan: WritePlan) -> bool:
@@ -340,46 +348,20 @@ def _attribute_keys(mapper: Mapper[Any], columns: list[Any]) -> list[str | None]
     return out
 
 
-def _lock_before_writes(
+def _flush_parents(
     session: Session,
     state: _FlushState,
     links: Mapping[Any, set[Any]] | None = None,
-    flush_context: UOWTransaction | None = None,
     after_parents: Mapping[WritePlan, set[Key]] | None = None,
-) -> None:
-    """On InnoDB, take every lock this flush's writes will need: children, parents, natural keys.
+) -> tuple[dict[Any, set[Any]], dict[WritePlan, set[Key]]]:
+    """Every parent this flush's writes and deltas will lock, per counter; new explicit keys.
 
-    InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
-    INSERT's foreign-key check takes a *shared* lock on the parent, and two
-    writers holding it that then both want the exclusive lock for their delta
-    deadlock. So before the flush writes, a writer locks, in one global order:
-
-    1. the children it changes or deletes (already read ``FOR UPDATE`` in key
-       order by :meth:`_FlushState.capture`), and the existing rows its new
-       children's explicit primary keys collide with (an INSERT's
-       duplicate-key check would otherwise wait for them while we hold parents);
-    2. every parent those rows and the new or moved children name, exclusively,
-       by table name and then key (:func:`.deltas.lock_first`).
-
-    ``links``: the parents of association-table rows the flush will write
-    (:func:`.association.collection_parents`), locked in the same pass. When
-    they are all it locks, of one parent table, the lock is left to the
-    flush's first statement, merged with the deltas (:mod:`.link_locks`).
-
-    ``after_parents``: the keys of natural-key rows (:meth:`.WritePlan.key_parents`)
-    the flush changes or deletes, not read yet. Their parents, read off the
-    keys, are locked in step 2, and the rows after it; new rows under such
-    keys are checked for collisions only after it too. Rows first deadlocked
-    (docs/databases.md, tests/test_deleted_row_locks.py): a locking read that
-    waited for a deleter keeps a lock on the deleted record, which an
-    inserter of the key holding the parents then waits for; and a key found
-    gone, re-read under its parents, may meanwhile be held by a writer
-    waiting for them.
-
-    Parents named only through a persistent parent's one-to-many collection
-    are found by :func:`_owning_collections`. Parents found only during the
-    flush (keys of parents new in the same flush, which no other transaction
-    can see or lock) are locked when the deltas are applied.
+    The parents of the rows read (:attr:`_FlushState.old`), of the copies of
+    rows found gone, of the new and dirty objects (their FK values, or the
+    parent object a relationship will sync), of persistent parents' changed
+    one-to-many collections, of association-table ``links`` and of the
+    natural keys in ``after_parents``. The second value: the explicit primary
+    keys of new objects, per plan (rows they may collide with).
     """
     parents: dict[Any, set[Any]] = defaultdict(set)
     for counter, keys in (links or {}).items():
@@ -423,6 +405,51 @@ def _lock_before_writes(
         assert at is not None
         for counter, i in zip(plan.counters, at, strict=True):
             parents[counter].update(key[i] for key in keys)
+    return parents, colliding
+
+
+def _lock_before_writes(
+    session: Session,
+    state: _FlushState,
+    links: Mapping[Any, set[Any]] | None = None,
+    flush_context: UOWTransaction | None = None,
+    after_parents: Mapping[WritePlan, set[Key]] | None = None,
+) -> None:
+    """On InnoDB, take every lock this flush's writes will need: children, parents, natural keys.
+
+    InnoDB has no lock mode like PostgreSQL's ``FOR NO KEY UPDATE``: a child
+    INSERT's foreign-key check takes a *shared* lock on the parent, and two
+    writers holding it that then both want the exclusive lock for their delta
+    deadlock. So before the flush writes, a writer locks, in one global order:
+
+    1. the children it changes or deletes (already read ``FOR UPDATE`` in key
+       order by :meth:`_FlushState.capture`), and the existing rows its new
+       children's explicit primary keys collide with (an INSERT's
+       duplicate-key check would otherwise wait for them while we hold parents);
+    2. every parent those rows and the new or moved children name, exclusively,
+       by table name and then key (:func:`.deltas.lock_first`).
+
+    ``links``: the parents of association-table rows the flush will write
+    (:func:`.association.collection_parents`), locked in the same pass. When
+    they are all it locks, of one parent table, the lock is left to the
+    flush's first statement, merged with the deltas (:mod:`.link_locks`).
+
+    ``after_parents``: the keys of natural-key rows (:meth:`.WritePlan.key_parents`)
+    the flush changes or deletes, not read yet. Their parents, read off the
+    keys, are locked in step 2, and the rows after it; new rows under such
+    keys are checked for collisions only after it too. Rows first deadlocked
+    (docs/databases.md, tests/test_deleted_row_locks.py): a locking read that
+    waited for a deleter keeps a lock on the deleted record, which an
+    inserter of the key holding the parents then waits for; and a key found
+    gone, re-read under its parents, may meanwhile be held by a writer
+    waiting for them.
+
+    Parents named only through a persistent parent's one-to-many collection
+    are found by :func:`_owning_collections`. Parents found only during the
+    flush (keys of parents new in the same flush, which no other transaction
+    can see or lock) are locked when the deltas are applied.
+    """
+    parents, colliding = _flush_parents(session, state, links, after_parents)
     locked: dict[WritePlan, set[Key]] = {}
     latest: dict[WritePlan, bool] = {}  # READ COMMITTED (a round trip: once per table)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
