@@ -254,7 +254,7 @@ def test_compare_removes_every_op_on_bookkeeping_tables() -> None:
     assert upgrade.ops == [kept]
 
 
-@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite", "mysql"])
 def test_offline_request_records_the_definition_with_percent_signs_intact(dialect: str) -> None:
     import definition_models
 
