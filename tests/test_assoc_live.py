@@ -342,6 +342,26 @@ def test_upsert_do_nothing(server_db: sa.Engine) -> None:
     assert_exact(db)
 
 
+def test_sqlite_insert_or_ignore(sqlite_url: str) -> None:
+    """SQLite's ``INSERT OR IGNORE`` skips a duplicate link, and so do the counters."""
+    engine = sa.create_engine(sqlite_url)
+    try:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([User(id=i, name=f"u{i}") for i in range(1, 4)])
+            s.commit()
+            s.execute(sa.insert(followers), [{"follower_id": 1, "followed_id": 2}])
+            s.execute(
+                sa.insert(followers).prefix_with("OR IGNORE"),
+                [{"follower_id": 1, "followed_id": 2}, {"follower_id": 3, "followed_id": 2}],
+            )
+            s.commit()
+        assert counts(engine, 2)[0] == 2 and counts(engine, 1)[1] == 1
+        assert_exact(engine)
+    finally:
+        engine.dispose()
+
+
 # --- AsyncSession -----------------------------------------------------------------------------
 
 
