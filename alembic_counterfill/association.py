@@ -404,7 +404,9 @@ def _inserted(
             _lost(elem, counter)  # Session.execute handles these before they get here
         return
     # An upsert may insert nothing, or update a row: recount instead of adding.
-    upsert = getattr(elem, "_post_values_clause", None) is not None
+    # INSERT IGNORE (MySQL) skips rows that collide, like ON CONFLICT DO NOTHING.
+    ignore = any("IGNORE" in str(prefix).upper() for prefix, _ in elem._prefixes)
+    upsert = getattr(elem, "_post_values_clause", None) is not None or ignore
     rows = _insert_rows(elem, rows)
     keys = set(rows[0]) if rows else set()
     # Only buffered counters read their rows back (a walk over every row's key).

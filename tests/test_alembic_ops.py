@@ -1,6 +1,6 @@
 """``op.request_counter_backfill`` / ``op.cancel_counter_backfill``: execute, render, compare.
 
-In-process on real SQLite and PostgreSQL through alembic's own
+In-process on real SQLite, PostgreSQL and MariaDB through alembic's own
 ``MigrationContext`` and ``Operations`` (the end-to-end module drives the same
 ops through the ``alembic`` executable).
 """
@@ -99,6 +99,31 @@ def test_request_is_part_of_the_migration_transaction(pg_url: str) -> None:
         # PostgreSQL DDL is transactional: neither the tables nor the row survive.
         with engine.connect() as conn:
             assert not progress.has_tables(conn)
+    finally:
+        engine.dispose()
+
+
+def test_on_mariadb_a_failed_migration_keeps_its_ddl_but_not_its_request(mariadb_url: str) -> None:
+    """MariaDB commits DDL at once: the column and bookkeeping tables stay, the request does not.
+
+    The request row is written after every DDL statement of the op (the
+    tables' ``CREATE``), inside the migration's transaction, so a migration
+    failing after it rolls it back; the column it added survives, as with
+    any Alembic migration on MySQL (docs/databases.md, "Migrations").
+    """
+    engine = sa.create_engine(mariadb_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            op = Operations(MigrationContext.configure(conn))
+            op.add_column("users", sa.Column("c", sa.Integer, server_default="0", nullable=False))
+            op.request_counter_backfill("users", "c")
+            raise RuntimeError("the migration fails after the request")
+        with engine.connect() as conn:
+            assert "c" in {c["name"] for c in sa.inspect(conn).get_columns("users")}
+            assert progress.has_tables(conn)  # created by the request, committed by MariaDB
+            assert progress.counter_rows(conn) == {}  # the request went with the transaction
     finally:
         engine.dispose()
 
@@ -229,7 +254,7 @@ def test_compare_removes_every_op_on_bookkeeping_tables() -> None:
     assert upgrade.ops == [kept]
 
 
-@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite", "mysql"])
 def test_offline_request_records_the_definition_with_percent_signs_intact(dialect: str) -> None:
     import definition_models
 

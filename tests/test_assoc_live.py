@@ -1,4 +1,4 @@
-"""Association-table counters on SQLite and PostgreSQL: every write the ORM makes stays exact.
+"""Association-table counters on SQLite, PostgreSQL and MariaDB: every ORM write stays exact.
 
 Judged by ``assoc_models.truth`` (independent COUNT(*)/SUM in plain SQL).
 """
@@ -311,8 +311,9 @@ def test_statement_rolled_back_with_session(db: sa.Engine) -> None:
 
 
 @pytest.fixture
-def pg_db(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url)
+def server_db(server_url: str) -> Iterator[sa.Engine]:
+    """PostgreSQL, then MariaDB, with the users in place."""
+    engine = sa.create_engine(server_url)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([User(id=i, name=f"u{i}") for i in range(1, 7)])
@@ -321,13 +322,17 @@ def pg_db(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def test_postgresql_upsert_do_nothing(pg_db: sa.Engine) -> None:
-    from sqlalchemy.dialects.postgresql import insert
+def test_upsert_do_nothing(server_db: sa.Engine) -> None:
+    """``ON CONFLICT DO NOTHING`` (PostgreSQL) / ``INSERT IGNORE`` (MariaDB): new links only."""
+    from sqlalchemy.dialects import mysql, postgresql
 
-    db = pg_db
+    db = server_db
+    if db.dialect.name == "postgresql":
+        stmt = postgresql.insert(followers).on_conflict_do_nothing()
+    else:
+        stmt = mysql.insert(followers).prefix_with("IGNORE")
     with Session(db) as s:
         s.execute(sa.insert(followers), [{"follower_id": 1, "followed_id": 2}])
-        stmt = insert(followers).on_conflict_do_nothing()
         s.execute(
             stmt,
             [{"follower_id": 1, "followed_id": 2}, {"follower_id": 3, "followed_id": 2}],
@@ -337,17 +342,42 @@ def test_postgresql_upsert_do_nothing(pg_db: sa.Engine) -> None:
     assert_exact(db)
 
 
+def test_sqlite_insert_or_ignore(sqlite_url: str) -> None:
+    """SQLite's ``INSERT OR IGNORE`` skips a duplicate link, and so do the counters."""
+    engine = sa.create_engine(sqlite_url)
+    try:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([User(id=i, name=f"u{i}") for i in range(1, 4)])
+            s.commit()
+            s.execute(sa.insert(followers), [{"follower_id": 1, "followed_id": 2}])
+            s.execute(
+                sa.insert(followers).prefix_with("OR IGNORE"),
+                [{"follower_id": 1, "followed_id": 2}, {"follower_id": 3, "followed_id": 2}],
+            )
+            s.commit()
+        assert counts(engine, 2)[0] == 2 and counts(engine, 1)[1] == 1
+        assert_exact(engine)
+    finally:
+        engine.dispose()
+
+
 # --- AsyncSession -----------------------------------------------------------------------------
 
 
-def test_async_session(pg_db: sa.Engine, pg_url: str) -> None:
-    """On PostgreSQL through psycopg's async driver (the environment has no async SQLite driver)."""
+def test_async_session(server_db: sa.Engine, server_url: str) -> None:
+    """Through psycopg's async driver (PostgreSQL) and aiomysql (MariaDB)."""
     import asyncio
 
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
+    if server_db.dialect.name == "postgresql":
+        async_url = server_url.replace("+psycopg", "+psycopg_async")
+    else:
+        async_url = server_url.replace("+pymysql", "+aiomysql")
+
     async def main() -> None:
-        engine = create_async_engine(pg_url.replace("+psycopg", "+psycopg_async"))
+        engine = create_async_engine(async_url)
         async with AsyncSession(engine) as s:
             a = await s.get(User, 1, options=[selectinload(User.following)])
             b = await s.get(User, 2)
@@ -364,7 +394,7 @@ def test_async_session(pg_db: sa.Engine, pg_url: str) -> None:
         await engine.dispose()
 
     asyncio.run(main())
-    db = pg_db
+    db = server_db
     assert counts(db, 3)[0] == 0 and counts(db, 1)[1] == 0
     assert_exact(db)
 

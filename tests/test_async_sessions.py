@@ -1,4 +1,4 @@
-"""AsyncSession keeps counters exact on asyncpg, psycopg's async driver and aiosqlite."""
+"""AsyncSession keeps counters exact on asyncpg, psycopg's async driver, aiosqlite and aiomysql."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def _async_engine(driver: str, request: pytest.FixtureRequest) -> tuple[AsyncEng
         return create_async_engine(
             url.replace("sqlite://", "sqlite+aiosqlite://")
         ), sa.create_engine(url)
+    if driver == "aiomysql":  # MariaDB
+        url = request.getfixturevalue("mariadb_url")
+        return create_async_engine(url.replace("+pymysql", "+aiomysql")), sa.create_engine(url)
     url = request.getfixturevalue("pg_url")
     if driver == "psycopg":
         return create_async_engine(url), sa.create_engine(url)
@@ -61,7 +64,7 @@ async def _traffic(engine: AsyncEngine) -> None:
         await s.rollback()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiosqlite"])
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiosqlite", "aiomysql"])
 def test_async_session_keeps_counters_exact(driver: str, request: pytest.FixtureRequest) -> None:
     engine, sync = _async_engine(driver, request)
     try:

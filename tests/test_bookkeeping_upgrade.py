@@ -154,6 +154,65 @@ def test_concurrent_upgrades_of_old_tables_serialise(pg_url: str) -> None:
         admin.dispose()
 
 
+def test_concurrent_upgrades_of_old_tables_on_mariadb_all_succeed(mariadb_url: str) -> None:
+    """Several processes upgrading at once on MariaDB: each finds the columns missing, none fails.
+
+    No lock serialises them there (MariaDB's DDL commits at once): an upgrader
+    whose ``ADD COLUMN`` meets a column another one added meanwhile moves on.
+    A test transaction that has read ``counterfill_counters`` holds its
+    metadata lock, so all three upgraders decide what is missing, then wait
+    at their first ``ALTER TABLE``; once it ends, they all alter the same
+    tables at the same time.
+    """
+    engine = sa.create_engine(mariadb_url, pool_size=8)
+    admin = sa.create_engine(mariadb_url)
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            progress.upgrade_tables(engine)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrade, daemon=True) for _ in range(3)]
+    holder = admin.connect()
+    try:
+        seed(admin, users=10)
+        _as_previous_release(admin)
+        holder.execute(sa.text("SELECT count(*) FROM counterfill_counters"))  # its metadata lock
+        me = holder.execute(sa.text("SELECT connection_id()")).scalar_one()
+        for t in threads:
+            t.start()
+
+        def waiting() -> bool:
+            with admin.connect() as conn:
+                n = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM information_schema.processlist "
+                        "WHERE db = database() AND id NOT IN (connection_id(), :me) "
+                        "AND state = 'Waiting for table metadata lock' "
+                        "AND info LIKE 'ALTER TABLE counterfill_counters %'"
+                    ),
+                    {"me": me},
+                ).scalar_one()
+            return n == 3
+
+        wait_for(waiting, what="three upgraders to wait at their ALTER TABLE")
+        holder.rollback()
+    finally:
+        holder.rollback()
+        holder.close()
+        for t in threads:
+            t.join(timeout=60)
+    try:
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert _current(admin)
+    finally:
+        engine.dispose()
+        admin.dispose()
+
+
 def test_status_says_in_one_line_what_to_do_when_the_upgrade_is_refused(
     tmp_path: Path, pg_url: str, pg_admin: sa.Engine
 ) -> None:
@@ -186,6 +245,40 @@ def test_status_says_in_one_line_what_to_do_when_the_upgrade_is_refused(
         with pg_admin.connect() as conn:
             conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
             conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+
+
+def test_status_on_mariadb_says_in_one_line_what_to_do_when_the_upgrade_is_refused(
+    tmp_path: Path, mariadb_url: str, mariadb_admin: sa.Engine
+) -> None:
+    """A MariaDB user with SELECT only on the database: one line naming the fix."""
+    engine = sa.create_engine(mariadb_url)
+    user = f"cf_ro_{uuid.uuid4().hex[:8]}"
+    database = sa.make_url(mariadb_url).database
+    try:
+        seed(engine, users=10)
+        _as_previous_release(engine)
+        with mariadb_admin.connect() as conn:
+            # Test-made names (hex): MariaDB takes no bound parameters in account statements.
+            conn.execute(sa.text(f"CREATE USER '{user}'@'%'"))
+            conn.execute(sa.text(f"GRANT SELECT ON `{database}`.* TO '{user}'@'%'"))
+        url = sa.make_url(mariadb_url).set(username=user)
+        project = Project(tmp_path / "p", url.render_as_string(hide_password=False))
+        result = project.cli("status")
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1, result.output
+        assert lines[0].startswith(
+            "Error: the bookkeeping tables were created by an older alembic_counterfill"
+        )
+        assert "counterfill_counters.fingerprint" in lines[0]
+        assert "ALTER command denied" in lines[0]
+        assert "run `alembic counterfill enqueue` once as a database user allowed" in lines[0]
+        assert "Traceback" not in result.output
+        assert not _current(engine)  # nothing half-done
+    finally:
+        engine.dispose()
+        with mariadb_admin.connect() as conn:
+            conn.execute(sa.text(f"DROP USER IF EXISTS '{user}'@'%'"))
 
 
 def test_the_application_reads_counters_from_the_previous_releases_tables(

@@ -1,4 +1,4 @@
-"""Buffered (hot-parent) counters on SQLite and PostgreSQL: every write path, exact reads, folds.
+"""Buffered (hot-parent) counters on SQLite, PostgreSQL and MariaDB: writes, exact reads, folds.
 
 Judged against the test's own SQL (buffered_models.TRUTH_SQL): the exact value
 (column + pending deltas) must equal COUNT/SUM at all times, and the column
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -156,10 +157,15 @@ def test_bulk_statements_keep_buffered_counters_exact(db: sa.Engine) -> None:
     assert_exact_then_fold(db)
 
 
-def test_postgresql_upsert_keeps_buffered_counters_exact(pg_url: str) -> None:
-    from sqlalchemy.dialects.postgresql import insert
+def test_upsert_keeps_buffered_counters_exact(server_url: str) -> None:
+    """``ON CONFLICT DO UPDATE`` (PostgreSQL) / ``ON DUPLICATE KEY UPDATE`` (MariaDB).
 
-    engine = sa.create_engine(pg_url)
+    One row of the statement moves an existing post to another author, the
+    other is new.
+    """
+    from sqlalchemy.dialects import mysql, postgresql
+
+    engine = sa.create_engine(server_url)
     try:
         Base.metadata.create_all(engine)
         with Session(engine) as s:
@@ -167,13 +173,25 @@ def test_postgresql_upsert_keeps_buffered_counters_exact(pg_url: str) -> None:
             s.commit()
             s.add(Post(id=1, author_id=1, published=True, likes=3))
             s.commit()
-            stmt = insert(Post).values([{"id": 1, "author_id": 2, "published": True, "likes": 5}])
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[Post.id], set_={"author_id": stmt.excluded.author_id}
-            )
+            rows = [
+                {"id": 1, "author_id": 2, "published": True, "likes": 5},
+                {"id": 2, "author_id": 1, "published": True, "likes": 4},
+            ]
+            stmt: Any
+            if engine.dialect.name == "postgresql":
+                ins = postgresql.insert(Post).values(rows)
+                stmt = ins.on_conflict_do_update(
+                    index_elements=[Post.id], set_={"author_id": ins.excluded.author_id}
+                )
+            else:
+                mins = mysql.insert(Post).values(rows)
+                stmt = mins.on_duplicate_key_update(author_id=mins.inserted.author_id)
             s.execute(stmt)
             s.commit()
         assert drift(engine) == []
+        with engine.connect() as conn:  # the test's own truth: post 1 moved, post 2 is new
+            authors = dict(conn.execute(sa.text("SELECT id, author_id FROM posts")).all())
+        assert authors == {1: 2, 2: 1}
         assert_exact_then_fold(engine)
     finally:
         engine.dispose()

@@ -1,4 +1,4 @@
-"""ORM bulk statements through ``Session.execute`` keep counters exact (SQLite and PostgreSQL).
+"""ORM bulk statements via ``Session.execute`` keep counters exact (SQLite, PostgreSQL, MariaDB).
 
 Every test checks the counters against the independent GROUP BY truth of
 ``social.assert_exact`` and, where it names a value, the value itself.
@@ -676,3 +676,67 @@ def test_upsert_by_constraint_name_recounts_old_parents(pg_url: str) -> None:
     assert row(engine, 1)[2:4] == (0, 0) and row(engine, 2)[2:4] == (1, 4)
     assert_exact(engine)
     engine.dispose()
+
+
+class Slugged(DeclarativeBase):
+    """Articles with a secondary unique key, the target of upserts other than the primary key."""
+
+
+class Writer(Slugged):
+    __tablename__ = "writers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    articles_count: Mapped[int] = counter_cache("Article.writer_id")
+
+
+class Article(Slugged):
+    __tablename__ = "articles"
+    __table_args__ = (sa.UniqueConstraint("slug", name="uq_articles_slug"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(sa.String(20))
+    writer_id: Mapped[int] = mapped_column(sa.ForeignKey("writers.id"))
+
+
+def test_upsert_conflicting_on_a_secondary_unique_key_recounts_old_parents(
+    server_url: str,
+) -> None:
+    """The existing row is found by its unique slug, not by the key the statement carries.
+
+    PostgreSQL names the constraint (``ON CONFLICT ON CONSTRAINT``); MariaDB's
+    ``ON DUPLICATE KEY UPDATE`` names none, so any unique key may be hit.
+    """
+    engine = sa.create_engine(server_url)
+    try:
+        Slugged.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([Writer(id=1), Writer(id=2)])
+            s.flush()
+            s.add_all([Article(id=1, slug="a", writer_id=1), Article(id=2, slug="b", writer_id=1)])
+            s.commit()
+            rows = [
+                {"id": 50, "slug": "a", "writer_id": 2},  # hits article 1 by its slug
+                {"id": 51, "slug": "new", "writer_id": 2},
+            ]
+            stmt: Any
+            if engine.dialect.name == "postgresql":
+                ins = postgresql.insert(Article)
+                stmt = ins.on_conflict_do_update(
+                    constraint="uq_articles_slug", set_={"writer_id": ins.excluded.writer_id}
+                )
+            else:
+                mins = mysql.insert(Article)
+                stmt = mins.on_duplicate_key_update(writer_id=mins.inserted.writer_id)
+            s.execute(stmt, rows)
+            s.commit()
+        with engine.connect() as conn:
+            cached = dict(conn.execute(sa.select(Writer.id, Writer.articles_count)).all())
+            counts = dict(
+                conn.execute(
+                    sa.text("SELECT writer_id, COUNT(*) FROM articles GROUP BY writer_id")
+                ).all()
+            )
+            ids = conn.execute(sa.text("SELECT id FROM articles ORDER BY id")).scalars().all()
+        assert ids == [1, 2, 51]  # article 1 was updated, not duplicated
+        assert counts == {1: 1, 2: 2}
+        assert cached == {1: 1, 2: 2}
+    finally:
+        engine.dispose()

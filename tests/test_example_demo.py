@@ -1,8 +1,8 @@
 """``python -m example_project demo`` end to end at a small size, judged by our own COUNT(*).
 
 Embedded default (SQLite file, batches in-process) and the real stack
-(PostgreSQL, Redis, two ``dramatiq alembic_counterfill.worker`` processes the
-demo starts and stops itself).
+(PostgreSQL or MariaDB, Redis, two ``dramatiq alembic_counterfill.worker``
+processes the demo starts and stops itself).
 """
 
 from __future__ import annotations
@@ -107,11 +107,12 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
 
 
-def test_demo_on_postgresql_and_redis_with_real_workers(
-    tmp_path: Path, pg_url: str, redis_url: str
+def test_demo_on_a_database_server_and_redis_with_real_workers(
+    tmp_path: Path, server_url: str, redis_url: str
 ) -> None:
-    proc = run_demo(tmp_path, "--database-url", pg_url, "--broker-url", redis_url)
-    assert_demo_worked(proc, pg_url)
+    """PostgreSQL, then MariaDB."""
+    proc = run_demo(tmp_path, "--database-url", server_url, "--broker-url", redis_url)
+    assert_demo_worked(proc, server_url)
     assert "dramatiq alembic_counterfill.worker" in proc.stdout
     pids = [int(p) for p in re.search(r"worker pids: ([\d ]+)", proc.stdout)[1].split()]
     assert len(pids) == 2
@@ -124,8 +125,8 @@ def test_demo_on_postgresql_and_redis_with_real_workers(
         raise AssertionError(f"worker {pid} still running after the demo")
 
     # A second run on the same database migrates the first one away and starts clean.
-    again = run_demo(tmp_path, "--database-url", pg_url, "--broker-url", redis_url)
-    assert_demo_worked(again, pg_url)
+    again = run_demo(tmp_path, "--database-url", server_url, "--broker-url", redis_url)
+    assert_demo_worked(again, server_url)
     assert "downgrade base" in again.stdout
 
 

@@ -1,10 +1,12 @@
 """No password in any output: stdout, stderr, worker logs, error messages or reprs.
 
-The database URL carries ``s3cret`` (PostgreSQL trusts local connections and
-ignores it); the Redis URL carries it as an ACL user's password created for
-this test (and removed after), so a real worker runs a real backfill, with a
-failing batch, through URLs that hold the secret. Bad URLs with the secret
-must end in one line naming the problem, never a traceback.
+The database URL carries ``s3cret``: on PostgreSQL, which trusts local
+connections and ignores it, and on MariaDB as the password of a user created
+for this test (and dropped after); the Redis URL carries it as an ACL user's
+password created for this test (and removed after), so a real worker runs a
+real backfill, with a failing batch, through URLs that hold the secret. Bad
+URLs with the secret must end in one line naming the problem, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -21,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 import sqlalchemy as sa
-from backfill_project import BIN, Project, drift, seed
+from backfill_project import BIN, Project, drift, make_read_only, seed
 from conftest import REDIS_BASE, RUN_ID
 
 from alembic_counterfill import progress
@@ -31,15 +34,31 @@ SECRET = "s3cret"
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url)
+def db(server_url: str) -> Iterator[sa.Engine]:
+    """PostgreSQL, then MariaDB (conftest's ``server_url``): this test's own schema or database."""
+    engine = sa.create_engine(server_url)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def secret_pg_url(pg_url: str) -> str:
-    return pg_url.replace("postgres@", f"postgres:{SECRET}@", 1)
+def secret_db_url(server_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """``server_url`` with SECRET as the password that really logs in (MariaDB) or is ignored."""
+    url = sa.make_url(server_url)
+    if url.get_backend_name() == "postgresql":  # trust authentication: any password passes
+        yield url.set(password=SECRET).render_as_string(hide_password=False)
+        return
+    admin = request.getfixturevalue("mariadb_admin")
+    user = f"cf_secret_{uuid.uuid4().hex[:8]}"
+    # Test-made names (hex) and a constant: account statements take no bound parameters.
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{SECRET}'"))
+        conn.execute(sa.text(f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'"))
+    try:
+        yield url.set(username=user, password=SECRET).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP USER IF EXISTS '{user}'@'%'"))
 
 
 @pytest.fixture
@@ -81,19 +100,11 @@ def test_settings_repr_hides_both_passwords() -> None:
 
 
 def test_backfill_with_a_failing_batch_never_shows_the_password(
-    tmp_path: Path, pg: sa.Engine, secret_pg_url: str, secret_redis_url: str, caplog
+    tmp_path: Path, db: sa.Engine, secret_db_url: str, secret_redis_url: str, caplog
 ) -> None:  # noqa: ANN001
-    seed(pg, users=120)
-    with pg.begin() as conn:  # every write to user 77 fails: one batch fails for good
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION no_77() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'user 77 is read-only'; END $$;"
-                "CREATE TRIGGER no_77 BEFORE UPDATE ON users FOR EACH ROW "
-                "WHEN (NEW.id = 77) EXECUTE FUNCTION no_77()"
-            )
-        )
-    project = Project(tmp_path / "p", secret_pg_url, broker_url=secret_redis_url)
+    seed(db, users=120)
+    make_read_only(db, 77)  # every write to user 77 fails: one batch fails for good
+    project = Project(tmp_path / "p", secret_db_url, broker_url=secret_redis_url)
     outputs = []
     with caplog.at_level(logging.DEBUG), project.worker(COUNTERFILL_MAX_RETRIES="0") as worker:
         failed = project.cli("enqueue", "--wait")
@@ -107,7 +118,7 @@ def test_backfill_with_a_failing_batch_never_shows_the_password(
     _no_secret(log, caplog.text, *outputs)
     status = {s["counter"]: s for s in json.loads(project.cli("status", "--json").output)}
     assert status["users.followers_count"]["state"] == progress.FAILED
-    assert [d for d in drift(pg) if not 51 <= d[0] <= 100] == []  # the other batches applied
+    assert [d for d in drift(db) if not 51 <= d[0] <= 100] == []  # the other batches applied
 
 
 @pytest.mark.parametrize(
@@ -121,17 +132,17 @@ def test_backfill_with_a_failing_batch_never_shows_the_password(
     ],
 )
 def test_bad_or_unreachable_broker_urls_are_one_line_without_the_password(
-    tmp_path: Path, pg: sa.Engine, pg_url: str, broker_url: str
+    tmp_path: Path, db: sa.Engine, server_url: str, broker_url: str
 ) -> None:
-    seed(pg, users=10)
-    project = Project(tmp_path / "p", pg_url, broker_url=broker_url)
+    seed(db, users=10)
+    project = Project(tmp_path / "p", server_url, broker_url=broker_url)
     result = project.cli("enqueue")
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert "Traceback" not in result.output
     _no_secret(result.output)
-    assert run_rows_count(pg) == 0  # nothing half-written
+    assert run_rows_count(db) == 0  # nothing half-written
 
 
 def run_rows_count(engine: sa.Engine) -> int:
@@ -147,6 +158,9 @@ def run_rows_count(engine: sa.Engine) -> int:
         f"postgresql+psycopg://u:{SECRET}@127.0.0.1:notaport/test",
         f"postgresql+psycopg://u:{SECRET}@127.0.0.1:1/test",
         f"postgresql+psycopg://u@127.0.0.1:1/test?password={SECRET}",
+        f"mysql+pymysql://u:{SECRET}@127.0.0.1:notaport/test",
+        f"mysql+pymysql://u:{SECRET}@127.0.0.1:1/test",
+        f"mysql+pymysql://u@127.0.0.1:1/test?password={SECRET}",
     ],
 )
 def test_bad_or_unreachable_database_urls_are_one_line_without_the_password(
@@ -161,12 +175,15 @@ def test_bad_or_unreachable_database_urls_are_one_line_without_the_password(
         _no_secret(result.output)
 
 
-def test_worker_start_up_errors_hide_the_password(tmp_path: Path, pg_url: str) -> None:
-    """A malformed port stops the worker at start-up; an unreachable broker is retried."""
+def test_worker_start_up_errors_hide_the_password(tmp_path: Path, secret_db_url: str) -> None:
+    """A malformed port stops the worker at start-up; an unreachable broker is retried.
+
+    The database URL holds the password too (a real one on MariaDB).
+    """
     for i, broker in enumerate(
         [f"redis://:{SECRET}@127.0.0.1:notaport/0", f"redis://:{SECRET}@127.0.0.1:1/0"]
     ):
-        project = Project(tmp_path / f"p{i}", pg_url, broker_url=broker)
+        project = Project(tmp_path / f"p{i}", secret_db_url, broker_url=broker)
         log_path = project.path / "worker.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
