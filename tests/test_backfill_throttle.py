@@ -34,6 +34,14 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def server(server_url: str) -> Iterator[sa.Engine]:
+    """PostgreSQL and MariaDB, for what uses none of PostgreSQL's catalog signals."""
+    engine = sa.create_engine(server_url, pool_size=10)
+    yield engine
+    engine.dispose()
+
+
 def _plan(engine: sa.Engine, batch_size: int, start: int) -> planning.BackfillPlan:
     counters = counters_by_key()
     with engine.begin() as conn:
@@ -141,24 +149,24 @@ def test_health_signals_are_quiet_on_an_idle_primary(pg: sa.Engine) -> None:
         assert signals.health(conn, users, Throttle()) is None
 
 
-def test_adaptive_transactions_cover_each_range_exactly_once(pg: sa.Engine) -> None:
-    seed(pg, users=1000)
-    with pg.begin() as conn:  # every counter wrong, so each parent must be rewritten
+def test_adaptive_transactions_cover_each_range_exactly_once(server: sa.Engine) -> None:
+    seed(server, users=1000)
+    with server.begin() as conn:  # every counter wrong, so each parent must be rewritten
         conn.execute(sa.text("UPDATE users SET followers_count = 999, posts_count = 999"))
-    plan = _plan(pg, batch_size=400, start=30)
-    outcomes = run_inline(pg, counters_by_key(), plan.batch_ids, pacing=Pacing(min_size=10))
-    assert drift(pg) == []
-    (run,) = run_rows(pg)
+    plan = _plan(server, batch_size=400, start=30)
+    outcomes = run_inline(server, counters_by_key(), plan.batch_ids, pacing=Pacing(min_size=10))
+    assert drift(server) == []
+    (run,) = run_rows(server)
     assert run["state"] == progress.DONE and run["parents_done"] == 1000
     assert run["batches_total"] == 3 and len(outcomes) == 3
     assert sum(o.rows_changed for o in outcomes) == run["rows_changed"] >= 1000
     assert 10 <= run["chunk_size"] <= 400
 
 
-def test_rate_limit_books_time_on_the_run(pg: sa.Engine) -> None:
-    seed(pg, users=200)
+def test_rate_limit_books_time_on_the_run(server: sa.Engine) -> None:
+    seed(server, users=200)
     counters = counters_by_key()
-    with pg.begin() as conn:
+    with server.begin() as conn:
         plan = planning.plan(
             conn,
             [counters[k] for k in USER_COUNTERS],
@@ -166,9 +174,9 @@ def test_rate_limit_books_time_on_the_run(pg: sa.Engine) -> None:
             planning.Sizing(start=50, max_rows_per_second=100.0),
         )
     sleeps: list[float] = []
-    run_batch(pg, counters, plan.batch_ids[0], sleep=sleeps.append)
+    run_batch(server, counters, plan.batch_ids[0], sleep=sleeps.append)
     # 100 parents at 100/s: the pieces booked one second of the run's timeline,
     # and the worker waited out the first piece's booking before the second.
     assert sleeps and 0.2 < sleeps[0] <= 0.5
-    (run,) = run_rows(pg)
+    (run,) = run_rows(server)
     assert run["rate_next_at"] is not None and run["max_rows_per_second"] == 100.0

@@ -36,6 +36,14 @@ def pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def server(server_url: str) -> Iterator[sa.Engine]:
+    """PostgreSQL and MariaDB, for what uses none of PostgreSQL's catalog signals."""
+    engine = sa.create_engine(server_url, pool_size=10)
+    yield engine
+    engine.dispose()
+
+
 def _project(tmp_path: Path, pg_url: str, redis_url: str, **settings: object) -> Project:
     project = Project(tmp_path / "p", pg_url, broker_url=redis_url, batch_size=1000)
     with open(project.ini, "a") as ini:
@@ -370,7 +378,7 @@ def test_a_vacuum_on_the_parent_table_pauses_batches_until_it_ends(
 
 
 def test_rabbitmq_enqueue_resends_only_unsent_stale_or_lost_batches(
-    tmp_path: Path, pg_url: str, pg: sa.Engine
+    tmp_path: Path, server_url: str, server: sa.Engine
 ) -> None:
     """RabbitMQ cannot list its messages: the bookkeeping decides what `enqueue` re-sends."""
     import pika
@@ -379,15 +387,15 @@ def test_rabbitmq_enqueue_resends_only_unsent_stale_or_lost_batches(
         connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     except Exception as exc:
         unavailable("RabbitMQ", exc)
-    seed(pg, users=400)
-    project = Project(tmp_path / "p", pg_url, broker_url=AMQP_URL, batch_size=50)
+    seed(server, users=400)
+    project = Project(tmp_path / "p", server_url, broker_url=AMQP_URL, batch_size=50)
     channel = connection.channel()
 
     def queued() -> int:
         return channel.queue_declare(project.queue, passive=True).method.message_count
 
     def sends() -> list[int]:
-        return [b["sends"] for b in sorted(batch_rows(pg), key=lambda b: b["id"])]
+        return [b["sends"] for b in sorted(batch_rows(server), key=lambda b: b["id"])]
 
     try:
         assert project.cli("enqueue").exit_code == 0
@@ -399,9 +407,9 @@ def test_rabbitmq_enqueue_resends_only_unsent_stale_or_lost_batches(
 
         # One batch's message is older than resend_after_seconds and no worker
         # picked it up: it is taken as lost and sent again, alone.
-        first = min(b["id"] for b in batch_rows(pg))
+        first = min(b["id"] for b in batch_rows(server))
         b = progress.batches_table
-        with pg.begin() as conn:
+        with server.begin() as conn:
             conn.execute(
                 sa.update(b)
                 .where(b.c.id == first)
@@ -417,9 +425,9 @@ def test_rabbitmq_enqueue_resends_only_unsent_stale_or_lost_batches(
         assert queued() == 8 and sends() == [3] + [2] * 7
 
         with project.worker(threads=2) as worker:
-            wait_for(lambda: run_rows(pg)[0]["state"] == progress.DONE, what="the run to end")
+            wait_for(lambda: run_rows(server)[0]["state"] == progress.DONE, what="the run to end")
         log = worker.log
-        _completed_exactly_once(pg, log)
+        _completed_exactly_once(server, log)
     finally:
         for name in (project.queue, f"{project.queue}.DQ", f"{project.queue}.XQ"):
             channel.queue_delete(name)
