@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 from buffered_models import Base, Follow, Post, User, column_drift, drift, pending_count
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from test_async_sessions import _async_engine
 
 from alembic_counterfill import counter_value
@@ -85,18 +85,11 @@ async def _traffic(engine: AsyncEngine) -> None:
         assert (await s.execute(PENDING)).scalar_one() == 0, "the inline fold did not run"
 
 
-def _engines(driver: str, request: pytest.FixtureRequest) -> tuple[AsyncEngine, sa.Engine]:
-    if driver != "aiomysql":
-        return _async_engine(driver, request)
-    url = request.getfixturevalue("mariadb_url")  # MariaDB through aiomysql
-    return create_async_engine(url.replace("+pymysql", "+aiomysql")), sa.create_engine(url)
-
-
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiosqlite", "aiomysql"])
 def test_buffered_counters_through_an_async_session(
     driver: str, request: pytest.FixtureRequest
 ) -> None:
-    engine, sync = _engines(driver, request)
+    engine, sync = _async_engine(driver, request)
     try:
         asyncio.run(_run(engine))
         assert drift(sync) == []
