@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -105,11 +106,18 @@ def test_status_verify_and_enqueue_work_on_the_previous_releases_tables(
     assert drift(db) == []  # independent COUNT(*) per parent
 
 
-def test_concurrent_upgrades_of_old_tables_serialise(pg_url: str) -> None:
-    """Several processes upgrading at once: each waits for the lock, none fails."""
-    name = f"cf-upgrade-{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(pg_url, connect_args={"application_name": name}, pool_size=8)
-    admin = sa.create_engine(pg_url)
+def _upgrade_while_held(
+    engine: sa.Engine,
+    admin: sa.Engine,
+    hold: Callable[[sa.Connection], Any],
+    waiting: Callable[[Any], bool],
+    what: str,
+) -> None:
+    """Three upgraders start while ``hold`` keeps them waiting; all succeed once it is released.
+
+    ``hold(holder)`` takes the lock on a connection of ``admin`` and returns
+    what ``waiting`` needs to tell when all three wait (``what`` names that).
+    """
     errors: list[BaseException] = []
 
     def upgrade() -> None:
@@ -118,28 +126,15 @@ def test_concurrent_upgrades_of_old_tables_serialise(pg_url: str) -> None:
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    threads = [threading.Thread(target=upgrade, daemon=True) for _ in range(3)]
     holder = admin.connect()
     try:
         seed(admin, users=10)
         _as_previous_release(admin)
-        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(progress._DDL_LOCK)))
+        held = hold(holder)
         for t in threads:
             t.start()
-
-        def waiting() -> bool:
-            with admin.connect() as conn:
-                n = conn.execute(
-                    sa.text(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                        "WHERE l.locktype = 'advisory' AND NOT l.granted "
-                        "AND a.application_name = :name"
-                    ),
-                    {"name": name},
-                ).scalar_one()
-            return n == 3
-
-        wait_for(waiting, what="three upgraders to wait on the lock")
+        wait_for(lambda: waiting(held), what=what)
         holder.rollback()
     finally:
         holder.rollback()
@@ -147,11 +142,36 @@ def test_concurrent_upgrades_of_old_tables_serialise(pg_url: str) -> None:
         for t in threads:
             t.join(timeout=60)
     try:
+        assert not any(t.is_alive() for t in threads)
         assert errors == []
         assert _current(admin)
     finally:
         engine.dispose()
         admin.dispose()
+
+
+def test_concurrent_upgrades_of_old_tables_serialise(pg_url: str) -> None:
+    """Several processes upgrading at once: each waits for the lock, none fails."""
+    name = f"cf-upgrade-{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(pg_url, connect_args={"application_name": name}, pool_size=8)
+    admin = sa.create_engine(pg_url)
+
+    def hold(holder: sa.Connection) -> None:
+        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(progress._DDL_LOCK)))
+
+    def waiting(_: None) -> bool:
+        with admin.connect() as conn:
+            n = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE l.locktype = 'advisory' AND NOT l.granted "
+                    "AND a.application_name = :name"
+                ),
+                {"name": name},
+            ).scalar_one()
+        return n == 3
+
+    _upgrade_while_held(engine, admin, hold, waiting, "three upgraders to wait on the lock")
 
 
 def test_concurrent_upgrades_of_old_tables_on_mariadb_all_succeed(mariadb_url: str) -> None:
@@ -166,51 +186,26 @@ def test_concurrent_upgrades_of_old_tables_on_mariadb_all_succeed(mariadb_url: s
     """
     engine = sa.create_engine(mariadb_url, pool_size=8)
     admin = sa.create_engine(mariadb_url)
-    errors: list[BaseException] = []
 
-    def upgrade() -> None:
-        try:
-            progress.upgrade_tables(engine)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=upgrade, daemon=True) for _ in range(3)]
-    holder = admin.connect()
-    try:
-        seed(admin, users=10)
-        _as_previous_release(admin)
+    def hold(holder: sa.Connection) -> Any:
         holder.execute(sa.text("SELECT count(*) FROM counterfill_counters"))  # its metadata lock
-        me = holder.execute(sa.text("SELECT connection_id()")).scalar_one()
-        for t in threads:
-            t.start()
+        return holder.execute(sa.text("SELECT connection_id()")).scalar_one()
 
-        def waiting() -> bool:
-            with admin.connect() as conn:
-                n = conn.execute(
-                    sa.text(
-                        "SELECT count(*) FROM information_schema.processlist "
-                        "WHERE db = database() AND id NOT IN (connection_id(), :me) "
-                        "AND state = 'Waiting for table metadata lock' "
-                        "AND info LIKE 'ALTER TABLE counterfill_counters %'"
-                    ),
-                    {"me": me},
-                ).scalar_one()
-            return n == 3
+    def waiting(me: Any) -> bool:
+        with admin.connect() as conn:
+            n = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM information_schema.processlist "
+                    "WHERE db = database() AND id NOT IN (connection_id(), :me) "
+                    "AND state = 'Waiting for table metadata lock' "
+                    "AND info LIKE 'ALTER TABLE counterfill_counters %'"
+                ),
+                {"me": me},
+            ).scalar_one()
+        return n == 3
 
-        wait_for(waiting, what="three upgraders to wait at their ALTER TABLE")
-        holder.rollback()
-    finally:
-        holder.rollback()
-        holder.close()
-        for t in threads:
-            t.join(timeout=60)
-    try:
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
-        assert _current(admin)
-    finally:
-        engine.dispose()
-        admin.dispose()
+    what = "three upgraders to wait at their ALTER TABLE"
+    _upgrade_while_held(engine, admin, hold, waiting, what)
 
 
 def test_status_says_in_one_line_what_to_do_when_the_upgrade_is_refused(
