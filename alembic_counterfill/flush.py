@@ -28,7 +28,14 @@ from . import deltas as _deltas
 from .counters import Counter
 from .errors import DuplicateKeyError, ReinsertedRowError
 from .pause import is_paused
-from .plan import Key, WritePlan, counted_collections, plan_for, plans_for
+from .plan import (
+    Key,
+    WritePlan,
+    counted_collections,
+    plan_for,
+    plans_for,
+    uncounted_parent_fks,
+)
 
 _STASH = "counterfill.flush"
 
@@ -353,6 +360,8 @@ def _flush_parents(
     state: _FlushState,
     links: Mapping[Any, set[Any]] | None = None,
     after_parents: Mapping[WritePlan, set[Key]] | None = None,
+    *,
+    fk_checks: bool = False,
 ) -> tuple[dict[Any, set[Any]], dict[WritePlan, set[Key]]]:
     """Every parent this flush's writes and deltas will lock, per counter; new explicit keys.
 
@@ -362,6 +371,14 @@ def _flush_parents(
     one-to-many collections, of association-table ``links`` and of the
     natural keys in ``after_parents``. The second value: the explicit primary
     keys of new objects, per plan (rows they may collide with).
+
+    ``fk_checks`` (InnoDB): also the parent rows that foreign keys counting
+    nothing will check (:func:`.plan.uncounted_parent_fks`) on rows the flush
+    inserts or re-points, e.g. a comment's author when only its article is
+    counted. Each such check takes a shared lock on a row of a table whose
+    rows this flush locks exclusively; taken after them, out of key order, it
+    deadlocked with a writer holding that row and waiting for ours (the
+    Conduit application's comments and follows, tests/test_realapp_patterns.py).
     """
     parents: dict[Any, set[Any]] = defaultdict(set)
     for counter, keys in (links or {}).items():
@@ -377,6 +394,8 @@ def _flush_parents(
     for obj in (*session.new, *session.dirty):
         by_class[type(obj)].append(instance_state(obj))
     for cls, states in by_class.items():
+        if fk_checks:
+            _checked_parents(sa.inspect(cls), states, parents)
         # Plan and attribute keys once per class, then plain loops: flushes can be large.
         child_plan = plan_for(sa.inspect(cls))
         if child_plan is None:
@@ -390,7 +409,7 @@ def _flush_parents(
             if any(v is None for v in values):  # not synced yet: the parent object's key
                 for st, value in zip(states, values, strict=True):
                     if value is None:
-                        parents[counter].add(_related_key(st, counter))
+                        parents[counter].add(_related_key(st, counter.fk))
         names = [k for k in pk_keys if k is not None]
         if len(names) == len(pk_keys):  # new objects with explicit keys (rare: test one first)
             for st, d in zip(states, dicts, strict=True):
@@ -406,6 +425,21 @@ def _flush_parents(
         for counter, i in zip(plan.counters, at, strict=True):
             parents[counter].update(key[i] for key in keys)
     return parents, colliding
+
+
+def _checked_parents(
+    mapper: Mapper[Any], states: list[InstanceState[Any]], parents: dict[Any, set[Any]]
+) -> None:
+    """Add the parents that ``states``' uncounted foreign keys will check, new or changed ones."""
+    for column, key, syncs, counter in uncounted_parent_fks(mapper):
+        for st in states:
+            if st.key is not None and not any(k in st.committed_state for k in (key, *syncs)):
+                continue  # persistent, this key unchanged: the UPDATE checks nothing
+            value = st.dict.get(key) if key is not None else None
+            if value is None:
+                value = _related_key(st, column)
+            if value is not None:
+                parents[counter].add(value)
 
 
 def _lock_before_writes(
@@ -449,7 +483,7 @@ def _lock_before_writes(
     flush (keys of parents new in the same flush, which no other transaction
     can see or lock) are locked when the deltas are applied.
     """
-    parents, colliding = _flush_parents(session, state, links, after_parents)
+    parents, colliding = _flush_parents(session, state, links, after_parents, fk_checks=True)
     locked: dict[WritePlan, set[Key]] = {}
     latest: dict[WritePlan, bool] = {}  # READ COMMITTED (a round trip: once per table)
     for plan, keys in sorted(colliding.items(), key=lambda kv: kv[0].table.name):
@@ -516,10 +550,10 @@ def _owning_collections(session: Session) -> dict[Any, set[Any]]:
     return out
 
 
-def _related_key(st: InstanceState[Any], counter: Any) -> Any:
-    """The key of the parent a child points at through a many-to-one (FK not synced yet)."""
+def _related_key(st: InstanceState[Any], fk: sa.Column[Any]) -> Any:
+    """The key of the parent a child points at through foreign key ``fk`` (not synced yet)."""
     for rel in st.mapper.relationships:
-        if rel.direction.name == "MANYTOONE" and counter.fk in rel.local_columns:
+        if rel.direction.name == "MANYTOONE" and fk in rel.local_columns:
             target = st.dict.get(rel.key)
             if target is not None:
                 identity = sa.inspect(target).identity

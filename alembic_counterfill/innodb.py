@@ -684,6 +684,10 @@ def keyless_access(
     ``post_tags``). Only foreign keys the statement names by equality
     (``named``) are candidates: an index the WHERE cannot narrow would be
     read whole. ``None`` with a primary key, or without such an index.
+
+    The indexes are those the ``MetaData`` declares, else those the server
+    has (:func:`_server_indexes`): InnoDB creates an index for every foreign
+    key that has none, which models usually do not declare.
     """
     if table.primary_key.columns:
         return None
@@ -691,13 +695,44 @@ def keyless_access(
     fks = {c.fk.name: c.fk for c in counters if c.fk.name in equal}
     buffered = {c.fk.name for c in counters if buffer.is_buffered(c)}
     ordered = [c for c in table.columns if c.name in fks]
-    for column in sorted(ordered, key=lambda c: c.name in buffered):  # stable: column order
-        for index in table.indexes:
-            first = next(iter(index.columns), None)
-            if index.name and first is not None and first.name == column.name:
-                quoted = connection.dialect.identifier_preparer.quote(str(index.name))
-                return f"FORCE INDEX ({quoted})"
+    declared = [
+        (str(index.name), first.name)
+        for index in table.indexes
+        if index.name and (first := next(iter(index.columns), None)) is not None
+    ]
+    for indexes in (declared, None):
+        if indexes is None:
+            indexes = _server_indexes(connection, table)
+        for column in sorted(ordered, key=lambda c: c.name in buffered):  # stable: column order
+            for name, first_column in indexes:
+                if first_column == column.name:
+                    quoted = connection.dialect.identifier_preparer.quote(name)
+                    return f"FORCE INDEX ({quoted})"
     return None
+
+
+#: (server, database, table) -> (index name, first column) of the indexes the server has.
+_reflected: dict[tuple[str, str | None, str], list[tuple[str, str]]] = {}
+
+
+def _server_indexes(connection: Connection, table: sa.Table) -> list[tuple[str, str]]:
+    """The table's indexes as the server has them, read once per process (name, first column).
+
+    Reflection (``SHOW CREATE TABLE``) does not end the transaction; a
+    keyless table's indexes change only by DDL, which a running application
+    does not race.
+    """
+    database = table.schema or connection.execute(sa.select(sa.func.database())).scalar()
+    key = (connection.engine.url.render_as_string(hide_password=True), database, table.name)
+    found = _reflected.get(key)
+    if found is None:
+        indexes = sa.inspect(connection).get_indexes(table.name, schema=table.schema)
+        found = _reflected[key] = [
+            (str(ix["name"]), str(ix["column_names"][0]))
+            for ix in indexes
+            if ix["name"] and ix["column_names"] and ix["column_names"][0]
+        ]
+    return found
 
 
 def _add_by_case(

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, configure_mappers
+from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
 
 from .counters import Counter, child_mappers, counters_of_child
@@ -269,6 +270,7 @@ def forget_plans() -> None:
     _plans.clear()
     _statement_plans.clear()
     _collections.clear()
+    _uncounted.clear()
 
 
 _collections: dict[Mapper[Any], list[tuple[str, list[WritePlan]]]] = {}
@@ -287,4 +289,52 @@ def counted_collections(mapper: Mapper[Any]) -> list[tuple[str, list[WritePlan]]
             for rel in mapper.relationships
             if rel.direction.name == "ONETOMANY" and plans_for(rel.mapper)
         ]
+    return found
+
+
+#: A foreign key that counts nothing but references a counter's parent key:
+#: the column, its attribute key on the mapper (None: not mapped), the
+#: many-to-one relationships that sync it, and a counter of that parent table.
+UncountedFk = tuple[sa.Column[Any], str | None, list[str], Counter]
+
+_uncounted: dict[Mapper[Any], list[UncountedFk]] = {}
+
+
+def uncounted_parent_fks(mapper: Mapper[Any]) -> list[UncountedFk]:
+    """``mapper``'s foreign keys to a counter's parent key that count nothing.
+
+    On InnoDB such a key's check takes a shared lock on a parent row while
+    the flush already holds other parents of that table exclusively, out of
+    their key order (:func:`.flush._flush_parents` locks it with them). Looked
+    up once per mapper.
+    """
+    found = _uncounted.get(mapper)
+    if found is not None:
+        return found
+    by_pk: dict[sa.Column[Any], Counter] = {}
+    for child in child_mappers():
+        for counter in counters_of_child(child):
+            by_pk.setdefault(counter.parent_pk, counter)
+    counted = {c.fk for c in counters_of_child(mapper)}
+    found = []
+    for table in mapper.tables:
+        for fk in sorted(getattr(table, "foreign_keys", ()), key=lambda f: f.parent.name):
+            try:
+                target = fk.column
+            except sa.exc.SQLAlchemyError:  # unresolvable here: no lock can be named
+                continue
+            parent_counter = by_pk.get(target)
+            if parent_counter is None or fk.parent in counted:
+                continue
+            try:
+                key: str | None = mapper.get_property_by_column(fk.parent).key
+            except UnmappedColumnError:
+                key = None
+            syncs = [
+                rel.key
+                for rel in mapper.relationships
+                if rel.direction.name == "MANYTOONE" and fk.parent in rel.local_columns
+            ]
+            found.append((fk.parent, key, syncs, parent_counter))
+    _uncounted[mapper] = found
     return found
