@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,6 +55,12 @@ class Racer:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def settle(racers: Iterable[Racer]) -> None:
+    """Wait, bounded, for every racer to end: a failed test must not close a session in use."""
+    for racer in racers:
+        racer.done.wait(JOIN_TIMEOUT)
 
 
 @contextmanager

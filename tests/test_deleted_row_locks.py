@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from races import JOIN_TIMEOUT, Racer, lock_waiters, race_engine, wait_blocked, wait_until
+from races import JOIN_TIMEOUT, Racer, lock_waiters, race_engine, settle, wait_blocked, wait_until
 from social import Base, Follow, Post, User, assert_exact
 from sqlalchemy.orm import Session
 
@@ -177,8 +177,7 @@ def test_a_stale_delete_and_an_inserter_of_its_key_queue_on_the_parents(
             for racer in racers:
                 racer.join()
     finally:
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
         deleter.close()
         stale.close()
         purge_guard.rollback()
@@ -228,8 +227,7 @@ def test_a_key_found_gone_is_reread_under_parents_held_by_a_writer_that_waits_fo
             for racer in racers:
                 racer.join()
     finally:
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
         stale.close()
     assert_exact(eng)
     assert _follows(eng) == 0  # T deleted R's row; W's DELETE matched nothing
@@ -289,8 +287,7 @@ def test_a_colliding_row_deleted_and_reinserted_before_the_parent_lock_is_a_dupl
                 racers[0].join()
             racers[1].join()
     finally:
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
         inserter.close()
     assert isinstance(failed.value.orig, DuplicateKeyError)
     assert_exact(eng)
@@ -341,8 +338,7 @@ def test_a_bulk_delete_of_natural_keys_locks_their_parents_before_the_rows(
             racers[0].join()
             assert racers[1].join() == 1  # (1, 3): F deleted (1, 2) first
     finally:
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
         flusher.close()
     assert_exact(eng)
     assert _follows(eng) == 0

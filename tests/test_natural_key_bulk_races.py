@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import is_deadlock
-from races import JOIN_TIMEOUT, Racer, race_engine, wait_blocked, wait_until
+from races import Racer, race_engine, settle, wait_blocked, wait_until
 from social import Base, Follow, User, assert_exact
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
@@ -381,8 +381,7 @@ def test_flushes_finding_rows_gone_lock_all_their_parents_in_one_pass(pg_eng: sa
             for racer in racers:
                 racer.join()
     finally:
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
         w1.close()
         w2.close()
     assert_exact(eng)
@@ -427,8 +426,7 @@ def test_a_key_found_gone_reread_under_its_parents_waits_for_a_writer_that_waits
             for racer in racers:
                 racer.join()
     finally:
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
         w.close()
         t.close()
     assert_exact(eng)
@@ -487,7 +485,6 @@ def test_a_key_moved_under_a_waiting_bulk_delete_is_locked_out_of_key_order(
         holder.rollback()
         holder.close()
         mover.close()
-        for racer in racers:
-            racer.done.wait(JOIN_TIMEOUT)
+        settle(racers)
     assert_exact(eng)
     assert _follows(eng) == 0
