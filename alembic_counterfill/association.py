@@ -404,9 +404,7 @@ def _inserted(
             _lost(elem, counter)  # Session.execute handles these before they get here
         return
     # An upsert may insert nothing, or update a row: recount instead of adding.
-    # INSERT IGNORE (MySQL) skips rows that collide, like ON CONFLICT DO NOTHING.
-    ignore = any("IGNORE" in str(prefix).upper() for prefix, _ in elem._prefixes)
-    upsert = getattr(elem, "_post_values_clause", None) is not None or ignore
+    upsert = sql.may_skip_or_update(elem)
     rows = _insert_rows(elem, rows)
     keys = set(rows[0]) if rows else set()
     # Only buffered counters read their rows back (a walk over every row's key).

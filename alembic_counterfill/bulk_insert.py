@@ -185,9 +185,7 @@ def run(state: ORMExecuteState, plan: WritePlan, dml: Any) -> Result[Any]:
     session = state.session
     recounts: Recounts = defaultdict(set)
     deltas = new_deltas()
-    # INSERT IGNORE (MySQL) skips rows that collide, like ON CONFLICT DO NOTHING.
-    ignore = any("IGNORE" in str(prefix).upper() for prefix, _ in dml._prefixes)
-    upsert = getattr(dml, "_post_values_clause", None) is not None or ignore
+    upsert = sql.may_skip_or_update(dml)
     lost: list[Counter] = []
 
     if dml.select is not None:

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from .counters import Counter
 
 
+def may_skip_or_update(insert: Any) -> bool:
+    """Whether ``insert`` may write fewer rows than it lists, or update existing ones.
+
+    Upserts (``ON CONFLICT``, ``ON DUPLICATE KEY UPDATE``) and ``INSERT
+    IGNORE`` (SQLite's ``INSERT OR IGNORE``), which skips colliding rows like
+    ``ON CONFLICT DO NOTHING``: what such a statement counts is known only by
+    recounting, not from its parameters.
+    """
+    ignore = any("IGNORE" in str(prefix).upper() for prefix, _ in insert._prefixes)
+    return ignore or getattr(insert, "_post_values_clause", None) is not None
+
+
 def contribution(counter: Counter) -> sa.ColumnElement[Any]:
     """What one child row adds to its parent's counter (1/0 for counts, the value for sums)."""
     value: sa.ColumnElement[Any] = (
