@@ -281,6 +281,25 @@ TARGET_HINT = (
 )
 
 
+def _other_key(fk: sa.Column[Any], parent_pk: sa.Column[Any]) -> str:
+    """The refusal's reason when ``fk`` references another column of the parent's table.
+
+    A foreign key to a unique non-key column of the parent (``userprofile.user_id``)
+    looks right at a glance; the message says why it is refused.
+    """
+    others = sorted(
+        f"{ref.column.table.name}.{ref.column.name}"
+        for ref in fk.foreign_keys
+        if ref.column.table is parent_pk.table and ref.column is not parent_pk
+    )
+    if not others:
+        return ""
+    return (
+        f" (it references {', '.join(others)}, not the primary key: a counter keys on the "
+        "parent's primary key, so the column must hold that id)"
+    )
+
+
 def _mapper_of_table(parent: Mapper[Any], table: sa.Table) -> Mapper[Any] | None:
     """The class mapped onto ``table`` in the parent's registry, if any: its flushes are seen."""
     for mapper in parent.registry.mappers:
@@ -341,7 +360,8 @@ def _resolve_association(
         _fail(
             parent,
             column,
-            f"{table.name}.{fk.key} has no ForeignKey to {parent_pk.table.name}.{parent_pk.name}",
+            f"{table.name}.{fk.key} has no ForeignKey to {parent_pk.table.name}.{parent_pk.name}"
+            + _other_key(fk, parent_pk),
             f'declare it as sa.Column(..., sa.ForeignKey("{parent_pk.table.name}.'
             f'{parent_pk.name}"))',
         )
@@ -424,7 +444,7 @@ def resolve(parent: Mapper[Any], column: sa.Column[Any], spec: CounterSpec) -> C
             parent,
             column,
             f"{child.class_.__name__}.{fk.key} has no ForeignKey to {parent_pk.table.name}."
-            f"{parent_pk.name}",
+            f"{parent_pk.name}" + _other_key(fk, parent_pk),
             f'declare it as mapped_column(ForeignKey("{parent_pk.table.name}.{parent_pk.name}"))',
         )
     child_table = fk.table
