@@ -313,30 +313,6 @@ def test_a_follow_table_keyed_on_a_unique_non_key_column_is_refused() -> None:
 
 # --- Concurrent writers of these shapes (PostgreSQL and MariaDB) ------------------------------
 
-KEYLESS_DEADLOCKS = (
-    "InnoDB: a keyless association table whose foreign-key indexes are not declared in the "
-    "MetaData (InnoDB creates them implicitly) gets no FORCE INDEX from innodb.keyless_access: "
-    "the unit of work's locking read (index_merge over both FK indexes) and its DELETE (one FK "
-    "index, or a scan) lock along different paths, and writers unlinking disjoint pairs "
-    "deadlock (88-99 deadlocks in 1,200 like/unlike transactions of 8 threads; 0 with "
-    "index=True on both columns, 0-1 with the counters paused)"
-)
-
-UNCOUNTED_FK_DEADLOCKS = (
-    "InnoDB: a flush holding exclusive locks on parents of a table (here profiles 4, the "
-    "commented article's author, locked because the Article is in the flush through the "
-    "Comment.article backref although none of its columns changes) then inserts a row whose "
-    "*uncounted* FK (comments.author_id) takes a shared lock on another row of that table, "
-    "out of key order: a writer holding profile 1 and waiting for profile 4 (a follow) "
-    "closes the cycle (33-36 deadlocks in 1,200 comment/follow transactions; 0 paused)"
-)
-
-
-def _xfail_on_mariadb(request: pytest.FixtureRequest, url: str, reason: str) -> None:
-    if sa.make_url(url).get_backend_name() in ("mysql", "mariadb"):
-        # raises=: only the assertion naming the deadlocks is the expected failure.
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
-
 
 def _server(url: str) -> sa.Engine:
     from races import race_engine
@@ -352,16 +328,20 @@ def _is_deadlock(exc: BaseException) -> bool:
     return is_deadlock(exc)
 
 
-def test_writers_unlinking_disjoint_pairs_of_an_unindexed_keyless_table(
-    request: pytest.FixtureRequest, server_url: str
-) -> None:
-    """Conduit's favourite table: two foreign keys, no key, no declared index."""
+def test_writers_unlinking_disjoint_pairs_of_an_unindexed_keyless_table(server_url: str) -> None:
+    """Conduit's favourite table: two foreign keys, no key, no declared index; no deadlock.
+
+    InnoDB creates the foreign keys' indexes itself: before the library found
+    them on the server (``innodb.keyless_access``), the unit of work's locking
+    read (an index merge over both) and its DELETE locked along different
+    paths, and on MariaDB writers unlinking disjoint pairs deadlocked (88-99
+    times in 1,200 like/unlike transactions of 8 threads).
+    """
     import random
     import threading
 
     from races import Racer
 
-    _xfail_on_mariadb(request, server_url, KEYLESS_DEADLOCKS)
     engine = _server(server_url)
     try:
         with Session(engine) as s:
@@ -408,9 +388,16 @@ def test_writers_unlinking_disjoint_pairs_of_an_unindexed_keyless_table(
 
 @pytest.mark.parametrize("held_by", ["dirty_article", "new_article"])
 def test_an_uncounted_fk_to_a_counted_parent_table_meets_a_follow(
-    request: pytest.FixtureRequest, server_url: str, held_by: str
+    server_url: str, held_by: str
 ) -> None:
     """A comment by profile 1 on an article of profile 4, while profile 1 follows profile 4.
+
+    The commenter's flush locks profile 4 exclusively (a counted parent);
+    the comment's *uncounted* ``author_id`` check then takes a shared lock on
+    profile 1, out of key order, while the follower holds profile 1 and waits
+    for profile 4. On InnoDB the flush now locks profile 1 with its other
+    parents, in key order (``plan.uncounted_parent_fks``); before, MariaDB
+    deadlocked here every time.
 
     ``dirty_article``: Conduit's ``Comment(article, author, body)``: the backref
     puts the article into the flush, which locks its author (profile 4).
@@ -421,7 +408,6 @@ def test_an_uncounted_fk_to_a_counted_parent_table_meets_a_follow(
 
     from races import Racer, lock_waiters, wait_until
 
-    _xfail_on_mariadb(request, server_url, UNCOUNTED_FK_DEADLOCKS)
     engine = _server(server_url)
     try:
         with Session(engine) as s:
