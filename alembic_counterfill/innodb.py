@@ -722,8 +722,8 @@ def _server_indexes(connection: Connection, table: sa.Table) -> list[tuple[str, 
     keyless table's indexes change only by DDL, which a running application
     does not race.
     """
-    database = table.schema or connection.execute(sa.select(sa.func.database())).scalar()
-    key = (connection.engine.url.render_as_string(hide_password=True), database, table.name)
+    url = connection.engine.url
+    key = (url.render_as_string(hide_password=True), table.schema or url.database, table.name)
     found = _reflected.get(key)
     if found is None:
         indexes = sa.inspect(connection).get_indexes(table.name, schema=table.schema)
