@@ -44,7 +44,7 @@ from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history, instan
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import operators
 
-from . import buffer, innodb, link_locks, sql
+from . import buffer, innodb, innodb_access, link_locks, sql
 from .counters import Counter, association_tables, counters_of_table
 from .deltas import Deltas, Recounts, lock_first, new_deltas, settle, totals
 from .errors import CounterfillWarning
@@ -138,7 +138,7 @@ def _read_matching(
 ) -> list[Any]:
     """Lock and read what each row the statement matches counts as, in key order.
 
-    ``hint``: the index of a keyless table on InnoDB (:func:`.innodb.keyless_access`).
+    ``hint``: the index of a keyless table on InnoDB (:func:`.innodb_access.keyless_access`).
     """
     keys = _unit_of_work_keys(elem, rows)
     if keys is not None:
@@ -183,7 +183,7 @@ def before_execute(
     table with a primary key comes back restricted to the rows it locked. On
     InnoDB, statements naming the rows of a table without one by all their
     columns (the unit of work's) read, update and delete them (the link
-    DELETE as one statement) through one index (:func:`.innodb.keyless_access`).
+    DELETE as one statement) through one index (:func:`.innodb_access.keyless_access`).
     """
     capture = _captures.get(conn) if _captures else None
     if capture is None:
@@ -200,7 +200,7 @@ def before_execute(
     keys = _unit_of_work_keys(elem, rows)
     hint = None
     if keys is not None and innodb.is_innodb(conn.dialect):
-        hint = innodb.keyless_access(conn, elem.table, counters, keys)
+        hint = innodb_access.keyless_access(conn, elem.table, counters, keys)
     old = _read_matching(conn, elem, counters, rows, hint)
     pk = list(elem.table.primary_key.columns)
     single = not multiparams
@@ -213,7 +213,7 @@ def before_execute(
         # The unit of work's link DELETE, through the same index as the read,
         # as one statement: a single-table DELETE takes no index hint.
         values = sorted({tuple(r[c.key] for c in keys) for r in rows}, key=repr)
-        through = innodb.delete_through_keys(elem, keys, values, hint=hint)
+        through = innodb_access.delete_through_keys(elem, keys, values, hint=hint)
         if through is not None:
             capture.pending.append((through, old))
             return through, [], {}

@@ -31,7 +31,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine import cursor as _cursor
 from sqlalchemy.orm import ORMExecuteState
 
-from . import innodb, sql, sqlite_lock
+from . import innodb, innodb_access, sql, sqlite_lock
 from .deltas import add_rows, chunks, lock_first, new_deltas, settle
 from .errors import CounterfillError
 from .plan import Key, WritePlan, reads_several_tables, table_pk
@@ -280,7 +280,7 @@ def _by_locked_keys(
     table, of the whole table) would lock entries of rows other writers hold
     and deadlock with them. An UPDATE gets an index hint. A DELETE (which
     takes none) joins its table from a ``JSON_TABLE`` of the integer keys
-    (:func:`.innodb.delete_through_keys`), a ``DELETE … USING`` for which
+    (:func:`.innodb_access.delete_through_keys`), a ``DELETE … USING`` for which
     ``synchronize_session='fetch'`` selects the keys first
     (``is_delete_using``): MariaDB has no ``RETURNING`` there. Other keys,
     and a DELETE whose caller gets rows back (its own RETURNING, or
@@ -297,10 +297,12 @@ def _by_locked_keys(
         return stmt, {}
     restriction = innodb.key_match(_statement_pk(plan, stmt), keys, expanding=not many)
     if not is_delete:
-        hinted = stmt.where(restriction).with_hint(innodb.BY_PRIMARY_KEY, dialect_name=dialect)
+        hinted = stmt.where(restriction).with_hint(
+            innodb_access.BY_PRIMARY_KEY, dialect_name=dialect
+        )
         return hinted, {}
     if not stmt._returning and _synchronize(state) != "fetch":
-        through = innodb.delete_through_keys(stmt, _statement_pk(plan, stmt), keys)
+        through = innodb_access.delete_through_keys(stmt, _statement_pk(plan, stmt), keys)
         if through is not None:
             return through, {"is_delete_using": True}
     stmt = stmt._clone()

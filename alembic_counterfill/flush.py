@@ -23,7 +23,7 @@ from sqlalchemy.orm import base as orm_base
 from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from . import association, innodb, sql, sqlite_lock
+from . import association, innodb, innodb_access, sql, sqlite_lock
 from . import deltas as _deltas
 from .counters import Counter
 from .errors import DuplicateKeyError, ReinsertedRowError
@@ -577,7 +577,7 @@ def _lock_existing(connection: sa.Connection, plan: WritePlan, keys: set[Key]) -
         return set()
     stmt = (
         sa.select(*plan.pk_columns)
-        .with_hint(plan.table, innodb.BY_PRIMARY_KEY)
+        .with_hint(plan.table, innodb_access.BY_PRIMARY_KEY)
         .where(innodb.key_match(plan.pk_columns, existing))
         .order_by(*plan.pk_columns)
         .with_for_update()

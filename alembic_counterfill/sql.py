@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from . import buffer, innodb
+from . import buffer, innodb, innodb_access
 from .arrays import array_bind, array_param, array_value
 
 if TYPE_CHECKING:
@@ -334,7 +334,7 @@ def matching_state(
         stmt = stmt.where(where)
     stmt = stmt.order_by(*pk_columns)
     if by_primary_key:
-        stmt = stmt.with_hint(pk_columns[0].table, innodb.BY_PRIMARY_KEY)
+        stmt = stmt.with_hint(pk_columns[0].table, innodb_access.BY_PRIMARY_KEY)
     return stmt.with_for_update(of=pk_columns[0].table) if lock else stmt
 
 

@@ -332,7 +332,7 @@ def test_writers_unlinking_disjoint_pairs_of_an_unindexed_keyless_table(server_u
     """Conduit's favourite table: two foreign keys, no key, no declared index; no deadlock.
 
     InnoDB creates the foreign keys' indexes itself: before the library found
-    them on the server (``innodb.keyless_access``), the unit of work's locking
+    them on the server (``innodb_access.keyless_access``), the unit of work's locking
     read (an index merge over both) and its DELETE locked along different
     paths, and on MariaDB writers unlinking disjoint pairs deadlocked (88-99
     times in 1,200 like/unlike transactions of 8 threads).
