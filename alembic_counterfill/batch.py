@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import definition, innodb, innodb_recount, notify, pieces, signals
+from . import definition, innodb, innodb_deltas, innodb_recount, notify, pieces, signals
 from . import progress as p
 from .counters import Counter
 from .errors import CounterfillError, DefinitionMismatch
@@ -420,7 +420,7 @@ def _one_transaction(
         n: Any = 0
         if mysql:  # stage the truths (no child locks), then write what differs
             # Buffered counters' deltas (the transaction is READ COMMITTED).
-            innodb.discard_locked(conn, chosen, start, end, read_committed=True)
+            innodb_deltas.discard_locked(conn, chosen, start, end, read_committed=True)
             n = innodb_recount.recount_range(conn, chosen, start, end, parents=parents)
         elif not postgresql:  # PostgreSQL: below, in the run row's read
             stmts, bounds = pieces.recount(chosen, start, end, conn.dialect.name)

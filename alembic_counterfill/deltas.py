@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import instance_state
 
-from . import buffer, folding, innodb, sql
+from . import buffer, folding, innodb, innodb_deltas, sql
 from .arrays import array_bind, array_value
 from .counters import Counter
 from .plan import WritePlan
@@ -335,7 +335,7 @@ def _recount(
     conn = session.connection(bind_arguments={"mapper": mapper})
     for part in chunks(ids):
         if innodb.is_innodb(conn.dialect):  # REPEATABLE READ: a plain read may be stale
-            innodb.discard_locked(conn, counters, None, None, part)  # buffered counters
+            innodb_deltas.discard_locked(conn, counters, None, None, part)  # buffered counters
             innodb.recount_in_transaction(conn, counters, part, sql.contribution)
             continue
         # Buffered counters: the recount also removes their pending deltas.

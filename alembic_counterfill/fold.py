@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import buffer, innodb, sql
+from . import buffer, innodb, innodb_deltas, sql
 
 log = logging.getLogger("alembic_counterfill.fold")
 
@@ -134,7 +134,7 @@ def fold_chunk(
     pk = next(iter(parent.primary_key.columns))
     if innodb.is_innodb(conn.dialect):
         innodb.lock_parents(conn, parent, pk, None, None, ids=chosen)
-        count, oldest = innodb.fold_locked(conn, parent, deltas, chosen)
+        count, oldest = innodb_deltas.fold_locked(conn, parent, deltas, chosen)
         lags = [] if oldest is None else [_age(oldest)]
         return FoldOutcome(parents=len(chosen), deltas=count, transactions=1, lags=lags)
     if dialect != "sqlite":  # SQLite has one writer at a time already

@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import innodb, sql
+from . import innodb, innodb_deltas, sql
 from .counters import Counter
 from .planning import next_boundary
 
@@ -128,7 +128,7 @@ def _recheck(engine: sa.Engine, group: list[Counter], ids: list[Any], fix: bool)
         if fix and rows:
             if innodb.is_innodb(conn.dialect):  # the truths just read, under the parents' lock
                 # Buffered: their pending deltas go first, under the same locks.
-                innodb.discard_locked(conn, group, None, None, [r.pk for r in rows])
+                innodb_deltas.discard_locked(conn, group, None, None, [r.pk for r in rows])
                 innodb.write_truths(conn, group, rows)
             else:
                 # Buffered counters: the fix also removes the parents' pending deltas.

@@ -94,7 +94,7 @@ def test_a_child_write_without_fk_check_locks_its_parent_before_the_delta(
 
     Such a write takes no foreign-key lock on its parent. A third connection
     plays a fold (holds the parent, then reads its delta rows with a locking
-    read, as ``innodb.fold_locked`` does): the read must return at once and
+    read, as ``innodb_deltas.fold_locked`` does): the read must return at once and
     both must finish exact. This passed on the code before the writer took the
     parent's shared lock up front too (the deadlock that change removed was
     seen only with real workers, tests/test_buffered_concurrency.py); it stays

@@ -32,7 +32,7 @@ from buffered_models import Base, Follow, User, column_drift, drift, pending_cou
 from races import Racer, holding, race_engine, wait_blocked, wait_until
 from sqlalchemy.orm import Session
 
-from alembic_counterfill import counters_of, innodb, planning, progress
+from alembic_counterfill import counters_of, innodb, innodb_deltas, planning, progress
 from alembic_counterfill import fold as folding
 from alembic_counterfill.batch import run_batch
 from alembic_counterfill.verify import verify
@@ -199,11 +199,11 @@ def test_adjacent_mariadb_batches_do_not_lock_each_others_deltas(mariadb_url: st
                 conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
             innodb.read_committed_transaction(first)
             innodb.lock_parents(first, users, pk, 1, 3)
-            innodb.discard_locked(first, counters, 1, 3, read_committed=True)
+            innodb_deltas.discard_locked(first, counters, 1, 3, read_committed=True)
             innodb.read_committed_transaction(second)
             innodb.lock_parents(second, users, pk, 3, 5)
             # Raises "Lock wait timeout exceeded" (1205) if the first batch locked user 4's delta.
-            assert innodb.discard_locked(second, counters, 3, 5, read_committed=True) == 1
+            assert innodb_deltas.discard_locked(second, counters, 3, 5, read_committed=True) == 1
             second.commit()
             first.commit()
         finally:
