@@ -335,9 +335,11 @@ def _resume(connection: Connection, run_id: int, sizing: Sizing, batch_size: int
         .where(b.c.run_id == run_id, b.c.state == p.BATCH_FAILED)
         .values(state=p.BATCH_PENDING, finished_at=None)
     ).rowcount
+    # Not a run that ended since it was read: its last batch may have
+    # committed meanwhile, and no batch would be left to end it again.
     connection.execute(
         sa.update(r)
-        .where(r.c.id == run_id)
+        .where(r.c.id == run_id, r.c.state.not_in(p.RUN_ENDED))
         .values(
             state=p.RUN_RUNNING,
             finished_at=None,

@@ -247,3 +247,43 @@ def test_status_tells_a_stalled_run_from_a_running_one(engine: sa.Engine) -> Non
     with engine.connect() as conn:
         (alive,) = progress.statuses(conn, ["users.posts_count"])
     assert alive.activity == "running" and alive.workers_alive == 1
+
+
+def test_a_resume_racing_the_runs_last_batch_leaves_the_run_done(server_url: str) -> None:
+    """``enqueue`` resumes a run whose last batch commits between its read and its resume.
+
+    The planner read the run as running and that batch as not done; the batch
+    then commits and marks the run done. Re-marking the run running would
+    leave it so for ever (no batch left to end it, ``enqueue --wait`` polling
+    until killed: seen once on MariaDB in `test_worker_control.py`).
+    """
+    engine = sa.create_engine(server_url)
+    try:
+        seed(engine, users=120)
+        plan = _plan(engine, USER_COUNTERS)
+        counters = counters_by_key()
+        run_inline(engine, counters, plan.batch_ids[:-1])
+        last = plan.batch_ids[-1]
+        with engine.connect() as planner:
+            done: list[object] = []
+
+            def finish_the_run_first(conn, cursor, statement, *args) -> None:  # noqa: ANN001
+                if statement.startswith("UPDATE counterfill_batches") and not done:
+                    # Another connection: the last batch commits and marks the run done.
+                    done.append(run_batch(engine, counters, last))
+
+            sa.event.listen(planner, "before_cursor_execute", finish_the_run_first)
+            with planner.begin():
+                resumed = planning.plan(
+                    planner, [counters[k] for k in USER_COUNTERS], 50, planning.Sizing()
+                )
+        assert resumed.resumed_run_ids == plan.run_ids
+        (run,) = run_rows(engine)
+        assert run["state"] == progress.RUN_DONE, dict(run)
+        assert run["batches_done"] == run["batches_total"]
+        with engine.connect() as conn:
+            states = progress.counter_rows(conn)
+        assert {states[k]["state"] for k in USER_COUNTERS} == {progress.ACTIVE}
+        assert drift(engine) == []
+    finally:
+        engine.dispose()
