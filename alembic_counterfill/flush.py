@@ -430,14 +430,20 @@ def _flush_parents(
 def _checked_parents(
     mapper: Mapper[Any], states: list[InstanceState[Any]], parents: dict[Any, set[Any]]
 ) -> None:
-    """Add the parents that ``states``' uncounted foreign keys will check, new or changed ones."""
-    for column, key, syncs, counter in uncounted_parent_fks(mapper):
+    """Add the parents that ``states``' uncounted foreign keys will check, new or changed ones.
+
+    The many-to-one relationships that sync each key come from
+    :func:`.plan.uncounted_parent_fks` (looked up once per mapper, not per object).
+    """
+    for key, syncs, counter in uncounted_parent_fks(mapper):
         for st in states:
             if st.key is not None and not any(k in st.committed_state for k in (key, *syncs)):
                 continue  # persistent, this key unchanged: the UPDATE checks nothing
             value = st.dict.get(key) if key is not None else None
-            if value is None:
-                value = _related_key(st, column)
+            for rel_key in syncs if value is None else ():  # not synced yet: the object's key
+                value = _target_key(st.dict.get(rel_key))
+                if value is not None:
+                    break
             if value is not None:
                 parents[counter].add(value)
 
@@ -554,12 +560,18 @@ def _related_key(st: InstanceState[Any], fk: sa.Column[Any]) -> Any:
     """The key of the parent a child points at through foreign key ``fk`` (not synced yet)."""
     for rel in st.mapper.relationships:
         if rel.direction.name == "MANYTOONE" and fk in rel.local_columns:
-            target = st.dict.get(rel.key)
-            if target is not None:
-                identity = sa.inspect(target).identity
-                if identity is not None and len(identity) == 1:
-                    return identity[0]
+            key = _target_key(st.dict.get(rel.key))
+            if key is not None:
+                return key
     return None
+
+
+def _target_key(target: Any) -> Any:
+    """The single-column identity of ``target`` (None: no object, or not persistent yet)."""
+    if target is None:
+        return None
+    identity = sa.inspect(target).identity
+    return identity[0] if identity is not None and len(identity) == 1 else None
 
 
 def _lock_existing(connection: sa.Connection, plan: WritePlan, keys: set[Key]) -> set[Key]:

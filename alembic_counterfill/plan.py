@@ -293,9 +293,9 @@ def counted_collections(mapper: Mapper[Any]) -> list[tuple[str, list[WritePlan]]
 
 
 #: A foreign key that counts nothing but references a counter's parent key:
-#: the column, its attribute key on the mapper (None: not mapped), the
-#: many-to-one relationships that sync it, and a counter of that parent table.
-UncountedFk = tuple[sa.Column[Any], str | None, list[str], Counter]
+#: its attribute key on the mapper (None: not mapped), the many-to-one
+#: relationships that sync it, and a counter of that parent table.
+UncountedFk = tuple[str | None, list[str], Counter]
 
 _uncounted: dict[Mapper[Any], list[UncountedFk]] = {}
 
@@ -335,6 +335,6 @@ def uncounted_parent_fks(mapper: Mapper[Any]) -> list[UncountedFk]:
                 for rel in mapper.relationships
                 if rel.direction.name == "MANYTOONE" and fk.parent in rel.local_columns
             ]
-            found.append((fk.parent, key, syncs, parent_counter))
+            found.append((key, syncs, parent_counter))
     _uncounted[mapper] = found
     return found
